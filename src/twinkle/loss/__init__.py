@@ -1,0 +1,13 @@
+"""Training losses. Every loss returns a sum and the number of units it summed over (see base.py)."""
+from twinkle.loss.base import Loss, LossOutput
+from twinkle.loss.cross_entropy import CrossEntropyLoss
+from twinkle.loss.policy import (CISPOLoss, GRPOLoss, GSPOLoss, ImportanceSamplingLoss, PolicyLoss, PPOLoss,
+                                 aggregate, kl_penalty)
+from twinkle.loss.preference import DPOLoss, SimPOLoss
+from twinkle.loss.utils import entropy_from_logits, loss_mask, token_logprobs
+
+__all__ = [
+    'Loss', 'LossOutput', 'CrossEntropyLoss', 'PolicyLoss', 'GRPOLoss', 'GSPOLoss', 'CISPOLoss',
+    'ImportanceSamplingLoss', 'PPOLoss', 'DPOLoss', 'SimPOLoss', 'token_logprobs', 'entropy_from_logits',
+    'loss_mask', 'kl_penalty', 'aggregate'
+]

@@ -1,0 +1,43 @@
+"""Next-token cross entropy: the default training loss."""
+from __future__ import annotations
+
+from typing import Any, Literal, Mapping
+
+import torch
+
+from twinkle.loss.base import Loss, LossOutput
+from twinkle.loss.utils import aligned_tensor, policy_logps
+from twinkle.registry import register
+
+
+@register('loss', 'cross_entropy')
+@register('loss')
+class CrossEntropyLoss(Loss):
+    """``loss = -sum(weights * logps)`` over the scored tokens.
+
+    reduction='mean' (default): ``num_items`` is the number of scored tokens, so the model's
+    window-wide division gives the token mean over the whole accumulation window.
+    reduction='sum': ``num_items`` is 1 and the loss stays a plain sum (the Tinker convention).
+    Optional ``inputs['weights']`` [B, T] (aligned with labels) scales each token; with weights the
+    'mean' reduction divides by the sum of weights over scored tokens.
+    """
+
+    def __init__(self, reduction: Literal['mean', 'sum'] = 'mean') -> None:
+        if reduction not in ('mean', 'sum'):
+            raise ValueError(f"CrossEntropyLoss reduction must be 'mean' or 'sum'; got {reduction!r}")
+        self.reduction = reduction
+
+    def __call__(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any], **kwargs: Any) -> LossOutput:
+        logps, mask = policy_logps(inputs, outputs, owner=type(self).__name__)
+        weights = aligned_tensor(inputs, 'weights', logps, type(self).__name__)
+        w = mask.to(logps.dtype) if weights is None else weights * mask
+        loss = -(logps * w).sum()
+        if self.reduction == 'sum':
+            num_items: Any = 1
+        else:
+            num_items = mask.sum() if weights is None else w.sum()
+        tokens = int(mask.sum())
+        metrics = {'num_tokens': float(tokens)}
+        if tokens:
+            metrics['nll'] = float(-(logps.detach() * mask).sum() / tokens)
+        return LossOutput(loss=loss, num_items=num_items, metrics=metrics)

@@ -1,0 +1,303 @@
+"""Policy-gradient losses for RL on sampled completions.
+
+Inputs (all aligned with ``labels``, i.e. index t scores ``labels[:, t]``; the mask is labels != -100):
+  - ``advantages``: [B] (one per sequence, broadcast over its tokens) or [B, T];
+  - ``old_logps``: [B, T], the log-probabilities of the sampling policy (the sampler's logprobs);
+  - ``ref_logps``: [B, T], optional, the reference policy for the KL penalty (``beta > 0``).
+
+Aggregation (``loss_type``), expressed through the units reported as ``num_items`` so that the model's
+window-wide ``sum(loss) / sum(num_items)`` gives the intended normalisation:
+  - 'grpo':    token mean inside each sequence, then mean over sequences (units: sequences);
+  - 'dapo':    token sum over the batch (units: tokens), i.e. every token of the whole accumulation
+               window (and of every data-parallel rank) weighs the same;
+  - 'dr_grpo': token sum of each sequence divided by a constant ``max_length`` (default: the padded
+               length of the micro-batch), then mean over sequences (units: sequences);
+  - 'bnpo':    token mean inside each *micro-batch* (units: 1 per micro-batch). This differs from
+               'dapo' only with gradient accumulation or several ranks: 'dapo' divides by the tokens of
+               the whole window, 'bnpo' averages per-micro-batch token means, so a micro-batch with few
+               tokens weighs as much as one with many;
+  - 'sum':     plain token sum with ``num_items = 1`` (Tinker's built-in losses are sums).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Literal, Mapping, Optional, Tuple
+
+import torch
+
+from twinkle.loss.base import Loss, LossOutput
+from twinkle.loss.utils import aligned_tensor, masked_mean, masked_sum, policy_logps, token_entropy
+from twinkle.registry import register
+
+LossType = Literal['grpo', 'dapo', 'dr_grpo', 'bnpo', 'sum']
+LOSS_TYPES = ('grpo', 'dapo', 'dr_grpo', 'bnpo', 'sum')
+KL_ESTIMATORS = ('k1', 'k2', 'k3')
+
+
+def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = 'k3') -> torch.Tensor:
+    """Per-token estimate of KL(policy || ref) from samples of the policy.
+
+    k1 = log p - log q (unbiased, can be negative); k2 = (log p - log q)^2 / 2;
+    k3 = q/p - 1 - log(q/p) (unbiased, always >= 0, low variance).
+    """
+    log_ratio = ref_logps - logps
+    if estimator == 'k1':
+        return -log_ratio
+    if estimator == 'k2':
+        return 0.5 * log_ratio.pow(2)
+    if estimator == 'k3':
+        # The clamp keeps exp() finite when the two policies disagree wildly on a token.
+        log_ratio = log_ratio.clamp(-20.0, 20.0)
+        return torch.exp(log_ratio) - log_ratio - 1.0
+    raise ValueError(f'kl_estimator must be one of {KL_ESTIMATORS}; got {estimator!r}')
+
+
+def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str,
+              max_length: Optional[int] = None) -> Tuple[torch.Tensor, Any]:
+    """(loss sum, num_items) for one micro-batch; see the module docstring for the modes."""
+    has_tokens = mask.any(dim=1)
+    if loss_type == 'grpo':
+        per_seq = masked_mean(token_loss, mask, dim=1)
+        return (per_seq * has_tokens).sum(), has_tokens.sum()
+    if loss_type == 'dapo':
+        return masked_sum(token_loss, mask), mask.sum()
+    if loss_type == 'dr_grpo':
+        length = max_length if max_length is not None else mask.shape[1]
+        return masked_sum(token_loss, mask) / length, has_tokens.sum()
+    if loss_type == 'bnpo':
+        tokens = mask.sum()
+        return masked_sum(token_loss, mask) / tokens.clamp(min=1), (tokens > 0).long()
+    if loss_type == 'sum':
+        return masked_sum(token_loss, mask), 1
+    raise ValueError(f'loss_type must be one of {LOSS_TYPES}; got {loss_type!r}')
+
+
+@dataclass
+class PolicyBatch:
+    logps: torch.Tensor       # [B, T] current policy, with gradient
+    mask: torch.Tensor        # [B, T] bool
+    old_logps: torch.Tensor   # [B, T] sampling policy, no gradient
+    advantages: torch.Tensor  # [B, T]
+    ref_logps: Optional[torch.Tensor]
+
+
+class PolicyLoss(Loss):
+    """Shared plumbing: input checks, KL penalty, aggregation and metrics.
+
+    Subclasses implement :meth:`token_loss`. ``on_policy=True`` allows a missing ``old_logps`` to be
+    replaced by ``logps.detach()``, which is only correct when the batch was sampled from exactly the
+    weights being trained (one gradient step per rollout, no sampler/trainer numeric drift).
+    """
+
+    default_loss_type: str = 'grpo'
+
+    def __init__(self, *, loss_type: Optional[str] = None, beta: float = 0.0, kl_estimator: str = 'k3',
+                 max_length: Optional[int] = None, on_policy: bool = False, temperature: float = 1.0,
+                 compute_entropy: bool = True) -> None:
+        loss_type = loss_type or self.default_loss_type
+        name = type(self).__name__
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f'{name} loss_type must be one of {LOSS_TYPES}; got {loss_type!r}')
+        if kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f'{name} kl_estimator must be one of {KL_ESTIMATORS}; got {kl_estimator!r}')
+        if beta < 0:
+            raise ValueError(f'{name} beta (KL coefficient) must be >= 0; got {beta}')
+        if max_length is not None and max_length <= 0:
+            raise ValueError(f'{name} max_length must be a positive int; got {max_length}')
+        self.loss_type = loss_type
+        self.beta = float(beta)
+        self.kl_estimator = kl_estimator
+        self.max_length = max_length
+        self.on_policy = on_policy
+        self.temperature = temperature
+        self.compute_entropy = compute_entropy
+
+    # -- inputs -------------------------------------------------------------------------------------
+    def _prepare(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> PolicyBatch:
+        name = type(self).__name__
+        logps, mask = policy_logps(inputs, outputs, self.temperature, owner=name)
+        old = aligned_tensor(inputs, 'old_logps', logps, name,
+                             hint='; pass the sampler\'s per-token logprobs placed at the label positions')
+        if old is None:
+            if not self.on_policy:
+                raise ValueError(
+                    f'{name} needs inputs["old_logps"]: the per-token logprobs the sampler returned for '
+                    f'the completion, aligned with labels ([batch, seq]). They are required for the '
+                    f'importance ratio. Only if the batch was sampled from exactly the current weights may '
+                    f'you construct {name}(..., on_policy=True), which uses logps.detach() instead.')
+            old = logps.detach()
+        old = old.detach()
+        adv = inputs.get('advantages')
+        if adv is None:
+            raise ValueError(f'{name} needs inputs["advantages"] ([batch] or [batch, seq]); compute them with '
+                             f'a twinkle.advantage.Advantage from the rewards')
+        adv = torch.as_tensor(adv, device=logps.device).float()
+        if adv.dim() == 2 and adv.shape[1] == 1:
+            adv = adv[:, 0]
+        if adv.dim() == 1 and adv.shape[0] == logps.shape[0]:
+            adv = adv[:, None].expand_as(logps)
+        elif adv.shape != logps.shape:
+            raise ValueError(f'{name}: inputs["advantages"] has shape {tuple(adv.shape)}; expected '
+                             f'[{logps.shape[0]}] (per sequence) or {list(logps.shape)} (per token)')
+        ref = aligned_tensor(inputs, 'ref_logps', logps, name)
+        if self.beta > 0 and ref is None:
+            raise ValueError(f'{name} has beta={self.beta} (KL penalty) but inputs["ref_logps"] is missing; '
+                             f'pass the reference model\'s per-token logprobs or set beta=0')
+        return PolicyBatch(logps, mask, old, adv.detach(), None if ref is None else ref.detach())
+
+    @staticmethod
+    def log_ratio(batch: PolicyBatch) -> torch.Tensor:
+        # Zero outside the mask so that garbage old_logps at padding never reaches exp().
+        return torch.where(batch.mask, batch.logps - batch.old_logps, torch.zeros_like(batch.logps))
+
+    # -- the objective --------------------------------------------------------------------------------
+    def token_loss(self, batch: PolicyBatch) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Return (per-token loss [B, T], ratio [B, T] for metrics, clipped-token flags [B, T] or None)."""
+        raise NotImplementedError
+
+    def __call__(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any], **kwargs: Any) -> LossOutput:
+        batch = self._prepare(inputs, outputs)
+        tok, ratio, clipped = self.token_loss(batch)
+        mask = batch.mask
+        kl = None
+        if batch.ref_logps is not None:
+            kl = kl_penalty(batch.logps, batch.ref_logps, self.kl_estimator)
+            if self.beta > 0:
+                tok = tok + self.beta * kl
+        loss, num_items = aggregate(tok, mask, self.loss_type, self.max_length)
+        metrics = self._metrics(batch, ratio, clipped, kl, outputs)
+        return LossOutput(loss=loss, num_items=num_items, metrics=metrics)
+
+    def _metrics(self, batch: PolicyBatch, ratio: torch.Tensor, clipped: Optional[torch.Tensor],
+                 kl: Optional[torch.Tensor], outputs: Mapping[str, Any]) -> Dict[str, float]:
+        mask = batch.mask
+        tokens = int(mask.sum())
+        metrics: Dict[str, float] = {'num_tokens': float(tokens)}
+        if not tokens:
+            return metrics
+        with torch.no_grad():
+            metrics['ratio_mean'] = float(masked_mean(ratio.detach(), mask))
+            metrics['advantage_mean'] = float(masked_mean(batch.advantages, mask))
+            if clipped is not None:
+                metrics['clip_frac'] = float(masked_mean(clipped.float(), mask))
+            if kl is not None:
+                metrics['kl'] = float(masked_mean(kl.detach(), mask))
+            logits = outputs.get('logits')
+            if self.compute_entropy and logits is not None:
+                ent = token_entropy(logits.detach() / self.temperature if self.temperature != 1.0
+                                    else logits.detach())
+                metrics['entropy'] = float(masked_mean(ent, mask))
+        return metrics
+
+
+def _clipped_objective(ratio: torch.Tensor, adv: torch.Tensor, low: float,
+                       high: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """-min(r * A, clip(r, low, high) * A) per token, and where the clipped branch is the one taken."""
+    unclipped = ratio * adv
+    clipped = ratio.clamp(low, high) * adv
+    return -torch.minimum(unclipped, clipped), clipped < unclipped
+
+
+@register('loss')
+class GRPOLoss(PolicyLoss):
+    """Token-level clipped ratio objective ``-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)``,
+    ``r = exp(logp - old_logp)``, plus ``beta * KL(policy || ref)`` when ``beta > 0``.
+
+    ``clip_frac`` counts the scored tokens whose clipped branch is active (zero gradient).
+    """
+
+    def __init__(self, epsilon_low: float = 0.2, epsilon_high: float = 0.2, loss_type: str = 'grpo',
+                 beta: float = 0.0, kl_estimator: str = 'k3', max_length: Optional[int] = None,
+                 on_policy: bool = False, **kwargs: Any) -> None:
+        super().__init__(loss_type=loss_type, beta=beta, kl_estimator=kl_estimator, max_length=max_length,
+                         on_policy=on_policy, **kwargs)
+        if not 0 <= epsilon_low < 1 or epsilon_high < 0:
+            raise ValueError(f'{type(self).__name__} needs 0 <= epsilon_low < 1 and epsilon_high >= 0; got '
+                             f'epsilon_low={epsilon_low}, epsilon_high={epsilon_high}')
+        self.epsilon_low = float(epsilon_low)
+        self.epsilon_high = float(epsilon_high)
+
+    def token_loss(self, batch: PolicyBatch):
+        ratio = torch.exp(self.log_ratio(batch))
+        tok, clipped = _clipped_objective(ratio, batch.advantages, 1 - self.epsilon_low, 1 + self.epsilon_high)
+        return tok, ratio, clipped
+
+
+@register('loss', 'ppo')
+@register('loss')
+class PPOLoss(GRPOLoss):
+    """Tinker's ``ppo``: the clipped objective with the clip range given as ratio thresholds
+    (``clip(r, clip_low_threshold, clip_high_threshold)``), summed over tokens by default."""
+
+    def __init__(self, clip_low_threshold: float = 0.8, clip_high_threshold: float = 1.2,
+                 loss_type: str = 'sum', **kwargs: Any) -> None:
+        if not 0 <= clip_low_threshold <= 1 <= clip_high_threshold:
+            raise ValueError(f'PPOLoss needs 0 <= clip_low_threshold <= 1 <= clip_high_threshold; got '
+                             f'{clip_low_threshold} and {clip_high_threshold}')
+        super().__init__(epsilon_low=1 - clip_low_threshold, epsilon_high=clip_high_threshold - 1,
+                         loss_type=loss_type, **kwargs)
+
+
+@register('loss')
+class GSPOLoss(GRPOLoss):
+    """Sequence-level ratio ``s_i = exp(mean_t(logp - old_logp))`` clipped per sequence.
+
+    Written in the token form ``r_t = sg(s_i) * p_t / sg(p_t)``: its value is ``s_i`` at every token
+    and, aggregated per sequence ('grpo'), its gradient equals the sequence form's for per-sequence
+    advantages, while per-token advantages [B, T] also work. The paper's clip range is tiny because the
+    ratio is a geometric mean: defaults 3e-4 / 4e-4.
+    """
+
+    def __init__(self, epsilon_low: float = 3e-4, epsilon_high: float = 4e-4, loss_type: str = 'grpo',
+                 **kwargs: Any) -> None:
+        super().__init__(epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type, **kwargs)
+
+    def token_loss(self, batch: PolicyBatch):
+        seq_log_ratio = masked_mean(self.log_ratio(batch), batch.mask, dim=1)
+        log_r = seq_log_ratio.detach()[:, None] + batch.logps - batch.logps.detach()
+        ratio = torch.exp(log_r)
+        tok, clipped = _clipped_objective(ratio, batch.advantages, 1 - self.epsilon_low, 1 + self.epsilon_high)
+        return tok, ratio, clipped
+
+
+@register('loss', 'cispo')
+@register('loss')
+class CISPOLoss(PolicyLoss):
+    """``-sg(clip(r, 1 - eps_low, 1 + eps_high)) * A * logp``: every token keeps a gradient, only
+    the importance weight is truncated. ``clip_low_threshold`` / ``clip_high_threshold`` (Tinker's
+    ratio-term names) override the epsilons when given. Summed over tokens by default (Tinker's
+    ``cispo``); pass loss_type='dapo' for a token mean. ``clip_frac`` counts truncated weights.
+    """
+
+    default_loss_type = 'sum'
+
+    def __init__(self, epsilon_low: float = 0.2, epsilon_high: float = 0.2,
+                 clip_low_threshold: Optional[float] = None, clip_high_threshold: Optional[float] = None,
+                 loss_type: str = 'sum', **kwargs: Any) -> None:
+        super().__init__(loss_type=loss_type, **kwargs)
+        self.low = clip_low_threshold if clip_low_threshold is not None else 1 - epsilon_low
+        self.high = clip_high_threshold if clip_high_threshold is not None else 1 + epsilon_high
+        if not 0 <= self.low <= 1 <= self.high:
+            raise ValueError(f'CISPOLoss needs a clip range [low, high] with 0 <= low <= 1 <= high; got '
+                             f'[{self.low}, {self.high}]')
+
+    def token_loss(self, batch: PolicyBatch):
+        ratio = torch.exp(self.log_ratio(batch)).detach()
+        weight = ratio.clamp(self.low, self.high)
+        tok = -weight * batch.advantages * batch.logps
+        return tok, ratio, (ratio < self.low) | (ratio > self.high)
+
+
+@register('loss', 'importance_sampling')
+@register('loss')
+class ImportanceSamplingLoss(PolicyLoss):
+    """Tinker's ``importance_sampling``: ``-sum(exp(logp - old_logp) * A)`` (no clipping)."""
+
+    default_loss_type = 'sum'
+
+    def __init__(self, loss_type: str = 'sum', **kwargs: Any) -> None:
+        super().__init__(loss_type=loss_type, **kwargs)
+
+    def token_loss(self, batch: PolicyBatch):
+        ratio = torch.exp(self.log_ratio(batch))
+        return -ratio * batch.advantages, ratio, None

@@ -1,0 +1,126 @@
+"""Pairwise preference losses (DPO, SimPO).
+
+Batch convention: rows come in pairs, the chosen completion at row 2i and the rejected one at row
+2i + 1 (same prompt). Each loss sums over pairs and reports ``num_items`` = number of pairs.
+
+Reference log-probabilities (DPO) are given per token, aligned with labels, as
+``inputs['ref_logps']`` [B, T], exactly like ``outputs['logps']``, so one code path (the model's
+forward) produces both; the sequence log-probability is the sum over the scored tokens. A [B] tensor
+of already-summed sequence log-probabilities is accepted too.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from twinkle.loss.base import Loss, LossOutput
+from twinkle.loss.utils import masked_sum, policy_logps
+from twinkle.registry import register
+
+
+def _pairs(values: torch.Tensor, owner: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    if values.shape[0] % 2:
+        raise ValueError(f'{owner} needs an even batch (chosen at row 2i, rejected at row 2i+1); got '
+                         f'{values.shape[0]} rows')
+    return values[0::2], values[1::2]
+
+
+def _sequence_ref(inputs: Mapping[str, Any], mask: torch.Tensor, owner: str) -> torch.Tensor:
+    ref = inputs.get('ref_logps')
+    if ref is None:
+        raise ValueError(f'{owner} needs inputs["ref_logps"]: the reference model\'s per-token logprobs '
+                         f'[batch, seq] aligned with labels (or [batch] sequence sums); or construct it '
+                         f'with reference_free=True')
+    ref = torch.as_tensor(ref, device=mask.device).float().detach()
+    if ref.shape == mask.shape:
+        return masked_sum(ref, mask, dim=1)
+    if ref.dim() == 1 and ref.shape[0] == mask.shape[0]:
+        return ref
+    raise ValueError(f'{owner}: inputs["ref_logps"] has shape {tuple(ref.shape)}; expected '
+                     f'{list(mask.shape)} (per token) or [{mask.shape[0]}] (per sequence)')
+
+
+def _pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> Dict[str, float]:
+    chosen, rejected = chosen.detach(), rejected.detach()
+    return {
+        'rewards_chosen': float(chosen.mean()),
+        'rewards_rejected': float(rejected.mean()),
+        'reward_margin': float((chosen - rejected).mean()),
+        'reward_accuracy': float((chosen > rejected).float().mean()),
+    }
+
+
+def _smoothed_sigmoid_loss(z: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    # Label smoothing treats each preference as flipped with probability label_smoothing.
+    return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+
+
+@register('loss')
+class DPOLoss(Loss):
+    """Direct preference optimisation.
+
+    With ``h = (logp_c - ref_c) - (logp_r - ref_r)`` (sequence log-probability sums):
+    'sigmoid': ``-(1 - ls) log sigmoid(beta h) - ls log sigmoid(-beta h)``;
+    'ipo':     ``(h - 1 / (2 beta))^2``.
+    Metrics: implicit rewards ``beta (logp - ref)`` of chosen/rejected, their margin, and the fraction of
+    pairs whose chosen reward is higher.
+    """
+
+    def __init__(self, beta: float = 0.1, loss_type: str = 'sigmoid', label_smoothing: float = 0.0,
+                 reference_free: bool = False) -> None:
+        if loss_type not in ('sigmoid', 'ipo'):
+            raise ValueError(f"DPOLoss loss_type must be 'sigmoid' or 'ipo'; got {loss_type!r}")
+        if beta <= 0:
+            raise ValueError(f'DPOLoss beta must be > 0; got {beta}')
+        if not 0 <= label_smoothing < 0.5:
+            raise ValueError(f'DPOLoss label_smoothing must be in [0, 0.5); got {label_smoothing}')
+        self.beta = float(beta)
+        self.loss_type = loss_type
+        self.label_smoothing = float(label_smoothing)
+        self.reference_free = reference_free
+
+    def __call__(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any], **kwargs: Any) -> LossOutput:
+        logps, mask = policy_logps(inputs, outputs, owner='DPOLoss')
+        seq = masked_sum(logps, mask, dim=1)
+        if self.reference_free:
+            ref = torch.zeros_like(seq)
+        else:
+            ref = _sequence_ref(inputs, mask, 'DPOLoss')
+        pc, pr = _pairs(seq, 'DPOLoss')
+        rc, rr = _pairs(ref, 'DPOLoss')
+        h = (pc - rc) - (pr - rr)
+        if self.loss_type == 'sigmoid':
+            per_pair = _smoothed_sigmoid_loss(self.beta * h, self.label_smoothing)
+        else:
+            per_pair = (h - 1.0 / (2.0 * self.beta)).pow(2)
+        metrics = _pair_metrics(self.beta * (pc - rc), self.beta * (pr - rr))
+        return LossOutput(loss=per_pair.sum(), num_items=pc.shape[0], metrics=metrics)
+
+
+@register('loss')
+class SimPOLoss(Loss):
+    """Reference-free, length-normalised preference loss.
+
+    ``r = beta * mean_t logp`` (average over the scored tokens of each sequence);
+    ``loss = -(1 - ls) log sigmoid(r_c - r_r - gamma) - ls log sigmoid(-(r_c - r_r - gamma))``.
+    ``gamma`` is the target reward margin (in reward units, not divided by beta).
+    """
+
+    def __init__(self, beta: float = 2.0, gamma: float = 0.5, label_smoothing: float = 0.0) -> None:
+        if beta <= 0:
+            raise ValueError(f'SimPOLoss beta must be > 0; got {beta}')
+        if not 0 <= label_smoothing < 0.5:
+            raise ValueError(f'SimPOLoss label_smoothing must be in [0, 0.5); got {label_smoothing}')
+        self.beta = float(beta)
+        self.gamma = float(gamma)
+        self.label_smoothing = float(label_smoothing)
+
+    def __call__(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any], **kwargs: Any) -> LossOutput:
+        logps, mask = policy_logps(inputs, outputs, owner='SimPOLoss')
+        avg = masked_sum(logps, mask, dim=1) / mask.sum(dim=1).clamp(min=1)
+        rc, rr = _pairs(self.beta * avg, 'SimPOLoss')
+        per_pair = _smoothed_sigmoid_loss(rc - rr - self.gamma, self.label_smoothing)
+        metrics = _pair_metrics(rc, rr)
+        return LossOutput(loss=per_pair.sum(), num_items=rc.shape[0], metrics=metrics)

@@ -1,0 +1,137 @@
+"""Per-token log-probabilities, entropy and masked reductions shared by the losses.
+
+Alignment used everywhere in ``twinkle.loss``: ``labels`` are aligned with ``input_ids`` (HF style), so
+``logits[:, t - 1]`` scores ``labels[:, t]``. Position 0 never has a prediction and is always masked.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Tuple
+
+import torch
+
+from twinkle.types import IGNORE_INDEX
+
+# Rows of (position, vocabulary) handled at once. A full float32 log_softmax over a 150k vocabulary
+# for 8k tokens is ~5 GB; chunking keeps the transient at chunk_rows * vocab floats.
+DEFAULT_CHUNK_ROWS = 1024
+
+
+def loss_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, T]: True where ``labels[:, t]`` is scored (not IGNORE_INDEX and t > 0)."""
+    if labels.dim() != 2:
+        raise ValueError(f'labels must be [batch, seq]; got shape {tuple(labels.shape)}')
+    mask = labels != IGNORE_INDEX
+    mask[:, 0] = False
+    return mask
+
+
+def token_logprobs(logits: torch.Tensor,
+                   labels: torch.Tensor,
+                   temperature: float = 1.0,
+                   chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``logps[b, t] = log p(labels[b, t] | tokens < t)`` from unshifted ``logits`` [B, T, V].
+
+    Returns ``(logps [B, T] float32, mask [B, T] bool)``; ``logps`` is 0 wherever ``mask`` is False.
+    The log-softmax is taken in float32, ``chunk_rows`` positions at a time, as
+    ``logit[label] - logsumexp(logits)`` so the full [B, T, V] log-softmax never exists at once.
+    """
+    if logits.dim() != 3 or logits.shape[:2] != labels.shape:
+        raise ValueError(f'logits must be [batch, seq, vocab] matching labels [batch, seq]; got logits '
+                         f'{tuple(logits.shape)} and labels {tuple(labels.shape)}')
+    if temperature <= 0:
+        raise ValueError(f'temperature must be > 0 to compute log-probabilities; got {temperature}')
+    batch, seq, vocab = logits.shape
+    mask = loss_mask(labels)
+    out = logits.new_zeros((batch, seq), dtype=torch.float32)
+    if seq < 2:
+        return out, mask
+    pred = logits[:, :-1].reshape(-1, vocab)
+    target = labels[:, 1:].reshape(-1)
+    safe_target = torch.where(target == IGNORE_INDEX, torch.zeros_like(target), target)
+    if safe_target.numel() and (safe_target.min() < 0 or safe_target.max() >= vocab):
+        raise ValueError(f'labels hold token ids outside [0, {vocab}) (the logits vocabulary); got range '
+                         f'[{int(safe_target.min())}, {int(safe_target.max())}]')
+    pieces = []
+    for start in range(0, pred.shape[0], max(1, chunk_rows)):
+        rows = pred[start:start + chunk_rows].float()
+        if temperature != 1.0:
+            rows = rows / temperature
+        idx = safe_target[start:start + chunk_rows]
+        picked = rows.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+        pieces.append(picked - torch.logsumexp(rows, dim=-1))
+    shifted = torch.cat(pieces).view(batch, seq - 1)
+    out = torch.cat([out[:, :1], shifted], dim=1)
+    return out.masked_fill(~mask, 0.0), mask
+
+
+@torch.no_grad()
+def entropy_from_logits(logits: torch.Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+    """Entropy (nats) of the softmax over the last dimension, same leading shape as ``logits``.
+
+    Computed without gradient (it is a metric) and in chunks of rows to bound memory.
+    """
+    vocab = logits.shape[-1]
+    flat = logits.reshape(-1, vocab)
+    pieces = []
+    for start in range(0, flat.shape[0], max(1, chunk_rows)):
+        rows = flat[start:start + chunk_rows].float()
+        logp = torch.log_softmax(rows, dim=-1)
+        pieces.append(-(logp.exp() * logp).sum(-1))
+    if not pieces:
+        return logits.new_zeros(logits.shape[:-1], dtype=torch.float32)
+    return torch.cat(pieces).view(logits.shape[:-1])
+
+
+def token_entropy(logits: torch.Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+    """Entropy [B, T] of the distribution that predicted ``labels[:, t]`` (0 at t = 0)."""
+    ent = entropy_from_logits(logits[:, :-1], chunk_rows)
+    return torch.cat([ent.new_zeros(ent.shape[0], 1), ent], dim=1)
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
+    values = torch.where(mask, values, torch.zeros_like(values))
+    return values.sum() if dim is None else values.sum(dim)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
+    """Mean over the True entries (per row with ``dim``); rows with no entry give 0."""
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return masked_sum(values, mask, dim) / count.clamp(min=1)
+
+
+def policy_logps(inputs: Mapping[str, Any], outputs: Mapping[str, Any], temperature: float = 1.0,
+                 owner: str = 'loss') -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(logps, mask)`` of the trained policy: ``outputs['logps']`` if present, else from logits.
+
+    With ``temperature != 1`` the log-probabilities are recomputed from ``outputs['logits']`` so they
+    match a sampler that divided its logits by the same temperature.
+    """
+    labels = inputs.get('labels') if hasattr(inputs, 'get') else None
+    if labels is None:
+        raise ValueError(f'{owner} needs inputs["labels"] ([batch, seq], -100 where no loss is taken)')
+    labels = torch.as_tensor(labels)
+    logits = outputs.get('logits')
+    if 'logps' in outputs and outputs['logps'] is not None and temperature == 1.0:
+        logps = outputs['logps']
+        if logps.shape != labels.shape:
+            raise ValueError(f'{owner}: outputs["logps"] has shape {tuple(logps.shape)} but labels have '
+                             f'{tuple(labels.shape)}; both must be [batch, seq]')
+        mask = loss_mask(labels.to(logps.device))
+        return logps.float().masked_fill(~mask, 0.0), mask
+    if logits is None:
+        raise ValueError(f'{owner} needs outputs["logps"] or outputs["logits"]'
+                         + (' (temperature != 1 needs the logits)' if temperature != 1.0 else ''))
+    return token_logprobs(logits, labels.to(logits.device), temperature=temperature)
+
+
+def aligned_tensor(inputs: Mapping[str, Any], key: str, like: torch.Tensor, owner: str,
+                   hint: str = '') -> Optional[torch.Tensor]:
+    """``inputs[key]`` as a float tensor on ``like``'s device with ``like``'s [B, T] shape, or None."""
+    value = inputs.get(key)
+    if value is None:
+        return None
+    value = torch.as_tensor(value, device=like.device).float()
+    if value.shape != like.shape:
+        raise ValueError(f'{owner}: inputs["{key}"] has shape {tuple(value.shape)}, expected '
+                         f'{tuple(like.shape)} (per token, aligned with labels){hint}')
+    return value
