@@ -1,0 +1,66 @@
+"""Checks on a trajectory before it is rendered, with errors that point at the offending row."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional
+
+from twinkle.types import ROLES
+
+
+def where(trajectory: Mapping[str, Any]) -> str:
+    """A prefix such as ``'row 17 of data.jsonl: '`` when the dataset recorded where a sample came from."""
+    if not isinstance(trajectory, Mapping):
+        return ''
+    row, source = trajectory.get('__row__'), trajectory.get('__source__')
+    if row is not None and source is not None:
+        return f'row {row} of {source}: '
+    if row is not None:
+        return f'row {row}: '
+    if source is not None:
+        return f'sample from {source}: '
+    return ''
+
+
+def validate_trajectory(trajectory: Any) -> List[Dict[str, Any]]:
+    """Return the messages of a trajectory, raising ValueError naming the row and field on bad input."""
+    if not isinstance(trajectory, Mapping):
+        raise ValueError(f'a Template encodes a trajectory dict {{"messages": [...], "tools"?: [...]}}, '
+                         f'got {type(trajectory).__name__}')
+    at = where(trajectory)
+    messages = trajectory.get('messages')
+    if messages is None:
+        raise ValueError(f"{at}trajectory has no 'messages' field; preprocess the data into "
+                         f"{{'messages': [{{'role': ..., 'content': ...}}]}} first (see twinkle.preprocessor)")
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError(f"{at}'messages' must be a non-empty list of {{'role', 'content'}} dicts, "
+                         f'got {messages!r:.80}')
+    out = []
+    for i, msg in enumerate(messages):
+        field = f'messages[{i}]'
+        if not isinstance(msg, Mapping):
+            raise ValueError(f'{at}{field} must be a dict with role and content, got {type(msg).__name__}')
+        if 'role' not in msg:
+            raise ValueError(f"{at}{field} has no 'role' field (one of {', '.join(ROLES)})")
+        role = msg['role']
+        if role not in ROLES:
+            raise ValueError(f"{at}{field}.role is {role!r}, not one of {', '.join(ROLES)}; map other "
+                             f"role names (e.g. 'human', 'gpt') with a preprocessor")
+        content = msg.get('content')
+        # An assistant turn that only calls tools legitimately has no text.
+        if content is None and role == 'assistant' and msg.get('tool_calls'):
+            msg = {**msg, 'content': ''}
+        elif 'content' not in msg:
+            raise ValueError(f"{at}{field} (role {role!r}) has no 'content' field")
+        elif not isinstance(content, str):
+            raise ValueError(f'{at}{field}.content must be a string, got {type(content).__name__}; '
+                             f'multimodal or structured content needs a template that supports it')
+        out.append(dict(msg))
+    tools = trajectory.get('tools')
+    if tools is not None and not isinstance(tools, (list, tuple)):
+        raise ValueError(f"{at}'tools' must be a list of tool (function) schemas, got {type(tools).__name__}")
+    return out
+
+
+def with_default_system(messages: List[Dict[str, Any]], default_system: Optional[str]) -> List[Dict[str, Any]]:
+    if default_system is None or any(m['role'] == 'system' for m in messages):
+        return messages
+    return [{'role': 'system', 'content': default_system}, *messages]
