@@ -93,7 +93,7 @@ def test_bnpo_differs_from_dapo_across_micro_batches(rl):
                                        {'logps': logps})
     assert results['dapo'] == pytest.approx(float(whole.loss.detach() / whole.num_items), rel=1e-6)
     per_mb = [direct_grpo(logps[s], mask[s], old[s], adv[s], 0.8, 1.2, 'bnpo')[0] for s in parts]
-    assert results['bnpo'] == pytest.approx(float(sum(per_mb) / 2), rel=1e-6)
+    assert results['bnpo'] == pytest.approx(float(sum(per_mb).detach() / 2), rel=1e-6)
     assert results['bnpo'] != pytest.approx(results['dapo'], rel=1e-3)
 
 
