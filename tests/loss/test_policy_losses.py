@@ -105,7 +105,7 @@ def test_clip_fraction_counts_active_clipped_branch():
     out = GRPOLoss()({'labels': labels, 'old_logps': old, 'advantages': torch.tensor([1.0])}, {'logps': logps})
     assert out.metrics['clip_frac'] == pytest.approx(0.25)
     # per-token loss: -min(1.5, 1.2), -0.5, -1, -1 -> mean -0.925
-    assert float(out.loss) == pytest.approx(-(1.2 + 0.5 + 1 + 1) / 4)
+    assert float(out.loss.detach()) == pytest.approx(-(1.2 + 0.5 + 1 + 1) / 4)
     assert out.metrics['ratio_mean'] == pytest.approx((1.5 + 0.5 + 1 + 1) / 4)
 
 

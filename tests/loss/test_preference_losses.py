@@ -18,7 +18,7 @@ def pairs(batch):
     logits = logits.float().requires_grad_(True)
     logps, mask = token_logprobs(logits, labels)
     ref = logps.detach() + 0.5 * torch.randn(logps.shape, generator=torch.Generator().manual_seed(3))
-    seq = [float((logps[b] * mask[b]).sum()) for b in range(4)]
+    seq = [float((logps[b] * mask[b]).sum().detach()) for b in range(4)]
     ref_seq = [float((ref[b] * mask[b]).sum()) for b in range(4)]
     return logits, labels, logps, mask, ref, seq, ref_seq
 
@@ -33,7 +33,7 @@ def test_dpo_sigmoid_matches_formula(pairs, ls):
         h = (seq[2 * i] - ref_seq[2 * i]) - (seq[2 * i + 1] - ref_seq[2 * i + 1])
         want += -(1 - ls) * logsig(beta * h) - ls * logsig(-beta * h)
         margins.append(beta * h)
-    assert float(out.loss) == pytest.approx(want, rel=1e-5)
+    assert float(out.loss.detach()) == pytest.approx(want, rel=1e-5)
     assert out.num_items == 2
     assert out.metrics['reward_margin'] == pytest.approx(sum(margins) / 2, rel=1e-5)
     assert out.metrics['reward_accuracy'] == sum(m > 0 for m in margins) / 2
@@ -56,14 +56,14 @@ def test_dpo_ipo_and_sequence_level_ref(pairs):
     for i in range(2):
         h = (seq[2 * i] - ref_seq[2 * i]) - (seq[2 * i + 1] - ref_seq[2 * i + 1])
         want += (h - 1 / (2 * beta)) ** 2
-    assert float(out.loss) == pytest.approx(want, rel=1e-5)
+    assert float(out.loss.detach()) == pytest.approx(want, rel=1e-5)
 
 
 def test_dpo_reference_free(pairs):
     _, labels, logps, _, _, seq, _ = pairs
     out = DPOLoss(beta=1.0, reference_free=True)({'labels': labels}, {'logps': logps})
     want = -logsig(seq[0] - seq[1]) - logsig(seq[2] - seq[3])
-    assert float(out.loss) == pytest.approx(want, rel=1e-5)
+    assert float(out.loss.detach()) == pytest.approx(want, rel=1e-5)
 
 
 def test_simpo_matches_formula(pairs):
@@ -76,7 +76,7 @@ def test_simpo_matches_formula(pairs):
         rc = beta * seq[2 * i] / n[2 * i]
         rr = beta * seq[2 * i + 1] / n[2 * i + 1]
         want += -logsig(rc - rr - gamma)
-    assert float(out.loss) == pytest.approx(want, rel=1e-5)
+    assert float(out.loss.detach()) == pytest.approx(want, rel=1e-5)
     assert out.num_items == 2
     assert out.metrics['rewards_chosen'] == pytest.approx((beta * seq[0] / n[0] + beta * seq[2] / n[2]) / 2,
                                                           rel=1e-5)
