@@ -1,0 +1,4 @@
+"""Processors turn encoded samples into model-ready tensors (padding, padding-free packing)."""
+from .base import InputProcessor
+
+__all__ = ['InputProcessor']
