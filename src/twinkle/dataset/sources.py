@@ -1,0 +1,223 @@
+"""Loading one ``DatasetMeta`` into an Arrow ``datasets.Dataset`` (or a stream of rows).
+
+Local files are read by ``datasets``' packaged builders; a folder is read file by file so that an
+error can name the file a row came from. ``hf://`` ids go through ``datasets.load_dataset`` (which
+honours ``HF_HUB_OFFLINE`` and the local cache); ``ms://`` and ``builtin://`` ids are resolved to a
+local path by ``twinkle.hub``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import datasets
+import numpy as np
+
+from twinkle.dataset.codec import ROW, SOURCE
+from twinkle.dataset.meta import DatasetMeta
+from twinkle.settings import get_settings
+
+logger = logging.getLogger(__name__)
+
+BUILDERS = {'.jsonl': 'json', '.json': 'json', '.csv': 'csv', '.parquet': 'parquet', '.txt': 'text'}
+
+
+def cache_dir() -> Path:
+    path = Path(get_settings().cache_dir) / 'datasets'
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _split_name(split: str) -> str:
+    return split.split('[', 1)[0] or 'train'
+
+
+def resolve_local(dataset_id: str) -> Tuple[Optional[str], Optional[Path]]:
+    """``(hf_name, None)`` for ids that ``datasets`` loads itself, else ``(None, local path)``."""
+    if dataset_id.startswith('hf://'):
+        return dataset_id[len('hf://'):], None
+    if dataset_id.startswith(('ms://', 'builtin://')):
+        from twinkle import hub
+        return None, Path(hub.resolve(dataset_id, repo_type='dataset'))
+    path = Path(dataset_id).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f'dataset {dataset_id!r}: no such file or folder. Give a local jsonl/json/csv/'
+                                f"parquet/txt file or folder, or an id such as 'hf://org/name', 'ms://org/name' "
+                                f"or 'builtin://self-cognition'.")
+    return None, path
+
+
+def data_files(path: Path) -> List[Path]:
+    """The data files of a local file or folder, sorted, all of one format."""
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(p for p in path.rglob('*') if p.is_file() and p.suffix.lower() in BUILDERS
+                       and not any(part.startswith('.') for part in p.relative_to(path).parts))
+        if not files:
+            raise FileNotFoundError(f'dataset folder {str(path)!r} has no {"/".join(BUILDERS)} files')
+    for f in files:
+        if f.suffix.lower() not in BUILDERS:
+            raise ValueError(f'cannot read {str(f)!r}: unsupported extension {f.suffix!r}; '
+                             f'supported: {", ".join(BUILDERS)}')
+    return files
+
+
+def _explain_unreadable(file: Path, exc: BaseException) -> ValueError:
+    """Turn a builder failure into a message naming the file and, for JSON lines, the bad line."""
+    where = ''
+    if file.suffix.lower() == '.jsonl' or file.suffix.lower() == '.json':
+        try:
+            text = file.read_text(encoding='utf-8')
+        except UnicodeDecodeError as e:
+            return ValueError(f'cannot read {str(file)!r}: not UTF-8 text ({e}). Re-save it as UTF-8.')
+        try:
+            json.loads(text)
+        except json.JSONDecodeError:
+            for lineno, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as e:
+                    where = f' line {lineno} (row {lineno - 1}) is not valid JSON: {e.msg}.'
+                    break
+    cause = str(getattr(exc, '__cause__', None) or exc).splitlines()[0][:300]
+    return ValueError(f'cannot read {str(file)!r}:{where or " " + cause}. Fix the file (one JSON object '
+                      f'per line for .jsonl) or remove it from the dataset.')
+
+
+def _load_file(file: Path, split: str, streaming: bool) -> Any:
+    builder = BUILDERS[file.suffix.lower()]
+    try:
+        return datasets.load_dataset(builder, data_files={_split_name(split): str(file)}, split=split,
+                                     cache_dir=str(cache_dir()), streaming=streaming)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # DatasetGenerationError, pyarrow errors: all mean the file is unreadable
+        raise _explain_unreadable(file, e) from e
+
+
+def _load_folder_as_repo(path: Path, meta: DatasetMeta, streaming: bool) -> Optional[Any]:
+    """A hub snapshot (README configs, ``data/`` layout): let ``datasets`` interpret it."""
+    if not (path / 'README.md').exists() and not any(path.glob('*.py')) and meta.subset_name is None:
+        return None
+    return datasets.load_dataset(str(path), meta.subset_name, split=meta.split, cache_dir=str(cache_dir()),
+                                 streaming=streaming)
+
+
+def _with_meta(ds: datasets.Dataset, source: str, rows: range) -> datasets.Dataset:
+    ds = ds.add_column(SOURCE, [source] * len(ds))
+    return ds.add_column(ROW, np.asarray(rows, dtype=np.int64))
+
+
+def _rename(ds: Any, meta: DatasetMeta) -> Any:
+    if not meta.columns:
+        return ds
+    missing = [c for c in meta.columns if c not in (ds.column_names or [])]
+    if missing:
+        raise ValueError(f'DatasetMeta({meta.dataset_id!r}).columns renames {missing}, which the data does not '
+                         f'have; its columns are {ds.column_names}')
+    return ds.rename_columns(dict(meta.columns))
+
+
+def _select(ds: datasets.Dataset, meta: DatasetMeta, source: str) -> datasets.Dataset:
+    rows = meta.indices(len(ds))
+    if meta.data_slice is not None and isinstance(meta.data_slice, range) and len(rows) < len(meta.data_slice):
+        logger.warning('%s has %d rows; data_slice=%s keeps %d of them', source, len(ds), meta.data_slice, len(rows))
+    if len(rows) != len(ds) or rows != range(len(ds)):
+        ds = ds.select(rows)
+    return _with_meta(ds, source, rows)
+
+
+def load_source(meta: DatasetMeta) -> datasets.Dataset:
+    """One meta -> an Arrow dataset with ``__source__`` and ``__row__`` columns, sliced and renamed."""
+    hf_name, path = resolve_local(meta.dataset_id)
+    if hf_name is not None:
+        ds = datasets.load_dataset(hf_name, meta.subset_name, split=meta.split, cache_dir=str(cache_dir()))
+        return _select(_rename(ds, meta), meta, meta.dataset_id)
+    if path.is_dir():
+        repo = _load_folder_as_repo(path, meta, streaming=False)
+        if repo is not None:
+            return _select(_rename(repo, meta), meta, meta.dataset_id)
+    files = data_files(path)
+    if len(files) == 1:
+        return _select(_rename(_load_file(files[0], meta.split, False), meta), meta, str(files[0]))
+    # Per file, so that each row keeps the name of its file; the slice applies to the folder as a whole.
+    parts, offset = [], 0
+    loaded = [_rename(_load_file(f, meta.split, False), meta) for f in files]
+    total = sum(len(d) for d in loaded)
+    wanted = meta.indices(total)
+    keep = set(wanted) if meta.data_slice is not None else None
+    for f, d in zip(files, loaded):
+        local = range(len(d)) if keep is None else [i - offset for i in wanted if offset <= i < offset + len(d)]
+        offset += len(d)
+        if len(local):
+            part = d.select(local) if keep is not None else d
+            parts.append(_with_meta(part, str(f), range(len(d)) if keep is None else local))
+    return align_and_concat(parts, [str(f) for f in files])
+
+
+def from_records(records: List[Dict[str, Any]], source: str = '<data>') -> datasets.Dataset:
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ValueError('Dataset(data=...) must be a list of dicts, one per row')
+    if not records:
+        raise ValueError('Dataset(data=[]) is empty; give at least one row')
+    return _with_meta(datasets.Dataset.from_list(records), source, range(len(records)))
+
+
+def align(parts: List[datasets.Dataset], names: List[str]) -> List[datasets.Dataset]:
+    """Give every part the same columns (missing ones become null) and the same types."""
+    columns: Dict[str, Any] = {}
+    for part in parts:
+        for name, feature in part.features.items():
+            columns.setdefault(name, feature)
+    out = []
+    for part, src in zip(parts, names):
+        for name, feature in columns.items():
+            if name not in part.column_names:
+                part = part.add_column(name, [None] * len(part), feature=feature)
+        target = datasets.Features({name: columns[name] for name in columns})
+        if part.features != target:
+            try:
+                part = part.select_columns(list(columns)).cast(target)
+            except Exception as e:
+                raise ValueError(f'cannot mix {src!r} with the other sources: its column types '
+                                 f'{dict(part.features)} do not match {dict(target)} ({e}). Rename columns with '
+                                 f'DatasetMeta(columns=...) or preprocess the sources separately.') from e
+        out.append(part.select_columns(list(columns)))
+    return out
+
+
+def align_and_concat(parts: List[datasets.Dataset], names: List[str]) -> datasets.Dataset:
+    if len(parts) == 1:
+        return parts[0]
+    return datasets.concatenate_datasets(align(parts, names))
+
+
+def stream_source(meta: DatasetMeta) -> Iterator[Tuple[str, int, Dict[str, Any]]]:
+    """Rows of one meta as ``(source, row, row_dict)``, read lazily, for the streaming dataset."""
+    hf_name, path = resolve_local(meta.dataset_id)
+    if hf_name is not None:
+        streams = [(meta.dataset_id, datasets.load_dataset(hf_name, meta.subset_name, split=meta.split,
+                                                           streaming=True))]
+    else:
+        repo = _load_folder_as_repo(path, meta, streaming=True) if path.is_dir() else None
+        streams = ([(meta.dataset_id, repo)] if repo is not None else
+                   [(str(f), _load_file(f, meta.split, True)) for f in data_files(path)])
+    sl = meta.data_slice
+    start, stop, step = (0, None, 1) if sl is None else (sl.start or 0, sl.stop, sl.step or 1)
+    if start < 0 or step < 0 or (stop is not None and stop < 0):
+        raise ValueError(f'DatasetMeta({meta.dataset_id!r}): a streaming dataset needs a forward data_slice '
+                         f'(no negative start, stop or step), got {sl!r}')
+    index = 0
+    for source, stream in streams:
+        renames = meta.columns or {}
+        for local, row in enumerate(stream):
+            if stop is not None and index >= stop:
+                return
+            if index >= start and (index - start) % step == 0:
+                yield source, local, {renames.get(k, k): v for k, v in row.items()}
+            index += 1
