@@ -1,0 +1,117 @@
+"""Atomic checkpoints: write into a temporary folder, add a manifest, then rename.
+
+A folder counts as a checkpoint only if ``twinkle_manifest.json`` is present and every file it lists
+has the recorded size (the sha256 is there to check by hand or with ``verify(deep=True)``). A crash
+mid-write leaves a hidden temporary folder, never a half checkpoint under the final name.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional, Union
+
+import numpy as np
+import torch
+
+MANIFEST = 'twinkle_manifest.json'
+TRAINER_STATE = 'trainer_state.json'
+MANIFEST_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path, kind: str, extra: Optional[Dict[str, Any]] = None) -> None:
+    files = {}
+    for path in sorted(p for p in folder.rglob('*') if p.is_file() and p.name != MANIFEST):
+        rel = path.relative_to(folder).as_posix()
+        files[rel] = {'size': path.stat().st_size, 'sha256': _sha256(path)}
+    manifest = {'version': MANIFEST_VERSION, 'kind': kind, 'files': files, **(extra or {})}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def read_manifest(folder: Union[str, Path]) -> Dict[str, Any]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f'checkpoint folder {folder} does not exist')
+    path = folder / MANIFEST
+    if not path.exists():
+        raise CheckpointError(f'{folder} is not a complete Twinkle checkpoint: {MANIFEST} is missing (the save '
+                              f'was interrupted, or the folder was not written by model.save). Use another '
+                              f'checkpoint, or load plain weights with TransformersModel(model_id=...)')
+    return json.loads(path.read_text())
+
+
+def verify(folder: Union[str, Path], deep: bool = False) -> Dict[str, Any]:
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    for rel, info in manifest['files'].items():
+        path = folder / rel
+        if not path.exists() or path.stat().st_size != info['size']:
+            raise CheckpointError(f'checkpoint {folder} is incomplete: {rel} is missing or has the wrong size')
+        if deep and _sha256(path) != info['sha256']:
+            raise CheckpointError(f'checkpoint {folder} is corrupt: {rel} does not match its sha256')
+    return manifest
+
+
+@contextlib.contextmanager
+def atomic_folder(target: Union[str, Path]) -> Iterator[Path]:
+    """Yield a temporary folder next to ``target``; on success it replaces ``target`` by rename."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{target.name}.tmp-', dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            # Keep the old checkpoint until the new one is in place: rename it aside first.
+            old = target.with_name(f'.{target.name}.old-{os.getpid()}')
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def capture_rng_state() -> Dict[str, Any]:
+    state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state['python'])
+    np.random.set_state(state['numpy'])
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def write_json(path: Path, data: Dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+def read_trainer_state(folder: Union[str, Path]) -> Dict[str, Any]:
+    path = Path(folder) / TRAINER_STATE
+    if not path.exists():
+        raise CheckpointError(f'{folder} holds weights only ({TRAINER_STATE} is missing): it was saved without '
+                              f'save_optimizer=True. Resume with resume_only_model=True, or save with '
+                              f'save_optimizer=True next time')
+    return json.loads(path.read_text())

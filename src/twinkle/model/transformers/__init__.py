@@ -1,0 +1,3 @@
+from .model import TransformersModel
+
+__all__ = ['TransformersModel']

@@ -1,0 +1,65 @@
+"""The one forward path every training and evaluation call goes through."""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ...loss.utils import loss_mask, token_logprobs
+from ...patch.chunked_ce import chunked_logps
+
+MODEL_INPUT_KEYS = ('input_ids', 'attention_mask', 'position_ids')
+
+
+class _Passthrough(nn.Module):
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+class ForwardCore:
+    """Runs the (wrapped) module and adds ``logps`` aligned with ``labels``.
+
+    ``logits_mode`` is ``('full', None)`` (logits materialised) or ``('chunked', chunk_size)``, which
+    a patch sets on this instance only.
+    """
+
+    def __init__(self) -> None:
+        self.logits_mode: Tuple[str, Optional[int]] = ('full', None)
+
+    def __call__(self, module: nn.Module, hf_model: nn.Module, batch: Mapping[str, Any],
+                 temperature: float = 1.0) -> Dict[str, Any]:
+        model_inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if batch.get(k) is not None}
+        labels = batch.get('labels')
+        mode, chunk = self.logits_mode
+        if mode == 'chunked' and labels is not None:
+            return self._chunked(module, hf_model, model_inputs, labels, chunk or 1024)
+        out = module(**model_inputs, use_cache=False)
+        logits = out.logits
+        result: Dict[str, Any] = {'logits': logits}
+        if labels is not None:
+            result['logps'], result['mask'] = token_logprobs(logits, labels, temperature=temperature)
+        return result
+
+    @staticmethod
+    def _chunked(module: nn.Module, hf_model: nn.Module, model_inputs: Dict[str, Any], labels: torch.Tensor,
+                 chunk: int) -> Dict[str, Any]:
+        # The wrapper (DDP) must still see the call, so the output projection is swapped for a
+        # pass-through for the duration of this forward, and applied chunk by chunk afterwards.
+        lm_head = hf_model.get_output_embeddings()
+        owner, attr = _owner_of(hf_model, lm_head)
+        setattr(owner, attr, _Passthrough())
+        try:
+            hidden = module(**model_inputs, use_cache=False).logits
+        finally:
+            setattr(owner, attr, lm_head)
+        logps = chunked_logps(lm_head, hidden, labels, chunk)
+        return {'logits': None, 'logps': logps, 'mask': loss_mask(labels)}
+
+
+def _owner_of(root: nn.Module, target: nn.Module) -> Tuple[nn.Module, str]:
+    for name, module in root.named_modules():
+        for child_name, child in module.named_children():
+            if child is target:
+                return module, child_name
+    raise RuntimeError('could not locate the output projection to patch')

@@ -1,0 +1,405 @@
+"""TransformersModel: a thin facade over a Hugging Face causal LM.
+
+It holds the wrapped module and its Strategy (how it is laid out across processes), one forward core,
+and a TrainingSession per adapter. Saving and loading live in ``io.py``, adapters in ``adapters.py``,
+generation in ``generation.py``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Type, Union
+
+import torch
+from torch import nn
+
+from ...registry import resolve
+from ...runtime.remote import remote_class, remote_function
+from ..base import TwinkleModel
+from ..session import TrainingSession
+from . import adapters, generation, io
+from .forward import ForwardCore
+from .inputs import prepare_batch
+from .precision import Precision
+from .strategy import trainable_named_params
+from .strategy_factory import build_strategy
+
+logger = logging.getLogger(__name__)
+
+# Constructor options that belong to Twinkle; everything else goes to from_pretrained / from_config.
+_OWN_KWARGS = ('output_dir', 'log_dir', 'report_to_tensorboard')
+
+
+@remote_class
+class TransformersModel(TwinkleModel):
+
+    def __init__(self,  # noqa: C901 - the signature is the public contract
+                 model_cls: Optional[Union[Type[nn.Module], str]] = None,
+                 model_id: Optional[str] = None,
+                 config: Optional[Any] = None,
+                 device_mesh: Optional[Any] = None,
+                 mixed_precision: str = 'bf16',
+                 strategy: str = 'accelerate',
+                 ddp_config: Optional[Dict[str, Any]] = None,
+                 fsdp_config: Optional[Dict[str, Any]] = None,
+                 grad_scaler_config: Optional[Dict[str, Any]] = None,
+                 memory_efficient_init: bool = False,
+                 **kwargs: Any):
+        own = {k: kwargs.pop(k) for k in _OWN_KWARGS if k in kwargs}
+        self.output_dir = Path(own.get('output_dir', 'output'))
+        self.model_id = model_id
+        self.strategy = build_strategy(strategy, device_mesh=device_mesh, mixed_precision=mixed_precision,
+                                       ddp_config=ddp_config, fsdp_config=fsdp_config,
+                                       memory_efficient_init=memory_efficient_init)
+        self.device = self.strategy.device
+        self.precision = Precision(mixed_precision, self.device, grad_scaler_config,
+                                   handled_by_wrapper=self.strategy.handles_mixed_precision)
+        self.model_dir, hf_model = io.load_hf_model(model_cls, model_id, config, kwargs, self.strategy)
+        self.hf_model: nn.Module = hf_model
+        self.module: nn.Module = hf_model          # becomes the PeftModel once an adapter is added
+        self._wrapped: Optional[nn.Module] = None  # the strategy's wrapper, built lazily
+        self.forward_core = ForwardCore()
+        self.sessions: Dict[Optional[str], TrainingSession] = {}
+        self._active_adapter: Optional[str] = None
+        self._template: Any = None
+        self._processor: Any = None
+        self._patches: List[Any] = []
+        self._writer = io.metric_writer(own.get('log_dir'), model_id, self.strategy,
+                                        own.get('report_to_tensorboard', True))
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def adapter_names(self) -> List[str]:
+        return [n for n in self.sessions if n is not None]
+
+    def _session(self, adapter_name: Optional[str], create: bool = True) -> TrainingSession:
+        if adapter_name is None:
+            names = self.adapter_names
+            if not names:
+                if None not in self.sessions:
+                    if not create:
+                        raise ValueError('no training session yet: call set_optimizer first')
+                    self.sessions[None] = TrainingSession(name=None)
+                return self.sessions[None]
+            if len(names) == 1:
+                adapter_name = names[0]
+            elif 'default' in names:
+                adapter_name = 'default'
+            else:
+                raise ValueError(f'several adapters exist ({", ".join(names)}): pass adapter_name=')
+        if adapter_name not in self.sessions:
+            raise ValueError(f'adapter {adapter_name!r} does not exist; adapters: {self.adapter_names or "none"}. '
+                             f'Add it with add_adapter_to_model({adapter_name!r}, LoraConfig(...)) first')
+        return self.sessions[adapter_name]
+
+    def _wrapped_module(self) -> nn.Module:
+        if self._wrapped is None:
+            self._wrapped = self.strategy.wrap(self.module)
+        return self._wrapped
+
+    def _use_adapter(self, session: TrainingSession) -> None:
+        if session.name is not None and session.name != self._active_adapter:
+            adapters.activate(self.module, session.name)
+            self._active_adapter = session.name
+
+    @property
+    def template(self) -> Any:
+        if self._template is None:
+            self._template = resolve('template', 'Template')(model_id=self.model_dir)
+        return self._template
+
+    @property
+    def processor(self) -> Any:
+        if self._processor is None:
+            self._processor = resolve('processor', 'InputProcessor')(pad_token_id=self.template.pad_token_id)
+        return self._processor
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.template.tokenizer
+
+    # ------------------------------------------------------------------ forward / loss / backward
+    def _run_forward(self, inputs: Any, session: TrainingSession, **kwargs: Any) -> Dict[str, Any]:
+        batch = prepare_batch(inputs, self, kwargs)
+        self._use_adapter(session)
+        module = self._wrapped_module()
+        with self.precision.autocast():
+            outputs = self.forward_core(module, self.hf_model, batch, temperature=kwargs.get('temperature', 1.0))
+        outputs['inputs'] = batch
+        return outputs
+
+    @remote_function(dispatch='slice', collect='flatten')
+    def forward(self, *, inputs: Any, adapter_name: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:
+        session = self._session(adapter_name)
+        self._wrapped_module().train()
+        return self._run_forward(inputs, session, **kwargs)
+
+    @remote_function(dispatch='slice', collect='flatten')
+    def forward_only(self, *, inputs: Any, adapter_name: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:
+        session = self._session(adapter_name)
+        module = self._wrapped_module()
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                outputs = self._run_forward(inputs, session, **kwargs)
+                loss_output = session.loss(outputs['inputs'], outputs)
+        finally:
+            module.train(was_training)
+        for metric in session.eval_metrics:
+            metric.update(outputs['inputs'], outputs, loss_output)
+        outputs['loss'] = loss_output
+        return outputs
+
+    def calculate_loss(self, outputs: Dict[str, Any], *, adapter_name: Optional[str] = None, **kwargs: Any) -> Any:
+        session = self._session(adapter_name)
+        return session.loss(outputs['inputs'], outputs, **kwargs)
+
+    def backward(self, loss_output: Any, *, adapter_name: Optional[str] = None, **kwargs: Any) -> None:
+        session = self._session(adapter_name)
+        self.precision.backward(loss_output.loss, session)
+        session.window_items = session.window_items + torch.as_tensor(
+            loss_output.num_items, dtype=torch.float64).detach().cpu()
+        session.window_micro_steps += 1
+        session.micro_step += 1
+
+    @remote_function(dispatch='slice', collect='mean')
+    def forward_backward(self, *, inputs: Any, adapter_name: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:
+        session = self._session(adapter_name)
+        if session.optimizer is None:
+            raise ValueError(f'call set_optimizer(...) for adapter {session.name!r} before forward_backward '
+                             f'(the optimizer decides which parameters train)')
+        loss_kwargs = kwargs.pop('loss_kwargs', {})
+        # Gradients are synchronised only on the window's last backward.
+        last_in_window = session.window_micro_steps + 1 >= session.grad_accum_steps
+        module = self._wrapped_module()
+        module.train()
+        sync = contextlib.nullcontext() if last_in_window else self.strategy.no_sync(module)
+        with sync:
+            outputs = self._run_forward(inputs, session, **kwargs)
+            loss_output = session.loss(outputs['inputs'], outputs, **loss_kwargs)
+            self.backward(loss_output, adapter_name=session.name)
+        for metric in session.metrics:
+            metric.update(outputs['inputs'], outputs, loss_output)
+        session.tokens_since_report += int(outputs['inputs']['num_tokens'])
+        num_items = float(loss_output.num_items)
+        loss_value = float(loss_output.loss.detach()) / num_items if num_items else float('nan')
+        return {'loss': loss_value, 'num_items': num_items, **loss_output.metrics}
+
+    # ------------------------------------------------------------------ optimisation
+    def _trainable(self, session: TrainingSession) -> List[torch.Tensor]:
+        return [p for group in session.optimizer.param_groups for p in group['params']]
+
+    def clip_grad_norm(self, max_grad_norm: float = 1.0, norm_type: float = 2.0, *,
+                       adapter_name: Optional[str] = None) -> float:
+        session = self._session(adapter_name)
+        params = [p for p in self._trainable(session) if p.grad is not None]
+        norm = self.strategy.clip_grad_norm(params, max_grad_norm, norm_type)
+        session.last_grad_norm = float(norm)
+        return session.last_grad_norm
+
+    def _normalise_window(self, session: TrainingSession) -> bool:
+        """Divide accumulated gradients by the window's units across ranks; False if there were none."""
+        self.precision.unscale(session)
+        total = float(self.strategy.reduce_sum(session.window_items.clone()))
+        if total <= 0:
+            return False
+        grads = [p.grad for p in self._trainable(session) if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, self.strategy.grad_reduce_world / total)
+        return True
+
+    def step(self, *, adapter_name: Optional[str] = None) -> None:
+        session = self._session(adapter_name)
+        self.precision.step(session)
+        session.optimizer_step += 1
+
+    def zero_grad(self, *, adapter_name: Optional[str] = None) -> None:
+        session = self._session(adapter_name)
+        session.optimizer.zero_grad(set_to_none=True)
+        session.start_window()
+
+    def lr_step(self, *, adapter_name: Optional[str] = None) -> None:
+        session = self._session(adapter_name)
+        if session.scheduler is not None:
+            session.scheduler.step()
+
+    @remote_function(dispatch='all', collect='first')
+    def clip_grad_and_step(self, max_grad_norm: float = 1.0, norm_type: float = 2.0, *,
+                           adapter_name: Optional[str] = None,
+                           gradient_accumulation_steps: Optional[int] = None) -> Dict[str, Any]:
+        session = self._session(adapter_name)
+        if gradient_accumulation_steps is not None:
+            session.grad_accum_steps = int(gradient_accumulation_steps)
+        if session.window_micro_steps == 0 or not session.at_accumulation_boundary:
+            return {'stepped': False, 'micro_steps_in_window': session.window_micro_steps}
+        if not self._normalise_window(session):
+            logger.warning('accumulation window had no label tokens: optimizer step skipped')
+            self.zero_grad(adapter_name=session.name)
+            return {'stepped': False, 'micro_steps_in_window': 0}
+        grad_norm = self.clip_grad_norm(max_grad_norm, norm_type, adapter_name=session.name) \
+            if max_grad_norm and max_grad_norm > 0 else None
+        self.step(adapter_name=session.name)
+        self.lr_step(adapter_name=session.name)
+        self.zero_grad(adapter_name=session.name)
+        return {'stepped': True, 'step': session.optimizer_step, 'grad_norm': grad_norm}
+
+    @remote_function(dispatch='all', collect='first')
+    def set_optimizer(self, optimizer_cls: Any = 'AdamW', *, adapter_name: Optional[str] = None,
+                      **kwargs: Any) -> None:
+        from ...optim import build_optimizer
+        session = self._session(adapter_name)
+        module = self._wrapped_module()
+        named = list(trainable_named_params(self.strategy.unwrap(module), session.name))
+        session.optimizer = build_optimizer(optimizer_cls, named, **kwargs)
+        session.optimizer_kwargs = {'optimizer_cls': getattr(optimizer_cls, '__name__', optimizer_cls), **kwargs}
+        session.scaler = self.precision.make_scaler()
+        session.start_window()
+
+    @remote_function(dispatch='all', collect='first')
+    def set_lr_scheduler(self, scheduler_cls: Any = 'CosineWarmupScheduler', *,
+                         adapter_name: Optional[str] = None, **kwargs: Any) -> None:
+        from ...optim import build_scheduler
+        session = self._session(adapter_name)
+        if session.optimizer is None:
+            raise ValueError('set_optimizer(...) must come before set_lr_scheduler(...)')
+        session.scheduler = build_scheduler(scheduler_cls, session.optimizer, **kwargs)
+
+    @remote_function(dispatch='all', collect='first')
+    def set_loss(self, loss: Any, *, adapter_name: Optional[str] = None, **kwargs: Any) -> None:
+        loss_obj = resolve('loss', loss)
+        if isinstance(loss_obj, type):
+            loss_obj = loss_obj(**kwargs)
+        elif not callable(loss_obj):
+            raise TypeError(f'loss must be a twinkle.loss.Loss, a registered name or a callable; got {loss!r}')
+        self._session(adapter_name).set_loss(loss_obj)
+
+    @remote_function(dispatch='all', collect='first')
+    def add_metric(self, metric: Any, *, adapter_name: Optional[str] = None, is_training: bool = True,
+                   **kwargs: Any) -> None:
+        metric_obj = resolve('metric', metric)
+        if isinstance(metric_obj, type):
+            metric_obj = metric_obj(**kwargs)
+        session = self._session(adapter_name)
+        (session.metrics if is_training else session.eval_metrics).append(metric_obj)
+
+    @remote_function(dispatch='all', collect='first')
+    def calculate_metric(self, is_training: bool = True, *, adapter_name: Optional[str] = None) -> Dict[str, float]:
+        session = self._session(adapter_name)
+        metrics: Dict[str, float] = {}
+        for metric in (session.metrics if is_training else session.eval_metrics):
+            metrics.update(metric.compute(self.strategy.reduce_sum))
+            if not is_training:
+                metric.reset()
+        if is_training:
+            elapsed = max(time.perf_counter() - session.report_started, 1e-9)
+            tokens = float(self.strategy.reduce_sum(torch.tensor(float(session.tokens_since_report),
+                                                                 dtype=torch.float64)))
+            metrics['tokens_per_s'] = tokens / elapsed
+            if session.optimizer is not None:
+                metrics['lr'] = float(session.optimizer.param_groups[0]['lr'])
+            if session.last_grad_norm is not None:
+                metrics['grad_norm'] = session.last_grad_norm
+            metrics['step'] = session.optimizer_step
+            metrics['micro_step'] = session.micro_step
+            session.reset_report()
+        if self.strategy.is_main_process:
+            self._writer.write(metrics, session.optimizer_step,
+                               prefix=f'{"train" if is_training else "eval"}/{session.name or "full"}')
+        return metrics
+
+    # ------------------------------------------------------------------ components
+    @remote_function(dispatch='all', collect='first')
+    def add_adapter_to_model(self, adapter_name: str, config_or_dir: Any, *,
+                             gradient_accumulation_steps: int = 1, **kwargs: Any) -> None:
+        if self._wrapped is not None and self._wrapped is not self.module:
+            raise RuntimeError('adapters must be added before the model is wrapped for distributed training '
+                               '(before the first set_optimizer / forward)')
+        if adapter_name in self.sessions:
+            raise ValueError(f'adapter {adapter_name!r} already exists')
+        if None in self.sessions:
+            raise ValueError('this model is already set up for full-parameter training; add adapters before '
+                             'calling set_optimizer')
+        self.module = adapters.add(self.module, self.hf_model, adapter_name, config_or_dir, **kwargs)
+        if self._wrapped is not None:
+            self._wrapped = None
+        self._active_adapter = None
+        self.sessions[adapter_name] = TrainingSession(name=adapter_name,
+                                                      grad_accum_steps=int(gradient_accumulation_steps))
+
+    def remove_adapter(self, adapter_name: str) -> None:
+        session = self._session(adapter_name)
+        adapters.remove(self.module, adapter_name)
+        self.sessions.pop(session.name)
+        self._active_adapter = None
+
+    @remote_function(dispatch='all', collect='first')
+    def set_template(self, template: Any, **kwargs: Any) -> None:
+        if isinstance(template, str) or isinstance(template, type):
+            kwargs.setdefault('model_id', self.model_dir)
+            template = resolve('template', template)(**kwargs)
+        self._template = template
+
+    @remote_function(dispatch='all', collect='first')
+    def set_processor(self, processor: Any, **kwargs: Any) -> None:
+        if isinstance(processor, str) or isinstance(processor, type):
+            kwargs.setdefault('pad_token_id', self.template.pad_token_id)
+            processor = resolve('processor', processor)(**kwargs)
+        self._processor = processor
+
+    def apply_patch(self, patch: Any, **kwargs: Any) -> Any:
+        patch_obj = resolve('patch', patch)
+        if isinstance(patch_obj, type):
+            patch_obj = patch_obj(**kwargs)
+        patch_obj.apply(self)
+        self._patches.append(patch_obj)
+        return patch_obj
+
+    # ------------------------------------------------------------------ checkpoints
+    @remote_function(dispatch='all', collect='first')
+    def save(self, name: str, output_dir: Optional[str] = None, save_optimizer: bool = False,
+             consumed_train_samples: Optional[int] = None, *, adapter_name: Optional[str] = None) -> str:
+        return io.save(self, name, output_dir, save_optimizer, consumed_train_samples, adapter_name)
+
+    @remote_function(dispatch='all', collect='first')
+    def load(self, checkpoint_dir: str, *, adapter_name: Optional[str] = None) -> None:
+        io.load_weights(self, checkpoint_dir, self._session(adapter_name))
+
+    @remote_function(dispatch='all', collect='first')
+    def resume_from_checkpoint(self, checkpoint_dir: str, resume_only_model: bool = False, *,
+                               adapter_name: Optional[str] = None) -> Dict[str, int]:
+        return io.resume(self, checkpoint_dir, resume_only_model, adapter_name)
+
+    def get_state_dict(self, *, adapter_name: Optional[str] = None) -> Dict[str, Any]:
+        return io.state_dict_for(self, self._session(adapter_name))
+
+    def get_train_configs(self, *, adapter_name: Optional[str] = None) -> Dict[str, Any]:
+        session = self._session(adapter_name)
+        return {
+            'model_id': self.model_id, 'adapter_name': session.name, 'strategy': self.strategy.name,
+            'mixed_precision': self.precision.mode, 'gradient_accumulation_steps': session.grad_accum_steps,
+            'optimizer': session.optimizer_kwargs,
+            'scheduler': type(session.scheduler).__name__ if session.scheduler is not None else None,
+            'loss': type(session.loss).__name__,
+            'adapter_config': adapters.config_dict(self.module, session.name),
+            **session.progress(),
+        }
+
+    # ------------------------------------------------------------------ inference
+    @remote_function(dispatch='all', collect='first')
+    def generate(self, inputs: Any, generation_config: Any = None, *, adapter_name: Optional[str] = None,
+                 **kwargs: Any) -> List[Dict[str, Any]]:
+        session = self._session(adapter_name)
+        self._use_adapter(session)
+        return generation.generate(self, inputs, generation_config, **kwargs)
+
+    def shutdown(self) -> None:
+        self._writer.close()
+        self._wrapped = None
+        self.strategy.shutdown()
+
+    def __repr__(self) -> str:
+        return (f'TransformersModel(model_id={self.model_id!r}, strategy={self.strategy.name!r}, '
+                f'precision={self.precision.mode!r}, adapters={self.adapter_names})')

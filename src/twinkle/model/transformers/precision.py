@@ -1,0 +1,68 @@
+"""Mixed precision: autocast for the forward, a GradScaler for fp16, and the fp8 hardware check."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ContextManager, Dict, Optional
+
+import torch
+
+MODES = ('no', 'bf16', 'fp16', 'fp8')
+
+
+class Precision:
+    def __init__(self, mode: str, device: torch.device, grad_scaler_config: Optional[Dict[str, Any]] = None,
+                 handled_by_wrapper: bool = False):
+        if mode not in MODES:
+            raise ValueError(f"mixed_precision={mode!r}: use one of {', '.join(MODES)}")
+        if mode == 'fp8':
+            _check_fp8(device)
+        if mode == 'fp16' and device.type == 'cpu':
+            raise ValueError("mixed_precision='fp16' needs a GPU (fp16 autocast with loss scaling is a CUDA "
+                             "feature); on CPU use 'bf16' or 'no'")
+        self.mode = mode
+        self.device = device
+        self.grad_scaler_config = dict(grad_scaler_config or {})
+        self.handled_by_wrapper = handled_by_wrapper
+
+    @property
+    def dtype(self) -> Optional[torch.dtype]:
+        return {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(self.mode)
+
+    def autocast(self) -> ContextManager:
+        if self.dtype is None or self.handled_by_wrapper:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def make_scaler(self) -> Optional[Any]:
+        if self.mode != 'fp16':
+            return None
+        return torch.amp.GradScaler(self.device.type, **self.grad_scaler_config)
+
+    def backward(self, loss: torch.Tensor, session: Any) -> None:
+        if session.scaler is not None:
+            session.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def unscale(self, session: Any) -> None:
+        if session.scaler is not None:
+            session.scaler.unscale_(session.optimizer)
+
+    def step(self, session: Any) -> None:
+        if session.scaler is not None:
+            session.scaler.step(session.optimizer)
+            session.scaler.update()
+        else:
+            session.optimizer.step()
+
+
+def _check_fp8(device: torch.device) -> None:
+    if device.type != 'cuda' or not torch.cuda.is_available():
+        raise ValueError("mixed_precision='fp8' needs an NVIDIA GPU with fp8 tensor cores (compute capability "
+                         ">= 8.9, e.g. H100 or L40S); this process runs on "
+                         f"{device.type}. Use 'bf16' instead")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        raise ValueError(f"mixed_precision='fp8' needs compute capability >= 8.9; this GPU has {major}.{minor}. "
+                         "Use 'bf16' instead")
+    raise NotImplementedError("mixed_precision='fp8' training is not available in this release; use 'bf16'")

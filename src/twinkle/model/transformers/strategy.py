@@ -1,0 +1,152 @@
+"""How a module is laid out across processes. One Strategy per layout; the model only talks to this
+protocol, never probes for features."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, ContextManager, Dict, Iterable, List, Optional, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from ..checkpoint import atomic_folder
+
+
+@runtime_checkable
+class Strategy(Protocol):
+    name: str
+    device: torch.device
+    grad_reduce_world: int
+    """How many ranks' gradients the wrapper averages (DDP/FSDP: the data-parallel size; else 1)."""
+    handles_mixed_precision: bool
+    """True when the wrapper casts itself (FSDP2's MixedPrecisionPolicy); the model then skips autocast."""
+
+    def wrap(self, module: nn.Module) -> nn.Module: ...
+
+    def unwrap(self, module: nn.Module) -> nn.Module: ...
+
+    def no_sync(self, module: nn.Module) -> ContextManager: ...
+
+    def clip_grad_norm(self, params: List[torch.Tensor], max_norm: float, norm_type: float) -> torch.Tensor: ...
+
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+    def gather_object(self, obj: Any) -> Optional[List[Any]]: ...
+
+    def barrier(self) -> None: ...
+
+    @property
+    def is_main_process(self) -> bool: ...
+
+    def full_state_dict(self, module: nn.Module) -> Dict[str, torch.Tensor]: ...
+
+    def load_full_state_dict(self, module: nn.Module, state_dict: Dict[str, torch.Tensor], strict: bool) -> None: ...
+
+    def save_optimizer_state(self, folder: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
+
+    def load_optimizer_state(self, folder: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
+
+    def load_adapter_state_dict(self, module: nn.Module, state_dict: Dict[str, torch.Tensor],
+                                adapter_name: str) -> None: ...
+
+    def shared_folder(self, target: Path) -> ContextManager[Path]:
+        """A temporary folder every rank writes into, renamed to ``target`` once all are done."""
+
+    @property
+    def rank(self) -> int: ...
+
+    def shutdown(self) -> None: ...
+
+
+class SingleProcessStrategy:
+    """One process, one device: the module as it is."""
+    name = 'single'
+    grad_reduce_world = 1
+    handles_mixed_precision = False
+    OPTIMIZER_FILE = 'optimizer.pt'
+
+    def __init__(self, device: Optional[torch.device] = None):
+        self.device = device or torch.device('cpu')
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        return module.to(self.device)
+
+    def unwrap(self, module: nn.Module) -> nn.Module:
+        return module
+
+    def no_sync(self, module: nn.Module) -> ContextManager:
+        return contextlib.nullcontext()
+
+    def clip_grad_norm(self, params: List[torch.Tensor], max_norm: float, norm_type: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type, foreach=True)
+
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def gather_object(self, obj: Any) -> Optional[List[Any]]:
+        return [obj]
+
+    def barrier(self) -> None:
+        pass
+
+    @property
+    def is_main_process(self) -> bool:
+        return True
+
+    def full_state_dict(self, module: nn.Module) -> Dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in module.state_dict().items()}
+
+    def load_full_state_dict(self, module: nn.Module, state_dict: Dict[str, torch.Tensor], strict: bool) -> None:
+        _load_into(module, state_dict, strict)
+
+    def save_optimizer_state(self, folder: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        torch.save(optimizer.state_dict(), folder / self.OPTIMIZER_FILE)
+
+    def load_optimizer_state(self, folder: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.load_state_dict(torch.load(folder / self.OPTIMIZER_FILE, map_location=self.device,
+                                             weights_only=False))
+
+    def load_adapter_state_dict(self, module: nn.Module, state_dict: Dict[str, torch.Tensor],
+                                adapter_name: str) -> None:
+        load_adapter_weights(module, state_dict, adapter_name)
+
+    def shared_folder(self, target: Path) -> ContextManager[Path]:
+        return atomic_folder(target)
+
+    @property
+    def rank(self) -> int:
+        return 0
+
+    def shutdown(self) -> None:
+        pass
+
+
+def load_adapter_weights(module: nn.Module, state_dict: Dict[str, torch.Tensor], adapter_name: str) -> None:
+    from peft import set_peft_model_state_dict
+    result = set_peft_model_state_dict(module, state_dict, adapter_name=adapter_name)
+    unexpected = getattr(result, 'unexpected_keys', [])
+    if unexpected:
+        raise ValueError(f'adapter weights do not match adapter {adapter_name!r}: unexpected keys {unexpected[:5]} '
+                         f'(was it saved from a LoRA with other target_modules?)')
+
+
+def _load_into(module: nn.Module, state_dict: Dict[str, torch.Tensor], strict: bool) -> None:
+    result = module.load_state_dict(state_dict, strict=False)
+    missing = [k for k in result.missing_keys if not _is_tied_alias(module, k)]
+    if strict and (missing or result.unexpected_keys):
+        raise ValueError(f'checkpoint does not match the model: missing {missing[:5]}'
+                         f'{"..." if len(missing) > 5 else ""}, unexpected {result.unexpected_keys[:5]}')
+
+
+def _is_tied_alias(module: nn.Module, key: str) -> bool:
+    # Tied output embeddings are saved once by safetensors; their alias is legitimately absent.
+    return key.endswith('lm_head.weight') and bool(getattr(getattr(module, 'config', None), 'tie_word_embeddings', False))
+
+
+def trainable_named_params(module: nn.Module, adapter_name: Optional[str]) -> Iterable[tuple]:
+    for name, param in module.named_parameters():
+        if adapter_name is None:
+            if param.requires_grad:
+                yield name, param
+        elif f'.{adapter_name}.' in name or name.endswith(f'.{adapter_name}'):
+            yield name, param

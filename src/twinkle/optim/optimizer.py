@@ -1,0 +1,65 @@
+"""Build a torch optimizer from a name or class, with weight decay kept off biases and norms."""
+from __future__ import annotations
+
+from typing import Any, Iterable, List, Tuple, Type, Union
+
+import torch
+from torch import nn
+
+from ..registry import RegistryError, available, resolve
+
+
+def _is_no_decay(name: str, param: nn.Parameter) -> bool:
+    # Biases, norm scales and other vectors are not weight matrices: decaying them only hurts.
+    lowered = name.lower()
+    return param.ndim < 2 or lowered.endswith('.bias') or 'norm' in lowered
+
+
+def param_groups_without_decay(named_params: Iterable[Tuple[str, nn.Parameter]],
+                               weight_decay: float) -> List[dict]:
+    decay, no_decay = [], []
+    for name, param in named_params:
+        if param.requires_grad:
+            (no_decay if _is_no_decay(name, param) else decay).append(param)
+    groups = []
+    if decay:
+        groups.append({'params': decay, 'weight_decay': weight_decay})
+    if no_decay:
+        groups.append({'params': no_decay, 'weight_decay': 0.0})
+    return groups
+
+
+def resolve_optimizer_cls(optimizer_cls: Union[str, Type[torch.optim.Optimizer]]) -> Type[torch.optim.Optimizer]:
+    if not isinstance(optimizer_cls, str):
+        return optimizer_cls
+    try:
+        return resolve('optimizer', optimizer_cls)
+    except RegistryError:
+        pass
+    found = getattr(torch.optim, optimizer_cls, None)
+    if isinstance(found, type) and issubclass(found, torch.optim.Optimizer):
+        return found
+    import difflib
+    names = [n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type)
+             and issubclass(getattr(torch.optim, n), torch.optim.Optimizer) and n != 'Optimizer']
+    names += available('optimizer')
+    close = difflib.get_close_matches(optimizer_cls, names, n=3, cutoff=0.5)
+    hint = f' Did you mean {", ".join(map(repr, close))}?' if close else ''
+    raise ValueError(f'unknown optimizer {optimizer_cls!r}.{hint} Use a torch.optim class name '
+                     f'({", ".join(sorted(names))}) or pass the class itself.')
+
+
+def build_optimizer(optimizer_cls: Union[str, Type[torch.optim.Optimizer]],
+                    named_params: Iterable[Tuple[str, nn.Parameter]], **kwargs: Any) -> torch.optim.Optimizer:
+    """``weight_decay`` (default: the optimizer's own default) applies to weight matrices only."""
+    cls = resolve_optimizer_cls(optimizer_cls)
+    named_params = [(n, p) for n, p in named_params if p.requires_grad]
+    if not named_params:
+        raise ValueError('no trainable parameters to optimize: add an adapter with add_adapter_to_model, '
+                         'or train all parameters by not adding one')
+    import inspect
+    default_wd = inspect.signature(cls.__init__).parameters.get('weight_decay')
+    weight_decay = kwargs.pop('weight_decay', default_wd.default if default_wd is not None else None)
+    if weight_decay is None or weight_decay is inspect.Parameter.empty:
+        return cls([p for _, p in named_params], **kwargs)
+    return cls(param_groups_without_decay(named_params, float(weight_decay)), **kwargs)

@@ -1,0 +1,5 @@
+"""Patches: reversible changes to one model instance (never to a class shared by other models)."""
+from .base import Patch
+from .chunked_ce import ChunkedCrossEntropyPatch
+
+__all__ = ['Patch', 'ChunkedCrossEntropyPatch']
