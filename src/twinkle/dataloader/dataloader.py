@@ -1,0 +1,285 @@
+"""DataLoader: global batches of a dataset, each data-parallel rank receiving only its own slice.
+
+``batch_size`` is the global batch: the samples one optimizer step sees across all data-parallel
+ranks. Every rank walks the same sequence of global batches (the order depends only on ``seed`` and
+the epoch), and takes the contiguous chunk ``[dp_rank * per_rank, (dp_rank + 1) * per_rank)`` of
+each, so the ranks' slices are disjoint and together form the global batch.
+
+The position is one number, ``consumed_train_samples`` (global samples yielded so far, across
+epochs): the epoch and the offset inside it follow from it, so resuming from a checkpoint replays
+exactly the batches an uninterrupted run would have produced, on any rank.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def _context_mesh() -> Any:
+    try:
+        from twinkle.runtime.context import get_device_mesh
+    except ImportError:
+        return None
+    return get_device_mesh()
+
+
+def _data_world_size(mesh: Any) -> int:
+    # Ranks of one sequence-parallel group share a sample, so the number of distinct slices is the
+    # mesh's data world size where it has one.
+    size = getattr(mesh, 'data_world_size', None)
+    return int(size if size is not None else mesh.dp_world_size)
+
+
+def _data_rank_of(mesh: Any, rank: int) -> int:
+    fn = getattr(mesh, 'data_rank_of', None)
+    return int(fn(rank) if fn is not None else mesh.dp_rank_of(rank))
+
+
+def _is_indexable(dataset: Any) -> bool:
+    return hasattr(dataset, '__len__') and hasattr(dataset, '__getitem__')
+
+
+def split_for_rank(size: int, world: int, rank: int) -> tuple[int, int]:
+    """[start, end) of ``rank``'s contiguous share of ``size`` items; shares differ by at most one."""
+    base, extra = divmod(size, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+class _BatchFetch(torch.utils.data.Dataset):
+    """Item k = the samples of this rank's k-th batch, fetched (and collated) inside a worker."""
+
+    def __init__(self, dataset: Any, batches: List[List[int]], collate_fn: Optional[Callable]) -> None:
+        self.dataset, self.batches, self.collate_fn = dataset, batches, collate_fn
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int) -> Any:
+        samples = [self.dataset[i] for i in self.batches[k]]
+        return self.collate_fn(samples) if self.collate_fn is not None else samples
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+class DataLoader:
+    """Iterate a dataset in global batches; yield this data-parallel rank's slice of each.
+
+    Args:
+        dataset: anything with ``len`` and integer indexing (a twinkle ``Dataset``, a list of dicts), or
+            an iterable (streaming) dataset.
+        batch_size: the global batch size; must be divisible by the data-parallel size.
+        min_batch_size: a trailing global batch smaller than this is dropped (and counted in
+            ``dropped_samples``). Default: the data-parallel size, so every rank gets a sample.
+        shuffle: a fresh permutation per epoch from a ``torch.Generator`` seeded with ``seed + epoch``.
+        drop_last: drop any trailing global batch smaller than ``batch_size``.
+        num_workers: fetch (and collate) batches in that many worker processes; same batches as 0.
+        device_mesh: the mesh that defines data-parallel ranks; default: the runtime's mesh, if any.
+        dp_rank: this process's data-parallel rank; default: the mesh's for env ``RANK`` (0 if unset).
+        collate_fn: applied to each rank-local list of samples (e.g. an ``InputProcessor``).
+    """
+
+    def __init__(self, dataset: Any, batch_size: int, min_batch_size: Optional[int] = None, shuffle: bool = False,
+                 seed: int = 42, drop_last: bool = False, num_workers: int = 0, device_mesh: Any = None,
+                 dp_rank: Optional[int] = None, collate_fn: Optional[Callable[[List[Any]], Any]] = None) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f'batch_size must be a positive int (the global batch), got {batch_size!r}')
+        mesh = device_mesh if device_mesh is not None else _context_mesh()
+        self.device_mesh = mesh
+        self.dp_world_size = _data_world_size(mesh) if mesh is not None else 1
+        if dp_rank is None:
+            dp_rank = _data_rank_of(mesh, int(os.environ.get('RANK', '0'))) if mesh is not None else 0
+        if not 0 <= dp_rank < self.dp_world_size:
+            raise ValueError(f'dp_rank={dp_rank} is outside 0..{self.dp_world_size - 1} '
+                             f'(data-parallel size {self.dp_world_size})')
+        self.dp_rank = dp_rank
+        if batch_size % self.dp_world_size:
+            raise ValueError(f'batch_size={batch_size} (the global batch) is not divisible by the data-parallel '
+                             f'size {self.dp_world_size}; use a multiple of {self.dp_world_size}')
+        if min_batch_size is None:
+            min_batch_size = self.dp_world_size
+        if not self.dp_world_size <= min_batch_size <= batch_size:
+            raise ValueError(f'min_batch_size={min_batch_size} must lie between the data-parallel size '
+                             f'{self.dp_world_size} (every rank needs a sample) and batch_size={batch_size}')
+        if num_workers < 0:
+            raise ValueError(f'num_workers must be >= 0, got {num_workers}')
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.min_batch_size = min_batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.num_workers = num_workers
+        self.collate_fn = collate_fn
+        self.streaming = not _is_indexable(dataset)
+        if self.streaming:
+            if not hasattr(dataset, '__iter__'):
+                raise TypeError(f'DataLoader needs a dataset with len() and indexing, or an iterable; '
+                                f'got {type(dataset).__name__}')
+            if shuffle:
+                raise ValueError('shuffle=True needs an indexable dataset; shuffle a streaming dataset itself '
+                                 '(e.g. a shuffle buffer) before passing it')
+            if num_workers:
+                raise ValueError('num_workers > 0 needs an indexable dataset; a streaming dataset is read in '
+                                 'the main process')
+        self._epoch = 0
+        self._offset = 0  # global samples of the current epoch already yielded
+        self._consumed = 0
+        self.dropped_samples = 0
+
+    # -- sizes ---------------------------------------------------------------------------------
+    def _keeps_tail(self, size: int) -> bool:
+        return size == self.batch_size or (size > 0 and not self.drop_last and size >= self.min_batch_size)
+
+    def _samples_per_epoch(self, n: int) -> int:
+        full, rest = divmod(n, self.batch_size)
+        return full * self.batch_size + (rest if self._keeps_tail(rest) else 0)
+
+    def __len__(self) -> int:
+        if self.streaming:
+            raise TypeError('len() of a DataLoader over a streaming dataset is unknown: the number of samples is '
+                            'only known once the stream is read; count steps yourself or use an indexable dataset')
+        return -(-self._samples_per_epoch(len(self.dataset)) // self.batch_size)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start the next iteration at the beginning of ``epoch`` (its own shuffle order)."""
+        self._epoch = int(epoch)
+        self._offset = 0
+
+    # -- state ---------------------------------------------------------------------------------
+    def get_state(self) -> Dict[str, int]:
+        return {'consumed_train_samples': self._consumed}
+
+    def resume_from_checkpoint(self, consumed_train_samples: Union[int, Dict[str, int]]) -> None:
+        """Continue after ``consumed_train_samples`` global samples (as saved by ``get_state``)."""
+        if isinstance(consumed_train_samples, dict):
+            consumed_train_samples = consumed_train_samples['consumed_train_samples']
+        consumed = int(consumed_train_samples)
+        if consumed < 0:
+            raise ValueError(f'consumed_train_samples must be >= 0, got {consumed}')
+        self._consumed = consumed
+        if self.streaming:
+            # Epoch lengths of a stream are unknown until read: iteration skips forward across epochs.
+            self._epoch, self._offset = 0, consumed
+            return
+        per_epoch = self._samples_per_epoch(len(self.dataset))
+        if per_epoch == 0:
+            self._epoch, self._offset = 0, 0
+            return
+        self._epoch, self._offset = divmod(consumed, per_epoch)
+
+    # -- iteration -----------------------------------------------------------------------------
+    def _order(self, epoch: int, n: int) -> List[int]:
+        if not self.shuffle:
+            return list(range(n))
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(n, generator=generator).tolist()
+
+    def _rank_slice(self, items: Sequence[Any]) -> List[Any]:
+        start, end = split_for_rank(len(items), self.dp_world_size, self.dp_rank)
+        return list(items[start:end])
+
+    def _drop(self, size: int, epoch: int) -> None:
+        self.dropped_samples += size
+        why = 'drop_last=True' if self.drop_last else f'fewer than min_batch_size={self.min_batch_size}'
+        logger.info('DataLoader: dropped the last %d samples of epoch %d (%s)', size, epoch, why)
+
+    def _advance(self, global_size: int) -> None:
+        # Before the batch is handed out, so a checkpoint saved after training on it counts it.
+        self._offset += global_size
+        self._consumed += global_size
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._iter_stream() if self.streaming else self._iter_indexed()
+
+    def _iter_indexed(self) -> Iterator[Any]:
+        n = len(self.dataset)
+        if self._samples_per_epoch(n) == 0:
+            raise ValueError(f'the dataset has {n} samples, fewer than min_batch_size={self.min_batch_size} '
+                             f'(or batch_size={self.batch_size} with drop_last=True): no batch can be formed')
+        if self._offset >= self._samples_per_epoch(n):
+            self._epoch, self._offset = self._epoch + 1, 0
+        epoch = self._epoch
+        order = self._order(epoch, n)
+        plan = []  # (global batch size, this rank's indices)
+        for start in range(self._offset, n, self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            if not self._keeps_tail(len(chunk)):
+                plan.append((len(chunk), None))
+                break
+            plan.append((len(chunk), self._rank_slice(chunk)))
+        kept = [p for p in plan if p[1] is not None]
+        if self.num_workers > 0 and kept:
+            fetched = iter(torch.utils.data.DataLoader(
+                _BatchFetch(self.dataset, [idx for _, idx in kept], self.collate_fn), batch_size=None,
+                shuffle=False, num_workers=self.num_workers, collate_fn=_identity))
+        else:
+            fetched = None
+        for size, indices in plan:
+            if indices is None:
+                self._drop(size, epoch)
+                continue
+            if fetched is not None:
+                batch = next(fetched)
+            else:
+                batch = [self.dataset[i] for i in indices]
+                batch = self.collate_fn(batch) if self.collate_fn is not None else batch
+            self._advance(size)
+            yield batch
+        if self._epoch == epoch:
+            self._epoch, self._offset = epoch + 1, 0
+
+    def _stream(self, epoch: int) -> Iterator[Any]:
+        set_epoch = getattr(self.dataset, 'set_epoch', None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+        return iter(self.dataset)
+
+    def _emit(self, samples: List[Any]) -> Any:
+        mine = self._rank_slice(samples)
+        self._advance(len(samples))
+        return self.collate_fn(mine) if self.collate_fn is not None else mine
+
+    def _iter_stream(self) -> Iterator[Any]:
+        while True:
+            epoch, skip = self._epoch, self._offset
+            seen, yielded, buffer = 0, False, []
+            for sample in self._stream(epoch):
+                seen += 1
+                if seen <= skip:
+                    continue
+                buffer.append(sample)
+                if len(buffer) == self.batch_size:
+                    yielded = True
+                    yield self._emit(buffer)
+                    buffer = []
+            if buffer:
+                if self._keeps_tail(len(buffer)):
+                    yielded = True
+                    yield self._emit(buffer)
+                else:
+                    self._drop(len(buffer), epoch)
+            if seen == 0:
+                raise ValueError(f'the streaming dataset yielded no samples in epoch {epoch}')
+            self._epoch = epoch + 1
+            if yielded or skip == 0:
+                self._offset = 0
+                return
+            # This epoch had been consumed before a resume: carry what is left to skip into the next one.
+            self._offset = max(0, skip - self._samples_per_epoch(seen))
+
+    def __repr__(self) -> str:
+        return (f'DataLoader(batch_size={self.batch_size}, min_batch_size={self.min_batch_size}, '
+                f'shuffle={self.shuffle}, dp_rank={self.dp_rank}/{self.dp_world_size}, epoch={self._epoch}, '
+                f'consumed_train_samples={self._consumed})')
