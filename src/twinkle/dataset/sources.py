@@ -1,14 +1,15 @@
 """Loading one ``DatasetMeta`` into an Arrow ``datasets.Dataset`` (or a stream of rows).
 
-Local files are read by ``datasets``' packaged builders; a folder is read file by file so that an
-error can name the file a row came from. ``hf://`` ids go through ``datasets.load_dataset`` (which
-honours ``HF_HUB_OFFLINE`` and the local cache); ``ms://`` and ``builtin://`` ids are resolved to a
-local path by ``twinkle.hub``.
+Local files are read by ``datasets``' packaged builders; a plain folder is read file by file so
+that an error can name the file a row came from. ``hf://``, ``ms://`` and ``builtin://`` ids are
+resolved to a local snapshot by ``twinkle.hub`` (which honours ``HF_HUB_OFFLINE`` and reads the hub
+cache), and the snapshot's layout (README configs, split-named files) is read by ``datasets``.
 """
 from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -34,19 +35,17 @@ def _split_name(split: str) -> str:
     return split.split('[', 1)[0] or 'train'
 
 
-def resolve_local(dataset_id: str) -> Tuple[Optional[str], Optional[Path]]:
-    """``(hf_name, None)`` for ids that ``datasets`` loads itself, else ``(None, local path)``."""
-    if dataset_id.startswith('hf://'):
-        return dataset_id[len('hf://'):], None
-    if dataset_id.startswith(('ms://', 'builtin://')):
+def resolve_local(dataset_id: str) -> Path:
+    """A local file or folder for any id: hub ids go through ``twinkle.hub`` (cache-aware, offline-aware)."""
+    if dataset_id.startswith(('hf://', 'ms://', 'builtin://')):
         from twinkle import hub
-        return None, Path(hub.resolve(dataset_id, repo_type='dataset'))
+        return Path(hub.resolve(dataset_id, repo_type='dataset'))
     path = Path(dataset_id).expanduser()
     if not path.exists():
         raise FileNotFoundError(f'dataset {dataset_id!r}: no such file or folder. Give a local jsonl/json/csv/'
                                 f"parquet/txt file or folder, or an id such as 'hf://org/name', 'ms://org/name' "
                                 f"or 'builtin://self-cognition'.")
-    return None, path
+    return path
 
 
 def data_files(path: Path) -> List[Path]:
@@ -100,12 +99,28 @@ def _load_file(file: Path, split: str, streaming: bool) -> Any:
         raise _explain_unreadable(file, e) from e
 
 
+_SPLIT_WORDS = re.compile(r'(^|[-_./])(train|test|validation|valid|dev|eval)([-_.\d]|$)', re.I)
+
+
 def _load_folder_as_repo(path: Path, meta: DatasetMeta, streaming: bool) -> Optional[Any]:
-    """A hub snapshot (README configs, ``data/`` layout): let ``datasets`` interpret it."""
-    if not (path / 'README.md').exists() and not any(path.glob('*.py')) and meta.subset_name is None:
+    """A hub snapshot (README configs, ``data/train-*.parquet``) or a folder whose file names are split
+    names: ``datasets`` interprets the layout. Any other folder is read file by file (returns None)."""
+    files = data_files(path)
+    split_named = any(_SPLIT_WORDS.search(str(f.relative_to(path))) for f in files)
+    if not (path / 'README.md').exists() and meta.subset_name is None and not split_named:
         return None
-    return datasets.load_dataset(str(path), meta.subset_name, split=meta.split, cache_dir=str(cache_dir()),
-                                 streaming=streaming)
+    try:
+        return datasets.load_dataset(str(path), meta.subset_name, split=meta.split, cache_dir=str(cache_dir()),
+                                     streaming=streaming)
+    except (FileNotFoundError, KeyError) as e:
+        raise ValueError(f'dataset {meta.dataset_id!r} ({path}): cannot load subset={meta.subset_name!r} '
+                         f'split={meta.split!r}: {e}. Check the subset and split names.') from e
+    except ValueError as e:
+        raise ValueError(f'dataset {meta.dataset_id!r} ({path}): {str(e).splitlines()[0][:400]}. Check the '
+                         f'subset_name and split.') from e
+    except Exception as e:
+        raise ValueError(f'cannot read dataset {meta.dataset_id!r} ({path}): '
+                         f'{str(e.__cause__ or e).splitlines()[0][:300]}. Fix or remove the unreadable file.') from e
 
 
 def _with_meta(ds: datasets.Dataset, source: str, rows: range) -> datasets.Dataset:
@@ -134,10 +149,7 @@ def _select(ds: datasets.Dataset, meta: DatasetMeta, source: str) -> datasets.Da
 
 def load_source(meta: DatasetMeta) -> datasets.Dataset:
     """One meta -> an Arrow dataset with ``__source__`` and ``__row__`` columns, sliced and renamed."""
-    hf_name, path = resolve_local(meta.dataset_id)
-    if hf_name is not None:
-        ds = datasets.load_dataset(hf_name, meta.subset_name, split=meta.split, cache_dir=str(cache_dir()))
-        return _select(_rename(ds, meta), meta, meta.dataset_id)
+    path = resolve_local(meta.dataset_id)
     if path.is_dir():
         repo = _load_folder_as_repo(path, meta, streaming=False)
         if repo is not None:
@@ -199,14 +211,10 @@ def align_and_concat(parts: List[datasets.Dataset], names: List[str]) -> dataset
 
 def stream_source(meta: DatasetMeta) -> Iterator[Tuple[str, int, Dict[str, Any]]]:
     """Rows of one meta as ``(source, row, row_dict)``, read lazily, for the streaming dataset."""
-    hf_name, path = resolve_local(meta.dataset_id)
-    if hf_name is not None:
-        streams = [(meta.dataset_id, datasets.load_dataset(hf_name, meta.subset_name, split=meta.split,
-                                                           streaming=True))]
-    else:
-        repo = _load_folder_as_repo(path, meta, streaming=True) if path.is_dir() else None
-        streams = ([(meta.dataset_id, repo)] if repo is not None else
-                   [(str(f), _load_file(f, meta.split, True)) for f in data_files(path)])
+    path = resolve_local(meta.dataset_id)
+    repo = _load_folder_as_repo(path, meta, streaming=True) if path.is_dir() else None
+    streams = ([(meta.dataset_id, repo)] if repo is not None else
+               [(str(f), _load_file(f, meta.split, True)) for f in data_files(path)])
     sl = meta.data_slice
     start, stop, step = (0, None, 1) if sl is None else (sl.start or 0, sl.stop, sl.step or 1)
     if start < 0 or step < 0 or (stop is not None and stop < 0):
