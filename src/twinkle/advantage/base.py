@@ -1,0 +1,92 @@
+"""Advantage estimators for group-sampled RL: rewards of ``num_generations`` consecutive samples of
+the same prompt form one group (rewards ``[g0s0, g0s1, ..., g1s0, ...]``)."""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+
+from twinkle.registry import register
+
+Rewards = Union[torch.Tensor, Sequence[float]]
+SCALES = ('group', 'batch', 'none')
+
+
+class Advantage:
+    """Base class: ``__call__(rewards [N], num_generations) -> advantages [N]`` (float32 tensor)."""
+
+    def __call__(self, rewards: Rewards, num_generations: int) -> torch.Tensor:
+        groups = self.groups(rewards, num_generations)
+        return self.compute(groups).reshape(-1).float()
+
+    def compute(self, groups: torch.Tensor) -> torch.Tensor:
+        """``groups`` is [num_prompts, num_generations] in float64; return the same shape."""
+        raise NotImplementedError
+
+    def groups(self, rewards: Rewards, num_generations: int) -> torch.Tensor:
+        name = type(self).__name__
+        r = torch.as_tensor(rewards.detach().cpu() if isinstance(rewards, torch.Tensor) else rewards,
+                            dtype=torch.float64)
+        if r.dim() == 2 and r.shape[1] == 1:
+            r = r[:, 0]
+        if r.dim() != 1:
+            raise ValueError(f'{name} expects a flat list of rewards, one per sample; got shape {tuple(r.shape)}')
+        if not isinstance(num_generations, int) or num_generations < 1:
+            raise ValueError(f'{name}: num_generations must be a positive int; got {num_generations!r}')
+        if r.numel() == 0 or r.numel() % num_generations:
+            raise ValueError(f'{name}: num_generations={num_generations} does not divide the batch of '
+                             f'{r.numel()} rewards; sample the same number of completions for every prompt '
+                             f'and keep each prompt\'s samples contiguous')
+        if not torch.isfinite(r).all():
+            bad = int((~torch.isfinite(r)).nonzero()[0])
+            raise ValueError(f'{name}: reward {bad} is {float(r[bad])}; rewards must be finite')
+        return r.view(-1, num_generations)
+
+
+@register('advantage')
+class GRPOAdvantage(Advantage):
+    """``A = r - mean(group)``, then divided by ``std + eps`` where std is that of the group
+    (scale='group'), of the whole batch of rewards (scale='batch'), or not divided (scale='none',
+    Dr. GRPO). Standard deviations are population ones (no Bessel correction), so a group with identical
+    rewards gets zero advantage."""
+
+    def __init__(self, scale: str = 'group', eps: float = 1e-4) -> None:
+        if scale not in SCALES:
+            raise ValueError(f'GRPOAdvantage scale must be one of {SCALES}; got {scale!r}')
+        self.scale = scale
+        self.eps = eps
+
+    def compute(self, groups: torch.Tensor) -> torch.Tensor:
+        centred = groups - groups.mean(dim=1, keepdim=True)
+        if self.scale == 'group':
+            return centred / (groups.std(dim=1, correction=0, keepdim=True) + self.eps)
+        if self.scale == 'batch':
+            return centred / (groups.std(correction=0) + self.eps)
+        return centred
+
+
+@register('advantage')
+class RLOOAdvantage(Advantage):
+    """Leave-one-out baseline: ``A_i = r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mean(group))``."""
+
+    def compute(self, groups: torch.Tensor) -> torch.Tensor:
+        g = groups.shape[1]
+        if g < 2:
+            raise ValueError('RLOOAdvantage needs num_generations >= 2 (the baseline of a sample is the mean '
+                             'of the other samples of its prompt)')
+        return (groups - groups.mean(dim=1, keepdim=True)) * (g / (g - 1))
+
+
+@register('advantage')
+class ReinforcePlusPlusAdvantage(Advantage):
+    """REINFORCE++ with a group baseline: subtract each group's mean reward, then divide by the standard
+    deviation of those centred values over the whole batch (``A = c / (std_batch(c) + eps)``,
+    ``c = r - mean(group)``). Normalising by the batch instead of the group keeps the advantage scale
+    comparable across prompts, so easy prompts with near-identical rewards are not blown up."""
+
+    def __init__(self, eps: float = 1e-4) -> None:
+        self.eps = eps
+
+    def compute(self, groups: torch.Tensor) -> torch.Tensor:
+        centred = groups - groups.mean(dim=1, keepdim=True)
+        return (centred - centred.mean()) / (centred.std(correction=0) + self.eps)

@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+import torch
+
+from twinkle.advantage import Advantage, GRPOAdvantage, ReinforcePlusPlusAdvantage, RLOOAdvantage
+from twinkle.registry import resolve
+
+REWARDS = [1.0, 0.0, 0.5, 1.0, 2.0, 2.0, 2.0, 2.0, -1.0, 3.0, 0.0, 0.25]
+G = 4
+
+
+def np_groups():
+    return np.asarray(REWARDS, dtype=np.float64).reshape(-1, G)
+
+
+@pytest.mark.parametrize('scale', ['group', 'batch', 'none'])
+def test_grpo_advantage_matches_numpy(scale):
+    g = np_groups()
+    centred = g - g.mean(axis=1, keepdims=True)
+    if scale == 'group':
+        want = centred / (g.std(axis=1, keepdims=True) + 1e-4)
+    elif scale == 'batch':
+        want = centred / (g.std() + 1e-4)
+    else:
+        want = centred
+    got = resolve('advantage', 'GRPOAdvantage')(scale=scale)(REWARDS, G)
+    assert got.dtype == torch.float32 and got.shape == (12,)
+    np.testing.assert_allclose(got.numpy(), want.reshape(-1), rtol=1e-6, atol=1e-6)
+    # the all-equal group carries no signal
+    assert torch.all(got[4:8] == 0)
+
+
+def test_rloo_matches_leave_one_out_loop():
+    want = []
+    for grp in np_groups():
+        for i in range(G):
+            want.append(grp[i] - np.delete(grp, i).mean())
+    got = RLOOAdvantage()(torch.tensor(REWARDS), G)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_reinforce_plus_plus_baseline():
+    g = np_groups()
+    centred = g - g.mean(axis=1, keepdims=True)
+    want = (centred - centred.mean()) / (centred.std() + 1e-4)
+    got = ReinforcePlusPlusAdvantage()(REWARDS, G)
+    np.testing.assert_allclose(got.numpy(), want.reshape(-1), rtol=1e-6, atol=1e-6)
+    assert abs(float(got.mean())) < 1e-6 and float(got.std(correction=0)) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_accepts_column_tensor_and_single_group():
+    got = GRPOAdvantage()(torch.tensor([[1.0], [0.0]]), 2)
+    np.testing.assert_allclose(got.numpy(), [0.5 / (0.5 + 1e-4), -0.5 / (0.5 + 1e-4)], rtol=1e-6)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match='num_generations=5 does not divide the batch of 12 rewards'):
+        GRPOAdvantage()(REWARDS, 5)
+    with pytest.raises(ValueError, match='RLOOAdvantage: num_generations=5 does not divide the batch of 12'):
+        RLOOAdvantage()(REWARDS, 5)
+    with pytest.raises(ValueError, match='positive int'):
+        GRPOAdvantage()(REWARDS, 0)
+    with pytest.raises(ValueError, match='num_generations >= 2'):
+        RLOOAdvantage()(REWARDS, 1)
+    with pytest.raises(ValueError, match='scale'):
+        GRPOAdvantage(scale='global')
+    with pytest.raises(ValueError, match='flat list'):
+        GRPOAdvantage()(torch.zeros(2, 3), 3)
+    with pytest.raises(ValueError, match='reward 1 is nan'):
+        GRPOAdvantage()([0.0, float('nan')], 2)
+    with pytest.raises(NotImplementedError):
+        Advantage()([1.0, 2.0], 2)
