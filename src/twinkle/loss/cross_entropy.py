@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from typing import Any, Literal, Mapping
 
-import torch
-
 from twinkle.loss.base import Loss, LossOutput
 from twinkle.loss.utils import aligned_tensor, policy_logps
 from twinkle.registry import register

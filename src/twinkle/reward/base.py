@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 GROUND_TRUTH_FIELDS = ('ground_truth', 'solution', 'answer')
 
@@ -87,7 +87,8 @@ def completion_text(trajectory: Dict[str, Any], index: int = 0, owner: str = 'Re
                      f'completion as {{"role": "assistant", "content": ...}}')
 
 
-def ground_truth(trajectory: Dict[str, Any], index: int = 0, owner: str = 'Reward') -> Optional[Any]:
+def ground_truth(trajectory: Dict[str, Any], index: int = 0, owner: str = 'Reward') -> Any:
+    """The reference answer of a verifiable task (``ground_truth``, ``solution`` or ``answer``)."""
     for key in GROUND_TRUTH_FIELDS:
         if trajectory.get(key) is not None:
             return trajectory[key]
