@@ -126,3 +126,15 @@ def test_torchrun_failing_rank_ends_the_job():
     out = _torchrun('fail', timeout=120)
     assert out.returncode != 0
     assert 'rank 1 failed on purpose' in out.stderr, out.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+def test_cuda_single_process():
+    twinkle.initialize(groups=[DeviceGroup('default', ranks=1, device_type='cuda')])
+    assert runtime.device() == torch.device('cuda', 0)
+    tmesh = DeviceMesh.from_sizes().to_torch('cuda')  # creates a one-rank NCCL group
+    assert tmesh.device_type == 'cuda' and dist.get_backend() == 'nccl'
+    t = torch.ones(2, device=runtime.device())
+    dist.all_reduce(t)
+    assert t.tolist() == [1.0, 1.0]

@@ -72,11 +72,13 @@ def _pick_device_type(groups: Sequence[DeviceGroup], world: int) -> str:
 
 def init_single_process_group(device_type: str = 'cpu') -> None:
     """A one-rank default process group, for features that need one (FSDP2, DTensor) in one process."""
+    import torch
     import torch.distributed as dist
     if dist.is_initialized():
         return
     backend = 'nccl' if device_type == 'cuda' else 'gloo'
-    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    kwargs = {'device_id': torch.device('cuda', torch.cuda.current_device())} if backend == 'nccl' else {}
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
     context.state().owns_process_group = True
     _register_atexit()
 
@@ -101,8 +103,6 @@ def _register_atexit() -> None:
 def init_local(groups: Optional[Sequence[DeviceGroup]] = None, global_device_mesh: Optional[DeviceMesh] = None,
                seed: int = 42, backend: Optional[str] = None, timeout_s: Optional[float] = None) -> None:
     """Join the torchrun job (or run alone), check the mesh, seed, and arrange a clean teardown."""
-    from twinkle.settings import get_settings
-
     rank, world, local_rank = _read_env()
     groups = list(groups) if groups else [DeviceGroup('default', ranks=world)]
     for g in groups:
@@ -124,14 +124,15 @@ def init_local(groups: Optional[Sequence[DeviceGroup]] = None, global_device_mes
     import torch.distributed as dist
 
     state = context.state()
+    if device_type == 'cuda':
+        torch.cuda.set_device(local_rank)  # before any communicator exists, so NCCL binds the right GPU
     if world > 1:
         if dist.is_initialized():
             if dist.get_world_size() != world:
                 raise ValueError(f'a process group of {dist.get_world_size()} ranks already exists but '
                                  f'WORLD_SIZE={world}')
         else:
-            if device_type == 'cuda':
-                torch.cuda.set_device(local_rank)
+            from twinkle.settings import get_settings
             backend = backend or ('nccl' if device_type == 'cuda' else 'gloo')
             timeout = timedelta(seconds=timeout_s if timeout_s is not None else get_settings().dist_timeout_s)
             kwargs = {'device_id': torch.device('cuda', local_rank)} if backend == 'nccl' else {}
@@ -155,7 +156,6 @@ def shutdown() -> None:
     this process should exit at once so that torchrun can stop the job.
     """
     from twinkle import mesh as mesh_module
-    from twinkle.settings import get_settings
 
     while _teardown_hooks:
         hook = _teardown_hooks.pop()
@@ -170,6 +170,7 @@ def shutdown() -> None:
         if dist.is_available() and dist.is_initialized():
             if not _failed and dist.get_world_size() > 1:
                 try:
+                    from twinkle.settings import get_settings
                     work = dist.barrier(async_op=True)
                     work.wait(timeout=timedelta(seconds=get_settings().dist_timeout_s))
                 except Exception as exc:  # a peer is gone: nothing left to wait for
