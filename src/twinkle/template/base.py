@@ -160,7 +160,12 @@ class Template:
         if head is not None and len(head) >= cursor and full.startswith(head) and through.startswith(head):
             turn = through[len(head):].rstrip()
             if full.startswith(turn, len(head)):
-                return len(head), len(head) + len(turn)
+                start, end = len(head), len(head) + len(turn)
+                # whitespace a template puts between its header and the text is not the assistant's
+                if not messages[i]['content'][:1].isspace():
+                    while start < end and full[start].isspace():
+                        start += 1
+                return start, end
         # The template renders this turn differently once later turns exist (e.g. reasoning dropped
         # from history): find the assistant's own text, then the end-of-turn marker after it.
         content = messages[i]['content'].strip()
