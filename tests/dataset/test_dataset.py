@@ -219,5 +219,9 @@ def test_real_template_with_tiny_qwen3():
         SelfCognitionProcessor('twinkle LLM', 'ModelScope community'))[0])
     assert row['input_ids'] == assistant['input_ids']
     assert 'twinkle LLM' in tok.decode(labelled) or 'ModelScope community' in tok.decode(labelled)
+    dataloader = pytest.importorskip('twinkle.dataloader')
+    loader = dataloader.DataLoader(dataset=ds, batch_size=8, min_batch_size=8)  # the example
+    batches = list(loader)
+    assert len(batches) == len(loader) >= 12 and all(len(b) == 8 for b in batches[:12])
     ds.pack(max_length=256)
     assert 0.5 < ds.packing_efficiency <= 1.0 and sum(len(r['lengths']) for r in ds) == 100

@@ -1,0 +1,70 @@
+"""The streaming ``IterableDataset`` gives the rows ``Dataset`` gives, lazily, with counted drops."""
+from __future__ import annotations
+
+import pytest
+
+from twinkle.dataset import Dataset, DatasetMeta, IterableDataset, RowError
+from twinkle.preprocessor import AlpacaProcessor
+
+
+def _chain(cls, metas, template, **kw):
+    return cls(metas, **kw).map(AlpacaProcessor()).filter('LengthFilter', max_length=20).set_template(template)
+
+
+def test_stream_matches_in_memory(tmp_path, jsonl, char_template):
+    rows = [{'instruction': f'q{i}', 'input': '', 'output': 'y' * (i % 25)} for i in range(60)]
+    path = jsonl(tmp_path / 'big.jsonl', rows)
+    meta = DatasetMeta(path, data_slice=range(3, 50, 2))
+    eager = _chain(Dataset, meta, char_template(max_length=22, truncation_strategy='delete')).encode()
+    lazy = _chain(IterableDataset, meta, char_template(max_length=22, truncation_strategy='delete')).encode()
+    assert list(lazy) == list(eager)
+    assert lazy.stats == eager.stats and sum(eager.stats.values()) > 0
+    with pytest.raises(TypeError):
+        len(lazy)
+
+
+def test_stream_is_lazy(tmp_path, jsonl):
+    rows = [{'instruction': 'q', 'output': 'a'}] * 3 + [{'instruction': 'q'}]  # the last row is bad
+    stream = IterableDataset(DatasetMeta(jsonl(tmp_path / 'd.jsonl', rows))).map('AlpacaProcessor')
+    it = iter(stream)
+    assert next(it)['messages'][1]['content'] == 'a'  # reading the first rows does not touch the bad one
+    with pytest.raises(RowError, match=r"row 3 of .*d\.jsonl.*missing field 'output'"):
+        list(it)
+
+
+def test_stream_mixing_and_folders(tmp_path, jsonl):
+    a = jsonl(tmp_path / 'a.jsonl', [{'s': 'a', 'i': i} for i in range(50)])
+    b = jsonl(tmp_path / 'b.jsonl', [{'s': 'b', 'i': i} for i in range(50)])
+    concat = [(r['s'], r['i']) for r in IterableDataset([DatasetMeta(a), DatasetMeta(b, data_slice=slice(0, 3))])]
+    assert concat == [('a', i) for i in range(50)] + [('b', 0), ('b', 1), ('b', 2)]
+    mixed = [(r['s'], r['i']) for r in IterableDataset([DatasetMeta(a), DatasetMeta(b)], mix='interleave',
+                                                         ratios=[1, 3], seed=3)]
+    again = [(r['s'], r['i']) for r in IterableDataset([DatasetMeta(a), DatasetMeta(b)], mix='interleave',
+                                                         ratios=[1, 3], seed=3)]
+    assert mixed == again and sum(s == 'b' for s, _ in mixed) == 50  # b runs out first and ends it
+    assert 0.6 < sum(s == 'b' for s, _ in mixed) / len(mixed) < 0.9
+    both = IterableDataset([DatasetMeta(a, data_slice=range(2)), DatasetMeta(b, data_slice=range(5))],
+                           mix='interleave', stopping_strategy='all_exhausted')
+    got = [(r['s'], r['i']) for r in both]
+    assert sorted(set(got)) == sorted({('a', 0), ('a', 1)} | {('b', i) for i in range(5)})
+    with pytest.raises(ValueError, match='one positive ratio per source'):
+        IterableDataset([DatasetMeta(a)], mix='interleave', ratios=[1, 2])
+
+
+def test_stream_in_memory_and_pack(char_template):
+    data = [{'instruction': 'q', 'output': 'x' * n} for n in (7, 3, 5, 1, 9, 2, 6)]
+    stream = IterableDataset(data=data).map('AlpacaProcessor').set_template(char_template()).encode().pack(16)
+    rows = list(stream)
+    assert sorted(n for r in rows for n in r['lengths']) == [4, 5, 6, 8, 9, 10, 12]
+    assert all(r['length'] <= 16 for r in rows) and len(rows) == 4
+    assert stream.packing_efficiency == pytest.approx(54 / 64)
+    small_buffer = IterableDataset(data=data).map('AlpacaProcessor').set_template(char_template()).encode()
+    assert sum(len(r['lengths']) for r in small_buffer.pack(16, buffer_size=2)) == 7
+
+
+def test_stream_order_of_steps(char_template):
+    stream = IterableDataset(data=[{'query': 'q'}])
+    with pytest.raises(ValueError, match='pack\\(\\) cannot run on a raw stream'):
+        stream.pack(8)
+    with pytest.raises(ValueError, match='set_template'):
+        stream.encode()
