@@ -205,3 +205,19 @@ def test_embedded_tokenizer_by_path():
     assert [t.decode(r) for r in label_runs(f)] == ['It is 4.<|im_end|>', '答案是 9。<|im_end|>']
     q = Qwen3Template(model_id=str(TINY)).encode(CONV)
     assert [t.decode(r) for r in label_runs(q)] == ['It is 4.<|im_end|>', '答案是 9。<|im_end|>']
+
+
+def test_columnar_rows_with_none_fields_and_json_tools(chatml_tokenizer):
+    """Rows read back from Arrow carry None for absent keys and may keep tools as JSON text."""
+    tools = [{'type': 'function', 'function': {'name': 'lookup'}}]
+    row = {'messages': [{'role': 'user', 'content': 'hi', 'name': None, 'tool_calls': None},
+                        {'role': 'assistant', 'content': 'hello', 'name': None, 'tool_calls': None}],
+           'tools': '[{"type": "function", "function": {"name": "lookup"}}]'}
+    t = Template(tokenizer=chatml_tokenizer)
+    assert t.encode(row)['input_ids'] == t.encode({'messages': [{'role': 'user', 'content': 'hi'},
+                                                                {'role': 'assistant', 'content': 'hello'}],
+                                                   'tools': tools})['input_ids']
+    with pytest.raises(ValueError, match='tools is a string but not valid JSON'):
+        t.encode({**row, 'tools': '[oops'})
+    with pytest.raises(ValueError, match="'tools' must be a list"):
+        t.encode({**row, 'tools': 5})

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
 from twinkle.registry import register
 from twinkle.types import IGNORE_INDEX, InputFeature
 
-from .validate import validate_trajectory, where, with_default_system
+from .validate import validate_tools, validate_trajectory, where, with_default_system
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class Template:
     def encode(self, trajectory: Mapping[str, Any], add_generation_prompt: bool = False) -> Optional[InputFeature]:
         """Encode one trajectory; None when ``truncation_strategy='delete'`` drops it."""
         messages = with_default_system(validate_trajectory(trajectory), self.default_system)
-        tools = trajectory.get('tools') or None
+        tools = validate_tools(trajectory)
         if not add_generation_prompt and not any(m['role'] == 'assistant' for m in messages):
             raise ValueError(f'{where(trajectory)}no assistant message to train on; add one, or pass '
                              f'add_generation_prompt=True to encode a prompt for generation')

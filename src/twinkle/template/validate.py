@@ -1,6 +1,7 @@
 """Checks on a trajectory before it is rendered, with errors that point at the offending row."""
 from __future__ import annotations
 
+import json
 from typing import Any, Dict, List, Mapping, Optional
 
 from twinkle.types import ROLES
@@ -40,6 +41,10 @@ def validate_trajectory(trajectory: Any) -> List[Dict[str, Any]]:
             raise ValueError(f'{at}{field} must be a dict with role and content, got {type(msg).__name__}')
         if 'role' not in msg:
             raise ValueError(f"{at}{field} has no 'role' field (one of {', '.join(ROLES)})")
+        # Columnar storage fills absent optional keys with None and may keep tool calls as JSON text.
+        msg = {k: v for k, v in msg.items() if v is not None or k == 'content'}
+        if isinstance(msg.get('tool_calls'), str):
+            msg['tool_calls'] = _json(msg['tool_calls'], f'{at}{field}.tool_calls')
         role = msg['role']
         if role not in ROLES:
             raise ValueError(f"{at}{field}.role is {role!r}, not one of {', '.join(ROLES)}; map other "
@@ -54,10 +59,28 @@ def validate_trajectory(trajectory: Any) -> List[Dict[str, Any]]:
             raise ValueError(f'{at}{field}.content must be a string, got {type(content).__name__}; '
                              f'multimodal or structured content needs a template that supports it')
         out.append(dict(msg))
-    tools = trajectory.get('tools')
-    if tools is not None and not isinstance(tools, (list, tuple)):
-        raise ValueError(f"{at}'tools' must be a list of tool (function) schemas, got {type(tools).__name__}")
+    tools = validate_tools(trajectory)
+    if tools is not None and not all(isinstance(t, Mapping) for t in tools):
+        raise ValueError(f"{at}'tools' must be a list of tool (function) schema dicts")
     return out
+
+
+def _json(text: str, field: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f'{field} is a string but not valid JSON ({exc}); pass a list of dicts') from None
+
+
+def validate_tools(trajectory: Mapping[str, Any]) -> Optional[list]:
+    """The trajectory's tool schemas as a list (decoded from JSON text if stored so), or None."""
+    tools = trajectory.get('tools')
+    if isinstance(tools, str):
+        tools = _json(tools, f'{where(trajectory)}tools')
+    if tools is not None and not isinstance(tools, (list, tuple)):
+        raise ValueError(f"{where(trajectory)}'tools' must be a list of tool (function) schemas, "
+                         f'got {type(tools).__name__}')
+    return list(tools) if tools else None
 
 
 def with_default_system(messages: List[Dict[str, Any]], default_system: Optional[str]) -> List[Dict[str, Any]]:
