@@ -152,3 +152,27 @@ def test_left_truncation_keeps_the_answer(qwen3_tokenizer):
     f = t.encode(traj)
     assert len(f['input_ids']) == 16
     assert t.decode(f['input_ids']).endswith('你好！我是 Twinkle。<|im_end|>\n')
+
+
+class SlowView:
+    """A tokenizer without character offsets (like Hugging Face's slow tokenizers)."""
+    is_fast = False
+
+    def __init__(self, fast):
+        self._fast = fast
+        self.eos_token_id, self.pad_token_id = fast.eos_token_id, fast.pad_token_id
+
+    def get_vocab(self):
+        return self._fast.get_vocab()
+
+    def encode(self, text, add_special_tokens=False):
+        return self._fast.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids, skip_special_tokens=False):
+        return self._fast.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+@pytest.mark.parametrize('name', ['multi_turn_with_system', 'reasoning', 'tools'])
+def test_tokenizer_without_offsets_gives_the_same_encoding(template, qwen3_tokenizer, name):
+    slow = Qwen3Template(tokenizer=SlowView(qwen3_tokenizer))
+    assert slow.encode(CASES[name][0]) == template.encode(CASES[name][0])
