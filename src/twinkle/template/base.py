@@ -11,15 +11,12 @@ span.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
 
 from twinkle.registry import register
 from twinkle.types import IGNORE_INDEX, InputFeature
 
 from .validate import validate_tools, validate_trajectory, where, with_default_system
-
-logger = logging.getLogger(__name__)
 
 TruncationStrategy = Literal['raise', 'left', 'right', 'delete']
 LossOn = Literal['all_turns', 'last_turn']
