@@ -59,7 +59,14 @@ def load_hf_model(model_cls: Any, model_id: Optional[str], config: Any, kwargs: 
     # Master weights stay in float32; mixed precision casts inside the forward.
     kwargs.setdefault('dtype', torch.float32)
     model_dir = resolve(model_id) if model_id is not None else None
-    if model_dir is not None:
+    if model_dir is not None and strategy.meta_init:
+        # Memory-efficient init: only the shape here; rank 0 sends this rank its shards when wrapping.
+        if isinstance(config, (str, os.PathLike)) or config is None:
+            config = AutoConfig.from_pretrained(config or model_dir)
+        from_config = getattr(model_cls, 'from_config', None) or getattr(model_cls, '_from_config')
+        with torch.device('meta'):
+            model = from_config(config, **kwargs)
+    elif model_dir is not None:
         model = model_cls.from_pretrained(model_dir, config=config, **kwargs) if config is not None \
             else model_cls.from_pretrained(model_dir, **kwargs)
     else:

@@ -184,8 +184,11 @@ class TransformersModel(TwinkleModel):
         for metric in session.metrics:
             metric.update(outputs['inputs'], outputs, loss_output)
         session.tokens_since_report += int(outputs['inputs']['num_tokens'])
-        num_items = float(loss_output.num_items)
-        loss_value = float(loss_output.loss.detach()) / num_items if num_items else float('nan')
+        # The figure of the whole global batch: sums over the data-parallel ranks, then the mean.
+        loss_sum, num_items = self.strategy.reduce_sum(torch.stack([
+            loss_output.loss.detach().to('cpu', torch.float64),
+            torch.as_tensor(loss_output.num_items, dtype=torch.float64).detach().cpu()])).tolist()
+        loss_value = loss_sum / num_items if num_items else float('nan')
         return {'loss': loss_value, 'num_items': num_items, **loss_output.metrics}
 
     # ------------------------------------------------------------------ optimisation
@@ -251,6 +254,7 @@ class TransformersModel(TwinkleModel):
                       **kwargs: Any) -> None:
         from ...optim import build_optimizer
         session = self._session(adapter_name)
+        self._use_adapter(session)  # PEFT marks only the active adapter trainable
         module = self._wrapped_module()
         named = list(trainable_named_params(self.strategy.unwrap(module), session.name))
         session.optimizer = build_optimizer(optimizer_cls, named, **kwargs)

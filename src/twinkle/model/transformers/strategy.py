@@ -20,6 +20,9 @@ class Strategy(Protocol):
     """How many ranks' gradients the wrapper averages (DDP/FSDP: the data-parallel size; else 1)."""
     handles_mixed_precision: bool
     """True when the wrapper casts itself (FSDP2's MixedPrecisionPolicy); the model then skips autocast."""
+    meta_init: bool
+    """True when this rank builds the model on the meta device and receives its weights at wrap time
+    (FSDP2's memory-efficient init on ranks other than 0)."""
 
     def wrap(self, module: nn.Module) -> nn.Module: ...
 
@@ -63,6 +66,7 @@ class SingleProcessStrategy:
     name = 'single'
     grad_reduce_world = 1
     handles_mixed_precision = False
+    meta_init = False
     OPTIMIZER_FILE = 'optimizer.pt'
 
     def __init__(self, device: Optional[torch.device] = None):
@@ -103,6 +107,11 @@ class SingleProcessStrategy:
         torch.save(optimizer.state_dict(), folder / self.OPTIMIZER_FILE)
 
     def load_optimizer_state(self, folder: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if not (folder / self.OPTIMIZER_FILE).exists():
+            # Saved sharded by FSDP2 on several ranks: read it back by parameter name.
+            from .distributed.optim_state import load
+            load(folder, module, optimizer)
+            return
         optimizer.load_state_dict(torch.load(folder / self.OPTIMIZER_FILE, map_location=self.device,
                                              weights_only=False))
 

@@ -1,0 +1,138 @@
+"""What every torch.distributed strategy shares: the data-parallel group, collectives, the shared
+checkpoint folder and teardown."""
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import weakref
+from pathlib import Path
+from typing import Any, Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ....mesh import DeviceMesh
+from ...checkpoint import atomic_folder
+
+logger = logging.getLogger(__name__)
+
+# Mesh dimensions a TransformersModel cannot lay out (they need MegatronModel or sequence parallelism).
+_UNSUPPORTED = ('tp_size', 'pp_size', 'cp_size', 'ep_size', 'ulysses_size')
+
+
+def check_mesh(mesh: DeviceMesh, strategy: str) -> None:
+    bad = {name: getattr(mesh, name) for name in _UNSUPPORTED if getattr(mesh, name) > 1}
+    if bad:
+        sizes = ', '.join(f'{k}={v}' for k, v in bad.items())
+        raise NotImplementedError(
+            f'TransformersModel(strategy={strategy!r}) parallelises over data only (dp_size x fsdp_size); the mesh '
+            f'{mesh!r} also has {sizes}. Use MegatronModel for tensor/pipeline/context/expert parallelism, or set '
+            f'those sizes to 1')
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f'{mesh!r} spans {mesh.world_size} ranks but torch.distributed is not initialised: call '
+                           f"twinkle.initialize(mode='local', global_device_mesh=mesh) under torchrun first")
+    if mesh.world_size != dist.get_world_size() and mesh.ranks is None:
+        raise ValueError(f'{mesh!r} covers {mesh.world_size} ranks but the process group has '
+                         f'{dist.get_world_size()}; pass a mesh whose sizes multiply to the world size')
+
+
+class TorchDistributedStrategy:
+    """Base for strategies whose wrapper averages gradients over the mesh's data-parallel ranks."""
+    name = 'distributed'
+    handles_mixed_precision = False
+
+    def __init__(self, mesh: DeviceMesh, device: torch.device, mixed_precision: str = 'no') -> None:
+        check_mesh(mesh, self.name)
+        self.mesh = mesh
+        self.device = device
+        self.mixed_precision = mixed_precision
+        self.grad_reduce_world = mesh.dp_world_size
+        self._group: Optional[Any] = None
+        self._released = False
+        # Wrapped modules must not outlive the process group: drop their communication state first.
+        from ....runtime.local import on_shutdown
+        ref = weakref.ref(self)
+        on_shutdown(lambda: ref() is not None and ref().release())
+
+    # ------------------------------------------------------------------ groups and collectives
+    @property
+    def group(self) -> Any:
+        """The process group of the data-parallel ranks (the whole world in local mode)."""
+        if self._group is None:
+            ranks = self.mesh.global_ranks
+            self._group = dist.group.WORLD if ranks == list(range(dist.get_world_size())) else dist.new_group(ranks)
+        return self._group
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank()
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.rank == self.mesh.global_ranks[0]
+
+    @property
+    def _comm_device(self) -> torch.device:
+        # NCCL reduces only CUDA tensors; gloo takes CPU ones.
+        return self.device if dist.get_backend(self.group) == 'nccl' else torch.device('cpu')
+
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        work = tensor.detach().to(self._comm_device, copy=True)
+        dist.all_reduce(work, op=dist.ReduceOp.SUM, group=self.group)
+        return work.to(tensor.device)
+
+    def gather_object(self, obj: Any) -> Optional[List[Any]]:
+        out: List[Any] = [None] * len(self.mesh.global_ranks)
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def broadcast_object(self, obj: Any) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=self.mesh.global_ranks[0], group=self.group)
+        return box[0]
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.group)
+
+    # ------------------------------------------------------------------ checkpoint folders
+    @contextlib.contextmanager
+    def shared_folder(self, target: Path) -> Iterator[Path]:
+        """Rank 0 picks the temporary folder and tells the others; every rank writes into it; after a
+        barrier rank 0 renames it to ``target``; a second barrier makes the final folder visible to all.
+        The folder must be on a filesystem every rank sees (one node, or a shared mount)."""
+        target = Path(target)
+        if self.is_main_process:
+            with atomic_folder(target) as tmp:
+                self.broadcast_object(str(tmp))
+                yield tmp
+                self.barrier()
+            self.barrier()
+        else:
+            tmp = Path(self.broadcast_object(None))
+            yield tmp
+            self.barrier()
+            self.barrier()
+
+    # ------------------------------------------------------------------ teardown
+    def release(self) -> None:
+        """Free the communication state of wrapped modules (subclasses override), then collect."""
+        self._released = True
+        gc.collect()
+
+    def shutdown(self) -> None:
+        """Release wrapped modules and wait for the peers; the process group itself is destroyed by
+        ``twinkle.runtime.shutdown`` (or at exit), after every strategy released its modules."""
+        self.release()
+        if dist.is_initialized():
+            try:
+                self.barrier()
+            except Exception as exc:  # a peer is gone: nothing left to wait for
+                logger.warning('barrier at strategy shutdown failed: %s', exc)
+
+
+def plain_module(module: nn.Module) -> nn.Module:
+    """The module under a DDP wrapper (FSDP2 shards in place, so its module is already plain)."""
+    from torch.nn.parallel import DistributedDataParallel
+    return module.module if isinstance(module, DistributedDataParallel) else module

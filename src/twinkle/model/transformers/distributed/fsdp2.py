@@ -1,0 +1,192 @@
+"""FSDP2: ``fully_shard`` each decoder layer, then the root, over the mesh's data-parallel ranks.
+
+With ``fsdp_size > 1`` and ``dp_size > 1`` the torch mesh is 2-D and FSDP2 runs as HSDP: parameters
+are sharded over ``fsdp`` and replicated over ``dp``. With only one of them larger than 1, parameters
+are sharded over all data-parallel ranks.
+
+``fsdp_config`` keys: ``reshard_after_forward`` (bool or int, default True), ``cpu_offload`` (bool:
+parameters, gradients and optimizer state live on the CPU; FSDP2's ``CPUOffloadPolicy``),
+``pin_memory`` (with offload, default True on CUDA).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ....mesh import DeviceMesh
+from ..strategy import _is_tied_alias
+from . import optim_state
+from .base import TorchDistributedStrategy
+
+logger = logging.getLogger(__name__)
+
+FSDP_OPTIONS = ('reshard_after_forward', 'cpu_offload', 'pin_memory')
+_PARAM_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def decoder_layers(module: nn.Module) -> List[nn.Module]:
+    """The repeated blocks to shard one by one: the classes the model marks as not splittable
+    (``_no_split_modules``), else the children of the first ``ModuleList``."""
+    names = set()
+    for sub in module.modules():
+        names.update(getattr(sub, '_no_split_modules', None) or [])
+    layers = [m for m in module.modules() if type(m).__name__ in names]
+    if layers:
+        return layers
+    for sub in module.modules():
+        if isinstance(sub, nn.ModuleList) and len(sub) > 1:
+            return list(sub)
+    return []
+
+
+class FSDP2Strategy(TorchDistributedStrategy):
+    name = 'native_fsdp'
+    handles_mixed_precision = True
+
+    def __init__(self, mesh: DeviceMesh, device: torch.device, mixed_precision: str = 'no',
+                 fsdp_config: Optional[Dict[str, Any]] = None, memory_efficient_init: bool = False) -> None:
+        super().__init__(mesh, device, mixed_precision)
+        self.fsdp_config = dict(fsdp_config or {})
+        unknown = sorted(set(self.fsdp_config) - set(FSDP_OPTIONS))
+        if unknown:
+            raise ValueError(f'fsdp_config has unknown key(s) {unknown}; native FSDP2 takes {list(FSDP_OPTIONS)}')
+        self.meta_init = bool(memory_efficient_init) and not self.is_main_process
+        self.memory_efficient_init = bool(memory_efficient_init)
+        self._torch_mesh: Any = None
+
+    # ------------------------------------------------------------------ wrapping
+    @property
+    def torch_mesh(self) -> Any:
+        if self._torch_mesh is None:
+            from torch.distributed.device_mesh import init_device_mesh
+            dims = [(n, s) for n, s in (('dp', self.mesh.dp_size), ('fsdp', self.mesh.fsdp_size)) if s > 1]
+            if len(dims) == 2:  # HSDP: replicate over dp, shard over fsdp
+                self._torch_mesh = init_device_mesh(self.device.type, (dims[0][1], dims[1][1]),
+                                                    mesh_dim_names=('dp', 'fsdp'))
+            else:
+                self._torch_mesh = init_device_mesh(self.device.type, (dims[0][1],), mesh_dim_names=(dims[0][0],))
+        return self._torch_mesh
+
+    def _shard_kwargs(self) -> Dict[str, Any]:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
+        param_dtype = _PARAM_DTYPES.get(self.mixed_precision)
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype \
+            else MixedPrecisionPolicy()
+        if self.fsdp_config.get('cpu_offload'):
+            offload = CPUOffloadPolicy(pin_memory=bool(self.fsdp_config.get('pin_memory', self.device.type == 'cuda')))
+        else:
+            offload = OffloadPolicy()
+        return {'mesh': self.torch_mesh, 'mp_policy': mp, 'offload_policy': offload,
+                'reshard_after_forward': self.fsdp_config.get('reshard_after_forward', True)}
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+        if isinstance(module, FSDPModule):
+            return module
+        full = module.state_dict() if self.memory_efficient_init and self.is_main_process else None
+        kwargs = self._shard_kwargs()
+        for layer in decoder_layers(module):
+            fully_shard(layer, **kwargs)
+        # The root holds what is left (embeddings, final norm, the tied output projection).
+        fully_shard(module, **kwargs)
+        if self.memory_efficient_init:
+            self._receive_from_rank0(module, full)
+        return module
+
+    def _receive_from_rank0(self, module: nn.Module, full: Optional[Dict[str, torch.Tensor]]) -> None:
+        """Give the meta-built ranks storage for their shards, then fill every rank's shard from rank 0."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        target = torch.device('cpu') if self.fsdp_config.get('cpu_offload') else self.device
+        if self.meta_init:
+            module.to_empty(device=target)
+        set_model_state_dict(module, full or {}, options=StateDictOptions(full_state_dict=True,
+                                                                          broadcast_from_rank0=True))
+        # Buffers (e.g. rotary frequencies) are not sharded and partly not in the state dict.
+        src = self.mesh.global_ranks[0]
+        for _, buf in module.named_buffers():
+            work = buf.data if self._comm_device == buf.device else buf.data.to(self._comm_device)
+            dist.broadcast(work, src=src, group=self.group)
+            if work is not buf.data:
+                buf.data.copy_(work)
+        self.meta_init = False
+
+    def unwrap(self, module: nn.Module) -> nn.Module:
+        return module  # fully_shard works in place: names and structure are the original ones
+
+    def no_sync(self, module: nn.Module) -> Any:
+        return _no_gradient_sync(module)
+
+    def clip_grad_norm(self, params: List[torch.Tensor], max_norm: float, norm_type: float) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor
+        grads = [p.grad for p in params if p.grad is not None]
+        # Each rank holds a shard of every gradient: the local norm is a partial one; full_tensor()
+        # reduces it over the shards (and replicas) into the norm of the whole gradient.
+        total = torch.nn.utils.get_total_norm(grads, norm_type=norm_type)
+        if isinstance(total, DTensor):
+            total = total.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return total
+
+    # ------------------------------------------------------------------ state
+    def full_state_dict(self, module: nn.Module) -> Dict[str, torch.Tensor]:
+        """Full tensors on the main rank (on the CPU); an empty dict elsewhere."""
+        if not optim_state.is_sharded(module):
+            return {k: v.detach().cpu() for k, v in module.state_dict().items()} if self.is_main_process else {}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_full_state_dict(self, module: nn.Module, state_dict: Dict[str, torch.Tensor], strict: bool) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        if not optim_state.is_sharded(module):
+            from ..strategy import _load_into
+            _load_into(module, state_dict, strict)
+            return
+        result = set_model_state_dict(module, state_dict, options=StateDictOptions(full_state_dict=True,
+                                                                                   strict=False))
+        missing = [k for k in result.missing_keys if not _is_tied_alias(module, k)]
+        if strict and (missing or result.unexpected_keys):
+            raise ValueError(f'checkpoint does not match the model: missing {missing[:5]}, '
+                             f'unexpected {list(result.unexpected_keys)[:5]}')
+
+    def load_adapter_state_dict(self, module: nn.Module, state_dict: Dict[str, torch.Tensor],
+                                adapter_name: str) -> None:
+        if not optim_state.is_sharded(module):
+            from ..strategy import load_adapter_weights
+            load_adapter_weights(module, state_dict, adapter_name)
+            return
+        # PEFT files name weights without the adapter (``lora_A.weight``); the module has ``lora_A.<name>.weight``.
+        marker = f'.{adapter_name}.'
+        names = {k.replace(marker, '.', 1): k for k in module.state_dict() if marker in k}
+        unknown = [k for k in state_dict if k not in names]
+        if unknown:
+            raise ValueError(f'adapter weights do not match adapter {adapter_name!r}: unexpected keys {unknown[:5]} '
+                             f'(was it saved from a LoRA with other target_modules?)')
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        set_model_state_dict(module, {names[k]: v for k, v in state_dict.items()},
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+
+    def save_optimizer_state(self, folder: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        optim_state.save_sharded(folder, module, optimizer)
+
+    def load_optimizer_state(self, folder: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        optim_state.load(folder, module, optimizer)
+
+
+@contextlib.contextmanager
+def _no_gradient_sync(module: nn.Module) -> Iterator[None]:
+    from torch.distributed.fsdp import FSDPModule
+    if not isinstance(module, FSDPModule):
+        yield
+        return
+    # Unsharded gradients accumulate locally; the window's last backward reduce-scatters their sum.
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)

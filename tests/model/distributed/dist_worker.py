@@ -1,0 +1,139 @@
+"""Run under torchrun (2 processes) by test_distributed.py: ``dist_worker.py OUT_DIR SCENARIO...``.
+
+Several scenarios share one launch (each torchrun start costs seconds); every rank writes
+``OUT_DIR/<scenario>.rank<r>.json``. ``fail`` makes rank 1 raise in the middle of training.
+"""
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _scenarios as S  # noqa: E402
+
+import twinkle  # noqa: E402
+from twinkle import DeviceMesh  # noqa: E402
+from twinkle.runtime import rank as get_rank  # noqa: E402
+
+OUT = Path(sys.argv[1])
+FSDP = DeviceMesh.from_sizes(fsdp_size=2)
+DP = DeviceMesh.from_sizes(dp_size=2)
+twinkle.initialize(mode='local', global_device_mesh=FSDP, seed=S.SEED)
+RANK = get_rank()
+
+
+def _rss() -> int:
+    import psutil
+    return psutil.Process().memory_info().rss
+
+
+def _local_param_bytes(module: torch.nn.Module) -> int:
+    from torch.distributed.tensor import DTensor
+    total = 0
+    for p in module.parameters():
+        t = p.to_local() if isinstance(p, DTensor) else p
+        total += 0 if t.is_meta else t.numel() * t.element_size()
+    return total
+
+
+def _finish(model, result):
+    result['strategy'] = model.strategy.name
+    result['strategy_cls'] = type(model.strategy).__name__
+    model.shutdown()
+    return result
+
+
+def meminit():
+    # First in the launch, so the process's high-water mark is still that of the imports.
+    import threading
+    peak, stop = [_rss()], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.002)
+
+    before = peak[0]
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    from twinkle.model import TransformersModel
+    model = TransformersModel(model_id=S.MODEL_ID, strategy='native_fsdp', mixed_precision='no',
+                              memory_efficient_init=True, report_to_tensorboard=False)
+    built_bytes = _local_param_bytes(model.module)
+    model.set_optimizer('AdamW', lr=5e-4, weight_decay=0.01)  # wraps: shards arrive from rank 0
+    stop.set()
+    thread.join()
+    full = sum(p.numel() * 4 for p in model.hf_model.parameters())  # logical (full) sizes, fp32
+    model.set_lr_scheduler('CosineWarmupScheduler', num_warmup_steps=1, num_training_steps=S.STEPS)
+    result = {'built_param_bytes': built_bytes, 'shard_param_bytes': _local_param_bytes(model.module),
+              'full_param_bytes': full, 'peak_rss_delta': peak[0] - before}
+    result.update(S.train(model, S.loader(FSDP), S.STEPS))
+    return _finish(model, result)
+
+
+def ddp():
+    model = S.build(DP, strategy='accelerate', output_dir=str(OUT / 'ddp'))
+    return _finish(model, S.train(model, S.loader(DP), S.STEPS, save_at=S.SAVE_AT))
+
+
+def fsdp():
+    model = S.build(FSDP, output_dir=str(OUT / 'fsdp'))
+    return _finish(model, S.train(model, S.loader(FSDP), S.STEPS, save_at=S.SAVE_AT))
+
+
+def fsdp_lora():
+    model = S.build(FSDP, lora=True, output_dir=str(OUT / 'fsdp_lora'))
+    return _finish(model, S.train(model, S.loader(FSDP), S.STEPS, save_at=S.SAVE_AT))
+
+
+def accelerate_fsdp():
+    model = S.build(FSDP, strategy='accelerate')
+    from torch.distributed.fsdp import FSDPModule
+    result = S.train(model, S.loader(FSDP), S.STEPS)
+    result['sharded'] = isinstance(model._wrapped_module(), FSDPModule)
+    return _finish(model, result)
+
+
+def resume_full():
+    model = S.build(FSDP)
+    return _finish(model, S.resume(model, os.environ['TWINKLE_TEST_SINGLE_FULL'], FSDP))
+
+
+def resume_lora():
+    model = S.build(FSDP, lora=True)
+    return _finish(model, S.resume(model, os.environ['TWINKLE_TEST_SINGLE_LORA'], FSDP))
+
+
+def resume_ddp():
+    model = S.build(DP, strategy='accelerate')
+    return _finish(model, S.resume(model, os.environ['TWINKLE_TEST_SINGLE_FULL'], DP))
+
+
+def fail():
+    model = S.build(DP, strategy='accelerate')
+    dl = iter(S.loader(DP))
+    model.forward_backward(inputs=next(dl))
+    model.clip_grad_and_step()
+    print(f'rank {RANK} trained one step', flush=True)
+    if RANK == 1:
+        raise RuntimeError('rank 1 failed on purpose')
+    # Rank 0 goes on into the next backward's gradient all-reduce, which rank 1 never joins.
+    for _ in range(1000):
+        model.forward_backward(inputs=next(dl))
+        model.clip_grad_and_step()
+    return {}
+
+
+SCENARIOS = {f.__name__: f for f in (meminit, ddp, fsdp, fsdp_lora, accelerate_fsdp, resume_full, resume_lora,
+                                     resume_ddp, fail)}
+
+for name in sys.argv[2:]:
+    started = time.perf_counter()
+    result = SCENARIOS[name]()
+    result['seconds'] = time.perf_counter() - started
+    (OUT / f'{name}.rank{RANK}.json').write_text(json.dumps(result))
+    print(f'rank {RANK} {name} done in {result["seconds"]:.1f}s', flush=True)
+twinkle.runtime.shutdown()

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from twinkle.model import TransformersModel
+from twinkle.patch import ChunkedCrossEntropyPatch, Patch
+
+MODEL_ID = 'builtin://tiny-qwen3'
+
+
+def _samples(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(8, 24, (1,), generator=g))
+        ids = torch.randint(3, 4000, (length,), generator=g).tolist()
+        out.append({'input_ids': ids, 'labels': [-100] * 3 + ids[3:]})
+    return out
+
+
+def _model():
+    torch.manual_seed(0)
+    model = TransformersModel(model_id=MODEL_ID, mixed_precision='no')
+    model.add_adapter_to_model('default', LoraConfig(r=4, lora_alpha=8, target_modules='all-linear',
+                                                     init_lora_weights='gaussian'))
+    model.set_optimizer('SGD', lr=0.1)
+    return model
+
+
+def _loss_and_grads(model, batch):
+    out = model.forward_backward(inputs=batch)
+    grads = {n: p.grad.clone() for n, p in model.module.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return out['loss'], grads
+
+
+def test_chunked_cross_entropy_keeps_loss_and_gradients():
+    batch = _samples()
+    model = _model()
+    ref_loss, ref_grads = _loss_and_grads(model, batch)
+    with model.apply_patch('ChunkedCrossEntropyPatch', chunk_size=7) as patch:
+        assert patch.applied and model.forward_core.logits_mode == ('chunked', 7)
+        loss, grads = _loss_and_grads(model, batch)
+    assert model.forward_core.logits_mode == ('full', None)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert ref_grads.keys() == grads.keys()
+    for name in ref_grads:
+        # Chunking changes the float summation order only: differences are rounding-sized.
+        scale = float(ref_grads[name].abs().max())
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_patch_changes_only_its_own_model():
+    first, second = _model(), _model()
+    patch = first.apply_patch(ChunkedCrossEntropyPatch(chunk_size=16))
+    assert first.forward_core.logits_mode[0] == 'chunked'
+    assert second.forward_core.logits_mode[0] == 'full'
+    patch.revert()
+    patch.revert()  # reverting twice is harmless
+    assert first.forward_core.logits_mode[0] == 'full'
+
+
+def test_patch_contract():
+    with pytest.raises(ValueError, match='chunk_size'):
+        ChunkedCrossEntropyPatch(chunk_size=0)
+    model = _model()
+    patch = model.apply_patch(ChunkedCrossEntropyPatch())
+    with pytest.raises(RuntimeError, match='already applied'):
+        patch.apply(model)
+    with pytest.raises(Exception, match='ChunkedCrossEntropyPatch'):
+        model.apply_patch('ChunkedCrossEntropy')
+    assert issubclass(ChunkedCrossEntropyPatch, Patch)
