@@ -17,13 +17,19 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Unio
 
 import torch
 
+from twinkle.runtime.remote import remote_class
+
 logger = logging.getLogger(__name__)
 
 
 def _context_mesh() -> Any:
     try:
-        from twinkle.runtime.context import get_device_mesh
+        from twinkle.runtime.context import get_device_mesh, get_mode
     except ImportError:
+        return None
+    if get_mode() == 'ray':
+        # The Ray driver hands whole global batches to remote components, whose handles slice them
+        # by data-parallel rank; inside the ranks (mode 'local') the mesh applies as under torchrun.
         return None
     return get_device_mesh()
 
@@ -69,6 +75,7 @@ def _identity(x: Any) -> Any:
     return x
 
 
+@remote_class
 class DataLoader:
     """Iterate a dataset in global batches; yield this data-parallel rank's slice of each.
 

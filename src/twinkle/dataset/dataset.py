@@ -20,6 +20,7 @@ from twinkle.dataset.meta import DatasetMeta
 from twinkle.dataset.packing import pack_rows, plan_bins
 from twinkle.dataset.sources import align, cache_dir, from_records, load_source
 from twinkle.registry import resolve
+from twinkle.runtime.remote import remote_class
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ def mix_parts(parts: List[datasets.Dataset], names: List[str], mix: str, ratios:
     return datasets.interleave_datasets(parts, probabilities=probs, seed=seed, stopping_strategy=stopping_strategy)
 
 
+@remote_class
 class Dataset:
     """Rows from one or more sources; see ``DatasetMeta`` for what a source is.
 
