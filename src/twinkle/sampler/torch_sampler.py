@@ -111,7 +111,9 @@ class TorchSampler(Sampler):
         return config
 
     def _check_cache(self, config: Any) -> None:
-        impl = config.cache_implementation
+        self._check_cache_impl(config.cache_implementation, config.cache_config)
+
+    def _check_cache_impl(self, impl: Optional[str], cache_config: Any = None) -> None:
         if impl is None or impl == 'dynamic' or impl == 'static':
             return
         if impl not in CACHE_IMPLEMENTATIONS:
@@ -121,7 +123,7 @@ class TorchSampler(Sampler):
                              f"it needs device='cuda' (this sampler runs on {self.device})")
         if impl == 'quantized':
             import transformers.utils as tu
-            backend = (config.cache_config or {}).get('backend', 'quanto')
+            backend = (cache_config or {}).get('backend', 'quanto')
             check, package = _QUANT_BACKENDS.get(backend, (None, backend))
             if check is None:
                 raise ValueError(f'quantized cache backend {backend!r} is unknown; use quanto or hqq')
@@ -248,9 +250,10 @@ class TorchSampler(Sampler):
         for i, row in enumerate(rows):  # left padding: every prompt ends where generation starts
             ids[i, width - len(row):] = torch.tensor(row)
             mask[i, width - len(row):] = 1
+        if 'cache_implementation' in overrides:
+            self._check_cache_impl(overrides['cache_implementation'], self.generation_config.cache_config)
         config = GenerationConfig.from_dict(self.generation_config.to_dict())
         config.update(**overrides)
-        self._check_cache(config)
         if config.cache_implementation == 'sliding_window':
             config.cache_implementation = 'static'  # transformers infers the sliding layers from the config
         config.update(max_new_tokens=params.max_tokens, min_new_tokens=None, max_length=None,
