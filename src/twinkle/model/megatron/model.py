@@ -1,2 +1,387 @@
-def require_cuda():
-    pass
+"""MegatronModel: the TwinkleModel training API on a megatron-core GPT model.
+
+The facade holds this rank's ``GPTModel`` shard (built from a Hugging Face config and filled from its
+safetensors by ``bridge`` / ``shard``), the megatron-core wrappers (``Float16Module`` for bf16/fp16,
+``DistributedDataParallel``) built at ``set_optimizer``, and one ``TrainingSession`` (full training or
+one LoRA adapter). Losses are sums over tokens (``twinkle.loss``); gradients of a whole accumulation
+window are divided by the window's token count over all data-parallel ranks at the step, as in
+TransformersModel.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from ...registry import resolve
+from ...runtime import context
+from ...runtime.remote import remote_class, remote_function
+from ..base import TwinkleModel
+from ..session import TrainingSession
+from ..transformers.inputs import prepare_batch
+from . import lora, optim, parallel, step
+from . import io as mio
+from ._compat import require_megatron
+from .builder import build_gpt, load_hf_weights
+from .config import build_transformer_config, hf_to_spec
+
+logger = logging.getLogger(__name__)
+_OWN_KWARGS = ('output_dir', 'log_dir', 'report_to_tensorboard', 'seed')
+PRECISIONS = ('no', 'fp16', 'bf16')
+
+
+def require_cuda() -> None:
+    if not torch.cuda.is_available():
+        raise RuntimeError("MegatronModel runs megatron-core's CUDA kernels and needs a GPU; on CPU use "
+                           "TransformersModel (same API)")
+
+
+@remote_class
+class MegatronModel(TwinkleModel):
+
+    def __init__(self, model_id: str, config: Optional[Any] = None, device_mesh: Optional[Any] = None,
+                 mixed_precision: str = 'bf16', **kwargs: Any):
+        require_megatron()
+        if mixed_precision not in PRECISIONS:
+            raise ValueError(f"mixed_precision={mixed_precision!r}: use one of {', '.join(PRECISIONS)}")
+        own = {k: kwargs.pop(k) for k in _OWN_KWARGS if k in kwargs}
+        if 'vpp_size' in kwargs:
+            parallel.parallel_kwargs(device_mesh or context.get_device_mesh() or _default_mesh(),
+                                     vpp_size=kwargs.pop('vpp_size'))
+        from transformers import AutoConfig
+
+        from ...hub import resolve as hub_resolve
+        from ...metric import MetricWriter
+        from ...settings import get_settings
+
+        self.model_id = model_id
+        self.output_dir = Path(own.get('output_dir', 'output'))
+        self.mesh = device_mesh or context.get_device_mesh() or _default_mesh()
+        self.device = context.device()
+        require_cuda()
+        parallel.initialize(self.mesh, seed=int(own.get('seed', context.state().seed or 42)),
+                            device_type=self.device.type)
+        self.coords = parallel.coords()
+        self.model_dir = hub_resolve(model_id)
+        self.hf_config = config if config is not None else AutoConfig.from_pretrained(self.model_dir)
+        self.spec = hf_to_spec(self.hf_config, tp_size=self.mesh.tp_size)
+        self.precision = mixed_precision
+        self.tf_config = build_transformer_config(self.spec, parallel.config_kwargs(self.mesh), mixed_precision,
+                                                  kwargs, use_cpu_initialization=self.device.type == 'cpu')
+        self.gpt = build_gpt(self.spec, self.tf_config)
+        load_hf_weights(self.gpt, self.model_dir, self.spec, self.tf_config, self.coords)
+        self.ddp: Optional[torch.nn.Module] = None
+        self.lora_spec: Optional[lora.LoraSpec] = None
+        self.sessions: Dict[Optional[str], TrainingSession] = {}
+        self._template: Any = None
+        self._processor: Any = None
+        self._patches: List[Any] = []
+        log_dir = own.get('log_dir') or str(get_settings().log_dir / f'{time.strftime("%Y%m%d-%H%M%S")}-megatron')
+        self._writer = MetricWriter(log_dir, enabled=own.get('report_to_tensorboard', True) and self.is_main)
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def is_main(self) -> bool:
+        return context.rank() == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.coords['pp'] == self.mesh.pp_size - 1
+
+    @property
+    def adapter_names(self) -> List[str]:
+        return [n for n in self.sessions if n is not None]
+
+    def _session(self, adapter_name: Optional[str]) -> TrainingSession:
+        if adapter_name is None or adapter_name in self.sessions:
+            if adapter_name is None and self.adapter_names:
+                return self.sessions[self.adapter_names[0]]
+            return self.sessions.setdefault(adapter_name, TrainingSession(name=adapter_name))
+        raise ValueError(f'adapter {adapter_name!r} does not exist; adapters: {self.adapter_names or "none"}. '
+                         f'Add it with add_adapter_to_model({adapter_name!r}, LoraConfig(...)) first')
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ddp if self.ddp is not None else self.gpt
+
+    @property
+    def template(self) -> Any:
+        if self._template is None:
+            self._template = resolve('template', 'Template')(model_id=self.model_dir)
+        return self._template
+
+    @property
+    def processor(self) -> Any:
+        if self._processor is None:
+            self._processor = resolve('processor', 'InputProcessor')(pad_token_id=self.template.pad_token_id)
+        return self._processor
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.template.tokenizer
+
+    def _dp_sum(self, value: torch.Tensor) -> torch.Tensor:
+        from megatron.core import parallel_state as ps
+        if ps.get_data_parallel_world_size() == 1:
+            return value
+        import torch.distributed as dist
+        value = value.to(self.device)
+        dist.all_reduce(value, group=ps.get_data_parallel_group())
+        return value.cpu()
+
+    # ------------------------------------------------------------------ forward / backward
+    def _batch(self, inputs: Any, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        batch = prepare_batch(inputs, self, kwargs)
+        step.check_positions(batch)
+        multiple = self.mesh.tp_size if self.tf_config.sequence_parallel else 1
+        pad_id = getattr(self.hf_config, 'pad_token_id', None) or 0
+        return step.pad_to_multiple(batch, multiple, pad_id)
+
+    def _run(self, inputs: Any, session: TrainingSession, forward_only: bool, kwargs: Dict[str, Any]) -> List[Any]:
+        if self.mesh.cp_size > 1:
+            raise NotImplementedError('cp_size > 1 needs Transformer Engine attention, which MegatronModel does not '
+                                      'use; split long sequences with sequence_parallel=True instead')
+        loss_kwargs = kwargs.pop('loss_kwargs', {})
+        microbatches = int(kwargs.pop('num_microbatches', 1))
+        temperature = kwargs.pop('temperature', 1.0)
+        batch = self._batch(inputs, kwargs)
+        module = self.module
+        module.train(not forward_only)
+
+        def loss_fn(mb: Dict[str, Any], outputs: Dict[str, Any]) -> Any:
+            return session.loss(mb, outputs, **loss_kwargs)
+
+        ctx = torch.no_grad() if forward_only else torch.enable_grad()
+        with ctx:
+            return step.run_schedule(module, step.split_microbatches(batch, microbatches), self.spec.vocab_size,
+                                     loss_fn, forward_only, temperature)
+
+    def _summarise(self, collected: List[Any], session: TrainingSession, training: bool) -> Dict[str, Any]:
+        result = None
+        if self.is_last_stage:
+            loss_sum = sum(float(lo.loss.detach()) for _, _, lo in collected)
+            items = sum(float(lo.num_items) for _, _, lo in collected)
+            metrics: Dict[str, float] = {}
+            for mb, outputs, lo in collected:
+                for metric in (session.metrics if training else session.eval_metrics):
+                    metric.update(mb, outputs, lo)
+                metrics.update({k: float(v) for k, v in lo.metrics.items()})
+            result = {'loss': loss_sum / items if items else float('nan'), 'num_items': items,
+                      'num_tokens': sum(int(mb['num_tokens']) for mb, _, _ in collected), **metrics}
+        return step.broadcast_from_last_stage(result)
+
+    @remote_function(dispatch='slice', collect='mean')
+    def forward_backward(self, *, inputs: Any, adapter_name: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:
+        session = self._session(adapter_name)
+        if session.optimizer is None:
+            raise ValueError(f'call set_optimizer(...) for adapter {session.name!r} before forward_backward')
+        result = self._summarise(self._run(inputs, session, False, kwargs), session, training=True)
+        session.window_items = session.window_items + torch.tensor(result['num_items'], dtype=torch.float64)
+        session.window_micro_steps += 1
+        session.micro_step += 1
+        session.tokens_since_report += int(result.pop('num_tokens'))
+        return result
+
+    @remote_function(dispatch='slice', collect='mean')
+    def forward_only(self, *, inputs: Any, adapter_name: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:
+        session = self._session(adapter_name)
+        result = self._summarise(self._run(inputs, session, True, kwargs), session, training=False)
+        result.pop('num_tokens')
+        return result
+
+    def forward(self, *, inputs: Any, adapter_name: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:
+        raise NotImplementedError('MegatronModel runs forward and backward together through megatron-core\'s '
+                                  'pipeline schedule: use forward_backward (or forward_only for evaluation)')
+
+    def calculate_loss(self, outputs: Dict[str, Any], *, adapter_name: Optional[str] = None, **kwargs: Any) -> Any:
+        return self._session(adapter_name).loss(outputs['inputs'], outputs, **kwargs)
+
+    def backward(self, loss_output: Any, *, adapter_name: Optional[str] = None, **kwargs: Any) -> None:
+        raise NotImplementedError('MegatronModel runs backward inside forward_backward (pipeline schedule)')
+
+    # ------------------------------------------------------------------ optimisation
+    def clip_grad_norm(self, max_grad_norm: float = 1.0, norm_type: float = 2.0, *,
+                       adapter_name: Optional[str] = None) -> float:
+        raise NotImplementedError('megatron-core clips inside the optimizer step: use clip_grad_and_step')
+
+    def step(self, *, adapter_name: Optional[str] = None) -> None:
+        session = self._session(adapter_name)
+        ok, grad_norm, _ = session.optimizer.step()
+        session.last_grad_norm = float(grad_norm) if grad_norm is not None else None
+        if ok:
+            session.optimizer_step += 1
+
+    def zero_grad(self, *, adapter_name: Optional[str] = None) -> None:
+        session = self._session(adapter_name)
+        if self.ddp is not None:
+            self.ddp.zero_grad_buffer()
+        session.optimizer.zero_grad()
+        session.start_window()
+
+    def lr_step(self, *, adapter_name: Optional[str] = None) -> None:
+        session = self._session(adapter_name)
+        if session.scheduler is not None:
+            session.scheduler.step(increment=1)
+
+    @remote_function(dispatch='all', collect='first')
+    def clip_grad_and_step(self, max_grad_norm: float = 1.0, norm_type: float = 2.0, *,
+                           adapter_name: Optional[str] = None,
+                           gradient_accumulation_steps: Optional[int] = None) -> Dict[str, Any]:
+        from megatron.core.distributed import finalize_model_grads
+        session = self._session(adapter_name)
+        if gradient_accumulation_steps is not None:
+            session.grad_accum_steps = int(gradient_accumulation_steps)
+        if session.window_micro_steps == 0 or not session.at_accumulation_boundary:
+            return {'stepped': False, 'micro_steps_in_window': session.window_micro_steps}
+        if norm_type != 2.0:
+            raise ValueError('megatron-core clips by the L2 norm only (norm_type=2.0)')
+        if float(self._dp_sum(session.window_items.clone())) <= 0:
+            logger.warning('accumulation window had no label tokens: optimizer step skipped')
+            self.zero_grad(adapter_name=session.name)
+            return {'stepped': False, 'micro_steps_in_window': 0}
+        # Reduces gradients over data-parallel ranks and divides them by the window's token count.
+        tokens = torch.tensor(float(session.window_items), dtype=torch.float32, device=self.device)
+        finalize_model_grads([self.ddp], num_tokens=tokens)
+        session.optimizer.config.clip_grad = float(max_grad_norm or 0.0)
+        self.step(adapter_name=session.name)
+        self.lr_step(adapter_name=session.name)
+        self.zero_grad(adapter_name=session.name)
+        return {'stepped': True, 'step': session.optimizer_step, 'grad_norm': session.last_grad_norm}
+
+    @remote_function(dispatch='all', collect='first')
+    def set_optimizer(self, optimizer_cls: Any = 'default', *, adapter_name: Optional[str] = None,
+                      **kwargs: Any) -> None:
+        session = self._session(adapter_name)
+        if session.optimizer is not None:
+            raise ValueError('the optimizer is already set: megatron-core wraps the model once')
+        self.ddp, session.optimizer, session.optimizer_kwargs = optim.build_optimizer(
+            optimizer_cls, self.gpt, self.tf_config, self.precision, kwargs)
+        session.start_window()
+
+    @remote_function(dispatch='all', collect='first')
+    def set_lr_scheduler(self, scheduler_cls: Any = 'default', *, adapter_name: Optional[str] = None,
+                         **kwargs: Any) -> None:
+        session = self._session(adapter_name)
+        if session.optimizer is None:
+            raise ValueError('set_optimizer(...) must come before set_lr_scheduler(...)')
+        session.scheduler = optim.build_scheduler(scheduler_cls, session.optimizer, kwargs)
+
+    @remote_function(dispatch='all', collect='first')
+    def set_loss(self, loss: Any, *, adapter_name: Optional[str] = None, **kwargs: Any) -> None:
+        loss_obj = resolve('loss', loss)
+        if isinstance(loss_obj, type):
+            loss_obj = loss_obj(**kwargs)
+        self._session(adapter_name).set_loss(loss_obj)
+
+    @remote_function(dispatch='all', collect='first')
+    def add_metric(self, metric: Any, *, adapter_name: Optional[str] = None, is_training: bool = True,
+                   **kwargs: Any) -> None:
+        metric_obj = resolve('metric', metric)
+        if isinstance(metric_obj, type):
+            metric_obj = metric_obj(**kwargs)
+        session = self._session(adapter_name)
+        (session.metrics if is_training else session.eval_metrics).append(metric_obj)
+
+    @remote_function(dispatch='all', collect='first')
+    def calculate_metric(self, is_training: bool = True, *, adapter_name: Optional[str] = None) -> Dict[str, float]:
+        session = self._session(adapter_name)
+        metrics: Optional[Dict[str, float]] = None
+        if self.is_last_stage:
+            metrics = {}
+            for metric in (session.metrics if is_training else session.eval_metrics):
+                metrics.update(metric.compute(self._dp_sum))
+                if not is_training:
+                    metric.reset()
+            if is_training:
+                elapsed = max(time.perf_counter() - session.report_started, 1e-9)
+                tokens = float(self._dp_sum(torch.tensor(float(session.tokens_since_report), dtype=torch.float64)))
+                metrics['tokens_per_s'] = tokens / elapsed
+        metrics = step.broadcast_from_last_stage(metrics)
+        if is_training:
+            if session.optimizer is not None:
+                metrics['lr'] = float(session.optimizer.param_groups[0]['lr'])
+            if session.last_grad_norm is not None:
+                metrics['grad_norm'] = session.last_grad_norm
+            metrics['step'] = session.optimizer_step
+            metrics['micro_step'] = session.micro_step
+            session.reset_report()
+        if self.is_main:
+            self._writer.write(metrics, session.optimizer_step,
+                               prefix=f'{"train" if is_training else "eval"}/{session.name or "full"}')
+        return metrics
+
+    # ------------------------------------------------------------------ components
+    @remote_function(dispatch='all', collect='first')
+    def add_adapter_to_model(self, adapter_name: str, config_or_dir: Any, *,
+                             gradient_accumulation_steps: int = 1, **kwargs: Any) -> None:
+        if self.sessions:
+            raise ValueError('MegatronModel trains one adapter (or all parameters); it already has '
+                             f'{self.adapter_names or "a full-parameter session"}. Add the adapter before set_optimizer')
+        if isinstance(config_or_dir, (str, Path)):
+            self.lora_spec = mio.attach_saved_adapter(self, str(config_or_dir))
+        else:
+            self.lora_spec = lora.spec_from_config(config_or_dir)
+            lora.attach(self.gpt, self.lora_spec, self.tf_config)
+        self.sessions[adapter_name] = TrainingSession(name=adapter_name,
+                                                      grad_accum_steps=int(gradient_accumulation_steps))
+
+    @remote_function(dispatch='all', collect='first')
+    def set_template(self, template: Any, **kwargs: Any) -> None:
+        if isinstance(template, (str, type)):
+            kwargs.setdefault('model_id', self.model_dir)
+            template = resolve('template', template)(**kwargs)
+        self._template = template
+
+    @remote_function(dispatch='all', collect='first')
+    def set_processor(self, processor: Any, **kwargs: Any) -> None:
+        if isinstance(processor, (str, type)):
+            kwargs.setdefault('pad_token_id', self.template.pad_token_id)
+            processor = resolve('processor', processor)(**kwargs)
+        self._processor = processor
+
+    def apply_patch(self, patch: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError('patches target the Hugging Face module of TransformersModel; MegatronModel '
+                                  'has none')
+
+    # ------------------------------------------------------------------ checkpoints
+    @remote_function(dispatch='all', collect='first')
+    def save(self, name: str, output_dir: Optional[str] = None, save_optimizer: bool = False,
+             consumed_train_samples: Optional[int] = None, *, adapter_name: Optional[str] = None) -> str:
+        return mio.save(self, name, output_dir, save_optimizer, consumed_train_samples, adapter_name)
+
+    @remote_function(dispatch='all', collect='first')
+    def load(self, checkpoint_dir: str, *, adapter_name: Optional[str] = None) -> None:
+        mio.load_weights(self, checkpoint_dir, self._session(adapter_name))
+
+    @remote_function(dispatch='all', collect='first')
+    def resume_from_checkpoint(self, checkpoint_dir: str, resume_only_model: bool = False, *,
+                               adapter_name: Optional[str] = None) -> Dict[str, int]:
+        return mio.resume(self, checkpoint_dir, resume_only_model, adapter_name)
+
+    def get_state_dict(self, *, adapter_name: Optional[str] = None) -> Dict[str, Any]:
+        return mio.hf_state_dict(self, self._session(adapter_name))
+
+    def get_train_configs(self, *, adapter_name: Optional[str] = None) -> Dict[str, Any]:
+        session = self._session(adapter_name)
+        return {'model_id': self.model_id, 'adapter_name': session.name, 'strategy': 'megatron',
+                'mesh': self.mesh.to_dict(), 'mixed_precision': self.precision,
+                'optimizer': session.optimizer_kwargs, 'loss': type(session.loss).__name__,
+                'scheduler': type(session.scheduler).__name__ if session.scheduler is not None else None,
+                'lora': None if self.lora_spec is None else {'r': self.lora_spec.r, 'alpha': self.lora_spec.alpha,
+                                                             'targets': self.lora_spec.targets},
+                **session.progress()}
+
+    def shutdown(self) -> None:
+        self._writer.close()
+        self.ddp = None
+
+    def __repr__(self) -> str:
+        return f'MegatronModel(model_id={self.model_id!r}, mesh={self.mesh!r}, precision={self.precision!r})'
+
+
+def _default_mesh() -> Any:
+    from ...mesh import DeviceMesh
+    return DeviceMesh.from_sizes(world_size=context.world_size())

@@ -75,6 +75,9 @@ def _split_fc1(t: Tensor, tp: int, index: int) -> Tensor:
 
 
 def _tp_kind(suffix: str) -> Optional[str]:
+    if '.lora_A.' in suffix or '.lora_B.' in suffix:
+        from .lora import lora_tp_kind
+        return lora_tp_kind(suffix)
     if suffix in _COLUMN:
         return 'column'
     if suffix.endswith('linear_fc1.weight'):

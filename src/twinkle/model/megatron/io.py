@@ -1,0 +1,324 @@
+"""Saving and loading MegatronModel checkpoints in the formats plain tools read.
+
+Weights-only checkpoints are a Hugging Face model folder (``AutoModelForCausalLM.from_pretrained``)
+or a PEFT LoRA folder (``PeftModel.from_pretrained``), converted from megatron-core's layout on global
+rank 0 after every model-parallel rank has sent it its shard. ``save_optimizer=True`` adds each
+model-parallel rank's optimizer state (resumable only with the same tp / pp / ep sizes), the RNG
+state of every rank and ``trainer_state.json``. Folders are written atomically with a manifest.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional
+
+import torch
+
+from ..checkpoint import (TRAINER_STATE, CheckpointError, capture_rng_state, read_trainer_state, restore_rng_state,
+                          verify, write_json, write_manifest)
+from .bridge import fuse_qkv, mcore_to_hf, read_hf_folder, split_qkv, write_hf_folder
+from .builder import layout_of, load_hf_weights
+from .lora import LoraSpec, attach, is_lora_key
+from .shard import merge_shards, shard_state
+
+if TYPE_CHECKING:
+    from ..session import TrainingSession
+    from .model import MegatronModel
+
+logger = logging.getLogger(__name__)
+ADAPTER_WEIGHTS = 'adapter_model.safetensors'
+RNG_FILE = 'rng_state.pt'
+SCHEDULER_FILE = 'scheduler.pt'
+OPTIMIZER_DIR = 'optimizer'
+_PEFT_PREFIX = 'base_model.model.'
+_HF_PARTS = {'linear_qkv': ('self_attn', ('q_proj', 'k_proj', 'v_proj')), 'linear_proj': ('self_attn', ('o_proj',)),
+             'linear_fc1': ('mlp', ('gate_proj', 'up_proj')), 'linear_fc2': ('mlp', ('down_proj',))}
+
+
+def _dist() -> Any:
+    import torch.distributed as dist
+    return dist if dist.is_initialized() else None
+
+
+# ---------------------------------------------------------------------------- gather
+def full_mcore_state(model: 'MegatronModel') -> Optional[Dict[str, torch.Tensor]]:
+    """The whole model's megatron-core state dict on global rank 0 (None elsewhere). Collective."""
+    from megatron.core import parallel_state as ps
+    c = model.coords
+    mine = None
+    if ps.get_data_parallel_rank() == 0 and c['cp'] == 0:
+        mine = ((c['pp'], c['tp'], c['ep']),
+                {k: v.detach().float().cpu() for k, v in model.gpt.state_dict().items()
+                 if isinstance(v, torch.Tensor)})
+    dist = _dist()
+    if dist is None or dist.get_world_size() == 1:
+        pieces = [mine]
+    else:
+        pieces = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(mine, pieces, dst=0)
+        if dist.get_rank() != 0:
+            return None
+    shards = dict(p for p in pieces if p is not None)
+    return merge_shards(shards, model.spec, layout_of(model.tf_config))
+
+
+def _to_peft(full: Dict[str, torch.Tensor], spec: Any) -> Dict[str, torch.Tensor]:
+    t = spec.transformer
+    out = {}
+    for name, value in full.items():
+        if not is_lora_key(name):
+            continue
+        head, factor = name.split('.lora_')
+        layer_no, rest = head[len('decoder.layers.'):].split('.', 1)
+        target = rest.rsplit('.', 1)[-1]
+        block, projs = _HF_PARTS[target]
+        if factor.startswith('A'):
+            parts = [value] * len(projs)
+        elif target == 'linear_qkv':
+            parts = split_qkv(value, t['num_attention_heads'], t['num_query_groups'])
+        elif target == 'linear_fc1':
+            parts = value.chunk(2, dim=0)
+        else:
+            parts = [value]
+        for proj, part in zip(projs, parts):
+            out[f'{_PEFT_PREFIX}model.layers.{layer_no}.{block}.{proj}.lora_{factor[0]}.weight'] = part.contiguous()
+    return out
+
+
+def _from_peft(state: Dict[str, torch.Tensor], lora_spec: LoraSpec, spec: Any) -> Dict[str, torch.Tensor]:
+    t = spec.transformer
+    out = {}
+    for i in range(spec.num_layers):
+        for target in lora_spec.targets:
+            block, projs = _HF_PARTS[target]
+            sub = 'self_attention' if block == 'self_attn' else 'mlp'
+            keys = {f: [f'{_PEFT_PREFIX}model.layers.{i}.{block}.{p}.lora_{f}.weight' for p in projs] for f in 'AB'}
+            missing = [k for ks in keys.values() for k in ks if k not in state]
+            if missing:
+                raise CheckpointError(f'the adapter has no {missing[0]}: MegatronModel loads adapters whose '
+                                      f'target_modules cover whole fused layers ({target} = {"+".join(projs)})')
+            a = [state[k] for k in keys['A']]
+            if any(not torch.equal(a[0], x) for x in a[1:]):
+                raise CheckpointError(f'layer {i}: {"/".join(projs)} have different lora_A matrices; megatron-core '
+                                      f'fuses them into {target}, which needs one shared lora_A')
+            b = [state[k] for k in keys['B']]
+            fused_b = fuse_qkv(*b, t['num_attention_heads'], t['num_query_groups']) if target == 'linear_qkv' \
+                else torch.cat(b, dim=0)
+            out[f'decoder.layers.{i}.{sub}.{target}.lora_A.weight'] = a[0]
+            out[f'decoder.layers.{i}.{sub}.{target}.lora_B.weight'] = fused_b
+    return out
+
+
+def hf_state_dict(model: 'MegatronModel', session: 'TrainingSession') -> Optional[Dict[str, torch.Tensor]]:
+    """Hugging Face (or PEFT, for an adapter) tensors of the whole model, on global rank 0."""
+    full = full_mcore_state(model)
+    if full is None:
+        return None
+    if session.name is not None:
+        return _to_peft(full, model.spec)
+    return mcore_to_hf({k: v for k, v in full.items() if not is_lora_key(k)}, model.spec)
+
+
+# ---------------------------------------------------------------------------- save
+@contextlib.contextmanager
+def shared_folder(target: Path) -> Iterator[Path]:
+    """A temporary folder on rank 0's file system every rank writes into, renamed to ``target`` at the end."""
+    dist = _dist()
+    multi = dist is not None and dist.get_world_size() > 1
+    rank = dist.get_rank() if multi else 0
+    box = [None]
+    if rank == 0:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        box[0] = tempfile.mkdtemp(prefix=f'.{target.name}.tmp-', dir=target.parent)
+    if multi:
+        dist.broadcast_object_list(box, src=0)
+    tmp = Path(box[0])
+    try:
+        yield tmp
+        if multi:
+            dist.barrier()
+        if rank == 0:
+            if target.exists():
+                old = target.with_name(f'.{target.name}.old-{os.getpid()}')
+                os.replace(target, old)
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+    finally:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _mp_tag(model: 'MegatronModel') -> str:
+    c = model.coords
+    return f'pp{c["pp"]:02d}_tp{c["tp"]:02d}_ep{c["ep"]:02d}'
+
+
+def save(model: 'MegatronModel', name: str, output_dir: Optional[str], save_optimizer: bool,
+         consumed_train_samples: Optional[int], adapter_name: Optional[str]) -> str:
+    from megatron.core import parallel_state as ps
+    session = model._session(adapter_name)
+    if session.window_micro_steps:
+        logger.warning('saving with %d micro-steps of gradients not yet applied', session.window_micro_steps)
+    path = Path(name)
+    target = path if output_dir is None and (path.is_absolute() or len(path.parts) > 1) else \
+        Path(output_dir or model.output_dir) / name
+    weights = hf_state_dict(model, session)
+    dist = _dist()
+    rng = capture_rng_state()
+    rng_states = [rng]
+    if dist is not None and dist.get_world_size() > 1:
+        rng_states = [None] * dist.get_world_size()
+        dist.all_gather_object(rng_states, rng)
+    with shared_folder(target) as folder:
+        if weights is not None:
+            _write_weights(model, session, folder, weights)
+        if save_optimizer:
+            if session.optimizer is None:
+                raise ValueError('save_optimizer=True but no optimizer was set (call set_optimizer first)')
+            opt_dir = folder / OPTIMIZER_DIR
+            opt_dir.mkdir(exist_ok=True)
+            state = session.optimizer.state_dict()
+            if hasattr(session.optimizer, 'save_parameter_state') and session.optimizer.config.use_distributed_optimizer:
+                # Collective over the data-parallel group; data-parallel rank 0 writes.
+                session.optimizer.save_parameter_state(str(opt_dir / f'params_{_mp_tag(model)}.pt'))
+            if ps.get_data_parallel_rank() == 0:
+                torch.save(state, opt_dir / f'optimizer_{_mp_tag(model)}.pt')
+            if model.is_main:
+                if session.scheduler is not None:
+                    torch.save(session.scheduler.state_dict(), folder / SCHEDULER_FILE)
+                torch.save(rng_states, folder / RNG_FILE)
+                write_json(folder / TRAINER_STATE, {
+                    **session.progress(), 'consumed_train_samples': int(consumed_train_samples or 0),
+                    'adapter_name': session.name, 'world_size': model.mesh.world_size, 'strategy': 'megatron',
+                    'mesh': model.mesh.to_dict()})
+        if dist is not None and dist.get_world_size() > 1:
+            dist.barrier()
+        if model.is_main:
+            write_manifest(folder, kind='adapter' if session.name else 'full',
+                           extra={'resumable': bool(save_optimizer), 'model_id': model.model_id})
+    return str(target)
+
+
+def _write_weights(model: 'MegatronModel', session: 'TrainingSession', folder: Path,
+                   weights: Dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+    if session.name is not None:
+        from peft import LoraConfig
+        spec = model.lora_spec
+        LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, task_type='CAUSAL_LM',
+                   target_modules=spec.hf_target_modules(),
+                   base_model_name_or_path=str(model.model_id)).save_pretrained(str(folder))
+        save_file(weights, str(folder / ADAPTER_WEIGHTS), metadata={'format': 'pt'})
+    else:
+        write_hf_folder(str(folder), weights, model.hf_config)
+    with contextlib.suppress(Exception):  # a checkpoint without a tokenizer is still a checkpoint
+        model.tokenizer.save_pretrained(str(folder))
+
+
+# ---------------------------------------------------------------------------- load
+def attach_saved_adapter(model: 'MegatronModel', folder: str) -> LoraSpec:
+    from safetensors.torch import load_file
+
+    from ...hub import resolve
+    from .lora import spec_from_config
+    path = Path(resolve(folder))
+    if not (path / 'adapter_config.json').exists():
+        raise ValueError(f'{folder} is not a PEFT adapter folder (adapter_config.json is missing)')
+    lora_spec = spec_from_config(json.loads((path / 'adapter_config.json').read_text()))
+    attach(model.gpt, lora_spec, model.tf_config)
+    _load_adapter_tensors(model, lora_spec, load_file(str(path / ADAPTER_WEIGHTS)))
+    return lora_spec
+
+
+def _load_adapter_tensors(model: 'MegatronModel', lora_spec: LoraSpec, peft_state: Dict[str, torch.Tensor]) -> None:
+    full = _from_peft(peft_state, lora_spec, model.spec)
+    c = model.coords
+    mine = shard_state(full, model.spec, layout_of(model.tf_config), c['pp'], c['tp'], c['ep'])
+    own = model.gpt.state_dict(keep_vars=True)
+    wanted = [k for k in own if is_lora_key(k)]
+    if sorted(wanted) != sorted(mine):
+        raise CheckpointError(f'adapter tensors do not match the model: expected {sorted(wanted)[:3]}..., '
+                              f'got {sorted(mine)[:3]}...')
+    with torch.no_grad():
+        for k in wanted:
+            own[k].copy_(mine[k].to(own[k].dtype))
+
+
+def load_weights(model: 'MegatronModel', checkpoint_dir: str, session: 'TrainingSession') -> None:
+    from safetensors.torch import load_file
+
+    from ...hub import resolve
+    folder = Path(resolve(str(checkpoint_dir)))
+    if session.name is not None:
+        if not (folder / ADAPTER_WEIGHTS).exists():
+            raise CheckpointError(f'{folder} has no {ADAPTER_WEIGHTS}: it is not an adapter checkpoint')
+        _load_adapter_tensors(model, model.lora_spec, load_file(str(folder / ADAPTER_WEIGHTS)))
+        return
+    load_hf_weights(model.gpt, str(folder), model.spec, model.tf_config, model.coords)
+    _refresh_master_weights(session)
+
+
+def _refresh_master_weights(session: 'TrainingSession') -> None:
+    # Float16 optimizers keep fp32 copies of the model weights; after the weights were replaced
+    # those copies must follow, or the next step would restore the old values.
+    opt = session.optimizer
+    if opt is None:
+        return
+    for sub in getattr(opt, 'chained_optimizers', [opt]):
+        reload = getattr(sub, 'reload_model_params', None)
+        if reload is not None:
+            reload()
+
+
+def resume(model: 'MegatronModel', checkpoint_dir: str, resume_only_model: bool,
+           adapter_name: Optional[str]) -> Dict[str, int]:
+    folder = Path(checkpoint_dir)
+    manifest = verify(folder)
+    session = model._session(adapter_name)
+    kind = 'adapter' if session.name else 'full'
+    if manifest.get('kind') != kind:
+        raise CheckpointError(f'{folder} is a {manifest.get("kind")} checkpoint but this model trains '
+                              f'{"adapter " + repr(session.name) if session.name else "all parameters"}')
+    load_weights(model, str(folder), session)
+    state_path = folder / TRAINER_STATE
+    trainer_state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    result = {'cur_step': int(trainer_state.get('cur_step', 0)),
+              'consumed_train_samples': int(trainer_state.get('consumed_train_samples', 0)),
+              'gradient_accumulation_steps': int(trainer_state.get('gradient_accumulation_steps',
+                                                                   session.grad_accum_steps))}
+    if resume_only_model:
+        return result
+    trainer_state = read_trainer_state(folder)
+    if session.optimizer is None:
+        raise ValueError('call set_optimizer(...) (and set_lr_scheduler) before resume_from_checkpoint, or pass '
+                         'resume_only_model=True')
+    saved_mesh = trainer_state.get('mesh', {})
+    for key in ('tp_size', 'pp_size', 'ep_size'):
+        if saved_mesh.get(key, 1) != getattr(model.mesh, key):
+            raise CheckpointError(f'{folder} was saved with {key}={saved_mesh.get(key, 1)} but this model uses '
+                                  f'{getattr(model.mesh, key)}; optimizer state resumes only on the same layout '
+                                  f'(resume_only_model=True loads the weights alone)')
+    tag = _mp_tag(model)
+    opt = session.optimizer
+    opt.load_state_dict(torch.load(folder / OPTIMIZER_DIR / f'optimizer_{tag}.pt', weights_only=False,
+                                   map_location='cpu'))
+    params_file = folder / OPTIMIZER_DIR / f'params_{tag}.pt'
+    if params_file.exists() and hasattr(opt, 'load_parameter_state'):
+        opt.load_parameter_state(str(params_file))
+    if session.scheduler is not None and (folder / SCHEDULER_FILE).exists():
+        session.scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, weights_only=False))
+    rng_states = torch.load(folder / RNG_FILE, weights_only=False)
+    from ...runtime import context
+    restore_rng_state(rng_states[context.rank() % len(rng_states)])
+    session.optimizer_step = result['cur_step']
+    session.micro_step = int(trainer_state.get('micro_step', 0))
+    session.grad_accum_steps = result['gradient_accumulation_steps']
+    session.start_window()
+    return result
