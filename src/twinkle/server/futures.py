@@ -1,0 +1,138 @@
+"""Server-held futures (the Tinker protocol's request ids) and the per-model seq_id reorder buffer."""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from .errors import BadRequest, NotFound, describe
+
+
+class ServerFuture:
+    """The outcome of one queued request. Completed from the worker thread, awaited on the event loop."""
+
+    def __init__(self, tenant: str, loop: asyncio.AbstractEventLoop, model_id: Optional[str] = None) -> None:
+        self.request_id = uuid.uuid4().hex
+        self.tenant = tenant
+        self.model_id = model_id
+        self.loop = loop
+        self.created = time.monotonic()
+        self.finished_at: Optional[float] = None
+        self.result: Any = None
+        self.error: Optional[Tuple[int, str, str]] = None  # (status, message, category)
+        self.extra: Dict[str, Any] = {}
+        self._event = asyncio.Event()
+
+    @property
+    def done(self) -> bool:
+        return self.finished_at is not None
+
+    def _finish(self) -> None:
+        self.finished_at = time.monotonic()
+        try:
+            self.loop.call_soon_threadsafe(self._event.set)
+        except RuntimeError:  # the loop is closed: the server is shutting down
+            pass
+
+    def set_result(self, value: Any) -> None:
+        self.result = value
+        self._finish()
+
+    def set_error(self, exc: BaseException) -> None:
+        self.error = describe(exc)
+        self._finish()
+
+    async def wait(self, timeout: Optional[float] = None) -> bool:
+        if self.done:
+            return True
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+
+class FutureTable:
+    """request_id -> future, visible only to the tenant that created it."""
+
+    def __init__(self, keep_s: float = 3600.0, max_per_tenant: int = 20000) -> None:
+        self._futures: Dict[str, ServerFuture] = {}
+        self.keep_s = keep_s
+        self.max_per_tenant = max_per_tenant
+
+    def add(self, fut: ServerFuture) -> ServerFuture:
+        self._futures[fut.request_id] = fut
+        return fut
+
+    def get(self, tenant: str, request_id: Any) -> ServerFuture:
+        fut = self._futures.get(request_id) if isinstance(request_id, str) else None
+        if fut is None or fut.tenant != tenant:
+            raise NotFound(f'request {request_id!r} not found (unknown, expired, or not yours)')
+        return fut
+
+    def prune(self) -> None:
+        cutoff = time.monotonic() - self.keep_s
+        for rid in [r for r, f in self._futures.items() if f.finished_at is not None and f.finished_at < cutoff]:
+            del self._futures[rid]
+
+
+Job = Callable[[], None]
+
+
+class SeqGate:
+    """Releases one model's requests in seq_id order; duplicates (retries) get the original future.
+
+    The Tinker client numbers a model's requests 1, 2, 3, ... (0 is the creation) and sends the chunks of
+    one forward_backward in parallel, the first chunk last: later seq_ids wait here until the gap closes.
+    """
+
+    def __init__(self, release: Callable[[Job], None], next_seq: int = 1, remember: int = 4096) -> None:
+        self._release = release
+        self.next_seq = next_seq
+        self._waiting: Dict[int, Tuple[ServerFuture, Job]] = {}
+        self._seen: Dict[int, ServerFuture] = {}
+        self._remember = remember
+
+    def submit(self, seq_id: Optional[int], make: Callable[[], Tuple[ServerFuture, Job]]) -> ServerFuture:
+        if seq_id is None:
+            fut, job = make()
+            self._release(job)
+            return fut
+        if isinstance(seq_id, bool) or not isinstance(seq_id, int) or seq_id < 0:
+            raise BadRequest(f'seq_id must be a non-negative integer, got {seq_id!r}')
+        known = self._seen.get(seq_id)
+        if known is not None:
+            return known
+        if seq_id < self.next_seq:
+            raise BadRequest(f'seq_id {seq_id} is older than the next expected ({self.next_seq}) and was never seen: '
+                             f'each request of a model needs a new, increasing seq_id')
+        fut, job = make()
+        self._seen[seq_id] = fut
+        if len(self._seen) > self._remember:
+            for old in sorted(self._seen)[:len(self._seen) - self._remember]:
+                del self._seen[old]
+        if seq_id == self.next_seq:
+            self._release(job)
+            self.next_seq += 1
+            while self.next_seq in self._waiting:
+                self._release(self._waiting.pop(self.next_seq)[1])
+                self.next_seq += 1
+        else:
+            self._waiting[seq_id] = (fut, job)
+        return fut
+
+    def expire(self, older_than_s: float) -> List[ServerFuture]:
+        """Fail requests that waited too long for an earlier seq_id (a client that died mid-call)."""
+        now = time.monotonic()
+        failed = []
+        for seq in [s for s, (f, _) in self._waiting.items() if now - f.created > older_than_s]:
+            fut, _ = self._waiting.pop(seq)
+            fut.set_error(BadRequest(f'seq_id {seq} waited {older_than_s:.0f}s for seq_id {self.next_seq}, which never '
+                                     f'arrived'))
+            failed.append(fut)
+        return failed
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)

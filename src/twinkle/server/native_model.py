@@ -1,0 +1,331 @@
+"""``ModelSession``: the server side of a client's ``TransformersModel`` proxy.
+
+A session is one client's view of the shared base model. Each adapter it adds is a training run with a
+server-generated internal name; the client's adapter names are only labels. Templates and processors
+set through it belong to the session, not to the shared model. Every ``do_<method>`` runs on the model
+worker; the set of methods is exactly ``twinkle.client.methods.MODEL``.
+"""
+from __future__ import annotations
+
+import uuid
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+
+from ..client import codec
+from ..client.methods import MODEL
+from .context import ServerContext
+from .engine import Adapter
+from .errors import BadRequest, Forbidden, TooLarge
+from .native_objects import ObjectTable
+from .store import check_name, format_path, parse_path
+
+_GENERATE_KWARGS = ('max_new_tokens', 'do_sample', 'temperature', 'top_k', 'top_p', 'repetition_penalty')
+_FORWARD_KWARGS = ('temperature', 'loss_kwargs')
+DEFAULT_SEED = 42  # the seed twinkle.initialize uses, so a LoRA starts as it would locally
+
+
+class Ref:
+    """A value kept on the server (forward outputs, a loss); the client gets a handle and a summary."""
+
+    def __init__(self, class_name: str, value: Any, summary: Dict[str, Any]) -> None:
+        self.class_name, self.value, self.summary = class_name, value, summary
+
+
+class ModelSession:
+
+    def __init__(self, ctx: ServerContext, tenant: str, table: ObjectTable, model_id: Optional[str] = None,
+                 **options: Any) -> None:
+        served = {ctx.settings.model, ctx.settings.served_name}
+        if model_id is not None and model_id not in served:
+            raise BadRequest(f'model_id {model_id!r} is not served here; this server trains adapters on '
+                             f'{sorted(served)}')
+        self.ctx, self.tenant, self.table = ctx, tenant, table
+        self.engine = ctx.engine
+        self.adapters: Dict[str, Adapter] = {}
+        self.template: Any = None
+        self.processor: Any = None
+
+    def info(self) -> Dict[str, Any]:
+        return {'model_id': self.ctx.settings.served_name, 'adapters': sorted(self.adapters)}
+
+    # -- plumbing ------------------------------------------------------------------------------------------
+    def call(self, method: str, args: List[Any], kwargs: Dict[str, Any]) -> Any:
+        fn = getattr(self, f'do_{method}')
+        try:
+            return fn(*args, **kwargs)
+        except TypeError as exc:
+            if 'argument' in str(exc) and f'do_{method}()' in str(exc):
+                raise BadRequest(str(exc).replace(f'do_{method}()', f'{method}()')) from None
+            raise
+
+    def _adapter(self, name: Optional[str]) -> Adapter:
+        if not self.adapters:
+            raise BadRequest('no adapter yet: call add_adapter_to_model(name, LoraConfig(...)) first (the server '
+                             'trains LoRA adapters on the shared model, never the model itself)')
+        if name is None:
+            if len(self.adapters) == 1:
+                return next(iter(self.adapters.values()))
+            if 'default' in self.adapters:
+                return self.adapters['default']
+            raise BadRequest(f'several adapters exist ({", ".join(sorted(self.adapters))}): pass adapter_name=')
+        if name not in self.adapters:
+            raise BadRequest(f'adapter {name!r} does not exist; adapters: {sorted(self.adapters)}')
+        return self.adapters[name]
+
+    def _batch(self, inputs: Any) -> Dict[str, Any]:
+        model = self.engine.model
+        if isinstance(inputs, Mapping) and 'messages' in inputs:
+            inputs = [inputs]
+        if isinstance(inputs, Mapping):
+            batch = {k: torch.as_tensor(v) if isinstance(v, list) else v for k, v in inputs.items()}
+        elif isinstance(inputs, list) and inputs:
+            template = self.template or model.template
+            feats = []
+            for i, sample in enumerate(inputs):
+                if not isinstance(sample, Mapping):
+                    raise BadRequest(f'inputs[{i}] must be a dict (an encoded sample or a trajectory)')
+                if 'input_ids' not in sample and 'messages' in sample:
+                    sample = template.encode(dict(sample))
+                    if sample is None:
+                        raise BadRequest(f'inputs[{i}] was dropped by the template (too long)')
+                feats.append(sample)
+            batch = (self.processor or model.processor)(feats)
+        else:
+            raise BadRequest('inputs must be a non-empty list of samples / trajectories, or a dict of tensors')
+        ids = batch.get('input_ids')
+        if not isinstance(ids, torch.Tensor):
+            raise BadRequest("inputs have no 'input_ids'")
+        if ids.numel() > self.ctx.settings.limits.max_tokens_per_request:
+            raise TooLarge(f'this batch holds {ids.numel()} tokens; the server accepts at most '
+                           f'{self.ctx.settings.limits.max_tokens_per_request} per request '
+                           f'(limits.max_tokens_per_request): send smaller batches')
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.engine.vocab_size):
+            raise BadRequest(f'input_ids hold token ids outside the vocabulary [0, {self.engine.vocab_size})')
+        return batch
+
+    def _kwargs(self, kwargs: Dict[str, Any], allowed: tuple, method: str) -> Dict[str, Any]:
+        unknown = sorted(set(kwargs) - set(allowed))
+        if unknown:
+            raise BadRequest(f'{method}: options {unknown} are not accepted by the server; allowed: {list(allowed)}')
+        return kwargs
+
+    def _checkpoint(self, path: Any) -> Any:
+        store = self.ctx.store.tenant(self.tenant)
+        return store.folder(store.resolve(path))
+
+    def release(self) -> None:
+        for adapter in self.adapters.values():
+            self.engine.remove(adapter)
+        self.adapters.clear()
+
+    # -- forward / loss / backward -------------------------------------------------------------------------
+    def do_forward(self, *, inputs: Any, adapter_name: Optional[str] = None, **kwargs: Any) -> Ref:
+        a = self._adapter(adapter_name)
+        kwargs = self._kwargs(kwargs, ('temperature',), 'forward')
+        with self.engine.using(a):
+            out = self.engine.model.forward(inputs=self._batch(inputs), adapter_name=a.name, **kwargs)
+        return Ref('ModelOutput', (a, out), {'num_tokens': int(out['inputs']['num_tokens'])})
+
+    def do_forward_only(self, *, inputs: Any, adapter_name: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:
+        a = self._adapter(adapter_name)
+        kwargs = self._kwargs(kwargs, ('temperature',), 'forward_only')
+        with self.engine.using(a):
+            out = self.engine.model.forward_only(inputs=self._batch(inputs), adapter_name=a.name, **kwargs)
+        loss = out['loss']
+        items = float(loss.num_items)
+        total = float(loss.loss.detach())
+        return {'loss': total / items if items else float('nan'), 'loss_sum': total, 'num_items': items,
+                'metrics': dict(loss.metrics), 'logps': out['logps'].detach().cpu()}
+
+    def do_calculate_loss(self, outputs: Any, *, adapter_name: Optional[str] = None, **kwargs: Any) -> Ref:
+        if not (isinstance(outputs, tuple) and len(outputs) == 2 and isinstance(outputs[0], Adapter)):
+            raise BadRequest('calculate_loss takes the handle returned by forward(...)')
+        a, out = outputs
+        if adapter_name is not None and self._adapter(adapter_name) is not a:
+            raise BadRequest(f'these outputs come from another adapter than {adapter_name!r}')
+        with self.engine.using(a):
+            loss = self.engine.model.calculate_loss(out, adapter_name=a.name, **kwargs)
+        items = float(loss.num_items)
+        return Ref('LossOutput', (a, loss), {'loss': float(loss.loss.detach()) / items if items else float('nan'),
+                                             'num_items': items})
+
+    def do_backward(self, loss_output: Any, *, adapter_name: Optional[str] = None, **kwargs: Any) -> None:
+        if not (isinstance(loss_output, tuple) and len(loss_output) == 2 and isinstance(loss_output[0], Adapter)):
+            raise BadRequest('backward takes the handle returned by calculate_loss(...)')
+        a, loss = loss_output
+        with self.engine.using(a):
+            self.engine.model.backward(loss, adapter_name=a.name)
+
+    def _label(self, adapter: Adapter) -> Optional[str]:
+        return next((k for k, v in self.adapters.items() if v is adapter), None)
+
+    def do_forward_backward(self, *, inputs: Any, adapter_name: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:
+        a = self._adapter(adapter_name)
+        kwargs = self._kwargs(kwargs, _FORWARD_KWARGS, 'forward_backward')
+        with self.engine.using(a):
+            return self.engine.model.forward_backward(inputs=self._batch(inputs), adapter_name=a.name, **kwargs)
+
+    # -- optimisation --------------------------------------------------------------------------------------
+    def do_clip_grad_norm(self, max_grad_norm: float = 1.0, norm_type: float = 2.0, *,
+                          adapter_name: Optional[str] = None) -> float:
+        a = self._adapter(adapter_name)
+        return self.engine.model.clip_grad_norm(max_grad_norm, norm_type, adapter_name=a.name)
+
+    def do_step(self, *, adapter_name: Optional[str] = None) -> None:
+        self.engine.model.step(adapter_name=self._adapter(adapter_name).name)
+
+    def do_zero_grad(self, *, adapter_name: Optional[str] = None) -> None:
+        self.engine.model.zero_grad(adapter_name=self._adapter(adapter_name).name)
+
+    def do_lr_step(self, *, adapter_name: Optional[str] = None) -> None:
+        self.engine.model.lr_step(adapter_name=self._adapter(adapter_name).name)
+
+    def do_clip_grad_and_step(self, max_grad_norm: float = 1.0, norm_type: float = 2.0, *,
+                              adapter_name: Optional[str] = None,
+                              gradient_accumulation_steps: Optional[int] = None) -> Dict[str, Any]:
+        a = self._adapter(adapter_name)
+        with self.engine.using(a):
+            return self.engine.model.clip_grad_and_step(max_grad_norm, norm_type, adapter_name=a.name,
+                                                        gradient_accumulation_steps=gradient_accumulation_steps)
+
+    def do_set_loss(self, loss: Any, *, adapter_name: Optional[str] = None, **kwargs: Any) -> None:
+        if not isinstance(loss, str) and type(loss).__module__.split('.')[0] != 'twinkle':
+            raise BadRequest("set_loss takes a registered loss name (e.g. 'CrossEntropyLoss') or a component")
+        self.engine.model.set_loss(loss, adapter_name=self._adapter(adapter_name).name, **kwargs)
+
+    def do_set_optimizer(self, optimizer_cls: Any = 'AdamW', *, adapter_name: Optional[str] = None,
+                         **kwargs: Any) -> None:
+        if not isinstance(optimizer_cls, str):
+            raise BadRequest("set_optimizer takes an optimizer name (e.g. 'AdamW')")
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+        self.engine.model.set_optimizer(optimizer_cls, adapter_name=self._adapter(adapter_name).name, **kwargs)
+
+    def do_set_lr_scheduler(self, scheduler_cls: Any = 'CosineWarmupScheduler', *,
+                            adapter_name: Optional[str] = None, **kwargs: Any) -> None:
+        if not isinstance(scheduler_cls, str):
+            raise BadRequest("set_lr_scheduler takes a scheduler name (e.g. 'CosineWarmupScheduler')")
+        self.engine.model.set_lr_scheduler(scheduler_cls, adapter_name=self._adapter(adapter_name).name, **kwargs)
+
+    def do_add_metric(self, metric: Any, *, adapter_name: Optional[str] = None, is_training: bool = True,
+                      **kwargs: Any) -> None:
+        if not isinstance(metric, str) and type(metric).__module__.split('.')[0] != 'twinkle':
+            raise BadRequest("add_metric takes a registered metric name or a component")
+        self.engine.model.add_metric(metric, adapter_name=self._adapter(adapter_name).name, is_training=is_training,
+                                     **kwargs)
+
+    def do_calculate_metric(self, is_training: bool = True, *, adapter_name: Optional[str] = None) -> Dict[str, float]:
+        return self.engine.model.calculate_metric(is_training, adapter_name=self._adapter(adapter_name).name)
+
+    # -- adapters and components ---------------------------------------------------------------------------
+    def do_add_adapter_to_model(self, adapter_name: str, config_or_dir: Any, *, gradient_accumulation_steps: int = 1,
+                                seed: Optional[int] = DEFAULT_SEED, **kwargs: Any) -> None:
+        check_name(adapter_name, 'adapter name')
+        if adapter_name in self.adapters:
+            raise BadRequest(f'adapter {adapter_name!r} already exists')
+        if kwargs:
+            raise BadRequest(f'add_adapter_to_model: options {sorted(kwargs)} are not accepted by the server')
+        self.engine.check_capacity(self.tenant)
+        store = self.ctx.store.tenant(self.tenant)
+        run_id = 'run-' + uuid.uuid4().hex[:12]
+        if isinstance(config_or_dir, str):
+            ckpt = store.resolve(config_or_dir)
+            lora = ckpt.get('lora') or {}
+            a = self.engine.add(self.tenant, run_id, 'train', lora, seed, folder=store.folder(ckpt),
+                                optimizer=False, grad_accum=gradient_accumulation_steps)
+        elif isinstance(config_or_dir, codec.LoraConfig):
+            lora = {**config_or_dir.to_dict()}
+            a = self.engine.add(self.tenant, run_id, 'train', lora, seed, optimizer=False,
+                                grad_accum=gradient_accumulation_steps)
+        else:
+            raise BadRequest('add_adapter_to_model takes a LoraConfig or a twinkle:// checkpoint path')
+        self.adapters[adapter_name] = a
+        store.add_run(run_id, {'kind': 'twinkle', 'adapter_name': adapter_name, 'lora': lora,
+                               'lora_rank': lora.get('r'), 'base_model': self.ctx.settings.served_name})
+
+    def do_remove_adapter(self, adapter_name: str) -> None:
+        a = self._adapter(adapter_name)
+        self.engine.remove(a)
+        del self.adapters[adapter_name]
+
+    def do_set_template(self, template: Any, **kwargs: Any) -> None:
+        from ..registry import resolve
+        if not isinstance(template, str):
+            raise BadRequest("set_template takes a registered template name (e.g. 'Template')")
+        kwargs.pop('model_id', None)  # the template must tokenize for the served model
+        self.template = resolve('template', template)(model_id=self.engine.model_dir, **kwargs)
+
+    def do_set_processor(self, processor: Any, **kwargs: Any) -> None:
+        from ..registry import resolve
+        if not isinstance(processor, str):
+            raise BadRequest("set_processor takes a registered processor name (e.g. 'InputProcessor')")
+        kwargs.setdefault('pad_token_id', self.engine.model.template.pad_token_id)
+        self.processor = resolve('processor', processor)(**kwargs)
+
+    def do_apply_patch(self, patch: Any, **kwargs: Any) -> None:
+        raise Forbidden('apply_patch is refused on a shared server: patches change the base model every tenant '
+                        'trains on. Ask the operator to enable it server-wide instead')
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def do_save(self, name: str, output_dir: Optional[str] = None, save_optimizer: bool = False,
+                consumed_train_samples: Optional[int] = None, *, adapter_name: Optional[str] = None) -> str:
+        if output_dir is not None:
+            raise BadRequest('output_dir cannot be chosen on the server: checkpoints are stored per API key and '
+                             'named by the returned twinkle:// path')
+        check_name(name)
+        a = self._adapter(adapter_name)
+        store = self.ctx.store.tenant(self.tenant)
+        ckpt_id, folder = store.new_checkpoint_dir()
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with self.engine.using(a):
+            self.engine.model.save(folder.name, output_dir=str(folder.parent), save_optimizer=save_optimizer,
+                                   consumed_train_samples=consumed_train_samples, adapter_name=a.name)
+        store.add_checkpoint(ckpt_id, a.run_id, 'weights', name, folder,
+                             {'lora': a.lora, 'base_model': self.ctx.settings.served_name,
+                              'resumable': bool(save_optimizer)})
+        return format_path(a.run_id, 'weights', name, scheme='twinkle')
+
+    def do_load(self, checkpoint_dir: str, *, adapter_name: Optional[str] = None) -> None:
+        a = self._adapter(adapter_name)
+        self.engine.load(a, self._checkpoint(checkpoint_dir), with_optimizer=False)
+
+    def do_resume_from_checkpoint(self, checkpoint_dir: str, resume_only_model: bool = False, *,
+                                  adapter_name: Optional[str] = None) -> Dict[str, int]:
+        a = self._adapter(adapter_name)
+        parse_path(checkpoint_dir)
+        with self.engine.using(a):
+            return self.engine.model.resume_from_checkpoint(str(self._checkpoint(checkpoint_dir)), resume_only_model,
+                                                            adapter_name=a.name)
+
+    def do_get_state_dict(self, *, adapter_name: Optional[str] = None) -> Dict[str, Any]:
+        return {k: v.detach().cpu() for k, v in
+                self.engine.model.get_state_dict(adapter_name=self._adapter(adapter_name).name).items()}
+
+    def do_get_train_configs(self, *, adapter_name: Optional[str] = None) -> Dict[str, Any]:
+        a = self._adapter(adapter_name)
+        configs = self.engine.model.get_train_configs(adapter_name=a.name)
+        configs.update(model_id=self.ctx.settings.served_name, adapter_name=self._label(a), run_id=a.run_id)
+        if isinstance(configs.get('adapter_config'), dict):
+            configs['adapter_config'].pop('base_model_name_or_path', None)
+        return configs
+
+    def do_generate(self, inputs: Any, generation_config: Any = None, *, adapter_name: Optional[str] = None,
+                    **kwargs: Any) -> List[Dict[str, Any]]:
+        a = self._adapter(adapter_name)
+        config = dict(generation_config or {})
+        if not isinstance(generation_config, (dict, type(None))):
+            raise BadRequest('generation_config must be a dict of generation options')
+        config.update(kwargs)
+        config = self._kwargs(config, _GENERATE_KWARGS, 'generate')
+        limit = self.ctx.settings.limits.max_new_tokens
+        config.setdefault('max_new_tokens', min(64, limit))
+        if int(config['max_new_tokens']) > limit:
+            raise TooLarge(f'max_new_tokens={config["max_new_tokens"]} is above the limit {limit} '
+                           f'(limits.max_new_tokens)')
+        with self.engine.using(a):
+            return self.engine.model.generate(inputs, adapter_name=a.name, **config)
+
+
+_missing = [m for m in MODEL.methods if not hasattr(ModelSession, f'do_{m}')]
+if _missing:  # the table and the server must not drift
+    raise RuntimeError(f'ModelSession lacks methods declared in twinkle.client.methods.MODEL: {_missing}')

@@ -1,0 +1,351 @@
+"""Routes of the Tinker-compatible API (``/api/v1/...``), as the official ``tinker`` SDK calls them.
+
+Mutating calls answer ``{request_id}`` at once; the work runs on the model worker and the client polls
+``retrieve_future``. Training requests of one model pass a seq_id gate first (see futures.SeqGate).
+"""
+from __future__ import annotations
+
+import uuid
+from typing import Any, Dict, List, Optional
+
+from fastapi import APIRouter, Request, Response
+
+from . import tinker_bodies as B
+from . import tinker_data
+from .context import ServerContext
+from .errors import BadRequest, Gone, TooLarge, TooMany
+from .store import check_name, parse_path
+from .tinker_ops import Sampler, TinkerSession, TinkerState
+
+
+def build_router(ctx: ServerContext) -> APIRouter:
+    r = APIRouter(prefix='/api/v1')
+    state = ctx.tinker = TinkerState(ctx)
+
+    def tenant(request: Request, compute: bool = False) -> str:
+        from .auth import key_from_headers
+        t = ctx.keys.tenant_of(key_from_headers(request.headers))
+        if compute:
+            ctx.limiter.hit(t)
+        return t
+
+    def check_base(base_model: Optional[str]) -> None:
+        names = {ctx.settings.served_name, ctx.settings.model}
+        if base_model is not None and base_model not in names:
+            raise BadRequest(f'base_model {base_model!r} is not served here; this server trains {sorted(names)}')
+
+    def accepted(fut: Any, model_id: Optional[str] = None, **extra: Any) -> Dict[str, Any]:
+        return {'request_id': fut.request_id, 'model_id': model_id, **extra}
+
+    def check_capacity(t: str) -> None:
+        pending = sum(1 for m in list(state.models.values()) if m.tenant == t and m.adapter is None)
+        limit = ctx.settings.limits.max_adapters_per_tenant
+        if ctx.engine.count(t, 'train') + pending >= limit:
+            raise TooMany(f'this API key already has {limit} training runs loaded (limits.max_adapters_per_tenant); '
+                          f'finish a session (ServiceClient.close) before creating another', headers={'Retry-After': '5'})
+
+    # -- bootstrap ---------------------------------------------------------------------------------------------
+    @r.post('/client/config')
+    async def client_config(request: Request) -> Dict[str, Any]:
+        tenant(request)
+        return {'parallel_fwdbwd_chunks': True, 'proto_compress_fwdbwd': False}
+
+    @r.post('/client/dynamic_config')
+    async def dynamic_config(request: Request) -> Dict[str, Any]:
+        tenant(request)
+        return {}
+
+    @r.post('/telemetry')
+    async def telemetry(request: Request) -> Dict[str, Any]:
+        tenant(request)
+        return {'status': 'accepted'}
+
+    @r.get('/get_server_capabilities')
+    async def capabilities(request: Request) -> Dict[str, Any]:
+        tenant(request)
+        config = ctx.engine.model.hf_model.config
+        return {'supported_models': [{'model_name': ctx.settings.served_name, 'trainable': True, 'sampleable': True,
+                                      'max_context_length': getattr(config, 'max_position_embeddings', None)}]}
+
+    @r.post('/create_session')
+    async def create_session(request: Request) -> Dict[str, Any]:
+        t = tenant(request)
+        session = TinkerSession('s' + uuid.uuid4().hex[:20], t)
+        state.sessions[session.session_id] = session
+        return {'type': 'create_session', 'session_id': session.session_id}
+
+    @r.post('/session_heartbeat')
+    async def heartbeat(body: B.SessionId, request: Request) -> Dict[str, Any]:
+        t = tenant(request)
+        s = state.sessions.get(body.session_id)
+        if s is None or s.tenant != t or s.finished:
+            raise Gone(f'session {body.session_id!r} is not active')
+        import time
+        s.last_heartbeat = time.time()
+        return {'type': 'session_heartbeat'}
+
+    @r.post('/sessions/{session_id}/finish')
+    async def finish_session(session_id: str, request: Request) -> Dict[str, Any]:
+        t = tenant(request)
+        s = state.session(t, session_id)
+        s.finished = True
+        await ctx.run_model(t, lambda: state.release_session(s))
+        return {}
+
+    # -- training ------------------------------------------------------------------------------------------
+    @r.post('/create_model')
+    async def create_model(body: B.CreateModel, request: Request) -> Dict[str, Any]:
+        t = tenant(request, compute=True)
+        session = state.session(t, body.session_id)
+        if body.model_seq_id in session.creations:
+            return accepted(session.creations[body.model_seq_id], session.models.get(body.model_seq_id))
+        check_base(body.base_model)
+        if body.lora_config is None:
+            raise BadRequest('full-parameter training is not offered: pass a lora_config (create_lora_training_client)')
+        if body.optimizer_config is not None and body.optimizer_config.type != 'adamw':
+            raise BadRequest(f'optimizer {body.optimizer_config.type!r} is not supported; this server offers adamw')
+        check_capacity(t)
+        lora = state.lora_from_tinker(body.lora_config.model_dump())
+        model = state.new_model(t, session, body.model_seq_id, lora)
+        seed = body.lora_config.seed
+
+        def run() -> Dict[str, Any]:
+            try:
+                out = state.op_create(model, seed)
+            except Exception:
+                state.models.pop(model.model_id, None)
+                raise
+            ctx.store.tenant(t).add_run(model.model_id, {'kind': 'tinker', 'base_model': ctx.settings.served_name,
+                                                         'lora': lora, 'lora_rank': lora['r'],
+                                                         'user_metadata': body.user_metadata or {}})
+            return out
+
+        fut = ctx.submit(t, run, model.model_id)
+        session.creations[body.model_seq_id] = fut
+        return accepted(fut, model.model_id)
+
+    @r.post('/get_info')
+    async def get_info(body: B.ModelId, request: Request) -> Dict[str, Any]:
+        t = tenant(request)
+        model = state.model(t, body.model_id)
+        arch = (getattr(ctx.engine.model.hf_model.config, 'architectures', None) or [None])[0]
+        return {'type': 'get_info', 'model_id': model.model_id, 'is_lora': True, 'lora_rank': model.lora['r'],
+                'model_name': ctx.settings.served_name, 'optimizer_config': {'type': 'adamw'},
+                'model_data': {'arch': arch, 'model_name': ctx.settings.served_name,
+                               'tokenizer_id': tokenizer_id(ctx)}}
+
+    def gated(t: str, model: Any, seq_id: Optional[int], fn: Any) -> Any:
+        return model.gate.submit(seq_id, lambda: ctx.job(t, fn, model.model_id))
+
+    @r.post('/forward_backward')
+    async def forward_backward(request: Request) -> Dict[str, Any]:
+        t = tenant(request, compute=True)
+        msg = tinker_data.parse_forward_backward(await request.body(), request.headers.get('content-type', ''),
+                                                 request.headers.get('content-encoding', ''))
+        model = state.model(t, msg.model_id)
+        tinker_data.make_loss(msg.loss_fn, tinker_data.loss_config(msg))  # unsupported loss / config: 400 now
+        tinker_data.datum_rows(msg, msg.loss_fn, ctx.settings.limits.max_tokens_per_request)
+        forward_only = bool(msg.forward_only)
+        fut = gated(t, model, msg.seq_id, lambda: state.op_forward_backward(model, msg, forward_only))
+        return accepted(fut, model.model_id)
+
+    @r.post('/optim_step')
+    async def optim_step(body: B.OptimStep, request: Request) -> Dict[str, Any]:
+        t = tenant(request, compute=True)
+        model = state.model(t, body.model_id)
+        params = body.adam_params or body.optim_params
+        if params is None:
+            raise BadRequest('optim_step needs adam_params (only the Adam optimizer is offered)')
+        if params.type not in (None, 'adam', 'adamw'):
+            raise BadRequest(f'optimizer parameters of type {params.type!r} are not supported; use AdamParams')
+        values = params.model_dump(exclude={'type'})
+        fut = gated(t, model, body.seq_id, lambda: state.op_optim_step(model, values))
+        return accepted(fut, model.model_id)
+
+    @r.post('/save_weights')
+    async def save_weights(body: B.SaveWeights, request: Request) -> Dict[str, Any]:
+        t = tenant(request, compute=True)
+        model = state.model(t, body.model_id)
+        name = check_name(body.path or f'ckpt-{uuid.uuid4().hex[:8]}')
+
+        def run() -> Dict[str, Any]:
+            return {'path': state.op_save(model, name, 'weights', body.overwrite, body.user_metadata),
+                    'type': 'save_weights'}
+
+        return accepted(gated(t, model, body.seq_id, run), model.model_id)
+
+    @r.post('/save_weights_for_sampler')
+    async def save_for_sampler(body: B.SaveForSampler, request: Request) -> Dict[str, Any]:
+        t = tenant(request, compute=True)
+        model = state.model(t, body.model_id)
+        if body.kind != 'snapshot':
+            raise BadRequest(f"sampling client kind {body.kind!r} is not supported; use 'snapshot'")
+        if body.path is not None:
+            name = check_name(body.path)
+
+            def run() -> Dict[str, Any]:
+                return {'path': state.op_save(model, name, 'sampler_weights', True, body.user_metadata),
+                        'type': 'save_weights_for_sampler'}
+        else:
+            if body.sampling_session_seq_id is None:
+                raise BadRequest('save_weights_for_sampler needs a path (a name) or a sampling_session_seq_id')
+            session = state.session(t, model.session_id)
+            sampler_id = f'{session.session_id}:sample:{body.sampling_session_seq_id}'
+
+            def run() -> Dict[str, Any]:
+                name = 'snap-' + uuid.uuid4().hex[:12]
+                state.op_save(model, name, 'snapshot', True, None)
+                ckpt = ctx.store.tenant(t).find(model.model_id, 'snapshot', name)
+                state.samplers[sampler_id] = Sampler(sampler_id, t, None, ckpt['checkpoint_id'])
+                session.samplers[body.sampling_session_seq_id] = sampler_id
+                return {'sampling_session_id': sampler_id, 'type': 'save_weights_for_sampler'}
+
+        return accepted(gated(t, model, body.seq_id, run), model.model_id)
+
+    @r.post('/load_weights')
+    async def load_weights(body: B.LoadWeights, request: Request) -> Dict[str, Any]:
+        t = tenant(request, compute=True)
+        store = ctx.store.tenant(t)
+        if body.model_id is not None:
+            model = state.model(t, body.model_id)
+            parse_path(body.path)
+            fut = gated(t, model, body.seq_id, lambda: state.op_load(model, body.path, body.optimizer))
+            return accepted(fut, model.model_id)
+        if body.session_id is None or body.model_seq_id is None:
+            raise BadRequest('load_weights needs model_id, or session_id and model_seq_id to create a model from it')
+        session = state.session(t, body.session_id)
+        if body.model_seq_id in session.creations:
+            return accepted(session.creations[body.model_seq_id], session.models.get(body.model_seq_id))
+        check_base(body.base_model)
+        ckpt = store.resolve(body.path)
+        check_capacity(t)
+        lora = ckpt.get('lora') or {}
+        model = state.new_model(t, session, body.model_seq_id, lora)
+
+        def run() -> Dict[str, Any]:
+            try:
+                out = state.op_create_from(model, ckpt, store, body.optimizer, body.path)
+            except Exception:
+                state.models.pop(model.model_id, None)
+                raise
+            store.add_run(model.model_id, {'kind': 'tinker', 'base_model': ctx.settings.served_name, 'lora': lora,
+                                           'lora_rank': lora.get('r'), 'loaded_from': body.path,
+                                           'user_metadata': body.user_metadata or {}})
+            return out
+
+        fut = ctx.submit(t, run, model.model_id)
+        session.creations[body.model_seq_id] = fut
+        return accepted(fut, model.model_id)
+
+    # -- sampling ------------------------------------------------------------------------------------------
+    def new_sampler(t: str, sampler_id: str, model_path: Optional[str], base_model: Optional[str]) -> Sampler:
+        if model_path is not None:
+            ckpt = ctx.store.tenant(t).resolve(model_path)
+            return Sampler(sampler_id, t, model_path, ckpt['checkpoint_id'])
+        if base_model is None:
+            raise BadRequest('a sampling session needs model_path (a tinker:// checkpoint) or base_model')
+        check_base(base_model)
+        return Sampler(sampler_id, t, None, None)
+
+    @r.post('/create_sampling_session')
+    async def create_sampling_session(body: B.CreateSamplingSession, request: Request) -> Dict[str, Any]:
+        t = tenant(request, compute=True)
+        session = state.session(t, body.session_id)
+        sampler_id = session.samplers.get(body.sampling_session_seq_id)
+        if sampler_id is None:
+            sampler_id = f'{session.session_id}:sample:{body.sampling_session_seq_id}'
+            state.samplers[sampler_id] = new_sampler(t, sampler_id, body.model_path, body.base_model)
+            session.samplers[body.sampling_session_seq_id] = sampler_id
+        return {'type': 'create_sampling_session', 'sampling_session_id': sampler_id}
+
+    @r.get('/samplers/{sampler_id}')
+    async def get_sampler(sampler_id: str, request: Request) -> Dict[str, Any]:
+        s = state.sampler(tenant(request), sampler_id)
+        return {'sampler_id': s.sampler_id, 'base_model': ctx.settings.served_name, 'model_path': s.model_path}
+
+    @r.post('/asample')
+    async def asample(body: B.Sample, request: Request) -> Dict[str, Any]:
+        t = tenant(request, compute=True)
+        if body.sampling_session_id is not None:
+            s = state.sampler(t, body.sampling_session_id)
+        else:
+            key = f'{t}:direct:{body.model_path or body.base_model}'
+            s = state.samplers.get(key) or new_sampler(t, key, body.model_path, body.base_model)
+            state.samplers[key] = s
+        if body.seq_id is not None and body.seq_id in s.seen:
+            fut = s.seen[body.seq_id]
+            return accepted(fut, sample_sequence_ids=fut.extra['sequence_ids'])
+        req = sample_request(ctx, body)
+        fut = ctx.submit(t, lambda: state.op_sample(s, req))
+        fut.extra['sequence_ids'] = [f'{fut.request_id}-{i}' for i in range(body.num_samples)]
+        if body.seq_id is not None:
+            s.seen[body.seq_id] = fut
+        return accepted(fut, sample_sequence_ids=fut.extra['sequence_ids'])
+
+    # -- futures -------------------------------------------------------------------------------------------
+    @r.post('/retrieve_future')
+    async def retrieve_future(body: B.Retrieve, request: Request) -> Any:
+        fut = ctx.futures.get(tenant(request), body.request_id)
+        if not await fut.wait(ctx.settings.long_poll_s):
+            return {'type': 'try_again', 'request_id': fut.request_id, 'queue_state': 'active'}
+        if fut.error is not None:
+            _, message, category = fut.error
+            return {'error': message, 'category': category, 'request_id': fut.request_id}
+        if isinstance(fut.result, bytes):
+            return Response(content=fut.result, media_type='application/x-protobuf')
+        return fut.result
+
+    @r.post('/cancel_future')
+    async def cancel_future(request: Request) -> Dict[str, Any]:
+        tenant(request)
+        return {}
+
+    from .routes_tinker_rest import add_rest_routes
+    add_rest_routes(r, ctx, tenant)
+    return r
+
+
+def tokenizer_id(ctx: ServerContext) -> str:
+    if ctx.settings.tokenizer_id:
+        return ctx.settings.tokenizer_id
+    from ..hub import split_id
+    return split_id(ctx.settings.model)[1] if '://' in ctx.settings.model else ctx.settings.served_name.rsplit('/', 1)[-1]
+
+
+def sample_request(ctx: ServerContext, body: B.Sample) -> Dict[str, Any]:
+    """Validate a SampleRequest and turn it into plain arguments for the sampler."""
+    limits = ctx.settings.limits
+    unsupported = [name for name, on in (('topk_prompt_logprobs', body.topk_prompt_logprobs),
+                                         ('topk_sample_logprobs', body.topk_sample_logprobs),
+                                         ('target_prompt_logprobs', body.target_prompt_logprobs is not None),
+                                         ('prompt_alt_tokens_k', body.prompt_alt_tokens_k),
+                                         ('record_stability_info', body.record_stability_info)) if on]
+    if unsupported:
+        raise BadRequest(f'sampling options {unsupported} are not supported by this server')
+    tokens: List[int] = []
+    for i, chunk in enumerate(body.prompt.chunks):
+        if chunk.type != 'encoded_text' or chunk.tokens is None:
+            raise BadRequest(f'prompt.chunks[{i}] is a {chunk.type!r} chunk; this server takes text tokens only')
+        tokens += chunk.tokens
+    if not tokens:
+        raise BadRequest('the prompt is empty')
+    ctx.engine.check_tokens([tokens], 'prompt')
+    params = body.sampling_params
+    max_tokens = params.max_tokens or min(16, limits.max_new_tokens)
+    if max_tokens > limits.max_new_tokens:
+        raise TooLarge(f'max_tokens={max_tokens} is above this server\'s limit of {limits.max_new_tokens} '
+                       f'(limits.max_new_tokens)')
+    total = (len(tokens) + max_tokens) * body.num_samples
+    if total > limits.max_tokens_per_request:
+        raise TooLarge(f'this sample request needs {total} tokens ((prompt + max_tokens) x num_samples); the limit is '
+                       f'{limits.max_tokens_per_request} (limits.max_tokens_per_request)')
+    if body.prompt_logprobs_last_n is not None and not body.prompt_logprobs:
+        raise BadRequest('prompt_logprobs_last_n needs prompt_logprobs=true')
+    stop = params.stop
+    stop_list = [stop] if isinstance(stop, str) else list(stop or [])
+    return {'prompt_tokens': tokens, 'num_samples': body.num_samples, 'prompt_logprobs': bool(body.prompt_logprobs),
+            'prompt_logprobs_last_n': body.prompt_logprobs_last_n,
+            'sampling_params': {'max_tokens': max_tokens, 'temperature': params.temperature, 'top_k': params.top_k,
+                                'top_p': params.top_p, 'seed': params.seed,
+                                'stop_tokens': [s for s in stop_list if isinstance(s, int)],
+                                'stop_strings': [s for s in stop_list if isinstance(s, str)]}}

@@ -1,0 +1,87 @@
+"""The Tinker REST routes over the persisted registry: training runs, checkpoints, weights info."""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional
+
+from fastapi import APIRouter, Request
+
+from . import tinker_bodies as B
+from .context import ServerContext
+from .errors import BadRequest, NotFound
+from .store import KINDS, TenantStore, format_path
+
+
+def checkpoint_json(ckpt: Dict[str, Any]) -> Dict[str, Any]:
+    return {'checkpoint_id': f"{ckpt['kind']}/{ckpt['name']}",
+            'checkpoint_type': 'training' if ckpt['kind'] == 'weights' else 'sampler',
+            'time': ckpt['time'], 'tinker_path': format_path(ckpt['run_id'], ckpt['kind'], ckpt['name']),
+            'size_bytes': ckpt.get('size_bytes'), 'public': False,
+            'user_metadata': ckpt.get('user_metadata') or None}
+
+
+def run_json(store: TenantStore, run: Dict[str, Any], tenant: str) -> Dict[str, Any]:
+    def last(key: str) -> Optional[Dict[str, Any]]:
+        ckpt = store.checkpoints.get(run.get(key) or '')
+        return checkpoint_json(ckpt) if ckpt else None
+
+    return {'training_run_id': run['run_id'], 'base_model': run.get('base_model', ''), 'model_owner': tenant,
+            'is_lora': True, 'corrupted': False, 'lora_rank': run.get('lora_rank'),
+            'last_request_time': run['last_request_time'], 'last_checkpoint': last('last_checkpoint'),
+            'last_sampler_checkpoint': last('last_sampler_checkpoint'),
+            'user_metadata': {str(k): str(v) for k, v in (run.get('user_metadata') or {}).items()} or None}
+
+
+def _page(items: list, limit: int, offset: int) -> tuple:
+    if limit < 1 or offset < 0:
+        raise BadRequest('limit must be >= 1 and offset >= 0')
+    return items[offset:offset + limit], {'offset': offset, 'limit': limit, 'total_count': len(items)}
+
+
+def add_rest_routes(r: APIRouter, ctx: ServerContext, tenant: Callable[..., str]) -> None:
+
+    @r.get('/training_runs')
+    async def training_runs(request: Request, limit: int = 20, offset: int = 0) -> Dict[str, Any]:
+        t = tenant(request)
+        store = ctx.store.tenant(t)
+        runs, cursor = _page(store.list_runs(), limit, offset)
+        return {'training_runs': [run_json(store, run, t) for run in runs], 'cursor': cursor}
+
+    @r.get('/training_runs/{run_id}')
+    async def training_run(run_id: str, request: Request) -> Dict[str, Any]:
+        t = tenant(request)
+        store = ctx.store.tenant(t)
+        return run_json(store, store.get_run(run_id), t)
+
+    @r.get('/training_runs/{run_id}/checkpoints')
+    async def run_checkpoints(run_id: str, request: Request) -> Dict[str, Any]:
+        store = ctx.store.tenant(tenant(request))
+        store.get_run(run_id)
+        return {'checkpoints': [checkpoint_json(c) for c in store.list_checkpoints(run_id)]}
+
+    @r.delete('/training_runs/{run_id}/checkpoints/{checkpoint_id:path}')
+    async def delete_checkpoint(run_id: str, checkpoint_id: str, request: Request) -> Dict[str, Any]:
+        store = ctx.store.tenant(tenant(request))
+        kind, _, name = checkpoint_id.partition('/')
+        ckpt = store.find(run_id, kind, name) if kind in KINDS else None
+        if ckpt is None:
+            raise NotFound(f'checkpoint {checkpoint_id!r} of run {run_id!r} not found')
+        store.delete_checkpoint(ckpt)
+        return {}
+
+    @r.get('/checkpoints')
+    async def checkpoints(request: Request, limit: int = 100, offset: int = 0) -> Dict[str, Any]:
+        store = ctx.store.tenant(tenant(request))
+        items, cursor = _page(store.list_checkpoints(), limit, offset)
+        return {'checkpoints': [checkpoint_json(c) for c in items], 'cursor': cursor}
+
+    @r.post('/weights_info')
+    async def weights_info(body: B.WeightsInfo, request: Request) -> Dict[str, Any]:
+        store = ctx.store.tenant(tenant(request))
+        ckpt = store.resolve(body.tinker_path)
+        lora = ckpt.get('lora') or {}
+        targets = lora.get('target_modules') or []
+        return {'base_model': ckpt.get('base_model') or ctx.settings.served_name, 'is_lora': True,
+                'lora_rank': lora.get('r'), 'optimizer_config': {'type': 'adamw'},
+                'train_attn': any(t in targets for t in ('q_proj', 'k_proj', 'v_proj', 'o_proj')),
+                'train_mlp': any(t in targets for t in ('gate_proj', 'up_proj', 'down_proj')),
+                'train_unembed': 'lm_head' in targets}

@@ -1,0 +1,145 @@
+"""Routes of the native API (``/api/v1/twinkle``), generated from ``twinkle.client.methods``."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Dict, List
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..client import codec
+from ..client.methods import API_PREFIX, CLASSES, CONSTRUCTIBLE, TAG_REF
+from .auth import key_from_headers
+from .context import ServerContext
+from .errors import BadRequest, NotFound
+from .native_model import ModelSession, Ref
+from .native_objects import DataLoaderObject, DatasetObject, ObjectTable, decode_args
+from .store import format_path
+
+_STOP = object()
+
+
+class CreateBody(BaseModel):
+    model_config = ConfigDict(extra='forbid')
+    class_name: str
+    args: List[Any] = Field(default_factory=list)
+    kwargs: Dict[str, Any] = Field(default_factory=dict)
+
+
+class CallBody(BaseModel):
+    model_config = ConfigDict(extra='forbid')
+    args: List[Any] = Field(default_factory=list)
+    kwargs: Dict[str, Any] = Field(default_factory=dict)
+
+
+def _call_data(obj: Any, method: str, args: List[Any], kwargs: Dict[str, Any]) -> Any:
+    try:
+        return getattr(obj, method)(*args, **kwargs)
+    except StopIteration:  # cannot cross a thread / future boundary as itself
+        return _STOP
+
+
+def build_router(ctx: ServerContext) -> APIRouter:
+    r = APIRouter(prefix=API_PREFIX)
+    table = ctx.objects = ObjectTable(ctx.settings.limits)
+
+    def tenant(request: Request, compute: bool = False) -> str:
+        t = ctx.keys.tenant_of(key_from_headers(request.headers))
+        if compute:
+            ctx.limiter.hit(t)
+        return t
+
+    def decoded(t: str, body: Any) -> tuple:
+        args = decode_args(body.args, table, t)
+        kwargs = decode_args(body.kwargs, table, t)
+        if not isinstance(kwargs, dict):
+            raise BadRequest('kwargs must be an object')
+        return args, kwargs
+
+    @r.get('/methods')
+    async def methods() -> Dict[str, Any]:
+        return {name: {'executor': c.executor, 'methods': {m.name: m.returns for m in c.methods.values()}}
+                for name, c in CLASSES.items()}
+
+    @r.post('/objects')
+    async def create(body: CreateBody, request: Request) -> Dict[str, Any]:
+        t = tenant(request, compute=True)
+        if body.class_name not in CONSTRUCTIBLE:
+            raise NotFound(f'class {body.class_name!r} cannot be created remotely; available: {list(CONSTRUCTIBLE)}')
+        args, kwargs = decoded(t, body)
+        if body.class_name == 'TransformersModel':
+            obj: Any = ModelSession(ctx, t, table, *args, **kwargs)
+            info = obj.info()
+        elif body.class_name == 'Dataset':
+            served = (ctx.settings.model, ctx.settings.served_name)
+            obj = await asyncio.to_thread(DatasetObject, *args, model_dir=ctx.engine.model_dir, served=served,
+                                          **kwargs)
+            info = {'num_rows': len(obj)}
+        else:
+            obj = await asyncio.to_thread(DataLoaderObject, *args, **kwargs)
+            info = {'num_batches': len(obj)}
+        entry = table.add(t, body.class_name, obj)
+        return {'object_id': entry.object_id, 'class_name': body.class_name, 'info': info}
+
+    @r.post('/objects/{object_id}/call/{method}')
+    async def call(object_id: str, method: str, body: CallBody, request: Request) -> Dict[str, Any]:
+        t = tenant(request, compute=True)
+        entry = table.get(t, object_id)
+        spec = CLASSES[entry.class_name]
+        declared = spec.methods.get(method)
+        if declared is None:
+            raise NotFound(f'{entry.class_name} has no remote method {method!r}; available: {sorted(spec.methods)}')
+        args, kwargs = decoded(t, body)
+        if spec.executor == 'model':
+            result = await ctx.run_model(t, lambda: entry.obj.call(method, args, kwargs))
+        else:
+            result = await asyncio.to_thread(_call_data, entry.obj, method, args, kwargs)
+            if result is _STOP:
+                return {'result': None, 'stop': True}
+        if declared.returns == 'ref':
+            if isinstance(result, Ref):
+                ref = table.add(t, result.class_name, result.value, transient=True)
+                summary = result.summary
+            else:
+                ref = table.add(t, type(result).__name__, result, transient=True)
+                summary = {}
+            return {'result': {TAG_REF: {'id': ref.object_id, 'class': ref.class_name, 'summary': summary}}}
+        if declared.returns in ('self', 'none'):
+            return {'result': None}
+        return {'result': codec.encode(result)}
+
+    @r.delete('/objects/{object_id}')
+    async def release(object_id: str, request: Request) -> Dict[str, Any]:
+        t = tenant(request)
+        entry = table.get(t, object_id)
+        if isinstance(entry.obj, ModelSession):
+            await ctx.run_model(t, entry.obj.release)
+        table.remove(t, object_id)
+        return {}
+
+    @r.get('/runs')
+    async def runs(request: Request) -> Dict[str, Any]:
+        store = ctx.store.tenant(tenant(request))
+        return {'runs': [{'run_id': run['run_id'], 'kind': run.get('kind'), 'adapter_name': run.get('adapter_name'),
+                          'lora_rank': run.get('lora_rank'), 'base_model': run.get('base_model'),
+                          'created': run['created'], 'last_request_time': run['last_request_time'],
+                          'checkpoints': [format_path(c['run_id'], c['kind'], c['name'], 'twinkle')
+                                          for c in store.list_checkpoints(run['run_id'])]}
+                         for run in store.list_runs()]}
+
+    @r.get('/checkpoints')
+    async def checkpoints(request: Request) -> Dict[str, Any]:
+        store = ctx.store.tenant(tenant(request))
+        return {'checkpoints': [{'path': format_path(c['run_id'], c['kind'], c['name'], 'twinkle'),
+                                 'run_id': c['run_id'], 'kind': c['kind'], 'name': c['name'], 'time': c['time'],
+                                 'size_bytes': c.get('size_bytes'), 'resumable': c.get('resumable', c['kind'] ==
+                                                                                        'weights')}
+                                for c in store.list_checkpoints()]}
+
+    @r.delete('/checkpoints')
+    async def delete_checkpoint(path: str, request: Request) -> Dict[str, Any]:
+        store = ctx.store.tenant(tenant(request))
+        store.delete_checkpoint(store.resolve(path))
+        return {}
+
+    return r

@@ -1,0 +1,166 @@
+"""Per-tenant registry of training runs and checkpoints, persisted under the data directory.
+
+Layout: ``<data_dir>/tenants/<tenant>/registry.json`` and ``.../checkpoints/<checkpoint id>/``. Clients
+name checkpoints ``twinkle://<run>/<kind>/<name>`` (or ``tinker://...``); the folder is always the
+server-generated id, never a string a client chose.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from .errors import BadRequest, NotFound
+
+SCHEMES = ('twinkle://', 'tinker://')
+KINDS = ('weights', 'sampler_weights')
+_NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$')
+_RUN = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._:\-]{0,200}$')
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat()
+
+
+def check_name(name: Any, what: str = 'checkpoint name') -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise BadRequest(f'{what} {name!r} is not valid: use 1-128 letters, digits, ".", "_" or "-", starting with '
+                         f'a letter or digit')
+    return name
+
+
+def parse_path(path: Any) -> Tuple[str, str, str]:
+    """``'tinker://run/weights/name'`` -> ``('run', 'weights', 'name')``; anything else is a 400."""
+    if not isinstance(path, str) or not path.startswith(SCHEMES):
+        raise BadRequest(f'checkpoint path {path!r} must look like twinkle://<run>/weights/<name> or '
+                         f'tinker://<run>/sampler_weights/<name> (server paths are not accepted)')
+    rest = path.split('://', 1)[1]
+    parts = rest.split('/')
+    if len(parts) != 3 or parts[1] not in KINDS or not _RUN.match(parts[0]):
+        raise BadRequest(f'checkpoint path {path!r} must have the form <scheme>://<run>/<kind>/<name> with kind one '
+                         f'of {KINDS}')
+    return parts[0], parts[1], check_name(parts[2])
+
+
+def format_path(run_id: str, kind: str, name: str, scheme: str = 'tinker') -> str:
+    return f'{scheme}://{run_id}/{kind}/{name}'
+
+
+class TenantStore:
+    """Runs and checkpoints of one tenant; thread-safe, written atomically after each change."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.file = root / 'registry.json'
+        self._lock = threading.RLock()
+        self.runs: Dict[str, Dict[str, Any]] = {}
+        self.checkpoints: Dict[str, Dict[str, Any]] = {}
+        if self.file.exists():
+            data = json.loads(self.file.read_text())
+            self.runs = data.get('runs', {})
+            self.checkpoints = data.get('checkpoints', {})
+
+    def _save(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.file.with_name(f'.registry-{uuid.uuid4().hex}.tmp')
+        tmp.write_text(json.dumps({'runs': self.runs, 'checkpoints': self.checkpoints}, indent=1, sort_keys=True))
+        os.replace(tmp, self.file)
+
+    # -- runs ----------------------------------------------------------------------------------------------
+    def add_run(self, run_id: str, record: Dict[str, Any]) -> Dict[str, Any]:
+        with self._lock:
+            record = {'run_id': run_id, 'created': now_iso(), 'last_request_time': now_iso(), **record}
+            self.runs[run_id] = record
+            self._save()
+            return record
+
+    def get_run(self, run_id: str) -> Dict[str, Any]:
+        with self._lock:
+            run = self.runs.get(run_id)
+        if run is None:
+            raise NotFound(f'training run {run_id!r} not found')
+        return run
+
+    def touch_run(self, run_id: str) -> None:
+        with self._lock:
+            if run_id in self.runs:
+                self.runs[run_id]['last_request_time'] = now_iso()
+
+    def list_runs(self) -> List[Dict[str, Any]]:
+        with self._lock:
+            return sorted(self.runs.values(), key=lambda r: r['created'])
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def find(self, run_id: str, kind: str, name: str) -> Optional[Dict[str, Any]]:
+        with self._lock:
+            for ckpt in self.checkpoints.values():
+                if ckpt['run_id'] == run_id and ckpt['kind'] == kind and ckpt['name'] == name:
+                    return ckpt
+        return None
+
+    def resolve(self, path: str) -> Dict[str, Any]:
+        run_id, kind, name = parse_path(path)
+        ckpt = self.find(run_id, kind, name)
+        if ckpt is None:
+            raise NotFound(f'checkpoint {path} not found')
+        return ckpt
+
+    def new_checkpoint_dir(self) -> Tuple[str, Path]:
+        ckpt_id = uuid.uuid4().hex
+        return ckpt_id, self.root / 'checkpoints' / ckpt_id
+
+    def add_checkpoint(self, ckpt_id: str, run_id: str, kind: str, name: str, folder: Path,
+                       extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        size = sum(f.stat().st_size for f in folder.rglob('*') if f.is_file())
+        with self._lock:
+            old = self.find(run_id, kind, name)
+            record = {'checkpoint_id': ckpt_id, 'run_id': run_id, 'kind': kind, 'name': name, 'time': now_iso(),
+                      'size_bytes': size, **(extra or {})}
+            self.checkpoints[ckpt_id] = record
+            if old is not None:
+                self.checkpoints.pop(old['checkpoint_id'], None)
+            if kind != 'snapshot':
+                run = self.runs.get(run_id)
+                if run is not None:
+                    run['last_checkpoint' if kind == 'weights' else 'last_sampler_checkpoint'] = ckpt_id
+            self._save()
+        if old is not None:
+            shutil.rmtree(self.folder(old), ignore_errors=True)
+        return record
+
+    def folder(self, ckpt: Dict[str, Any]) -> Path:
+        return self.root / 'checkpoints' / ckpt['checkpoint_id']
+
+    def delete_checkpoint(self, ckpt: Dict[str, Any]) -> None:
+        with self._lock:
+            self.checkpoints.pop(ckpt['checkpoint_id'], None)
+            self._save()
+        shutil.rmtree(self.folder(ckpt), ignore_errors=True)
+
+    def list_checkpoints(self, run_id: Optional[str] = None) -> List[Dict[str, Any]]:
+        with self._lock:
+            out = [c for c in self.checkpoints.values() if c['kind'] in KINDS
+                   and (run_id is None or c['run_id'] == run_id)]
+        return sorted(out, key=lambda c: c['time'])
+
+
+class Store:
+    """All tenants' registries under one data directory."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self._tenants: Dict[str, TenantStore] = {}
+        self._lock = threading.Lock()
+
+    def tenant(self, tenant_id: str) -> TenantStore:
+        with self._lock:
+            store = self._tenants.get(tenant_id)
+            if store is None:
+                store = self._tenants[tenant_id] = TenantStore(self.data_dir / 'tenants' / tenant_id)
+            return store

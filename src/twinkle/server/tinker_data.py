@@ -1,0 +1,215 @@
+"""Tinker wire data <-> Twinkle batches and losses.
+
+A Tinker datum holds ``model_input`` tokens ``x[0..N)`` and per-position ``loss_fn_inputs`` aligned with
+``target_tokens`` ``y[0..N)`` (``y[i]`` is predicted from ``x[..i]``). Twinkle aligns labels with
+``input_ids`` (HF style), so a datum becomes ``input_ids = x + [y[N-1]]`` and ``labels = [-100] + y``:
+then ``logps[:, 1:N+1]`` are exactly Tinker's per-target logprobs.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Tuple
+
+import numpy as np
+
+from .errors import BadRequest, TooLarge, Unsupported
+
+IGNORE = -100
+_DTYPES = {1: np.float32, 2: np.int64, 3: np.int32}
+# loss_fn -> (required inputs, optional inputs, accepted loss_fn_config keys)
+LOSSES: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...], Tuple[str, ...]]] = {
+    'cross_entropy': (('target_tokens',), ('weights',), ()),
+    'importance_sampling': (('target_tokens', 'logprobs', 'advantages'), (), ()),
+    'ppo': (('target_tokens', 'logprobs', 'advantages'), (), ('clip_low_threshold', 'clip_high_threshold')),
+    'cispo': (('target_tokens', 'logprobs', 'advantages'), (), ('clip_low_threshold', 'clip_high_threshold')),
+}
+
+
+def pb():
+    from tinker.proto import tinker_public_pb2
+    return tinker_public_pb2
+
+
+def parse_forward_backward(body: bytes, content_type: str, content_encoding: str) -> Any:
+    if 'application/x-protobuf' not in (content_type or ''):
+        raise Unsupported('forward_backward takes a protobuf body (Content-Type: application/x-protobuf), as the '
+                          'tinker SDK sends it')
+    if (content_encoding or '').lower() == 'zstd':
+        import zstandard
+        try:
+            body = zstandard.ZstdDecompressor().decompress(body, max_output_size=1 << 30)
+        except zstandard.ZstdError as exc:
+            raise BadRequest(f'forward_backward body is not valid zstd: {exc}') from None
+    elif content_encoding and content_encoding.lower() not in ('identity',):
+        raise Unsupported(f'Content-Encoding {content_encoding!r} is not supported (use zstd or none)')
+    msg = pb().ForwardBackwardRequest()
+    try:
+        msg.ParseFromString(body)
+    except Exception:
+        raise BadRequest('forward_backward body is not a valid ForwardBackwardRequest protobuf') from None
+    return msg
+
+
+def loss_config(msg: Any) -> Dict[str, Any]:
+    config: Dict[str, Any] = {}
+    for key, value in msg.loss_fn_config_v2.items():
+        config[key] = value.text if value.WhichOneof('value') == 'text' else value.number
+    for key, value in msg.loss_fn_config.items():
+        config.setdefault(key, value)
+    return config
+
+
+def make_loss(loss_fn: str, config: Mapping[str, Any]) -> Any:
+    from ..loss import CISPOLoss, CrossEntropyLoss, ImportanceSamplingLoss, PPOLoss
+    if loss_fn not in LOSSES:
+        raise BadRequest(f'loss_fn {loss_fn!r} is not supported by this server; supported: {sorted(LOSSES)}')
+    allowed = LOSSES[loss_fn][2]
+    unknown = sorted(set(config) - set(allowed))
+    if unknown:
+        raise BadRequest(f'loss_fn_config keys {unknown} are not supported for {loss_fn!r}; accepted: {list(allowed)}')
+    kwargs = {k: float(v) for k, v in config.items()}
+    if loss_fn == 'cross_entropy':
+        return CrossEntropyLoss(reduction='sum')
+    if loss_fn == 'importance_sampling':
+        return ImportanceSamplingLoss(loss_type='sum')
+    if loss_fn == 'ppo':
+        return PPOLoss(loss_type='sum', **kwargs)
+    return CISPOLoss(loss_type='sum', **kwargs)
+
+
+def tensor(msg: Any, what: str) -> np.ndarray:
+    dtype = _DTYPES.get(msg.dtype)
+    if dtype is None:
+        raise BadRequest(f'{what} has an unsupported dtype ({msg.dtype}); send float32 or int64')
+    shape = [int(s) for s in msg.shape]
+    if msg.WhichOneof('encoding') == 'sparse_csr':
+        csr = msg.sparse_csr
+        values = np.frombuffer(csr.values, dtype=dtype)
+        crow = np.frombuffer(csr.crow_indices, dtype=np.int64)
+        col = np.frombuffer(csr.col_indices, dtype=np.int64)
+        if len(shape) != 2 or len(crow) != shape[0] + 1 or len(col) != len(values):
+            raise BadRequest(f'{what} is a malformed sparse CSR tensor')
+        dense = np.zeros(shape, dtype=dtype)
+        for r in range(shape[0]):
+            cols = col[crow[r]:crow[r + 1]]
+            if len(cols) and (cols.min() < 0 or cols.max() >= shape[1]):
+                raise BadRequest(f'{what} has a sparse column index out of range')
+            dense[r, cols] = values[crow[r]:crow[r + 1]]
+        return dense
+    arr = np.frombuffer(msg.dense, dtype=dtype)
+    if shape:
+        if int(np.prod(shape)) != arr.size:
+            raise BadRequest(f'{what} has {arr.size} values but shape {shape}')
+        arr = arr.reshape(shape)
+    return arr
+
+
+def datum_rows(msg: Any, loss_fn: str, max_tokens: int) -> List[Dict[str, np.ndarray]]:
+    """Validated per-datum arrays: 'tokens' (int64 [N]) and the loss inputs (each [N])."""
+    if loss_fn not in LOSSES:
+        raise BadRequest(f'loss_fn {loss_fn!r} is not supported by this server; supported: {sorted(LOSSES)}')
+    required, optional, _ = LOSSES[loss_fn]
+    if not msg.data:
+        raise BadRequest('forward_backward needs at least one datum')
+    rows, total = [], 0
+    for i, datum in enumerate(msg.data):
+        pieces = []
+        for chunk in datum.model_input:
+            if chunk.WhichOneof('chunk') != 'encoded_text':
+                raise BadRequest(f'data[{i}].model_input has a {chunk.WhichOneof("chunk")} chunk; this server takes '
+                                 f'text tokens only')
+            pieces.append(np.frombuffer(chunk.encoded_text.tokens, dtype=np.int32).astype(np.int64))
+        tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+        if tokens.size == 0:
+            raise BadRequest(f'data[{i}].model_input is empty')
+        names = set(datum.loss_fn_inputs.keys())
+        missing = [n for n in required if n not in names]
+        extra = sorted(names - set(required) - set(optional))
+        if missing or extra:
+            raise BadRequest(f'data[{i}].loss_fn_inputs for {loss_fn!r} needs {list(required)}'
+                             f'{" (optional " + str(list(optional)) + ")" if optional else ""}; '
+                             f'missing {missing}, unexpected {extra}')
+        row = {'tokens': tokens}
+        for name in names:
+            arr = tensor(datum.loss_fn_inputs[name], f'data[{i}].loss_fn_inputs[{name!r}]')
+            if arr.ndim != 1 or arr.shape[0] != tokens.size:
+                raise BadRequest(f'data[{i}].loss_fn_inputs[{name!r}] has shape {list(arr.shape)}; expected '
+                                 f'[{tokens.size}] (one value per model_input token)')
+            if not np.all(np.isfinite(arr.astype(np.float64))):
+                raise BadRequest(f'data[{i}].loss_fn_inputs[{name!r}] holds NaN or infinite values')
+            row[name] = arr
+        total += tokens.size + 1
+        rows.append(row)
+    if total > max_tokens:
+        raise TooLarge(f'this request holds {total} tokens; the server accepts at most {max_tokens} per request '
+                       f'(limits.max_tokens_per_request): split the batch into smaller forward_backward calls')
+    return rows
+
+
+def build_batch(rows: List[Dict[str, np.ndarray]], pad_id: int) -> Dict[str, Any]:
+    import torch
+    width = max(r['tokens'].size for r in rows) + 1
+    b = len(rows)
+    ids = torch.full((b, width), int(pad_id), dtype=torch.long)
+    labels = torch.full((b, width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.long)
+    floats = {'weights': torch.zeros((b, width)), 'old_logps': torch.zeros((b, width)),
+              'advantages': torch.zeros((b, width))}
+    present = set()
+    for i, row in enumerate(rows):
+        n = row['tokens'].size
+        target = torch.as_tensor(row['target_tokens'].astype(np.int64))
+        ids[i, :n] = torch.as_tensor(row['tokens'])
+        ids[i, n] = target[-1]
+        labels[i, 1:n + 1] = target
+        mask[i, :n + 1] = 1
+        for src, dst in (('weights', 'weights'), ('logprobs', 'old_logps'), ('advantages', 'advantages')):
+            if src in row:
+                floats[dst][i, 1:n + 1] = torch.as_tensor(row[src].astype(np.float32))
+                present.add(dst)
+            elif src == 'weights':
+                floats[dst][i, 1:n + 1] = 1.0
+                present.add(dst)
+    batch = {'input_ids': ids, 'labels': labels, 'attention_mask': mask}
+    batch.update({k: v for k, v in floats.items() if k in present})
+    return batch
+
+
+def output_proto(rows: List[Dict[str, np.ndarray]], logps: Any, weights: Any, loss_fn: str,
+                 metrics: Mapping[str, float]) -> bytes:
+    """A ForwardBackwardOutput: per-datum 'logprobs' (and 'elementwise_loss' for cross_entropy)."""
+    p = pb()
+    fields: Dict[str, List[np.ndarray]] = {'logprobs': []}
+    if loss_fn == 'cross_entropy':
+        fields['elementwise_loss'] = []
+    for i, row in enumerate(rows):
+        n = row['tokens'].size
+        lp = logps[i, 1:n + 1].detach().float().cpu().numpy().astype(np.float32)
+        fields['logprobs'].append(lp)
+        if 'elementwise_loss' in fields:
+            w = weights[i, 1:n + 1].detach().float().cpu().numpy().astype(np.float32)
+            fields['elementwise_loss'].append((-lp * w).astype(np.float32))
+    out = p.ForwardBackwardOutput(loss_fn_output_type='ArrayRecord')
+    record = out.loss_fn_outputs.add()
+    record.num_datums = len(rows)
+    for name, arrays in fields.items():
+        offsets = np.cumsum([0] + [a.nbytes for a in arrays]).astype(np.int64)
+        bt = record.fields[name]
+        bt.dtype = p.DTYPE_FLOAT32
+        bt.data = b''.join(a.tobytes() for a in arrays)
+        bt.offsets = offsets.tobytes()
+    for key, value in metrics.items():
+        out.metrics[key] = float(value)
+    return out.SerializeToString()
+
+
+def sample_proto(result: Any) -> bytes:
+    p = pb()
+    out = p.SampleResponse()
+    for seq in result.sequences:
+        s = out.sequences.add()
+        s.stop_reason = p.STOP_REASON_STOP if seq.stop_reason == 'stop' else p.STOP_REASON_LENGTH
+        s.tokens = np.asarray(seq.tokens, dtype=np.int32).tobytes()
+        s.logprobs = np.asarray(seq.logprobs, dtype=np.float32).tobytes()
+    if result.prompt_logprobs is not None:
+        out.prompt_logprobs = np.asarray(result.prompt_logprobs, dtype=np.float32).tobytes()
+    return out.SerializeToString()

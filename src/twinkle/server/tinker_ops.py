@@ -1,0 +1,230 @@
+"""State of the Tinker-compatible API (sessions, training models, samplers) and the work each request
+does on the model worker."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from . import tinker_data
+from .context import ServerContext
+from .engine import TINKER_TARGETS, Adapter
+from .errors import BadRequest, Gone, NotFound
+from .futures import ServerFuture, SeqGate
+from .sampling import sample
+from .store import TenantStore, check_name, format_path
+
+
+@dataclass
+class TinkerSession:
+    session_id: str
+    tenant: str
+    created: float = field(default_factory=time.time)
+    last_heartbeat: float = field(default_factory=time.time)
+    finished: bool = False
+    models: Dict[int, str] = field(default_factory=dict)          # model_seq_id -> model_id
+    creations: Dict[int, ServerFuture] = field(default_factory=dict)
+    samplers: Dict[int, str] = field(default_factory=dict)        # sampling_session_seq_id -> sampler id
+
+
+@dataclass
+class TinkerModel:
+    model_id: str
+    tenant: str
+    session_id: str
+    gate: SeqGate
+    lora: Dict[str, Any]
+    adapter: Optional[Adapter] = None
+
+
+@dataclass
+class Sampler:
+    sampler_id: str
+    tenant: str
+    model_path: Optional[str]
+    checkpoint_id: Optional[str]          # None: the base model
+    adapter: Optional[Adapter] = None
+    seen: Dict[int, ServerFuture] = field(default_factory=dict)
+
+
+class TinkerState:
+
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+        self.sessions: Dict[str, TinkerSession] = {}
+        self.models: Dict[str, TinkerModel] = {}
+        self.samplers: Dict[str, Sampler] = {}
+
+    # -- lookups (404 for what is missing or belongs to someone else) ----------------------------------------
+    def session(self, tenant: str, session_id: Any) -> TinkerSession:
+        s = self.sessions.get(session_id) if isinstance(session_id, str) else None
+        if s is None or s.tenant != tenant:
+            raise NotFound(f'session {session_id!r} not found')
+        if s.finished:
+            raise Gone(f'session {session_id!r} has finished')
+        return s
+
+    def model(self, tenant: str, model_id: Any) -> TinkerModel:
+        m = self.models.get(model_id) if isinstance(model_id, str) else None
+        if m is None or m.tenant != tenant:
+            if isinstance(model_id, str) and model_id in self.ctx.store.tenant(tenant).runs:
+                raise NotFound(f'training run {model_id!r} is not loaded (the server restarted or the session '
+                               f'finished); create a new training client from one of its checkpoints')
+            raise NotFound(f'model {model_id!r} not found')
+        return m
+
+    def sampler(self, tenant: str, sampler_id: Any) -> Sampler:
+        s = self.samplers.get(sampler_id) if isinstance(sampler_id, str) else None
+        if s is None or s.tenant != tenant:
+            raise NotFound(f'sampling session {sampler_id!r} not found')
+        return s
+
+    def new_model(self, tenant: str, session: TinkerSession, model_seq_id: int, lora: Dict[str, Any]) -> TinkerModel:
+        model_id = f'{session.session_id}:train:{model_seq_id}'
+        model = TinkerModel(model_id, tenant, session.session_id, SeqGate(self.ctx.enqueue(tenant)), lora)
+        self.models[model_id] = model
+        session.models[model_seq_id] = model_id
+        return model
+
+    # -- worker-side operations ----------------------------------------------------------------------------
+    def lora_from_tinker(self, cfg: Dict[str, Any]) -> Dict[str, Any]:
+        targets: List[str] = []
+        for switch, names in TINKER_TARGETS.items():
+            if cfg.get(switch, True):
+                targets += [n for n in names if n in self.ctx.engine.linear_names]
+        if not targets:
+            raise BadRequest('lora_config trains nothing: enable at least one of train_mlp, train_attn, train_unembed')
+        rank = cfg.get('rank')
+        return {'r': rank, 'lora_alpha': self.ctx.settings.lora_alpha, 'lora_dropout': 0.0, 'target_modules': targets}
+
+    def op_create(self, model: TinkerModel, seed: Optional[int]) -> Dict[str, Any]:
+        engine = self.ctx.engine
+        engine.check_capacity(model.tenant)
+        model.adapter = engine.add(model.tenant, model.model_id, 'train', model.lora, seed)
+        return {'model_id': model.model_id, 'type': 'create_model'}
+
+    def op_create_from(self, model: TinkerModel, ckpt: Dict[str, Any], store: TenantStore,
+                       with_optimizer: bool, path: str) -> Dict[str, Any]:
+        engine = self.ctx.engine
+        engine.check_capacity(model.tenant)
+        model.adapter = engine.add(model.tenant, model.model_id, 'train', model.lora, 0)
+        try:
+            engine.load(model.adapter, store.folder(ckpt), with_optimizer and ckpt['kind'] == 'weights')
+        except Exception:
+            engine.remove(model.adapter)
+            model.adapter = None
+            raise
+        return {'path': path, 'model_id': model.model_id, 'type': 'load_weights'}
+
+    def _adapter(self, model: TinkerModel) -> Adapter:
+        if model.adapter is None:
+            raise BadRequest(f'model {model.model_id} was not created successfully; create a new one')
+        return model.adapter
+
+    def op_forward_backward(self, model: TinkerModel, msg: Any, forward_only: bool) -> bytes:
+        engine, limits = self.ctx.engine, self.ctx.settings.limits
+        adapter = self._adapter(model)
+        rows = tinker_data.datum_rows(msg, msg.loss_fn, limits.max_tokens_per_request)
+        engine.check_tokens([list(r['tokens']) + list(r['target_tokens'].astype('int64')) for r in rows], 'data')
+        loss_fn = tinker_data.make_loss(msg.loss_fn, tinker_data.loss_config(msg))
+        batch = tinker_data.build_batch(rows, engine.model.template.pad_token_id)
+        with engine.using(adapter):
+            if forward_only:
+                with torch.no_grad():
+                    outputs = engine.model.forward(inputs=batch, adapter_name=adapter.name)
+                    loss = loss_fn(outputs['inputs'], outputs)
+            else:
+                outputs = engine.model.forward(inputs=batch, adapter_name=adapter.name)
+                loss = loss_fn(outputs['inputs'], outputs)
+                engine.model.backward(loss, adapter_name=adapter.name)
+        metrics = {'loss:sum': float(loss.loss.detach())}
+        for key in ('num_tokens',):
+            if key in loss.metrics:
+                metrics[f'{key}:sum'] = float(loss.metrics[key])
+        weights = outputs['inputs'].get('weights')
+        return tinker_data.output_proto(rows, outputs['logps'], weights, msg.loss_fn, metrics)
+
+    def op_optim_step(self, model: TinkerModel, params: Dict[str, Any]) -> Dict[str, Any]:
+        engine = self.ctx.engine
+        adapter = self._adapter(model)
+        session = engine.model.sessions[adapter.name]
+        lr = float(params.get('learning_rate', 1e-4))
+        betas = (float(params.get('beta1', 0.9)), float(params.get('beta2', 0.95)))
+        for group in session.optimizer.param_groups:
+            group.update(lr=lr, betas=betas, eps=float(params.get('eps', 1e-12)),
+                         weight_decay=float(params.get('weight_decay', 0.0)))
+        metrics: Dict[str, float] = {}
+        clip = float(params.get('grad_clip_norm', 0.0) or 0.0)
+        with engine.using(adapter):
+            if clip > 0:
+                metrics['grad_norm'] = float(engine.model.clip_grad_norm(clip, adapter_name=adapter.name))
+            engine.model.step(adapter_name=adapter.name)
+            engine.model.zero_grad(adapter_name=adapter.name)
+        return {'metrics': metrics, 'type': 'optim_step'}
+
+    def op_save(self, model: TinkerModel, name: str, kind: str, overwrite: bool,
+                user_metadata: Optional[Dict[str, str]]) -> str:
+        store = self.ctx.store.tenant(model.tenant)
+        check_name(name)
+        if not overwrite and kind != 'snapshot' and store.find(model.model_id, kind, name) is not None:
+            raise BadRequest(f'{format_path(model.model_id, kind, name)} already exists; pass overwrite=True or '
+                             f'choose another name')
+        ckpt_id, folder = store.new_checkpoint_dir()
+        self.ctx.engine.save(self._adapter(model), folder, with_optimizer=kind == 'weights')
+        store.add_checkpoint(ckpt_id, model.model_id, kind, name, folder,
+                             {'lora': model.lora, 'user_metadata': user_metadata or {},
+                              'base_model': self.ctx.settings.served_name})
+        store.touch_run(model.model_id)
+        return format_path(model.model_id, kind, name)
+
+    def op_load(self, model: TinkerModel, path: str, with_optimizer: bool) -> Dict[str, Any]:
+        store = self.ctx.store.tenant(model.tenant)
+        ckpt = store.resolve(path)
+        if with_optimizer and ckpt['kind'] != 'weights':
+            raise BadRequest(f'{path} holds sampler weights only (no optimizer state); load it without the optimizer '
+                             f'or use a checkpoint saved with save_state')
+        self.ctx.engine.load(self._adapter(model), store.folder(ckpt), with_optimizer)
+        return {'path': path, 'model_id': model.model_id, 'type': 'load_weights'}
+
+    def ensure_sampler(self, s: Sampler) -> Adapter:
+        engine = self.ctx.engine
+        if s.adapter is not None and engine.adapters.get(s.adapter.name) is s.adapter:
+            return s.adapter
+        engine.evict_samplers(s.tenant, self.ctx.settings.limits.max_sampling_sessions_per_tenant - 1)
+        if s.checkpoint_id is None:
+            targets = [n for n in ('q_proj',) if n in engine.linear_names] or engine.linear_names[:1]
+            # A fresh LoRA starts with B = 0: sampling through it is sampling from the base model.
+            s.adapter = engine.add(s.tenant, s.sampler_id, 'sampler', {'r': 1, 'target_modules': targets}, 0,
+                                   optimizer=False)
+        else:
+            store = self.ctx.store.tenant(s.tenant)
+            ckpt = store.checkpoints.get(s.checkpoint_id)
+            if ckpt is None:
+                raise NotFound(f'the checkpoint of sampling session {s.sampler_id} was deleted')
+            s.adapter = engine.add(s.tenant, s.sampler_id, 'sampler', ckpt.get('lora', {}), 0,
+                                   folder=store.folder(ckpt), optimizer=False)
+        return s.adapter
+
+    def op_sample(self, s: Sampler, req: Dict[str, Any]) -> bytes:
+        engine = self.ctx.engine
+        adapter = self.ensure_sampler(s)
+        params = req['sampling_params']
+        result = sample(engine, adapter, req['prompt_tokens'], req['num_samples'], params['max_tokens'],
+                        params['temperature'], params['top_k'], params['top_p'], params.get('seed'),
+                        params['stop_tokens'], params['stop_strings'], req['prompt_logprobs'],
+                        req.get('prompt_logprobs_last_n'))
+        return tinker_data.sample_proto(result)
+
+    def release_session(self, session: TinkerSession) -> None:
+        """Unload a finished session's adapters (on the worker); runs and checkpoints stay in the store."""
+        engine = self.ctx.engine
+        for model_id in session.models.values():
+            model = self.models.pop(model_id, None)
+            if model is not None and model.adapter is not None:
+                engine.remove(model.adapter)
+        for sampler_id in session.samplers.values():
+            s = self.samplers.pop(sampler_id, None)
+            if s is not None and s.adapter is not None:
+                engine.remove(s.adapter)
