@@ -15,3 +15,11 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = '0.1.0'
 
 __all__ = ['initialize', 'DeviceMesh', 'DeviceGroup', 'remote_class', 'remote_function', '__version__']
+
+
+def __getattr__(name: str):
+    # The client is imported on first use only: it needs httpx, which local training does not.
+    if name == 'init_twinkle_client':
+        from twinkle.client import init_twinkle_client
+        return init_twinkle_client
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
