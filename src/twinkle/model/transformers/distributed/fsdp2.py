@@ -123,14 +123,32 @@ class FSDP2Strategy(TorchDistributedStrategy):
         return _no_gradient_sync(module)
 
     def clip_grad_norm(self, params: List[torch.Tensor], max_norm: float, norm_type: float) -> torch.Tensor:
+        """Norm of the whole gradient: local shards reduced over the mesh dimensions that shard them
+        (replicas of HSDP are not counted twice), then every local shard scaled in place."""
         from torch.distributed.tensor import DTensor
         grads = [p.grad for p in params if p.grad is not None]
-        # Each rank holds a shard of every gradient: the local norm is a partial one; full_tensor()
-        # reduces it over the shards (and replicas) into the norm of the whole gradient.
-        total = torch.nn.utils.get_total_norm(grads, norm_type=norm_type)
-        if isinstance(total, DTensor):
-            total = total.full_tensor()
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        if not grads:
+            return torch.zeros(())
+        local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+        norm_type = float(norm_type)
+        # Accumulated in float64: float32 norms of large shards drift by ~1e-5 relative on CPU.
+        norms = [torch.linalg.vector_norm(t, norm_type, dtype=torch.float64) for t in local]
+        if norm_type == float('inf'):
+            total, op = torch.stack(norms).max(), dist.ReduceOp.MAX
+        else:
+            total, op = torch.stack(norms).pow(norm_type).sum(), dist.ReduceOp.SUM
+        first = next((g for g in grads if isinstance(g, DTensor)), None)
+        if first is not None:
+            for dim, placement in enumerate(first.placements):
+                if placement.is_shard():
+                    work = total.to(self._comm_device)
+                    dist.all_reduce(work, op=op, group=first.device_mesh.get_group(dim))
+                    total = work.to(total.device)
+        if norm_type != float('inf'):
+            total = total.pow(1.0 / norm_type)
+        total = total.float()
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        torch._foreach_mul_(local, coef.to(local[0].device))
         return total
 
     # ------------------------------------------------------------------ state
@@ -139,7 +157,17 @@ class FSDP2Strategy(TorchDistributedStrategy):
         if not optim_state.is_sharded(module):
             return {k: v.detach().cpu() for k, v in module.state_dict().items()} if self.is_main_process else {}
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # Gathering copies tied parameters (embeddings / output projection) into separate tensors; share
+        # them again so that saving writes them once, as it does in one process.
+        names: Dict[int, List[str]] = {}
+        for name, param in module.named_parameters(remove_duplicate=False):
+            names.setdefault(id(param), []).append(name)
+        for first, *aliases in names.values():
+            for alias in aliases:
+                if first in state and alias in state:
+                    state[alias] = state[first]
+        return state
 
     def load_full_state_dict(self, module: nn.Module, state_dict: Dict[str, torch.Tensor], strict: bool) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
