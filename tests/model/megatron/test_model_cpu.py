@@ -1,7 +1,9 @@
 """MegatronModel's training loop on CPU (TP=1), through the test shim in cpu_shim.py.
 
 The reference is TransformersModel on the same checkpoint, data and optimizer settings: megatron-core's
-Adam (fp32, no master copies) and torch's AdamW do the same arithmetic.
+Adam (fp32, no master copies) and torch's AdamW do the same arithmetic. megatron-core's distributed
+optimizer checks for CUDA tensors, so CPU runs pass use_distributed_optimizer=False (test_model_gpu.py
+covers the default).
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ def test_full_training_losses_match_transformers(megatron_cpu):
 def test_accumulation_over_calls_equals_one_batch(megatron_cpu):
     batch = make_samples(8, seed=4)
     model = _megatron()
-    model.set_optimizer('MegatronDistributedOptimizer', lr=LR, weight_decay=0.0)
+    model.set_optimizer('MegatronDistributedOptimizer', lr=LR, weight_decay=0.0, use_distributed_optimizer=False)
     session = model._session(None)
     session.grad_accum_steps = 2
     first = model.forward_backward(inputs=batch[:4])
@@ -71,7 +73,7 @@ def test_lora_trains_adapter_only_and_saves_peft_folder(megatron_cpu, tmp_path):
     from transformers import AutoModelForCausalLM
     model = _megatron(output_dir=str(tmp_path))
     model.add_adapter_to_model('default', LoraConfig(r=4, lora_alpha=8, target_modules='all-linear'))
-    model.set_optimizer('default', lr=1e-2)
+    model.set_optimizer('default', lr=1e-2, use_distributed_optimizer=False)
     model.set_lr_scheduler('default', num_warmup_steps=1, num_training_steps=10)
     base_before = {k: v.clone() for k, v in model.gpt.state_dict().items() if 'lora' not in k and
                    isinstance(v, torch.Tensor)}
@@ -140,7 +142,7 @@ def test_wrong_optimizer_and_scheduler_names(megatron_cpu):
         model.set_optimizer('AdamW', lr=LR)
     with pytest.raises(ValueError, match='adam_beta1'):
         model.set_optimizer('default', adam_beta=0.9)
-    model.set_optimizer('default', lr=LR)
+    model.set_optimizer('default', lr=LR, use_distributed_optimizer=False)
     with pytest.raises(ValueError, match='OptimizerParamScheduler'):
         model.set_lr_scheduler('CosineWarmupScheduler', num_training_steps=10)
     with pytest.raises(ValueError, match='lr_decay_steps'):

@@ -78,7 +78,7 @@ def _to_peft(full: Dict[str, torch.Tensor], spec: Any) -> Dict[str, torch.Tensor
         target = rest.rsplit('.', 1)[-1]
         block, projs = _HF_PARTS[target]
         if factor.startswith('A'):
-            parts = [value] * len(projs)
+            parts = [value.clone() for _ in projs]
         elif target == 'linear_qkv':
             parts = split_qkv(value, t['num_attention_heads'], t['num_query_groups'])
         elif target == 'linear_fc1':

@@ -71,7 +71,8 @@ class MegatronModel(TwinkleModel):
         self.precision = mixed_precision
         self.tf_config = build_transformer_config(self.spec, parallel.config_kwargs(self.mesh), mixed_precision,
                                                   kwargs, use_cpu_initialization=self.device.type == 'cpu')
-        self.gpt = build_gpt(self.spec, self.tf_config)
+        # Some modules (torch norms) allocate on the CPU whatever megatron-core's init device is.
+        self.gpt = build_gpt(self.spec, self.tf_config).to(self.device)
         load_hf_weights(self.gpt, self.model_dir, self.spec, self.tf_config, self.coords)
         self.ddp: Optional[torch.nn.Module] = None
         self.lora_spec: Optional[lora.LoraSpec] = None

@@ -37,7 +37,7 @@ def optimizer_config(precision: str, kwargs: Dict[str, Any]) -> Any:
             raise ValueError(f'set_optimizer(..., {name}=...): not a megatron-core OptimizerConfig field'
                              f'{_close(name, fields)}')
     dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(precision, torch.float32)
-    base = {'optimizer': 'adam', 'lr': 1e-5, 'weight_decay': 0.01, 'bf16': precision == 'bf16',
+    base = {'optimizer': 'adam', 'lr': 1e-5, 'min_lr': 0.0, 'weight_decay': 0.01, 'bf16': precision == 'bf16',
             'fp16': precision == 'fp16', 'params_dtype': dtype, 'use_distributed_optimizer': True,
             'clip_grad': 1.0}
     base.update(kwargs)
