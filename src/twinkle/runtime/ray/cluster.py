@@ -10,6 +10,7 @@ import atexit
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
@@ -194,7 +195,7 @@ def construct(cls: type, group_name: str, args: tuple, kwargs: Dict[str, Any]) -
                                                     placement_group_bundle_index=i)
         actors.append(worker_cls.options(num_cpus=_ACTOR_SHARE, max_restarts=0, max_task_retries=0,
                                          scheduling_strategy=strategy, **share)
-                      .remote(i, group.num_ranks, env, _cluster.threads_per_rank))
+                      .remote(i, group.num_ranks, env, _cluster.threads_per_rank, os.getcwd(), list(sys.path)))
     handle = RemoteHandle(cls, group_name, actors, mesh, failure_grace_s=_cluster.failure_grace_s)
     try:
         addr, port = handle._wait([actors[0].address.remote()], '__init__', ranks=[0])[0]

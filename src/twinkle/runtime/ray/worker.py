@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Dict, Iterator, Optional, Tuple
+import sys
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 # What a method returned when it returned the component itself (chained calls such as
 # ``dataset.map(...).filter(...)``): the driver answers with its handle instead of a copy.
@@ -53,8 +54,14 @@ def free_port() -> int:
 class RankWorker:
     """One rank of one component. Built with ``ray.remote(RankWorker).options(...)`` by the handle."""
 
-    def __init__(self, rank: int, world_size: int, env: Dict[str, str], num_threads: int) -> None:
+    def __init__(self, rank: int, world_size: int, env: Dict[str, str], num_threads: int,
+                 cwd: Optional[str] = None, sys_path: Sequence[str] = ()) -> None:
         os.environ.update(env)
+        # Relative paths (output dirs, data files) and the script's own modules resolve as they do on
+        # the driver, when this rank runs on the driver's machine.
+        if cwd and os.path.isdir(cwd):
+            os.chdir(cwd)
+        sys.path.extend(p for p in sys_path if p not in sys.path and os.path.isdir(p))
         self.rank, self.world_size = rank, world_size
         self.num_threads = num_threads
         self.obj: Any = None
