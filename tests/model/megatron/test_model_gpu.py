@@ -60,3 +60,24 @@ def test_bf16_lora_trains_and_reports_throughput(tmp_path):
           f'peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB, losses {losses[0]:.3f} -> {losses[-1]:.3f}')
     assert losses[-1] < losses[0] and metrics['step'] == 12
     assert (tmp_path / model.save('adapter').split('/')[-1] / 'adapter_model.safetensors').exists()
+
+
+def test_distributed_optimizer_checkpoint_resumes_exactly(tmp_path):
+    from transformers import AutoModelForCausalLM
+    batch = make_samples(8, seed=5)
+    model = _megatron(mixed_precision='bf16', output_dir=str(tmp_path))
+    model.set_optimizer('MegatronDistributedOptimizer', lr=1e-4)
+    model.forward_backward(inputs=batch)
+    model.clip_grad_and_step()
+    folder = model.save('step-1', save_optimizer=True, consumed_train_samples=8)
+    assert AutoModelForCausalLM.from_pretrained(folder) is not None
+    model.forward_backward(inputs=batch)
+    model.clip_grad_and_step()
+    expected = model.forward_only(inputs=batch)['loss']
+
+    again = _megatron(mixed_precision='bf16')
+    again.set_optimizer('MegatronDistributedOptimizer', lr=1e-4)
+    assert again.resume_from_checkpoint(folder)['cur_step'] == 1
+    again.forward_backward(inputs=batch)
+    again.clip_grad_and_step()
+    assert abs(again.forward_only(inputs=batch)['loss'] - expected) < 1e-3

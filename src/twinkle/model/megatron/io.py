@@ -21,7 +21,7 @@ import torch
 
 from ..checkpoint import (TRAINER_STATE, CheckpointError, capture_rng_state, read_trainer_state, restore_rng_state,
                           verify, write_json, write_manifest)
-from .bridge import fuse_qkv, mcore_to_hf, read_hf_folder, split_qkv, write_hf_folder
+from .bridge import fuse_qkv, mcore_to_hf, split_qkv, write_hf_folder
 from .builder import layout_of, load_hf_weights
 from .lora import LoraSpec, attach, is_lora_key
 from .shard import merge_shards, shard_state
@@ -155,14 +155,61 @@ def shared_folder(target: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _mp_tag(model: 'MegatronModel') -> str:
-    c = model.coords
-    return f'pp{c["pp"]:02d}_tp{c["tp"]:02d}_ep{c["ep"]:02d}'
+def context_rank() -> int:
+    from ...runtime import context
+    return context.rank()
+
+
+def _main_params(sub: Any) -> list:
+    # fp32 master copies: sharded ones for the distributed optimizer, whole ones otherwise.
+    for attr in ('shard_fp32_from_float16_groups', 'shard_fp32_groups'):
+        groups = getattr(sub, attr, None)
+        if groups is not None:
+            return [t for group in groups for t in group if t is not None]
+    return []
+
+
+def _optimizer_state(opt: Any) -> Dict[str, Any]:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    out = []
+    for sub in getattr(opt, 'chained_optimizers', [opt]):
+        if isinstance(sub, DistributedOptimizer):
+            # megatron-core's own parameter-state files assume fused Adam (no per-parameter 'step'), and
+            # fail to load with the torch Adam used without Transformer Engine / apex: save this rank's
+            # shard of the inner optimizer and its fp32 master weights as they are.
+            out.append({'kind': 'distributed', 'inner': sub.optimizer.state_dict(),
+                        'main': [t.detach().clone() for t in _main_params(sub)],
+                        'scaler': sub.grad_scaler.state_dict() if sub.grad_scaler is not None else None})
+        else:
+            out.append({'kind': 'plain', 'state': sub.state_dict()})
+    return {'optimizers': out}
+
+
+def _load_optimizer_state(opt: Any, saved: Dict[str, Any]) -> None:
+    subs = list(getattr(opt, 'chained_optimizers', [opt]))
+    if len(subs) != len(saved['optimizers']):
+        raise CheckpointError('the optimizer in the checkpoint has a different structure than this one')
+    for sub, state in zip(subs, saved['optimizers']):
+        if state['kind'] == 'plain':
+            sub.load_state_dict(state['state'])
+            continue
+        sub.optimizer.load_state_dict(state['inner'])
+        mains = _main_params(sub)
+        if len(mains) != len(state['main']):
+            raise CheckpointError('the saved optimizer shard does not match this rank\'s parameters')
+        with torch.no_grad():
+            for dst, src in zip(mains, state['main']):
+                dst.copy_(src)
+        if state['scaler'] is not None and sub.grad_scaler is not None:
+            sub.grad_scaler.load_state_dict(state['scaler'])
+        # The bf16/fp16 model weights follow their restored fp32 masters.
+        copy = getattr(sub, '_copy_main_params_to_model_params', None)
+        if copy is not None and mains:
+            copy()
 
 
 def save(model: 'MegatronModel', name: str, output_dir: Optional[str], save_optimizer: bool,
          consumed_train_samples: Optional[int], adapter_name: Optional[str]) -> str:
-    from megatron.core import parallel_state as ps
     session = model._session(adapter_name)
     if session.window_micro_steps:
         logger.warning('saving with %d micro-steps of gradients not yet applied', session.window_micro_steps)
@@ -184,12 +231,8 @@ def save(model: 'MegatronModel', name: str, output_dir: Optional[str], save_opti
                 raise ValueError('save_optimizer=True but no optimizer was set (call set_optimizer first)')
             opt_dir = folder / OPTIMIZER_DIR
             opt_dir.mkdir(exist_ok=True)
-            state = session.optimizer.state_dict()
-            if hasattr(session.optimizer, 'save_parameter_state') and session.optimizer.config.use_distributed_optimizer:
-                # Collective over the data-parallel group; data-parallel rank 0 writes.
-                session.optimizer.save_parameter_state(str(opt_dir / f'params_{_mp_tag(model)}.pt'))
-            if ps.get_data_parallel_rank() == 0:
-                torch.save(state, opt_dir / f'optimizer_{_mp_tag(model)}.pt')
+            # Every rank writes its own shard of the optimizer state (same-layout resume).
+            torch.save(_optimizer_state(session.optimizer), opt_dir / f'rank{context_rank():05d}.pt')
             if model.is_main:
                 if session.scheduler is not None:
                     torch.save(session.scheduler.state_dict(), folder / SCHEDULER_FILE)
@@ -305,13 +348,11 @@ def resume(model: 'MegatronModel', checkpoint_dir: str, resume_only_model: bool,
             raise CheckpointError(f'{folder} was saved with {key}={saved_mesh.get(key, 1)} but this model uses '
                                   f'{getattr(model.mesh, key)}; optimizer state resumes only on the same layout '
                                   f'(resume_only_model=True loads the weights alone)')
-    tag = _mp_tag(model)
-    opt = session.optimizer
-    opt.load_state_dict(torch.load(folder / OPTIMIZER_DIR / f'optimizer_{tag}.pt', weights_only=False,
-                                   map_location='cpu'))
-    params_file = folder / OPTIMIZER_DIR / f'params_{tag}.pt'
-    if params_file.exists() and hasattr(opt, 'load_parameter_state'):
-        opt.load_parameter_state(str(params_file))
+    if saved_mesh.get('dp_size', 1) * saved_mesh.get('fsdp_size', 1) != model.mesh.dp_world_size:
+        raise CheckpointError(f'{folder} was saved with another data-parallel size; optimizer state resumes only '
+                              f'on the same layout (resume_only_model=True loads the weights alone)')
+    _load_optimizer_state(session.optimizer, torch.load(folder / OPTIMIZER_DIR / f'rank{context_rank():05d}.pt',
+                                                        weights_only=False, map_location=model.device))
     if session.scheduler is not None and (folder / SCHEDULER_FILE).exists():
         session.scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, weights_only=False))
     rng_states = torch.load(folder / RNG_FILE, weights_only=False)
