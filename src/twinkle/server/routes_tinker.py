@@ -144,7 +144,9 @@ def build_router(ctx: ServerContext) -> APIRouter:
                                                  request.headers.get('content-encoding', ''))
         model = state.model(t, msg.model_id)
         tinker_data.make_loss(msg.loss_fn, tinker_data.loss_config(msg))  # unsupported loss / config: 400 now
-        tinker_data.datum_rows(msg, msg.loss_fn, ctx.settings.limits.max_tokens_per_request)
+        rows = tinker_data.datum_rows(msg, msg.loss_fn, ctx.settings.limits.max_tokens_per_request)
+        ctx.engine.check_tokens([r['tokens'].tolist() + r['target_tokens'].astype('int64').tolist() for r in rows],
+                                'data')
         forward_only = bool(msg.forward_only)
         fut = gated(t, model, msg.seq_id, lambda: state.op_forward_backward(model, msg, forward_only))
         return accepted(fut, model.model_id)

@@ -127,7 +127,6 @@ class TinkerState:
         engine, limits = self.ctx.engine, self.ctx.settings.limits
         adapter = self._adapter(model)
         rows = tinker_data.datum_rows(msg, msg.loss_fn, limits.max_tokens_per_request)
-        engine.check_tokens([list(r['tokens']) + list(r['target_tokens'].astype('int64')) for r in rows], 'data')
         loss_fn = tinker_data.make_loss(msg.loss_fn, tinker_data.loss_config(msg))
         batch = tinker_data.build_batch(rows, engine.model.template.pad_token_id)
         with engine.using(adapter):
