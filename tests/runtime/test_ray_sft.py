@@ -26,12 +26,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(cmd, cwd: Path) -> dict:
+def _start(cmd, cwd: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items()
            if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')}
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, f'{cmd} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}'
-    assert 'saved output/last-checkpoint' in out.stdout
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen, cwd: Path) -> dict:
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        pytest.fail(f'{proc.args} did not finish in 300 s:\n{stdout[-3000:]}\n{stderr[-5000:]}')
+    assert proc.returncode == 0, f'{proc.args} failed:\n{stdout[-3000:]}\n{stderr[-5000:]}'
+    assert 'saved output/last-checkpoint' in stdout
     return json.loads((cwd / 'losses.json').read_text())
 
 
@@ -39,10 +48,13 @@ def test_same_script_same_losses_under_ray_and_torchrun(tmp_path):
     args = [str(SCRIPT), '--steps', str(STEPS), '--losses-out', 'losses.json']
     (tmp_path / 'ray').mkdir()
     (tmp_path / 'local').mkdir()
-    ray_run = _run([sys.executable, *args, '--mode', 'ray'], tmp_path / 'ray')
     torchrun = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_addr', '127.0.0.1',
                 '--master_port', str(_free_port())]
-    local_run = _run([*torchrun, *args, '--mode', 'local'], tmp_path / 'local')
+    # Both at once: Ray spends most of its start-up waiting, which torchrun's run fills.
+    ray_proc = _start([sys.executable, *args, '--mode', 'ray'], tmp_path / 'ray')
+    local_proc = _start([*torchrun, *args, '--mode', 'local'], tmp_path / 'local')
+    local_run = _finish(local_proc, tmp_path / 'local')
+    ray_run = _finish(ray_proc, tmp_path / 'ray')
     assert ray_run['mode'] == 'ray' and local_run['mode'] == 'local'
     ray_losses, local_losses = ray_run['losses'], local_run['losses']
     assert len(ray_losses) == len(local_losses) == STEPS
