@@ -56,7 +56,7 @@ class RemoteObject:
     def __init__(self, *args: Any, client: Optional[TwinkleClient] = None, **kwargs: Any) -> None:
         client = client or get_default_client()
         kwargs.pop('remote_group', None)  # placement is the server's business
-        reply = client.create(self._remote.name, _encode(args), _encode(kwargs))
+        reply = client.create(self._remote.name, _encode(list(args)), _encode(kwargs))
         self._bind(client, reply['object_id'], reply.get('info') or {})
 
     @classmethod
@@ -71,7 +71,7 @@ class RemoteObject:
         self.remote_info = info
 
     def _call(self, method: Method, args: tuple, kwargs: Dict[str, Any]) -> Any:
-        reply = self._client.call(self._object_id, method.name, _encode(args), _encode(kwargs))
+        reply = self._client.call(self._object_id, method.name, _encode(list(args)), _encode(kwargs))
         if reply.get('stop'):
             raise StopIteration
         if method.returns == 'self':
