@@ -289,7 +289,9 @@ def test_remote_dataset_and_dataloaders(cluster):
     # On the Ray driver a DataLoader yields whole global batches (the mesh has dp=2): model handles slice them.
     batches = list(DataLoader(dataset=ds, batch_size=4))
     assert [len(b) for b in batches] == [4, 2] and batches[0][0] == row
-    # A DataLoader placed on a one-rank group iterates there and hands the batches back.
-    remote_dl = DataLoader(dataset=list(range(10)), batch_size=4, remote_group='b')
-    assert len(remote_dl) == 3 and list(remote_dl) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    assert remote_dl.get_state() == {'consumed_train_samples': 10}
+    # A DataLoader placed on a one-rank group iterates there (reading the remote dataset through its
+    # handle, passed along as an argument) and hands the batches back.
+    remote_dl = DataLoader(dataset=ds, batch_size=4, remote_group='b')
+    assert isinstance(remote_dl, RemoteHandle) and len(remote_dl) == 2
+    assert list(remote_dl) == batches
+    assert remote_dl.get_state() == {'consumed_train_samples': 6}

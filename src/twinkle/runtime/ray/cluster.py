@@ -60,11 +60,11 @@ def _resolve_device_type(group: DeviceGroup, gpus: float) -> str:
     return 'cpu'
 
 
-def _start_ray(address: Optional[str], cpus_needed: int, num_cpus: Optional[int]) -> tuple:
+def _start_ray(address: Optional[str], cpus_needed: int, num_cpus: Optional[int], log_to_driver: bool) -> tuple:
     import ray
     if ray.is_initialized():
         return False, None  # the caller started Ray: use it, and leave it running at shutdown
-    quiet = dict(logging_level=logging.WARNING, log_to_driver=True, include_dashboard=False)
+    quiet = dict(logging_level=logging.WARNING, log_to_driver=log_to_driver, include_dashboard=False)
     if address is not None:
         ray.init(address=address, **{k: v for k, v in quiet.items() if k != 'include_dashboard'})
         return True, None
@@ -97,12 +97,15 @@ def _reserve(group: DeviceGroup, device_type: str, timeout_s: float) -> Any:
 def init_ray(groups: Optional[Sequence[DeviceGroup]] = None, global_device_mesh: Optional[DeviceMesh] = None,
              seed: int = 42, nproc_per_node: Optional[int] = None, address: Optional[str] = None,
              num_cpus: Optional[int] = None, failure_grace_s: float = 10.0, teardown_timeout_s: float = 30.0,
-             ready_timeout_s: float = 120.0, dist_timeout_s: Optional[float] = None) -> None:
+             ready_timeout_s: float = 120.0, dist_timeout_s: Optional[float] = None,
+             log_to_driver: bool = True) -> None:
     """Start Ray here (or join ``address``) and reserve the device groups.
 
     ``nproc_per_node`` sizes the default group when ``groups`` is not given. ``failure_grace_s``: how
     long the other ranks may take to finish after one rank failed before the component is declared
     broken. ``dist_timeout_s``: the collectives' timeout inside the ranks (default: settings).
+    ``log_to_driver=False`` keeps the ranks' own output (prints, progress bars) out of this
+    process's console; failures still arrive as exceptions with the remote traceback.
     """
     global _cluster, _atexit_registered
     if context.is_initialized():
@@ -127,7 +130,7 @@ def init_ray(groups: Optional[Sequence[DeviceGroup]] = None, global_device_mesh:
         raise TypeError(f'seed={seed!r} must be an integer')
 
     import ray
-    owns_ray, temp_dir = _start_ray(address, sum(g.num_ranks for g in groups), num_cpus)
+    owns_ray, temp_dir = _start_ray(address, sum(g.num_ranks for g in groups), num_cpus, log_to_driver)
     try:
         gpus = ray.cluster_resources().get('GPU', 0)
         device_types = {g.name: _resolve_device_type(g, gpus) for g in groups}
