@@ -69,6 +69,9 @@ def megatron_on_cpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
     import twinkle.model.megatron.model as product
     monkeypatch.setattr(torch.cuda, 'current_device', lambda: 'cpu')
+    # Pipeline stages move the tied output weight with .cuda() before synchronising it.
+    monkeypatch.setattr(torch.Tensor, 'cuda', lambda self, *args, **kwargs: self)
+    monkeypatch.setattr(torch.cuda, 'synchronize', lambda *args, **kwargs: None)
     monkeypatch.setattr(mrandom, '_CUDA_RNG_STATE_TRACKER', _NoRngTracker())
     monkeypatch.setattr(mrandom, '_CUDA_RNG_STATE_TRACKER_INITIALIZED', True)
     cpu_torch = _cpu_torch()

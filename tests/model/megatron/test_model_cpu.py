@@ -124,7 +124,6 @@ def test_full_save_loads_in_transformers_and_resumes(megatron_cpu, tmp_path):
     model.clip_grad_and_step()
     after_two = model.forward_only(inputs=batch)['loss']
 
-    from .cpu_shim import process_group  # noqa: F401  (the group of this test stays up)
     from megatron.core import parallel_state as ps
     ps.destroy_model_parallel()
     again = _megatron()
