@@ -54,6 +54,12 @@ class Engine:
         self.adapters: Dict[str, Adapter] = {}
         self.linear_names = sorted({n.rsplit('.', 1)[-1] for n, m in self.model.hf_model.named_modules()
                                     if isinstance(m, torch.nn.Linear)})
+        # PEFT cannot add an adapter once every adapter has been deleted (its active adapter would dangle), so
+        # one inert adapter (B = 0: the base model's outputs) stays for the server's lifetime.
+        with torch.random.fork_rng(devices=self._devices()):
+            torch.manual_seed(0)
+            self.model.add_adapter_to_model('anchor', self.lora_config({'r': 1, 'target_modules':
+                                                                        self.linear_names[:1]}))
 
     # -- adapters ------------------------------------------------------------------------------------------
     def count(self, tenant: str, role: str) -> int:

@@ -53,7 +53,7 @@ class TooMany(ApiError):
 
 
 # Exception types whose message describes a caller mistake (wrong argument, unknown name, bad data).
-_USER_ERRORS = (ValueError, TypeError, KeyError, LookupError)
+_USER_ERRORS = (ValueError, TypeError)
 
 
 class Scrubber:

@@ -335,6 +335,9 @@ class TransformersModel(TwinkleModel):
 
     def remove_adapter(self, adapter_name: str) -> None:
         session = self._session(adapter_name)
+        others = [n for n in self.adapter_names if n != session.name]
+        if others:  # PEFT keeps pointing at a deleted active adapter; move it to a surviving one first
+            adapters.activate(self.module, others[0])
         adapters.remove(self.module, adapter_name)
         self.sessions.pop(session.name)
         self._active_adapter = None
