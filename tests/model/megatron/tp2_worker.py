@@ -4,6 +4,7 @@ for ``tp`` and ``pp`` three training steps whose losses match TransformersModel 
 from __future__ import annotations
 
 import sys
+from typing import Any
 import warnings
 
 import pytest
@@ -66,7 +67,7 @@ def main(mode: str) -> None:
     print(f'rank {rank} ok')
 
 
-def _train_and_compare(mp: pytest.MonkeyPatch, mesh: 'DeviceMesh') -> None:
+def _train_and_compare(mp: pytest.MonkeyPatch, mesh: Any) -> None:
     """Three optimizer steps with TP=2 give TransformersModel's single-process losses."""
     import twinkle.model.megatron.model as product
     from twinkle.model import TransformersModel

@@ -78,6 +78,8 @@ def initialize(mesh: DeviceMesh, seed: int = 42, device_type: str = 'cpu') -> No
                              f'process cannot also use {wanted}')
         return
     ps.initialize_model_parallel(**kwargs)
+    from ...runtime.local import on_shutdown
+    on_shutdown(ps.destroy_model_parallel)  # megatron's groups go before the default group does
     if device_type == 'cuda':
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
         model_parallel_cuda_manual_seed(seed)
