@@ -96,3 +96,13 @@ def test_megatron_logits_match_transformers(model_type, megatron_cpu, tmp_path):
         mc_logits = gpt(ids, pos, causal)
         hf_logits = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(ids).logits
     torch.testing.assert_close(mc_logits[..., :hf_config.vocab_size], hf_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_missing_megatron_core_gives_install_hint(monkeypatch):
+    from twinkle.model.megatron import _compat
+    monkeypatch.setattr(_compat, 'megatron_available', lambda: False)
+    with pytest.raises(ImportError, match=r'pip install "twinkle\[megatron\]"'):
+        _compat.require_megatron()
+    import twinkle.model
+    with pytest.raises(ImportError, match='megatron-core'):
+        twinkle.model.MegatronModel

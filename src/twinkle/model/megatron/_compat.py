@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 
-INSTALL_HINT = ('MegatronModel needs megatron-core 0.16 (Python 3.11: later releases need 3.12): '
+INSTALL_HINT = ('MegatronModel needs megatron-core 0.16.x (newer releases require Python 3.12): '
                 'pip install "twinkle[megatron]"  (or: pip install "megatron-core>=0.16,<0.17" --no-deps, which '
                 'keeps your torch)')
 
