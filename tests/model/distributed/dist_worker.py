@@ -128,7 +128,7 @@ def fail():
     dl = iter(S.loader(DP))
     model.forward_backward(inputs=next(dl))
     model.clip_grad_and_step()
-    print(f'rank {RANK} trained one step', flush=True)
+    print(f'rank {RANK} trained one step at {time.time():.1f}', flush=True)
     if RANK == 1:
         raise RuntimeError('rank 1 failed on purpose')
     # Rank 0 goes on into the next backward's gradient all-reduce, which rank 1 never joins.
