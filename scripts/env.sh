@@ -16,6 +16,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   python3 -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --upgrade pip
   "$venv/bin/python" -m pip install --quiet "$torch_spec" -e "$root[$extras]"
+  # megatron-core's declared dependencies would replace torch; what it needs at import is already here.
+  if [ "${TWINKLE_WITH_MEGATRON:-1}" = "1" ]; then
+    "$venv/bin/python" -m pip install --quiet --no-deps 'megatron-core>=0.16,<0.17'
+  fi
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"
