@@ -74,6 +74,7 @@ async def _housekeeping(ctx: ServerContext, every_s: float = 5.0) -> None:
             if ctx.tinker is not None:
                 for model in list(ctx.tinker.models.values()):
                     model.gate.expire(ctx.settings.reorder_timeout_s)
+                ctx.tinker.expire_sessions(ctx.settings.session_timeout_s)
             ctx.futures.prune()
         except Exception:  # housekeeping must never stop the server
             logger.exception('housekeeping failed')

@@ -48,6 +48,9 @@ class ServerSettings(BaseModel):
     """How long retrieve_future waits before answering try_again (the Tinker client waits 45 s)."""
     reorder_timeout_s: float = Field(300.0, gt=0)
     """How long requests wait for a missing earlier seq_id before they fail."""
+    session_timeout_s: float = Field(300.0, gt=0)
+    """A Tinker session without a heartbeat for this long is finished and its adapters unloaded (the SDK beats
+    every 10 s); its runs and checkpoints stay."""
     limits: Limits = Field(default_factory=Limits)
     log_level: str = 'info'
 

@@ -59,7 +59,7 @@ _USER_ERRORS = (ValueError, TypeError)
 class Scrubber:
     """Removes server paths from messages: known roots first, then anything that looks like an absolute path."""
 
-    _ABS_PATH = re.compile(r'(?<![\w:/])/(?:[\w.\-@+]+/)+[\w.\-@+]*')
+    _ABS_PATH = re.compile(r'(?<![\w:/>])/(?:[\w.\-@+]+/)+[\w.\-@+]*')
 
     def __init__(self, roots: Iterable[str] = ()) -> None:
         self.roots: List[str] = sorted({str(r) for r in roots if r and len(str(r)) > 1}, key=len, reverse=True)

@@ -5,6 +5,7 @@ Mutating calls answer ``{request_id}`` at once; the work runs on the model worke
 """
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any, Dict, List, Optional
 
@@ -80,7 +81,6 @@ def build_router(ctx: ServerContext) -> APIRouter:
         s = state.sessions.get(body.session_id)
         if s is None or s.tenant != t or s.finished:
             raise Gone(f'session {body.session_id!r} is not active')
-        import time
         s.last_heartbeat = time.time()
         return {'type': 'session_heartbeat'}
 

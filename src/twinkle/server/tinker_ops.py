@@ -216,6 +216,14 @@ class TinkerState:
                         req.get('prompt_logprobs_last_n'))
         return tinker_data.sample_proto(result)
 
+    def expire_sessions(self, timeout_s: float) -> None:
+        """Finish sessions whose client stopped sending heartbeats (it crashed or lost the network)."""
+        now = time.time()
+        for session in list(self.sessions.values()):
+            if not session.finished and now - session.last_heartbeat > timeout_s:
+                session.finished = True
+                self.ctx.submit(session.tenant, lambda s=session: self.release_session(s))
+
     def release_session(self, session: TinkerSession) -> None:
         """Unload a finished session's adapters (on the worker); runs and checkpoints stay in the store."""
         engine = self.ctx.engine
