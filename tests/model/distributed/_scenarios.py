@@ -14,9 +14,10 @@ SEED = 1234
 GLOBAL_BATCH = 8
 STEPS = 5
 SAVE_AT = 3  # checkpoint after this many steps; the resumed run must reproduce the steps after it
+ACCUMULATE = 2  # micro-batches per optimizer step in the gradient-accumulation runs
 
 
-def make_samples(n: int = 48, seed: int = 0, vocab: int = 4000) -> List[Dict[str, Any]]:
+def make_samples(n: int = 96, seed: int = 0, vocab: int = 4000) -> List[Dict[str, Any]]:
     """Encoded samples of uneven lengths, labels on the second half only (uneven token counts per rank)."""
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -51,14 +52,17 @@ def build(mesh: Any = None, strategy: str = 'native_fsdp', lora: bool = False, o
     return model
 
 
-def train(model: Any, dl: Any, steps: int, save_at: Optional[int] = None, save_name: str = 'ckpt') -> Dict[str, Any]:
-    """Per-step global losses (and grad norms); with ``save_at`` a resumable checkpoint after that step."""
+def train(model: Any, dl: Any, steps: int, save_at: Optional[int] = None, save_name: str = 'ckpt',
+          accumulate: int = 1) -> Dict[str, Any]:
+    """Per-micro-step global losses (and per-step grad norms); with ``save_at`` a resumable checkpoint
+    after that optimizer step; ``accumulate`` micro-batches per optimizer step."""
     losses, norms, saved = [], [], None
     it = iter(dl)
     for step in range(1, steps + 1):
-        out = model.forward_backward(inputs=next(it))
-        result = model.clip_grad_and_step(max_grad_norm=1.0)
-        losses.append(out['loss'])
+        for _ in range(accumulate):
+            losses.append(model.forward_backward(inputs=next(it))['loss'])
+            result = model.clip_grad_and_step(max_grad_norm=1.0, gradient_accumulation_steps=accumulate)
+        assert result['stepped'], result
         norms.append(result['grad_norm'])
         if step == save_at:
             saved = model.save(save_name, save_optimizer=True, consumed_train_samples=dl.get_state()[

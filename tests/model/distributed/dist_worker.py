@@ -100,6 +100,17 @@ def fsdp_lora():
     return _finish(model, S.train(model, S.loader(FSDP), S.STEPS, save_at=S.SAVE_AT))
 
 
+def fsdp_accum():
+    # Gradients of the window's first micro-batch stay unsynchronised (no_sync), the last one reduces.
+    model = S.build(FSDP)
+    return _finish(model, S.train(model, S.loader(FSDP), S.STEPS, accumulate=S.ACCUMULATE))
+
+
+def ddp_accum():
+    model = S.build(DP, strategy='accelerate')
+    return _finish(model, S.train(model, S.loader(DP), S.STEPS, accumulate=S.ACCUMULATE))
+
+
 def accelerate_fsdp():
     model = S.build(FSDP, strategy='accelerate')
     from torch.distributed.fsdp import FSDPModule
@@ -138,7 +149,8 @@ def fail():
     return {}
 
 
-SCENARIOS = {f.__name__: f for f in (meminit_big, meminit, ddp, fsdp, fsdp_lora, accelerate_fsdp, resume_full, resume_lora,
+SCENARIOS = {f.__name__: f for f in (meminit_big, meminit, ddp, fsdp, fsdp_lora, fsdp_accum, ddp_accum,
+                                     accelerate_fsdp, resume_full, resume_lora,
                                      resume_ddp, fail)}
 
 for name in sys.argv[2:]:

@@ -24,8 +24,8 @@ pytestmark = pytest.mark.slow
 WORKER = Path(__file__).with_name('dist_worker.py')
 TORCHRUN_ENV = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT',
                 'GROUP_RANK', 'ROLE_RANK', 'TORCHELASTIC_RUN_ID')
-SCENARIOS = ['meminit_big', 'meminit', 'ddp', 'fsdp', 'fsdp_lora', 'accelerate_fsdp', 'resume_full', 'resume_lora',
-             'resume_ddp']
+SCENARIOS = ['meminit_big', 'meminit', 'ddp', 'fsdp', 'fsdp_lora', 'fsdp_accum', 'ddp_accum', 'accelerate_fsdp',
+             'resume_full', 'resume_lora', 'resume_ddp']
 
 
 def _free_port() -> int:
@@ -58,6 +58,9 @@ def single(tmp_path_factory) -> Dict[str, Any]:
         model = S.build(None, lora=lora, output_dir=str(out))
         runs[name] = S.train(model, S.loader(None), S.STEPS, save_at=S.SAVE_AT, save_name=name)
         model.shutdown()
+    model = S.build(None)
+    runs['accum'] = S.train(model, S.loader(None), S.STEPS, accumulate=S.ACCUMULATE)
+    model.shutdown()
     return runs
 
 
@@ -101,6 +104,8 @@ def _same_on_both_ranks(pair: List[Dict[str, Any]], key: str = 'losses') -> List
     ('fsdp', 'full', 'FSDP2Strategy'),
     ('fsdp_lora', 'lora', 'FSDP2Strategy'),
     ('meminit', 'full', 'FSDP2Strategy'),
+    ('fsdp_accum', 'accum', 'FSDP2Strategy'),
+    ('ddp_accum', 'accum', 'AccelerateDDPStrategy'),
 ])
 def test_per_step_losses_match_one_process(runs, single, scenario, reference, strategy_cls):
     pair = runs[scenario]
@@ -153,7 +158,9 @@ def test_checkpoint_from_two_ranks_is_a_plain_model_folder(runs, single):
     one_weights = load_file(str(Path(single['full']['checkpoint']) / 'model.safetensors'))
     assert dist_weights.keys() == one_weights.keys()
     for key, value in one_weights.items():
-        torch.testing.assert_close(dist_weights[key], value, rtol=1e-4, atol=1e-6)
+        # Adam turns rounding-level gradient differences into up to a few % of one step (lr 5e-4) where
+        # a gradient is near zero; anything like a wrong update would differ by whole steps.
+        torch.testing.assert_close(dist_weights[key], value, rtol=1e-4, atol=2e-5)
     config = json.loads((Path(runs['fsdp'][0]['checkpoint']) / 'config.json').read_text())
     assert config['architectures'] == ['Qwen3ForCausalLM']
 

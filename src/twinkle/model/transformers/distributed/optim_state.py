@@ -29,7 +29,12 @@ def save_sharded(folder: Path, module: nn.Module, optimizer: torch.optim.Optimiz
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     state = get_optimizer_state_dict(module, optimizer)
-    dcp.save({'optimizer': state}, checkpoint_id=str(Path(folder) / OPTIMIZER_DCP))
+    dcp.save({'optimizer': state}, checkpoint_id=str(Path(folder) / OPTIMIZER_DCP), no_dist=not _distributed())
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized()
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -59,7 +64,7 @@ def _load_sharded(path: Path, module: nn.Module, optimizer: torch.optim.Optimize
     # The current (freshly initialised) state is the template DCP fills in, resharding by name.
     state = get_optimizer_state_dict(module, optimizer)
     try:
-        dcp.load({'optimizer': state}, checkpoint_id=str(path))
+        dcp.load({'optimizer': state}, checkpoint_id=str(path), no_dist=not _distributed())
     except Exception as exc:
         raise CheckpointError(f'optimizer state in {path} does not fit this model ({exc}); was it saved with '
                               f'other trainable parameters (adapter, target_modules)?') from exc
