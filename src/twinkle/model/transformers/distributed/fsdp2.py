@@ -63,14 +63,10 @@ class FSDP2Strategy(TorchDistributedStrategy):
     # ------------------------------------------------------------------ wrapping
     @property
     def torch_mesh(self) -> Any:
+        # Only dp and fsdp can exceed 1 here (checked at construction): the torch mesh is ('dp', 'fsdp')
+        # for HSDP, else the one data-parallel dimension; built once, collectively, by the twinkle mesh.
         if self._torch_mesh is None:
-            from torch.distributed.device_mesh import init_device_mesh
-            dims = [(n, s) for n, s in (('dp', self.mesh.dp_size), ('fsdp', self.mesh.fsdp_size)) if s > 1]
-            if len(dims) == 2:  # HSDP: replicate over dp, shard over fsdp
-                self._torch_mesh = init_device_mesh(self.device.type, (dims[0][1], dims[1][1]),
-                                                    mesh_dim_names=('dp', 'fsdp'))
-            else:
-                self._torch_mesh = init_device_mesh(self.device.type, (dims[0][1],), mesh_dim_names=(dims[0][0],))
+            self._torch_mesh = self.mesh.to_torch(self.device.type)
         return self._torch_mesh
 
     def _shard_kwargs(self) -> Dict[str, Any]:
