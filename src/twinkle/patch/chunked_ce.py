@@ -57,6 +57,11 @@ class ChunkedCrossEntropyPatch(Patch):
         self._previous = None
 
     def _apply(self, model: Any) -> None:
+        if 'fsdp' in model.strategy.name:
+            # Under FSDP2 the output projection's weight is a sharded DTensor outside the module's own
+            # forward, so applying it chunk by chunk would need explicit unshard/reshard around each chunk.
+            raise NotImplementedError('ChunkedCrossEntropyPatch supports single-process and DDP training; '
+                                      'with FSDP2 the logits of each shard are already 1/N of the batch')
         core = model.forward_core
         self._previous = core.logits_mode
         core.logits_mode = ('chunked', self.chunk_size)
