@@ -7,7 +7,7 @@ import pytest
 tinker = pytest.importorskip('tinker')
 from tinker import types  # noqa: E402
 
-from .conftest import KEY_A, KEY_B, MODEL  # noqa: E402
+from .conftest import KEY_B, KEY_C, MODEL  # noqa: E402
 
 PROMPT, COMPLETION = [5, 6, 7, 8], [9, 10, 11, 12, 13]
 
@@ -22,7 +22,7 @@ def sft_datum(prompt=PROMPT, completion=COMPLETION) -> types.Datum:
 
 @pytest.fixture(scope='module')
 def service(server):
-    client = tinker.ServiceClient(base_url=server.url, api_key=KEY_A)
+    client = tinker.ServiceClient(base_url=server.url, api_key=KEY_C)
     yield client
     client.close('success')
 
@@ -83,7 +83,7 @@ def test_save_state_and_resume_with_optimizer_continue_identically(server, servi
     weights_only = service.create_training_client_from_state(path).result()
     assert weights_only.forward(batch, 'cross_entropy').result().metrics['loss:sum'] == \
         pytest.approx(loss_at_save, rel=1e-6)
-    rest = tinker.RestClient(base_url=server.url, api_key=KEY_A)
+    rest = tinker.RestClient(base_url=server.url, api_key=KEY_C)
     assert tc.model_id in {r.training_run_id for r in rest.list_training_runs().result().training_runs}
     ckpts = rest.list_checkpoints(tc.model_id).result().checkpoints
     assert any(c.tinker_path == path and c.checkpoint_type == 'training' for c in ckpts)
@@ -167,8 +167,8 @@ def test_another_tenant_cannot_use_a_checkpoint(server, trained):
     try:
         with pytest.raises(Exception, match='not found'):
             other.create_training_client_from_state(path).result()
-        assert tc.model_id not in {r.training_run_id for r in
-                                   tinker.RestClient(base_url=server.url, api_key=KEY_B).list_training_runs().result().training_runs}
+        rest = tinker.RestClient(base_url=server.url, api_key=KEY_B)
+        assert tc.model_id not in {r.training_run_id for r in rest.list_training_runs().result().training_runs}
     finally:
         other.close('success')
 

@@ -48,6 +48,9 @@ class ServerSettings(BaseModel):
     """How long retrieve_future waits before answering try_again (the Tinker client waits 45 s)."""
     reorder_timeout_s: float = Field(300.0, gt=0)
     """How long requests wait for a missing earlier seq_id before they fail."""
+    fwdbwd_chunk_len: Optional[int] = Field(None, ge=1)
+    """Datums per forward_backward request the Tinker SDK is told to send (None: the SDK's default); the SDK
+    sends the chunks of one call in parallel and the server runs them in seq_id order."""
     session_timeout_s: float = Field(300.0, gt=0)
     """A Tinker session without a heartbeat for this long is finished and its adapters unloaded (the SDK beats
     every 10 s); its runs and checkpoints stay."""

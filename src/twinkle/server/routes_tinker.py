@@ -49,7 +49,10 @@ def build_router(ctx: ServerContext) -> APIRouter:
     @r.post('/client/config')
     async def client_config(request: Request) -> Dict[str, Any]:
         tenant(request)
-        return {'parallel_fwdbwd_chunks': True, 'proto_compress_fwdbwd': False}
+        config: Dict[str, Any] = {'parallel_fwdbwd_chunks': True, 'proto_compress_fwdbwd': False}
+        if ctx.settings.fwdbwd_chunk_len:
+            config['fwdbwd_max_chunk_len'] = ctx.settings.fwdbwd_chunk_len
+        return config
 
     @r.post('/client/dynamic_config')
     async def dynamic_config(request: Request) -> Dict[str, Any]:
