@@ -63,7 +63,8 @@ class Engine:
 
     # -- adapters ------------------------------------------------------------------------------------------
     def count(self, tenant: str, role: str) -> int:
-        return sum(1 for a in self.adapters.values() if a.tenant == tenant and a.role == role)
+        # Read from the event loop while the worker may add adapters: iterate over a snapshot.
+        return sum(1 for a in list(self.adapters.values()) if a.tenant == tenant and a.role == role)
 
     def check_capacity(self, tenant: str) -> None:
         limit = self.settings.limits.max_adapters_per_tenant

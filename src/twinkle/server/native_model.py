@@ -253,6 +253,8 @@ class ModelSession:
         if not isinstance(template, str):
             raise BadRequest("set_template takes a registered template name (e.g. 'Template')")
         kwargs.pop('model_id', None)  # the template must tokenize for the served model
+        if 'tokenizer' in kwargs:
+            raise BadRequest('set_template: the server uses the served model\'s tokenizer; tokenizer= is not accepted')
         self.template = resolve('template', template)(model_id=self.engine.model_dir, **kwargs)
 
     def do_set_processor(self, processor: Any, **kwargs: Any) -> None:

@@ -121,6 +121,8 @@ class DatasetObject:
     def set_template(self, template: Any, model_id: Optional[str] = None, **kwargs: Any) -> None:
         if not isinstance(template, str):
             raise BadRequest('set_template takes a registered template name (e.g. "Template")')
+        if 'tokenizer' in kwargs:
+            raise BadRequest('set_template: tokenizer= is not accepted on the server; pass model_id (a hub id)')
         if model_id is None or model_id in self.served:
             model_id = self.model_dir
         elif not model_id.startswith(HUB_SCHEMES):

@@ -43,7 +43,8 @@ def build_router(ctx: ServerContext) -> APIRouter:
         limit = ctx.settings.limits.max_adapters_per_tenant
         if ctx.engine.count(t, 'train') + pending >= limit:
             raise TooMany(f'this API key already has {limit} training runs loaded (limits.max_adapters_per_tenant); '
-                          f'finish a session (ServiceClient.close) before creating another', headers={'Retry-After': '5'})
+                          f'finish a session (ServiceClient.close) before creating another',
+                          headers={'Retry-After': '5'})
 
     # -- bootstrap ---------------------------------------------------------------------------------------------
     @r.post('/client/config')
@@ -314,7 +315,9 @@ def tokenizer_id(ctx: ServerContext) -> str:
     if ctx.settings.tokenizer_id:
         return ctx.settings.tokenizer_id
     from ..hub import split_id
-    return split_id(ctx.settings.model)[1] if '://' in ctx.settings.model else ctx.settings.served_name.rsplit('/', 1)[-1]
+    if '://' in ctx.settings.model:
+        return split_id(ctx.settings.model)[1]
+    return ctx.settings.served_name.rstrip('/').rsplit('/', 1)[-1]  # a folder's name, never the server path
 
 
 def sample_request(ctx: ServerContext, body: B.Sample) -> Dict[str, Any]:
