@@ -6,7 +6,7 @@ the template with a generation prompt, or token ids (a list of ints, or ``{'inpu
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
 from twinkle.registry import resolve
 from twinkle.sampler.types import SampledSequence, SampleResult, SamplingParams
@@ -159,6 +159,3 @@ def group_results(prompts: List[List[int]], originals: List[Any],
     return [SampleResult(prompt_token_ids=prompts[i], sequences=sequences[i * n:(i + 1) * n], prompt=originals[i])
             for i in range(len(prompts))]
 
-
-def sampler_kwargs_to_params(sampling_params: Any, kwargs: Dict[str, Any]) -> SamplingParams:
-    return SamplingParams.from_any(sampling_params, **kwargs)

@@ -51,12 +51,14 @@ class TorchSampler(Sampler):
         generation_config: a transformers GenerationConfig (or dict) whose end tokens, cache settings
             and sampling defaults apply to every call.
         max_batch_size: sequences generated at once (prompts x n); None = all.
+        compile: let transformers ``torch.compile`` the decoding step of static caches on CUDA (off by
+            default: rollout shapes change every call, and each new shape recompiles).
     """
 
     def __init__(self, model_id: Optional[str] = None, *, model: Any = None, template: Any = None,
                  device: Optional[Any] = None, dtype: Optional[torch.dtype] = None,
                  cache_implementation: Optional[str] = None, generation_config: Any = None,
-                 max_batch_size: Optional[int] = None, **model_kwargs: Any) -> None:
+                 max_batch_size: Optional[int] = None, compile: bool = False, **model_kwargs: Any) -> None:
         if (model_id is None) == (model is None):
             raise ValueError('TorchSampler needs exactly one of model_id= (e.g. "builtin://tiny-qwen3") or model=')
         if max_batch_size is not None and max_batch_size < 1:
@@ -72,6 +74,7 @@ class TorchSampler(Sampler):
         self.generation_config = self._base_generation_config(generation_config)
         if cache_implementation is not None:
             self.generation_config.cache_implementation = cache_implementation
+        self.generation_config.disable_compile = not compile
         self._check_cache(self.generation_config)
         if template is not None:
             self.set_template(template)

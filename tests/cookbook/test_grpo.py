@@ -1,0 +1,80 @@
+"""cookbook/grpo.py learns: with a fixed seed the mean reward of the last steps is clearly above the first."""
+from __future__ import annotations
+
+import importlib.util
+import random
+from pathlib import Path
+
+import pytest
+
+_SPEC = importlib.util.spec_from_file_location('cookbook_grpo',
+                                               Path(__file__).resolve().parents[2] / 'cookbook' / 'grpo.py')
+grpo = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(grpo)
+
+
+def _mean(rows, key='reward_mean'):
+    return sum(r[key] for r in rows) / len(rows)
+
+
+def test_grpo_reward_rises(tmp_path, capsys):
+    history = grpo.main(['--steps', '30', '--seed', '1', '--quiet', '--output-dir', str(tmp_path)])
+    assert len(history) == 30
+    first, last = _mean(history[:5]), _mean(history[-5:])
+    assert last > first + 0.15, [round(h['reward_mean'], 2) for h in history]
+    for key in ('reward_std', 'kl', 'clip_frac', 'entropy', 'response_length_mean', 'ratio_mean'):
+        assert all(key in h for h in history), key
+    assert max(h['clip_frac'] for h in history) > 0  # the second update of a batch is off-policy
+    assert all(h['sync_full'] == 0.0 for h in history)  # only the adapter travels after the first sync
+    assert 'reward: first steps' in capsys.readouterr().out
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    args = grpo.parse_args(['--warmup-steps', '0', '--prompts-per-step', '2', '--group-size', '2', '--quiet'])
+    tasks = grpo.load_tasks(args.data)
+    model_dir = grpo.warm_up(args, tasks, tmp_path_factory.mktemp('grpo'))
+    return (args, tasks) + tuple(grpo.build(args, model_dir))
+
+
+def test_a_reward_of_the_wrong_length_is_named(setup):
+    from twinkle.advantage import GRPOAdvantage
+    from twinkle.reward import FunctionReward
+    args, tasks, model, sampler, engine = setup
+    short = FunctionReward(lambda trajectories: [1.0] * (len(trajectories) - 1), batched=True, name='short')
+    with pytest.raises(ValueError, match=r'FunctionReward\(short\) returned 3 rewards for 4 trajectories'):
+        grpo.rl_step(0, args, tasks[:4], model, sampler, engine, short, GRPOAdvantage(), random.Random(0))
+
+
+def test_a_group_size_that_does_not_divide_the_batch(setup):
+    from twinkle.advantage import GRPOAdvantage
+    args, tasks, model, sampler, engine = setup
+    bad = grpo.parse_args(['--prompts-per-step', '2', '--group-size', '2', '--quiet'])
+    bad.group_size = 3  # the advantage is told 3 while the sampler drew 2 per prompt
+    real_sample = sampler.sample
+    sampler.sample = lambda prompts, params, **kw: real_sample(prompts, {**vars(params), 'n': 2}, **kw)
+    try:
+        with pytest.raises(ValueError, match='num_generations=3 does not divide the batch of 4'):
+            grpo.rl_step(0, bad, tasks[:4], model, sampler, engine, grpo.build_reward(args), GRPOAdvantage(),
+                         random.Random(0))
+    finally:
+        sampler.sample = real_sample
+
+
+def test_missing_old_logprobs_for_the_clipped_loss(setup):
+    args, tasks, model, sampler, engine = setup
+    sample = {'input_ids': [1, 5, 6, 7], 'labels': [-100, -100, 6, 7], 'advantages': 1.0}
+    with pytest.raises(ValueError, match=r'needs inputs\["old_logps"\]'):
+        model.forward_backward(inputs=[sample])
+
+
+def test_bad_task_file(tmp_path):
+    path = tmp_path / 'tasks.jsonl'
+    path.write_text('{"messages": [{"role": "user", "content": "1+1="}]}\n')
+    with pytest.raises(ValueError, match='line 1 needs "messages" and "ground_truth"'):
+        grpo.load_tasks(str(path))
+
+
+def test_closeness_reward():
+    traj = lambda text: {'messages': [{'role': 'assistant', 'content': text}], 'ground_truth': '7'}  # noqa: E731
+    assert [grpo.closeness(traj(t)) for t in ('7', '9', '12', '20', 'x')] == [1.0, 0.6, 0.0, 0.0, 0.0]
