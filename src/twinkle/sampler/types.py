@@ -29,10 +29,13 @@ class SamplingParams:
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
+        if isinstance(self.stop, (str, int)):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+        stops = list(self.stop or [])
+        # Token ids given among the stop strings (as Tinker-style clients do) become stop tokens.
+        self.stop = [s for s in stops if not isinstance(s, int) or isinstance(s, bool)]
+        self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])] + \
+            [s for s in stops if isinstance(s, int) and not isinstance(s, bool)]
         self.validate()
 
     def validate(self) -> None:
