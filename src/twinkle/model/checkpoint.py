@@ -108,6 +108,29 @@ def write_json(path: Path, data: Dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
+def open_for_resume(folder: Union[str, Path], session: Any) -> tuple:
+    """Check ``folder`` is a complete checkpoint of the session's kind; return (trainer_state, progress).
+
+    ``progress`` is what ``resume_from_checkpoint`` returns; ``trainer_state`` is empty for a
+    weights-only checkpoint.
+    """
+    folder = Path(folder)
+    manifest = verify(folder)
+    kind = 'adapter' if session.name else 'full'
+    if manifest.get('kind') != kind:
+        raise CheckpointError(f'{folder} is a {manifest.get("kind")} checkpoint but this model trains '
+                              f'{"adapter " + repr(session.name) if session.name else "all parameters"}')
+    state_path = folder / TRAINER_STATE
+    trainer_state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    progress = {
+        'cur_step': int(trainer_state.get('cur_step', 0)),
+        'consumed_train_samples': int(trainer_state.get('consumed_train_samples', 0)),
+        'gradient_accumulation_steps': int(trainer_state.get('gradient_accumulation_steps',
+                                                             session.grad_accum_steps)),
+    }
+    return trainer_state, progress
+
+
 def read_trainer_state(folder: Union[str, Path]) -> Dict[str, Any]:
     path = Path(folder) / TRAINER_STATE
     if not path.exists():

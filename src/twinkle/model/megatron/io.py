@@ -11,16 +11,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional
 
 import torch
 
-from ..checkpoint import (TRAINER_STATE, CheckpointError, capture_rng_state, read_trainer_state, restore_rng_state,
-                          verify, write_json, write_manifest)
+from ..checkpoint import (TRAINER_STATE, CheckpointError, atomic_folder, capture_rng_state, open_for_resume,
+                          read_trainer_state, restore_rng_state, write_json, write_manifest)
 from .bridge import fuse_qkv, mcore_to_hf, split_qkv, write_hf_folder
 from .builder import layout_of, load_hf_weights
 from .lora import LoraSpec, attach, is_lora_key
@@ -130,29 +127,23 @@ def shared_folder(target: Path) -> Iterator[Path]:
     """A temporary folder on rank 0's file system every rank writes into, renamed to ``target`` at the end."""
     dist = _dist()
     multi = dist is not None and dist.get_world_size() > 1
-    rank = dist.get_rank() if multi else 0
+    if not multi:
+        with atomic_folder(target) as tmp:
+            yield tmp
+        return
     box = [None]
-    if rank == 0:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        box[0] = tempfile.mkdtemp(prefix=f'.{target.name}.tmp-', dir=target.parent)
-    if multi:
-        dist.broadcast_object_list(box, src=0)
-    tmp = Path(box[0])
-    try:
-        yield tmp
-        if multi:
+    if dist.get_rank() == 0:
+        with atomic_folder(target) as tmp:
+            box[0] = str(tmp)
+            dist.broadcast_object_list(box, src=0)
+            yield tmp
             dist.barrier()
-        if rank == 0:
-            if target.exists():
-                old = target.with_name(f'.{target.name}.old-{os.getpid()}')
-                os.replace(target, old)
-                os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
-    finally:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+    else:
+        dist.broadcast_object_list(box, src=0)
+        yield Path(box[0])
+        dist.barrier()
+        dist.barrier()
 
 
 def context_rank() -> int:
@@ -323,19 +314,9 @@ def _refresh_master_weights(session: 'TrainingSession') -> None:
 def resume(model: 'MegatronModel', checkpoint_dir: str, resume_only_model: bool,
            adapter_name: Optional[str]) -> Dict[str, int]:
     folder = Path(checkpoint_dir)
-    manifest = verify(folder)
     session = model._session(adapter_name)
-    kind = 'adapter' if session.name else 'full'
-    if manifest.get('kind') != kind:
-        raise CheckpointError(f'{folder} is a {manifest.get("kind")} checkpoint but this model trains '
-                              f'{"adapter " + repr(session.name) if session.name else "all parameters"}')
+    _, result = open_for_resume(folder, session)
     load_weights(model, str(folder), session)
-    state_path = folder / TRAINER_STATE
-    trainer_state = json.loads(state_path.read_text()) if state_path.exists() else {}
-    result = {'cur_step': int(trainer_state.get('cur_step', 0)),
-              'consumed_train_samples': int(trainer_state.get('consumed_train_samples', 0)),
-              'gradient_accumulation_steps': int(trainer_state.get('gradient_accumulation_steps',
-                                                                   session.grad_accum_steps))}
     if resume_only_model:
         return result
     trainer_state = read_trainer_state(folder)

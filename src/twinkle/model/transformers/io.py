@@ -7,7 +7,6 @@ the optimizer, scheduler, scaler and RNG state of every rank and ``trainer_state
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
 from pathlib import Path
@@ -19,8 +18,8 @@ from torch import nn
 
 from ...metric import MetricWriter
 from ...settings import get_settings
-from ..checkpoint import (TRAINER_STATE, CheckpointError, capture_rng_state, read_manifest,
-                          read_trainer_state, restore_rng_state, verify, write_json, write_manifest)
+from ..checkpoint import (TRAINER_STATE, CheckpointError, capture_rng_state, open_for_resume, read_manifest,
+                          read_trainer_state, restore_rng_state, write_json, write_manifest)
 
 if TYPE_CHECKING:
     from ..session import TrainingSession
@@ -180,21 +179,9 @@ def load_weights(model: 'TransformersModel', checkpoint_dir: str, session: 'Trai
 def resume(model: 'TransformersModel', checkpoint_dir: str, resume_only_model: bool,
            adapter_name: Optional[str]) -> Dict[str, int]:
     folder = Path(checkpoint_dir)
-    manifest = verify(folder)
     session = model._session(adapter_name)
-    kind = 'adapter' if session.name else 'full'
-    if manifest.get('kind') != kind:
-        raise CheckpointError(f'{folder} is a {manifest.get("kind")} checkpoint but this model trains '
-                              f'{"adapter " + repr(session.name) if session.name else "all parameters"}')
+    _, result = open_for_resume(folder, session)
     load_weights(model, str(folder), session)
-    state_path = folder / TRAINER_STATE
-    trainer_state = json.loads(state_path.read_text()) if state_path.exists() else {}
-    result = {
-        'cur_step': int(trainer_state.get('cur_step', 0)),
-        'consumed_train_samples': int(trainer_state.get('consumed_train_samples', 0)),
-        'gradient_accumulation_steps': int(trainer_state.get('gradient_accumulation_steps',
-                                                             session.grad_accum_steps)),
-    }
     if resume_only_model:
         return result
     trainer_state = read_trainer_state(folder)
