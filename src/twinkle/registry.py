@@ -30,6 +30,7 @@ _PROVIDERS: Dict[str, Iterable[str]] = {
     'reward': ('twinkle.reward',),
     'advantage': ('twinkle.advantage',),
     'sampler': ('twinkle.sampler',),
+    'checkpoint_engine': ('twinkle.checkpoint_engine',),
 }
 
 
