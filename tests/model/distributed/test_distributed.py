@@ -66,13 +66,14 @@ def single(tmp_path_factory) -> Dict[str, Any]:
 
 @pytest.fixture(scope='module')
 def big_model(tmp_path_factory) -> str:
-    """A ~27M-parameter Qwen3 (random weights), big enough for memory to be measurable against noise."""
+    """A ~52M-parameter Qwen3 (random weights): big enough that the process's fixed memory noise (tens of
+    MB of lazily imported modules and allocator slack) is small against one shard."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from twinkle.hub import resolve
     base = AutoConfig.from_pretrained(resolve(S.MODEL_ID))
-    sizes = {**base.to_dict(), 'hidden_size': 512, 'intermediate_size': 1536, 'num_hidden_layers': 8,
-             'num_attention_heads': 8, 'num_key_value_heads': 4, 'max_window_layers': 8}
+    sizes = {**base.to_dict(), 'hidden_size': 512, 'intermediate_size': 1536, 'num_hidden_layers': 16,
+             'num_attention_heads': 8, 'num_key_value_heads': 4, 'max_window_layers': 16}
     sizes.pop('layer_types', None)  # derived from the layer count
     config = type(base)(**sizes)
     folder = tmp_path_factory.mktemp('big-qwen3')
@@ -133,7 +134,7 @@ def test_memory_efficient_init_keeps_other_ranks_near_one_shard(runs):
         assert rank0['shard_param_bytes'] == rank1['shard_param_bytes'] == rank0['built_param_bytes'] // 2
     rank0, rank1 = runs['meminit_big']
     full = rank0['full_param_bytes']
-    assert full > 100e6
+    assert full > 200e6
     # Rank 0 holds the whole model while it hands out the shards; rank 1 never more than about one shard.
     assert rank0['peak_rss_delta'] > full, rank0
     assert rank1['peak_rss_delta'] < 0.75 * full, rank1
