@@ -14,6 +14,9 @@ from twinkle.types import IGNORE_INDEX
 # Rows of (position, vocabulary) handled at once. A full float32 log_softmax over a 150k vocabulary
 # for 8k tokens is ~5 GB; chunking keeps the transient at chunk_rows * vocab floats.
 DEFAULT_CHUNK_ROWS = 1024
+# token_logprobs splits by elements instead: 2**27 float32 logits (512 MB) per piece, so a small
+# vocabulary runs in one piece and a 150k one in pieces of ~900 positions.
+CHUNK_ELEMENTS = 1 << 27
 
 
 def loss_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -28,7 +31,7 @@ def loss_mask(labels: torch.Tensor) -> torch.Tensor:
 def token_logprobs(logits: torch.Tensor,
                    labels: torch.Tensor,
                    temperature: float = 1.0,
-                   chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Tuple[torch.Tensor, torch.Tensor]:
+                   chunk_rows: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``logps[b, t] = log p(labels[b, t] | tokens < t)`` from unshifted ``logits`` [B, T, V].
 
     Returns ``(logps [B, T] float32, mask [B, T] bool)``; ``logps`` is 0 wherever ``mask`` is False.
@@ -45,23 +48,34 @@ def token_logprobs(logits: torch.Tensor,
     out = logits.new_zeros((batch, seq), dtype=torch.float32)
     if seq < 2:
         return out, mask
-    pred = logits[:, :-1].reshape(-1, vocab)
-    target = labels[:, 1:].reshape(-1)
-    safe_target = torch.where(target == IGNORE_INDEX, torch.zeros_like(target), target)
-    if safe_target.numel() and (safe_target.min() < 0 or safe_target.max() >= vocab):
-        raise ValueError(f'labels hold token ids outside [0, {vocab}) (the logits vocabulary); got range '
-                         f'[{int(safe_target.min())}, {int(safe_target.max())}]')
-    pieces = []
-    for start in range(0, pred.shape[0], max(1, chunk_rows)):
-        rows = pred[start:start + chunk_rows].float()
-        if temperature != 1.0:
-            rows = rows / temperature
-        idx = safe_target[start:start + chunk_rows]
-        picked = rows.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
-        pieces.append(picked - torch.logsumexp(rows, dim=-1))
-    shifted = torch.cat(pieces).view(batch, seq - 1)
+    # Row r of the flattened logits predicts the label one position later; padding the labels on the
+    # right (instead of slicing the logits) keeps the logits a view, so no [B, T, V] copy is made.
+    flat = logits.reshape(-1, vocab)
+    chunk_rows = chunk_rows or max(1, CHUNK_ELEMENTS // vocab)
+    target = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)
+    scored = target != IGNORE_INDEX
+    if scored.any():
+        lo, hi = target[scored].min(), target[scored].max()
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f'labels hold token ids outside [0, {vocab}) (the logits vocabulary); got range '
+                             f'[{int(lo)}, {int(hi)}]')
+    if flat.shape[0] <= chunk_rows:
+        # One piece: no slicing, whose backward would allocate a full-size zero gradient per chunk.
+        shifted = _picked_logps(flat, target, temperature).view(batch, seq)[:, :-1]
+    else:
+        pieces = [_picked_logps(flat[start:start + chunk_rows], target[start:start + chunk_rows], temperature)
+                  for start in range(0, flat.shape[0], max(1, chunk_rows))]
+        shifted = torch.cat(pieces).view(batch, seq)[:, :-1]
     out = torch.cat([out[:, :1], shifted], dim=1)
     return out.masked_fill(~mask, 0.0), mask
+
+
+def _picked_logps(rows: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+    rows = rows.float()
+    if temperature != 1.0:
+        rows = rows / temperature
+    # cross_entropy fuses log-softmax and the pick, forward and backward.
+    return -torch.nn.functional.cross_entropy(rows, target, ignore_index=IGNORE_INDEX, reduction='none')
 
 
 @torch.no_grad()

@@ -59,7 +59,7 @@ class TokenAccuracyMetric(Metric):
         if logits is None or labels is None:
             return
         with torch.no_grad():
-            pred = logits[:, :-1].argmax(dim=-1)
+            pred = logits.argmax(dim=-1)[:, :-1]  # argmax of the contiguous logits, then the shift
             target = labels[:, 1:].to(pred.device)
             mask = target != -100
             self._hit = self._hit + (pred.eq(target) & mask).sum().cpu().to(torch.float64)
