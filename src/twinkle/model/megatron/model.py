@@ -20,6 +20,7 @@ from ...registry import resolve
 from ...runtime import context
 from ...runtime.remote import remote_class, remote_function
 from ..base import TwinkleModel
+from ..components import TemplateProcessorMixin
 from ..session import TrainingSession
 from ..transformers.inputs import prepare_batch
 from . import lora, optim, parallel, step
@@ -40,7 +41,7 @@ def require_cuda() -> None:
 
 
 @remote_class
-class MegatronModel(TwinkleModel):
+class MegatronModel(TemplateProcessorMixin, TwinkleModel):
 
     def __init__(self, model_id: str, config: Optional[Any] = None, device_mesh: Optional[Any] = None,
                  mixed_precision: str = 'bf16', **kwargs: Any):
@@ -107,22 +108,6 @@ class MegatronModel(TwinkleModel):
     @property
     def module(self) -> torch.nn.Module:
         return self.ddp if self.ddp is not None else self.gpt
-
-    @property
-    def template(self) -> Any:
-        if self._template is None:
-            self._template = resolve('template', 'Template')(model_id=self.model_dir)
-        return self._template
-
-    @property
-    def processor(self) -> Any:
-        if self._processor is None:
-            self._processor = resolve('processor', 'InputProcessor')(pad_token_id=self.template.pad_token_id)
-        return self._processor
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.template.tokenizer
 
     def _dp_sum(self, value: torch.Tensor) -> torch.Tensor:
         from megatron.core import parallel_state as ps
@@ -328,20 +313,6 @@ class MegatronModel(TwinkleModel):
             lora.attach(self.gpt, self.lora_spec, self.tf_config)
         self.sessions[adapter_name] = TrainingSession(name=adapter_name,
                                                       grad_accum_steps=int(gradient_accumulation_steps))
-
-    @remote_function(dispatch='all', collect='first')
-    def set_template(self, template: Any, **kwargs: Any) -> None:
-        if isinstance(template, (str, type)):
-            kwargs.setdefault('model_id', self.model_dir)
-            template = resolve('template', template)(**kwargs)
-        self._template = template
-
-    @remote_function(dispatch='all', collect='first')
-    def set_processor(self, processor: Any, **kwargs: Any) -> None:
-        if isinstance(processor, (str, type)):
-            kwargs.setdefault('pad_token_id', self.template.pad_token_id)
-            processor = resolve('processor', processor)(**kwargs)
-        self._processor = processor
 
     def apply_patch(self, patch: Any, **kwargs: Any) -> Any:
         raise NotImplementedError('patches target the Hugging Face module of TransformersModel; MegatronModel '

@@ -10,7 +10,7 @@ import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Type, Union
+from typing import Any, Dict, List, Optional, Type, Union
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ from torch import nn
 from ...registry import resolve
 from ...runtime.remote import remote_class, remote_function
 from ..base import TwinkleModel
+from ..components import TemplateProcessorMixin
 from ..session import TrainingSession
 from . import adapters, generation, io
 from .forward import ForwardCore
@@ -33,7 +34,7 @@ _OWN_KWARGS = ('output_dir', 'log_dir', 'report_to_tensorboard')
 
 
 @remote_class
-class TransformersModel(TwinkleModel):
+class TransformersModel(TemplateProcessorMixin, TwinkleModel):
 
     def __init__(self,  # noqa: C901 - the signature is the public contract
                  model_cls: Optional[Union[Type[nn.Module], str]] = None,
@@ -103,22 +104,6 @@ class TransformersModel(TwinkleModel):
         if session.name is not None and session.name != self._active_adapter:
             adapters.activate(self.module, session.name)
             self._active_adapter = session.name
-
-    @property
-    def template(self) -> Any:
-        if self._template is None:
-            self._template = resolve('template', 'Template')(model_id=self.model_dir)
-        return self._template
-
-    @property
-    def processor(self) -> Any:
-        if self._processor is None:
-            self._processor = resolve('processor', 'InputProcessor')(pad_token_id=self.template.pad_token_id)
-        return self._processor
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.template.tokenizer
 
     # ------------------------------------------------------------------ forward / loss / backward
     def _run_forward(self, inputs: Any, session: TrainingSession, **kwargs: Any) -> Dict[str, Any]:
@@ -341,20 +326,6 @@ class TransformersModel(TwinkleModel):
         adapters.remove(self.module, adapter_name)
         self.sessions.pop(session.name)
         self._active_adapter = None
-
-    @remote_function(dispatch='all', collect='first')
-    def set_template(self, template: Any, **kwargs: Any) -> None:
-        if isinstance(template, str) or isinstance(template, type):
-            kwargs.setdefault('model_id', self.model_dir)
-            template = resolve('template', template)(**kwargs)
-        self._template = template
-
-    @remote_function(dispatch='all', collect='first')
-    def set_processor(self, processor: Any, **kwargs: Any) -> None:
-        if isinstance(processor, str) or isinstance(processor, type):
-            kwargs.setdefault('pad_token_id', self.template.pad_token_id)
-            processor = resolve('processor', processor)(**kwargs)
-        self._processor = processor
 
     def apply_patch(self, patch: Any, **kwargs: Any) -> Any:
         patch_obj = resolve('patch', patch)
