@@ -118,3 +118,32 @@ def test_forward_only_does_not_touch_gradients(model):
     assert out['logps'].shape == out['inputs']['labels'].shape
     assert all(p.grad is None for p in model.module.parameters())
     assert 'loss' in model.calculate_metric(is_training=False)
+
+
+def test_loss_scaler_unscales_once_per_window_and_survives_an_empty_window():
+    """fp16 bookkeeping (exercised on CPU with a CPU GradScaler): a window without label tokens is
+    skipped cleanly, and clip_grad_norm before clip_grad_and_step does not unscale twice."""
+    torch.manual_seed(0)
+    m = TransformersModel(model_id=MODEL_ID, mixed_precision='no', report_to_tensorboard=False)
+    m.set_optimizer('AdamW', lr=1e-3)
+    session = m._session(None)
+    session.scaler = torch.amp.GradScaler('cpu', init_scale=1024.0)
+    empty = [{'input_ids': s['input_ids'], 'labels': [-100] * len(s['input_ids'])} for s in make_samples(2)]
+    m.forward_backward(inputs=empty)
+    assert m.clip_grad_and_step()['stepped'] is False
+    batch = make_samples(4)
+    m.forward_backward(inputs=batch)
+    scaled_norm = m.clip_grad_norm(max_grad_norm=1e9)
+    result = m.clip_grad_and_step(max_grad_norm=1e9)
+    assert result['stepped'] is True
+    # The norm is measured on unscaled gradients both times: same order of magnitude, not x1024.
+    assert scaled_norm < 1e4 and result['grad_norm'] < 1e4
+
+
+def test_chunked_patch_refuses_temperature():
+    torch.manual_seed(0)
+    m = TransformersModel(model_id=MODEL_ID, mixed_precision='no', report_to_tensorboard=False)
+    m.set_optimizer('SGD', lr=0.1)
+    with m.apply_patch('ChunkedCrossEntropyPatch', chunk_size=8):
+        with pytest.raises(ValueError, match='temperature'):
+            m.forward(inputs=make_samples(2), temperature=0.7)

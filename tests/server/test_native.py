@@ -125,6 +125,14 @@ def test_refused_operations_explain_why(connected):
         model.load('/etc/passwd')
     with pytest.raises(RemoteError, match='not served'):
         RemoteModel(model_id='hf://Qwen/Qwen3-8B')
+    # generate is checked like training input: ids inside the vocabulary, size within the limits.
+    with pytest.raises(RemoteError, match='outside the vocabulary') as err:
+        model.generate([[1, 2, 10 ** 6]], max_new_tokens=2)
+    assert err.value.status == 400
+    with pytest.raises(RemoteError, match='max_tokens_per_request') as err:
+        model.generate([[5] * 4000] * 64, max_new_tokens=2)
+    assert err.value.status == 413
+    assert len(model.generate([[5, 6, 7]], max_new_tokens=2)[0]['token_ids']) <= 2
     model.release()
 
 

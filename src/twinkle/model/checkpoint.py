@@ -81,7 +81,11 @@ def atomic_folder(target: Union[str, Path]) -> Iterator[Path]:
             # Keep the old checkpoint until the new one is in place: rename it aside first.
             old = target.with_name(f'.{target.name}.old-{os.getpid()}')
             os.replace(target, old)
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                os.replace(old, target)  # the previous checkpoint stays under its name
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)

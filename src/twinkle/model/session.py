@@ -30,6 +30,8 @@ class TrainingSession:
     """Units (tokens, sequences) the losses of the current window summed over."""
     metrics: List[Metric] = field(default_factory=lambda: [LossMetric(), TokenAccuracyMetric()])
     eval_metrics: List[Metric] = field(default_factory=lambda: [LossMetric(), TokenAccuracyMetric()])
+    grads_unscaled: bool = False
+    """fp16: the GradScaler already unscaled this window's gradients (it must happen once)."""
     last_grad_norm: Optional[float] = None
     tokens_since_report: int = 0
     report_started: float = field(default_factory=time.perf_counter)
@@ -39,6 +41,7 @@ class TrainingSession:
         self.loss = loss
 
     def start_window(self) -> None:
+        self.grads_unscaled = False
         self.window_micro_steps = 0
         self.window_items = torch.zeros((), dtype=torch.float64)
 

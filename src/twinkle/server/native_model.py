@@ -12,6 +12,8 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
+from ..model.transformers.generation import as_prompts
+
 from ..client import codec
 from ..client.methods import MODEL
 from .context import ServerContext
@@ -324,8 +326,19 @@ class ModelSession:
         if int(config['max_new_tokens']) > limit:
             raise TooLarge(f'max_new_tokens={config["max_new_tokens"]} is above the limit {limit} '
                            f'(limits.max_new_tokens)')
+        try:
+            prompts = as_prompts(self.engine.model, inputs)  # token ids, whatever form they came in
+        except (TypeError, ValueError) as exc:
+            raise BadRequest(str(exc)) from None
+        self.engine.check_tokens(prompts, 'inputs')
+        budget = self.ctx.settings.limits.max_tokens_per_request
+        needed = len(prompts) * (max(len(p) for p in prompts) + int(config['max_new_tokens']))
+        if needed > budget:
+            raise TooLarge(f'{len(prompts)} prompts of up to {max(len(p) for p in prompts)} tokens plus '
+                           f'{config["max_new_tokens"]} new tokens need {needed} token slots; the server accepts '
+                           f'at most {budget} per request (limits.max_tokens_per_request)')
         with self.engine.using(a):
-            return self.engine.model.generate(inputs, adapter_name=a.name, **config)
+            return self.engine.model.generate(prompts, adapter_name=a.name, **config)
 
 
 _missing = [m for m in MODEL.methods if not hasattr(ModelSession, f'do_{m}')]

@@ -33,6 +33,9 @@ class ForwardCore:
         labels = batch.get('labels')
         mode, chunk = self.logits_mode
         if mode == 'chunked' and labels is not None:
+            if temperature != 1.0:
+                raise ValueError(f'temperature={temperature} is not supported while ChunkedCrossEntropyPatch is '
+                                 f'applied; revert the patch for temperature-scaled log-probabilities')
             return self._chunked(module, hf_model, model_inputs, labels, chunk or 1024)
         out = module(**model_inputs, use_cache=False)
         logits = out.logits

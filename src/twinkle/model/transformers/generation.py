@@ -9,11 +9,13 @@ if TYPE_CHECKING:
     from .model import TransformersModel
 
 
-def _as_prompts(model: 'TransformersModel', inputs: Any) -> List[List[int]]:
+def as_prompts(model: 'TransformersModel', inputs: Any) -> List[List[int]]:
     """One list of token ids per prompt, from: a conversation (list of messages), several
     conversations, trajectories ({'messages': ...}), a list of token ids, or several."""
     if isinstance(inputs, Mapping):
         inputs = [inputs]
+    if not isinstance(inputs, Sequence) or isinstance(inputs, str) or not inputs:
+        raise TypeError('generate: inputs must be a non-empty list (token ids, messages or trajectories)')
     if isinstance(inputs, Sequence) and inputs and isinstance(inputs[0], int):
         return [list(inputs)]
     if isinstance(inputs, Sequence) and inputs and isinstance(inputs[0], Mapping) and 'role' in inputs[0]:
@@ -37,7 +39,7 @@ def generate(model: 'TransformersModel', inputs: Any, generation_config: Any = N
              **kwargs: Any) -> List[Dict[str, Any]]:
     from transformers import GenerationConfig
 
-    prompts = _as_prompts(model, inputs)
+    prompts = as_prompts(model, inputs)
     pad = model.template.pad_token_id
     width = max(len(p) for p in prompts)
     # Left padding: every prompt ends where generation starts.

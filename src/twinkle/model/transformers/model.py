@@ -183,6 +183,7 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
     def clip_grad_norm(self, max_grad_norm: float = 1.0, norm_type: float = 2.0, *,
                        adapter_name: Optional[str] = None) -> float:
         session = self._session(adapter_name)
+        self.precision.unscale(session)  # fp16: measure and clip the true gradients, not the scaled ones
         params = [p for p in self._trainable(session) if p.grad is not None]
         norm = self.strategy.clip_grad_norm(params, max_grad_norm, norm_type)
         session.last_grad_norm = float(norm)
@@ -190,16 +191,19 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
 
     def _normalise_window(self, session: TrainingSession) -> bool:
         """Divide accumulated gradients by the window's units across ranks; False if there were none."""
-        self.precision.unscale(session)
         total = float(self.strategy.reduce_sum(session.window_items.clone()))
         if total <= 0:
             return False
+        self.precision.unscale(session)
         grads = [p.grad for p in self._trainable(session) if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, self.strategy.grad_reduce_world / total)
         return True
 
     def step(self, *, adapter_name: Optional[str] = None) -> None:
+        """Apply the optimizer to the gradients as they are. Losses are sums, so a hand-written loop that
+        calls backward/step itself trains on summed gradients; clip_grad_and_step divides by the
+        window's units (tokens) first."""
         session = self._session(adapter_name)
         self.precision.step(session)
         session.optimizer_step += 1

@@ -45,8 +45,9 @@ class Precision:
             loss.backward()
 
     def unscale(self, session: Any) -> None:
-        if session.scaler is not None:
+        if session.scaler is not None and not session.grads_unscaled:
             session.scaler.unscale_(session.optimizer)
+            session.grads_unscaled = True
 
     def step(self, session: Any) -> None:
         if session.scaler is not None:
