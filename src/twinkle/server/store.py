@@ -52,6 +52,9 @@ def format_path(run_id: str, kind: str, name: str, scheme: str = 'tinker') -> st
     return f'{scheme}://{run_id}/{kind}/{name}'
 
 
+MAX_SNAPSHOTS_PER_RUN = 8
+
+
 class TenantStore:
     """Runs and checkpoints of one tenant; thread-safe, written atomically after each change."""
 
@@ -125,13 +128,22 @@ class TenantStore:
             self.checkpoints[ckpt_id] = record
             if old is not None:
                 self.checkpoints.pop(old['checkpoint_id'], None)
+            stale = [old] if old is not None else []
             if kind != 'snapshot':
                 run = self.runs.get(run_id)
                 if run is not None:
                     run['last_checkpoint' if kind == 'weights' else 'last_sampler_checkpoint'] = ckpt_id
+            else:
+                # Sampling snapshots are made on every RL step: keep the newest few per run so disk and the
+                # registry stay bounded (an older sampling client then gets a clear 404).
+                snaps = sorted((c for c in self.checkpoints.values()
+                                if c['kind'] == 'snapshot' and c['run_id'] == run_id), key=lambda c: c['time'])
+                for c in snaps[:-MAX_SNAPSHOTS_PER_RUN]:
+                    self.checkpoints.pop(c['checkpoint_id'], None)
+                    stale.append(c)
             self._save()
-        if old is not None:
-            shutil.rmtree(self.folder(old), ignore_errors=True)
+        for c in stale:
+            shutil.rmtree(self.folder(c), ignore_errors=True)
         return record
 
     def folder(self, ckpt: Dict[str, Any]) -> Path:

@@ -1,0 +1,25 @@
+"""The per-tenant registry of runs and checkpoints."""
+from __future__ import annotations
+
+from twinkle.server.store import MAX_SNAPSHOTS_PER_RUN, TenantStore
+
+
+def test_sampling_snapshots_are_bounded_per_run_and_survive_a_reload(tmp_path):
+    store = TenantStore(tmp_path)
+    folders = []
+    for i in range(MAX_SNAPSHOTS_PER_RUN + 3):
+        ckpt_id = f'snap{i:03d}'
+        folder = tmp_path / 'checkpoints' / ckpt_id
+        folder.mkdir(parents=True)
+        (folder / 'adapter_model.safetensors').write_bytes(b'x' * 10)
+        store.add_checkpoint(ckpt_id, 'run1', 'snapshot', f'snap-{i}', folder)
+        folders.append(folder)
+    folder = tmp_path / 'checkpoints' / 'w1'
+    folder.mkdir(parents=True)
+    store.add_checkpoint('w1', 'run1', 'weights', 'final', folder)
+    snaps = [c for c in store.checkpoints.values() if c['kind'] == 'snapshot']
+    assert len(snaps) == MAX_SNAPSHOTS_PER_RUN
+    assert [f.exists() for f in folders] == [False] * 3 + [True] * MAX_SNAPSHOTS_PER_RUN
+    assert store.find('run1', 'weights', 'final') is not None  # user checkpoints are never pruned
+    reloaded = TenantStore(tmp_path)
+    assert sorted(reloaded.checkpoints) == sorted(store.checkpoints)
