@@ -37,6 +37,7 @@ class Adapter:
     role: str                    # 'train' | 'sampler'
     lora: Dict[str, Any]
     rng: torch.Tensor
+    cuda_rng: Optional[List[torch.Tensor]] = None  # the same stream on each GPU (LoRA dropout, sampling)
     last_used: float = field(default_factory=time.monotonic)
     optimizer_config: Dict[str, Any] = field(default_factory=dict)
 
@@ -114,7 +115,8 @@ class Engine:
             torch.manual_seed(seed)
             self.model.add_adapter_to_model(name, str(folder) if folder is not None else config,
                                             gradient_accumulation_steps=grad_accum)
-            adapter = Adapter(tenant, run_id, name, role, dict(lora), torch.get_rng_state())
+            adapter = Adapter(tenant, run_id, name, role, dict(lora), torch.get_rng_state(),
+                              torch.cuda.get_rng_state_all() if self._devices() else None)
         self.adapters[name] = adapter
         if optimizer:
             try:
@@ -140,14 +142,19 @@ class Engine:
         """Run with the adapter's own RNG stream, and keep the stream's new state afterwards."""
         if self.adapters.get(adapter.name) is not adapter:
             raise BadRequest('this adapter is no longer loaded on the server (released or evicted)')
-        saved = torch.get_rng_state()
-        torch.set_rng_state(adapter.rng)
-        try:
-            yield
-        finally:
-            adapter.rng = torch.get_rng_state()
-            adapter.last_used = time.monotonic()
-            torch.set_rng_state(saved)
+        devices = self._devices()
+        # fork_rng puts every generator back afterwards, GPUs included: no tenant moves another's stream.
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(adapter.rng)
+            if devices and adapter.cuda_rng is not None:
+                torch.cuda.set_rng_state_all(adapter.cuda_rng)
+            try:
+                yield
+            finally:
+                adapter.rng = torch.get_rng_state()
+                if devices:
+                    adapter.cuda_rng = torch.cuda.get_rng_state_all()
+                adapter.last_used = time.monotonic()
 
     @staticmethod
     def _devices() -> List[int]:
