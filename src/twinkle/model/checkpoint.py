@@ -21,6 +21,11 @@ import torch
 
 MANIFEST = 'twinkle_manifest.json'
 TRAINER_STATE = 'trainer_state.json'
+# File names inside a checkpoint folder, shared by every backend.
+ADAPTER_WEIGHTS = 'adapter_model.safetensors'
+RNG_FILE = 'rng_state.pt'
+SCHEDULER_FILE = 'scheduler.pt'
+SCALER_FILE = 'scaler.pt'
 MANIFEST_VERSION = 1
 
 

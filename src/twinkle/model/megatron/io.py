@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional
 
 import torch
 
-from ..checkpoint import (TRAINER_STATE, CheckpointError, atomic_folder, capture_rng_state, open_for_resume,
-                          read_trainer_state, restore_rng_state, write_json, write_manifest)
+from ..checkpoint import (ADAPTER_WEIGHTS, RNG_FILE, SCHEDULER_FILE, TRAINER_STATE, CheckpointError, atomic_folder,
+                          capture_rng_state, open_for_resume, read_trainer_state, restore_rng_state, write_json,
+                          write_manifest)
 from .bridge import fuse_qkv, mcore_to_hf, split_qkv, write_hf_folder
 from .builder import layout_of, load_hf_weights
 from .lora import LoraSpec, attach, is_lora_key
@@ -28,9 +29,6 @@ if TYPE_CHECKING:
     from .model import MegatronModel
 
 logger = logging.getLogger(__name__)
-ADAPTER_WEIGHTS = 'adapter_model.safetensors'
-RNG_FILE = 'rng_state.pt'
-SCHEDULER_FILE = 'scheduler.pt'
 OPTIMIZER_DIR = 'optimizer'
 _PEFT_PREFIX = 'base_model.model.'
 _HF_PARTS = {'linear_qkv': ('self_attn', ('q_proj', 'k_proj', 'v_proj')), 'linear_proj': ('self_attn', ('o_proj',)),

@@ -18,19 +18,16 @@ from torch import nn
 
 from ...metric import MetricWriter
 from ...settings import get_settings
-from ..checkpoint import (TRAINER_STATE, CheckpointError, capture_rng_state, open_for_resume, read_manifest,
-                          read_trainer_state, restore_rng_state, write_json, write_manifest)
+from ..checkpoint import (ADAPTER_WEIGHTS, RNG_FILE, SCALER_FILE, SCHEDULER_FILE, TRAINER_STATE, CheckpointError,
+                          capture_rng_state, open_for_resume, read_manifest, read_trainer_state, restore_rng_state,
+                          write_json, write_manifest)
 
 if TYPE_CHECKING:
     from ..session import TrainingSession
     from .model import TransformersModel
 
 logger = logging.getLogger(__name__)
-ADAPTER_WEIGHTS = 'adapter_model.safetensors'
 FULL_WEIGHTS = 'model.safetensors'
-RNG_FILE = 'rng_state.pt'
-SCHEDULER_FILE = 'scheduler.pt'
-SCALER_FILE = 'scaler.pt'
 
 
 # ---------------------------------------------------------------------------- base model
