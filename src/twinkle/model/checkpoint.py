@@ -140,6 +140,24 @@ def open_for_resume(folder: Union[str, Path], session: Any) -> tuple:
     return trainer_state, progress
 
 
+def restore_training_state(folder: Union[str, Path], session: Any, trainer_state: Dict[str, Any],
+                           progress: Dict[str, int], rank: int) -> None:
+    """Scheduler, loss scaler, this rank's RNG stream and the session's counters (the optimizer state is
+    the backend's business). More ranks than were saved reuse the saved streams in turn."""
+    import torch
+    folder = Path(folder)
+    if session.scheduler is not None and (folder / SCHEDULER_FILE).exists():
+        session.scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, weights_only=False))
+    if session.scaler is not None and (folder / SCALER_FILE).exists():
+        session.scaler.load_state_dict(torch.load(folder / SCALER_FILE, weights_only=False))
+    rng_states = torch.load(folder / RNG_FILE, weights_only=False)
+    restore_rng_state(rng_states[rank % len(rng_states)])
+    session.optimizer_step = progress['cur_step']
+    session.micro_step = int(trainer_state.get('micro_step', 0))
+    session.grad_accum_steps = progress['gradient_accumulation_steps']
+    session.start_window()
+
+
 def read_trainer_state(folder: Union[str, Path]) -> Dict[str, Any]:
     path = Path(folder) / TRAINER_STATE
     if not path.exists():

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional
 import torch
 
 from ..checkpoint import (ADAPTER_WEIGHTS, RNG_FILE, SCHEDULER_FILE, TRAINER_STATE, CheckpointError, atomic_folder,
-                          capture_rng_state, open_for_resume, read_trainer_state, restore_rng_state, write_json,
-                          write_manifest)
+                          capture_rng_state, open_for_resume, read_trainer_state, restore_training_state,
+                          write_json, write_manifest)
 from .bridge import fuse_qkv, mcore_to_hf, split_qkv, write_hf_folder
 from .builder import layout_of, load_hf_weights
 from .lora import LoraSpec, attach, is_lora_key
@@ -332,13 +332,5 @@ def resume(model: 'MegatronModel', checkpoint_dir: str, resume_only_model: bool,
                               f'on the same layout (resume_only_model=True loads the weights alone)')
     _load_optimizer_state(session.optimizer, torch.load(folder / OPTIMIZER_DIR / f'rank{context_rank():05d}.pt',
                                                         weights_only=False, map_location=model.device))
-    if session.scheduler is not None and (folder / SCHEDULER_FILE).exists():
-        session.scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, weights_only=False))
-    rng_states = torch.load(folder / RNG_FILE, weights_only=False)
-    from ...runtime import context
-    restore_rng_state(rng_states[context.rank() % len(rng_states)])
-    session.optimizer_step = result['cur_step']
-    session.micro_step = int(trainer_state.get('micro_step', 0))
-    session.grad_accum_steps = result['gradient_accumulation_steps']
-    session.start_window()
+    restore_training_state(folder, session, trainer_state, result, context_rank())
     return result

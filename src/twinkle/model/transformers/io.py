@@ -19,8 +19,8 @@ from torch import nn
 from ...metric import MetricWriter
 from ...settings import get_settings
 from ..checkpoint import (ADAPTER_WEIGHTS, RNG_FILE, SCALER_FILE, SCHEDULER_FILE, TRAINER_STATE, CheckpointError,
-                          capture_rng_state, open_for_resume, read_manifest, read_trainer_state, restore_rng_state,
-                          write_json, write_manifest)
+                          capture_rng_state, open_for_resume, read_manifest, read_trainer_state,
+                          restore_training_state, write_json, write_manifest)
 
 if TYPE_CHECKING:
     from ..session import TrainingSession
@@ -186,17 +186,7 @@ def resume(model: 'TransformersModel', checkpoint_dir: str, resume_only_model: b
         raise ValueError('call set_optimizer(...) (and set_lr_scheduler) before resume_from_checkpoint so the '
                          'optimizer state has somewhere to go; or pass resume_only_model=True')
     model.strategy.load_optimizer_state(folder, model._wrapped_module(), session.optimizer)
-    if session.scheduler is not None and (folder / SCHEDULER_FILE).exists():
-        session.scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, weights_only=False))
-    if session.scaler is not None and (folder / SCALER_FILE).exists():
-        session.scaler.load_state_dict(torch.load(folder / SCALER_FILE, weights_only=False))
-    rng_states = torch.load(folder / RNG_FILE, weights_only=False)
-    # Resuming on more ranks than were saved: the extra ranks reuse the saved streams in turn.
-    restore_rng_state(rng_states[model.strategy.rank % len(rng_states)])
-    session.optimizer_step = result['cur_step']
-    session.micro_step = int(trainer_state.get('micro_step', 0))
-    session.grad_accum_steps = result['gradient_accumulation_steps']
-    session.start_window()
+    restore_training_state(folder, session, trainer_state, result, model.strategy.rank)
     return result
 
 
