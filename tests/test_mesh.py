@@ -39,7 +39,7 @@ def test_round_trip_and_groups(sizes):
         assert mesh.rank_of(**c) == r == _brute_force_rank(mesh, c)
         seen.add(tuple(c.values()))
         # dp rank covers 0..dp*fsdp-1 and groups partition the world
-        assert 0 <= mesh.dp_rank_of(r) < mesh.dp_world_size
+        assert 0 <= mesh.dp_fsdp_rank_of(r) < mesh.dp_fsdp_world_size
         for dim in DIM_NAMES:
             g = mesh.group_ranks(dim, r)
             assert len(g) == mesh.size(dim) and r in g
@@ -68,9 +68,9 @@ def test_order_is_pp_dp_fsdp_cp_tp():
 
 def test_dp_rank_and_size():
     mesh = DeviceMesh.from_sizes(dp_size=2, fsdp_size=3, tp_size=2)
-    assert mesh.dp_world_size == 6 and mesh.data_world_size == 6
+    assert mesh.dp_fsdp_world_size == 6 and mesh.data_world_size == 6
     # rank = (dp*3 + fsdp)*2 + tp, so tp partners share a dp rank
-    assert [mesh.dp_rank_of(r) for r in range(12)] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert [mesh.dp_fsdp_rank_of(r) for r in range(12)] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
     assert mesh.group_ranks(('dp', 'fsdp'), 3) == [1, 3, 5, 7, 9, 11]
 
 
@@ -92,7 +92,7 @@ def test_ep_folds_over_dp_fsdp_cp():
 
 def test_ulysses_folds_over_data_parallel():
     mesh = DeviceMesh.from_sizes(dp_size=2, fsdp_size=2, ulysses_size=2, tp_size=2)
-    assert mesh.dp_world_size == 4 and mesh.data_world_size == 2
+    assert mesh.dp_fsdp_world_size == 4 and mesh.data_world_size == 2
     assert mesh.group_ranks('ulysses', 0) == [0, 2]
     assert mesh.group_ranks('ulysses', 5) == [5, 7]
     assert [mesh.data_rank_of(r) for r in range(8)] == [0, 0, 0, 0, 1, 1, 1, 1]
@@ -115,7 +115,7 @@ def test_sub_mesh():
     assert stage.coords_of(6) == dict(pp=0, dp=1, fsdp=0, cp=0, tp=0)
     assert stage.rank_of(dp=1, fsdp=1) == 7
     assert stage.group_ranks('fsdp', 6) == [6, 7]
-    assert stage.dp_rank_of(7) == 3
+    assert stage.dp_fsdp_rank_of(7) == 3
     assert repr(stage) == 'DeviceMesh(dp=2, fsdp=2, tp=1, ep=2 | world=4, ranks=[4, 5, 6, 7])'
     fsdp = mesh.sub_mesh('fsdp', rank=5)
     assert fsdp.ranks == (4, 5) and fsdp.ep_size == 1
@@ -210,3 +210,44 @@ def test_device_group():
         with pytest.raises(ValueError, match=pattern):
             DeviceGroup(**kwargs)
     assert pickle.loads(pickle.dumps(DeviceGroup('a', [1, 2], 'cpu'))) == DeviceGroup('a', [1, 2], 'cpu')
+
+
+def test_each_dimension_reports_its_own_size_and_rank():
+    mesh = DeviceMesh.from_sizes(dp_size=2, fsdp_size=3, tp_size=2)
+    assert (mesh.dp_world_size, mesh.fsdp_world_size, mesh.tp_world_size) == (2, 3, 2)
+    assert mesh.dp_fsdp_world_size == 6 and mesh.data_world_size == 6
+    assert [mesh.dp_rank_of(r) for r in range(12)] == [0] * 6 + [1] * 6
+    assert [mesh.data_rank_of(r) for r in range(12)] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+
+
+def test_rank_array_constructor_and_errors(monkeypatch):
+    import numpy as np
+    mesh = DeviceMesh(mesh=np.array([[3, 2], [1, 0]]), mesh_dim_names=('fsdp', 'dp'))
+    # canonical order is dp outside fsdp: position (dp, fsdp) holds array[fsdp, dp]
+    assert mesh.ranks == (3, 1, 2, 0) and mesh.dp_size == mesh.fsdp_size == 2
+    assert mesh.mesh.tolist() == [[3, 2], [1, 0]] and mesh.mesh_dim_names == ('fsdp', 'dp')
+    monkeypatch.setattr('twinkle.runtime.context.rank', lambda: 2)
+    assert (mesh.dp_rank, mesh.fsdp_rank) == (1, 0)
+    monkeypatch.setattr('twinkle.runtime.context.rank', lambda: 7)
+    assert mesh.dp_rank is None and mesh.data_rank is None  # this process is not in the mesh
+    restored = DeviceMesh.from_dict(json.loads(json.dumps(mesh.to_dict())))
+    assert restored == mesh and restored.mesh_dim_names == ('fsdp', 'dp')
+    assert pickle.loads(pickle.dumps(mesh)).mesh.tolist() == [[3, 2], [1, 0]]
+    with pytest.raises(ValueError, match='mesh has 2 axes but mesh_dim_names'):
+        DeviceMesh(mesh=np.arange(4).reshape(2, 2), mesh_dim_names=('dp',))
+    with pytest.raises(ValueError, match=r"\['ep'\] are not axes.*ep_size="):
+        DeviceMesh(mesh=np.arange(4).reshape(2, 2), mesh_dim_names=('dp', 'ep'))
+    with pytest.raises(ValueError, match='either mesh=/mesh_dim_names= or the \\*_size keywords'):
+        DeviceMesh(mesh=np.arange(2), mesh_dim_names=('dp',), tp_size=2)
+    with pytest.raises(ValueError, match='go together'):
+        DeviceMesh(mesh=np.arange(2))
+    with pytest.raises(ValueError, match='distinct'):
+        DeviceMesh(mesh=np.array([0, 0]), mesh_dim_names=('dp',))
+
+
+def test_default_mesh_dim_names_are_the_dimensions_in_use():
+    assert DeviceMesh.from_sizes().mesh_dim_names == ('dp',)
+    assert DeviceMesh.from_sizes().mesh.tolist() == [0]
+    mesh = DeviceMesh.from_sizes(pp_size=2, tp_size=3)
+    assert mesh.mesh_dim_names == ('pp', 'tp') and mesh.mesh.tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert DeviceMesh.from_sizes(fsdp_size=None, tp_size=None) == DeviceMesh.from_sizes()

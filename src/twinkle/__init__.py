@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from twinkle.mesh import DeviceGroup, DeviceMesh
+from twinkle.platform import Platform
 from twinkle.runtime import initialize
 from twinkle.runtime.remote import remote_class, remote_function
 
@@ -14,7 +15,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = '0.1.0'
 
-__all__ = ['initialize', 'DeviceMesh', 'DeviceGroup', 'remote_class', 'remote_function', '__version__']
+__all__ = ['initialize', 'DeviceMesh', 'DeviceGroup', 'Platform', 'remote_class', 'remote_function', '__version__']
 
 
 def __getattr__(name: str):

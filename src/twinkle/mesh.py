@@ -21,14 +21,17 @@ Two dimensions are not axes of their own but fold over others:
 * ``ulysses`` (sequence parallel as in DeepSpeed-Ulysses) splits the data-parallel ranks
   ``dp x fsdp``: ranks of one Ulysses group share a sample and each holds part of its sequence. They
   still hold the same weights, so gradients are reduced over all ``dp x fsdp`` ranks
-  (:attr:`dp_world_size`), while the number of distinct batch slices is
+  (:attr:`dp_fsdp_world_size`), while the number of distinct batch slices is
   :attr:`data_world_size` = ``dp x fsdp / ulysses``.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+if TYPE_CHECKING:
+    import numpy as np
 
 DIM_NAMES: Tuple[str, ...] = ('pp', 'dp', 'fsdp', 'cp', 'tp')
 # Groups that are not mesh axes but folds over them (see the module docstring).
@@ -46,9 +49,43 @@ def _check_size(name: str, value: Any) -> int:
     return value
 
 
-@dataclass(frozen=True)
+def _from_array(mesh: Any, names: Optional[Sequence[str]]) -> Tuple[Dict[str, int], Optional[Tuple[int, ...]],
+                                                                      Tuple[str, ...]]:
+    """Sizes, canonical-order ranks and the given axis order of a named rank array."""
+    import numpy as np
+
+    if mesh is None or names is None:
+        raise ValueError('DeviceMesh: mesh= and mesh_dim_names= go together, e.g. '
+                         "DeviceMesh(mesh=np.arange(4).reshape(2, 2), mesh_dim_names=('dp', 'tp'))")
+    names = (names,) if isinstance(names, str) else tuple(names)
+    array = np.asarray(mesh)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f'DeviceMesh: mesh must hold integer ranks, got dtype {array.dtype}')
+    if array.ndim != len(names):
+        raise ValueError(f'DeviceMesh: mesh has {array.ndim} axes but mesh_dim_names={names} names {len(names)}')
+    unknown = [n for n in names if n not in DIM_NAMES]
+    if unknown:
+        raise ValueError(f'DeviceMesh: mesh_dim_names {unknown} are not axes; use one of {DIM_NAMES} '
+                         f'(expert parallel and Ulysses fold over them: pass ep_size= / ulysses_size=)')
+    if len(set(names)) != len(names):
+        raise ValueError(f'DeviceMesh: mesh_dim_names={names} repeats a dimension')
+    sizes = {f'{n}_size': 1 for n in DIM_NAMES}
+    sizes.update({f'{n}_size': int(s) for n, s in zip(names, array.shape)})
+    # Transpose into the canonical order, adding size-1 axes for the dimensions not named.
+    canonical = array.transpose([names.index(n) for n in DIM_NAMES if n in names])
+    flat = [int(r) for r in canonical.reshape(-1)]
+    ranks = None if flat == list(range(len(flat))) else tuple(flat)
+    return sizes, ranks, names
+
+
+@dataclass(frozen=True, init=False)
 class DeviceMesh:
-    """A parallel layout over ``world_size`` ranks. Build it with :meth:`from_sizes`.
+    """A parallel layout over ``world_size`` ranks.
+
+    Build it with :meth:`from_sizes`, with the sizes as keywords, or from an array of global ranks
+    with one axis per named dimension: ``DeviceMesh(mesh=np.arange(8).reshape(2, 4),
+    mesh_dim_names=('dp', 'fsdp'))``. The named axes may come in any order; they are stored in the
+    canonical order :data:`DIM_NAMES` and :attr:`mesh` gives the array back in the given order.
 
     ``ranks`` maps mesh positions (row-major over :data:`DIM_NAMES`) to global ranks; ``None`` means
     ``0 .. world_size - 1``. Sub-meshes (:meth:`sub_mesh`) carry the global ranks they cover.
@@ -63,6 +100,33 @@ class DeviceMesh:
     ulysses_size: int = 1
     sequence_parallel: bool = False
     ranks: Optional[Tuple[int, ...]] = field(default=None)
+    # Presentation only, so equal layouts stay equal: the device the mesh is meant for and the axis
+    # order :attr:`mesh` and :attr:`mesh_dim_names` report.
+    device_type: str = field(default='auto', compare=False)
+    dim_order: Optional[Tuple[str, ...]] = field(default=None, compare=False)
+
+    def __init__(self, mesh: Any = None, mesh_dim_names: Optional[Sequence[str]] = None, *, pp_size: int = 1,
+                 dp_size: int = 1, fsdp_size: int = 1, cp_size: int = 1, tp_size: int = 1, ep_size: Optional[int] = 1,
+                 ulysses_size: Optional[int] = 1, sequence_parallel: bool = False,
+                 ranks: Optional[Sequence[int]] = None, device_type: str = 'auto',
+                 dim_order: Optional[Sequence[str]] = None) -> None:
+        sizes = dict(pp_size=pp_size, dp_size=dp_size, fsdp_size=fsdp_size, cp_size=cp_size, tp_size=tp_size)
+        if mesh is not None or mesh_dim_names is not None:
+            if ranks is not None or dim_order is not None or any(v != 1 for v in sizes.values()):
+                raise ValueError('DeviceMesh: pass either mesh=/mesh_dim_names= or the *_size keywords '
+                                 '(and ranks=), not both')
+            sizes, ranks, dim_order = _from_array(mesh, mesh_dim_names)
+        if device_type not in DEVICE_TYPES + ('npu', 'mps'):
+            raise ValueError(f'DeviceMesh: device_type={device_type!r} must be one of {DEVICE_TYPES}')
+        for name, value in sizes.items():
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, 'ep_size', 1 if ep_size is None else ep_size)
+        object.__setattr__(self, 'ulysses_size', 1 if ulysses_size is None else ulysses_size)
+        object.__setattr__(self, 'sequence_parallel', bool(sequence_parallel))
+        object.__setattr__(self, 'ranks', None if ranks is None else tuple(ranks))
+        object.__setattr__(self, 'device_type', device_type)
+        object.__setattr__(self, 'dim_order', None if dim_order is None else tuple(dim_order))
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         for name in ('pp_size', 'dp_size', 'fsdp_size', 'cp_size', 'tp_size', 'ep_size', 'ulysses_size'):
@@ -73,10 +137,10 @@ class DeviceMesh:
                 f'DeviceMesh: ep_size={self.ep_size} must divide dp_size*fsdp_size*cp_size={expert_block} '
                 f'(dp_size={self.dp_size}, fsdp_size={self.fsdp_size}, cp_size={self.cp_size}): experts '
                 f'are split over the data-parallel and context-parallel ranks of each stage')
-        if self.dp_world_size % self.ulysses_size:
+        if self.dp_fsdp_world_size % self.ulysses_size:
             raise ValueError(
                 f'DeviceMesh: ulysses_size={self.ulysses_size} must divide dp_size*fsdp_size='
-                f'{self.dp_world_size} (dp_size={self.dp_size}, fsdp_size={self.fsdp_size}): Ulysses '
+                f'{self.dp_fsdp_world_size} (dp_size={self.dp_size}, fsdp_size={self.fsdp_size}): Ulysses '
                 f'groups are carved out of the data-parallel ranks')
         if self.ranks is not None:
             ranks = tuple(self.ranks)
@@ -87,13 +151,25 @@ class DeviceMesh:
             if len(set(ranks)) != n or any(isinstance(r, bool) or not isinstance(r, int) or r < 0
                                            for r in ranks):
                 raise ValueError(f'DeviceMesh: ranks={list(ranks)} must be distinct non-negative integers')
+        if self.dim_order is not None:
+            order = self.dim_order
+            missing = [n for n, size in zip(DIM_NAMES, self.mesh_shape) if size > 1 and n not in order]
+            if len(set(order)) != len(order) or any(n not in DIM_NAMES for n in order) or missing:
+                raise ValueError(f'DeviceMesh: dim_order={order} must name distinct dimensions of {DIM_NAMES}, '
+                                 f'including every one larger than 1')
 
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_sizes(cls, dp_size: Optional[int] = None, fsdp_size: int = 1, tp_size: int = 1,
                    pp_size: int = 1, cp_size: int = 1, ep_size: int = 1, ulysses_size: int = 1,
-                   world_size: Optional[int] = None, sequence_parallel: bool = False) -> 'DeviceMesh':
-        """``dp_size=None`` fills the ranks left over by the other sizes (1 without ``world_size``)."""
+                   world_size: Optional[int] = None, sequence_parallel: bool = False,
+                   device_type: str = 'auto') -> 'DeviceMesh':
+        """``dp_size=None`` fills the ranks left over by the other sizes (1 without ``world_size``).
+
+        Sizes given as ``None`` count as 1.
+        """
+        fsdp_size, tp_size, pp_size, cp_size, ep_size, ulysses_size = (
+            1 if v is None else v for v in (fsdp_size, tp_size, pp_size, cp_size, ep_size, ulysses_size))
         for name, value in (('fsdp_size', fsdp_size), ('tp_size', tp_size), ('pp_size', pp_size),
                             ('cp_size', cp_size), ('ep_size', ep_size), ('ulysses_size', ulysses_size)):
             _check_size(name, value)
@@ -114,7 +190,8 @@ class DeviceMesh:
             raise ValueError(f'DeviceMesh: dp_size={dp_size} times fsdp_size*tp_size*pp_size*cp_size={others} '
                              f'{detail} is {dp_size * others}, not world_size={world_size}')
         return cls(pp_size=pp_size, dp_size=dp_size, fsdp_size=fsdp_size, cp_size=cp_size, tp_size=tp_size,
-                   ep_size=ep_size, ulysses_size=ulysses_size, sequence_parallel=bool(sequence_parallel))
+                   ep_size=ep_size, ulysses_size=ulysses_size, sequence_parallel=bool(sequence_parallel),
+                   device_type=device_type)
 
     # ---------------------------------------------------------------- shape
     @property
@@ -139,14 +216,110 @@ class DeviceMesh:
         return list(self.ranks) if self.ranks is not None else list(range(self.world_size))
 
     @property
+    def mesh_dim_names(self) -> Tuple[str, ...]:
+        """The axes of :attr:`mesh`: as given to the constructor, else the dimensions larger than 1."""
+        if self.dim_order is not None:
+            return self.dim_order
+        return tuple(n for n, s in zip(DIM_NAMES, self.mesh_shape) if s > 1) or ('dp',)
+
+    @property
+    def mesh(self) -> 'np.ndarray':
+        """Global ranks as an integer array with one axis per :attr:`mesh_dim_names` entry."""
+        import numpy as np
+        full = np.asarray(self.global_ranks, dtype=np.int64).reshape(self.mesh_shape)
+        names = self.mesh_dim_names
+        # Drop the unnamed (size-1) axes, then order the rest as named.
+        full = full.reshape([s for n, s in zip(DIM_NAMES, self.mesh_shape) if n in names])
+        kept = [n for n in DIM_NAMES if n in names]
+        return full.transpose([kept.index(n) for n in names])
+
+    @property
     def dp_world_size(self) -> int:
+        """The size of the ``dp`` (replicated data-parallel) dimension alone; see :attr:`data_world_size`."""
+        return self.dp_size
+
+    @property
+    def fsdp_world_size(self) -> int:
+        return self.fsdp_size
+
+    @property
+    def tp_world_size(self) -> int:
+        return self.tp_size
+
+    @property
+    def pp_world_size(self) -> int:
+        return self.pp_size
+
+    @property
+    def cp_world_size(self) -> int:
+        return self.cp_size
+
+    @property
+    def ep_world_size(self) -> int:
+        return self.ep_size
+
+    @property
+    def ulysses_world_size(self) -> int:
+        return self.ulysses_size
+
+    @property
+    def dp_fsdp_world_size(self) -> int:
         """Ranks that hold the same weights and average their gradients: ``dp x fsdp``."""
         return self.dp_size * self.fsdp_size
 
     @property
     def data_world_size(self) -> int:
         """Distinct slices of a global batch: ``dp x fsdp / ulysses``."""
-        return self.dp_world_size // self.ulysses_size
+        return self.dp_fsdp_world_size // self.ulysses_size
+
+    # ---------------------------------------------------------------- this process's position
+    def _own_coords(self) -> Optional[Dict[str, int]]:
+        from twinkle.runtime.context import rank
+        own = rank()
+        if own not in self.global_ranks:
+            return None
+        return self.coords_of(own)
+
+    def _own(self, dim: str) -> Optional[int]:
+        """This process's coordinate along ``dim``; ``None`` when this process is not in the mesh."""
+        c = self._own_coords()
+        return None if c is None else c[dim]
+
+    @property
+    def dp_rank(self) -> Optional[int]:
+        return self._own('dp')
+
+    @property
+    def fsdp_rank(self) -> Optional[int]:
+        return self._own('fsdp')
+
+    @property
+    def tp_rank(self) -> Optional[int]:
+        return self._own('tp')
+
+    @property
+    def pp_rank(self) -> Optional[int]:
+        return self._own('pp')
+
+    @property
+    def cp_rank(self) -> Optional[int]:
+        return self._own('cp')
+
+    @property
+    def ep_rank(self) -> Optional[int]:
+        c = self._own_coords()
+        return None if c is None else self._expert_pos(c) % self.ep_size
+
+    @property
+    def ulysses_rank(self) -> Optional[int]:
+        c = self._own_coords()
+        return None if c is None else (c['dp'] * self.fsdp_size + c['fsdp']) % self.ulysses_size
+
+    @property
+    def data_rank(self) -> Optional[int]:
+        """Which slice of the global batch this process consumes (see :meth:`data_rank_of`)."""
+        c = self._own_coords()
+        return None if c is None else (c['dp'] * self.fsdp_size + c['fsdp']) // self.ulysses_size
 
     # ---------------------------------------------------------------- rank <-> coordinates
     def _index(self, rank: int) -> int:
@@ -184,19 +357,23 @@ class DeviceMesh:
         return self._rank_at(index)
 
     def dp_rank_of(self, rank: int) -> int:
-        """Position among the ``dp x fsdp`` ranks holding the same weights (0 .. dp_world_size - 1)."""
+        """The ``dp`` coordinate of ``rank`` (0 .. dp_world_size - 1)."""
+        return self.coords_of(rank)['dp']
+
+    def dp_fsdp_rank_of(self, rank: int) -> int:
+        """Position among the ``dp x fsdp`` ranks holding the same weights (0 .. dp_fsdp_world_size - 1)."""
         c = self.coords_of(rank)
         return c['dp'] * self.fsdp_size + c['fsdp']
 
     def data_rank_of(self, rank: int) -> int:
         """Which slice of the global batch this rank consumes (0 .. data_world_size - 1)."""
-        return self.dp_rank_of(rank) // self.ulysses_size
+        return self.dp_fsdp_rank_of(rank) // self.ulysses_size
 
     def ep_rank_of(self, rank: int) -> int:
         return self._expert_pos(self.coords_of(rank)) % self.ep_size
 
     def ulysses_rank_of(self, rank: int) -> int:
-        return self.dp_rank_of(rank) % self.ulysses_size
+        return self.dp_fsdp_rank_of(rank) % self.ulysses_size
 
     def is_first_pp_stage(self, rank: int) -> bool:
         return self.coords_of(rank)['pp'] == 0
@@ -271,7 +448,7 @@ class DeviceMesh:
         return DeviceMesh(**sizes, ep_size=self.ep_size if keep_ep else 1,
                           ulysses_size=self.ulysses_size if keep_ulysses else 1,
                           sequence_parallel=self.sequence_parallel and 'tp' in dims,
-                          ranks=tuple(self.group_ranks(dims, rank)))
+                          ranks=tuple(self.group_ranks(dims, rank)), device_type=self.device_type)
 
     # ---------------------------------------------------------------- torch
     def to_torch(self, device_type: str = 'cpu') -> Any:
@@ -312,7 +489,9 @@ class DeviceMesh:
         return {'pp_size': self.pp_size, 'dp_size': self.dp_size, 'fsdp_size': self.fsdp_size,
                 'cp_size': self.cp_size, 'tp_size': self.tp_size, 'ep_size': self.ep_size,
                 'ulysses_size': self.ulysses_size, 'sequence_parallel': self.sequence_parallel,
-                'ranks': list(self.ranks) if self.ranks is not None else None}
+                'ranks': list(self.ranks) if self.ranks is not None else None,
+                **({'device_type': self.device_type} if self.device_type != 'auto' else {}),
+                **({'dim_order': list(self.dim_order)} if self.dim_order is not None else {})}
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> 'DeviceMesh':
@@ -320,8 +499,9 @@ class DeviceMesh:
         if unknown:
             raise ValueError(f'DeviceMesh.from_dict: unknown key(s) {unknown}')
         data = dict(data)
-        if data.get('ranks') is not None:
-            data['ranks'] = tuple(data['ranks'])
+        for key in ('ranks', 'dim_order'):
+            if data.get(key) is not None:
+                data[key] = tuple(data[key])
         return cls(**data)
 
     def __repr__(self) -> str:

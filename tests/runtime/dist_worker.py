@@ -40,7 +40,7 @@ assert mesh.to_torch('cpu') is tmesh
 t = torch.tensor([float(r + 1)])
 dist.all_reduce(t, group=tmesh.get_group('fsdp'))
 assert t.item() == 3.0, t
-print(f'OK rank {r} dp_rank {mesh.dp_rank_of(r)}', flush=True)
+print(f'OK rank {r} dp_rank {mesh.dp_fsdp_rank_of(r)}', flush=True)
 runtime.shutdown()
 assert not dist.is_initialized() and not runtime.is_initialized()
 runtime.shutdown()  # the atexit call runs a third time; all must be no-ops

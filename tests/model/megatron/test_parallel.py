@@ -29,7 +29,7 @@ def test_fsdp_ranks_count_as_data_parallel_and_rank_order_matches():
         tp, rest = rank % 2, rank // 2
         dp, pp = rest % 4, rest // 4
         assert mesh.coords_of(rank)['tp'] == tp and mesh.coords_of(rank)['pp'] == pp
-        assert mesh.dp_rank_of(rank) == dp
+        assert mesh.dp_fsdp_rank_of(rank) == dp
 
 
 def test_sequence_parallel_without_tp_is_dropped():

@@ -327,7 +327,7 @@ def resume(model: 'MegatronModel', checkpoint_dir: str, resume_only_model: bool,
             raise CheckpointError(f'{folder} was saved with {key}={saved_mesh.get(key, 1)} but this model uses '
                                   f'{getattr(model.mesh, key)}; optimizer state resumes only on the same layout '
                                   f'(resume_only_model=True loads the weights alone)')
-    if saved_mesh.get('dp_size', 1) * saved_mesh.get('fsdp_size', 1) != model.mesh.dp_world_size:
+    if saved_mesh.get('dp_size', 1) * saved_mesh.get('fsdp_size', 1) != model.mesh.dp_fsdp_world_size:
         raise CheckpointError(f'{folder} was saved with another data-parallel size; optimizer state resumes only '
                               f'on the same layout (resume_only_model=True loads the weights alone)')
     _load_optimizer_state(session.optimizer, torch.load(folder / OPTIMIZER_DIR / f'rank{context_rank():05d}.pt',

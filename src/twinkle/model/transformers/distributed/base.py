@@ -48,7 +48,7 @@ class TorchDistributedStrategy:
         self.mesh = mesh
         self.device = device
         self.mixed_precision = mixed_precision
-        self.grad_reduce_world = mesh.dp_world_size
+        self.grad_reduce_world = mesh.dp_fsdp_world_size
         self._group: Optional[Any] = None
         self._released = False
         # Wrapped modules must not outlive the process group: drop their communication state first.
