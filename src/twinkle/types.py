@@ -8,6 +8,19 @@ ROLES: tuple[str, ...] = ('system', 'user', 'assistant', 'tool')
 IGNORE_INDEX = -100
 
 
+class ToolCall(TypedDict, total=False):
+    """One function call an assistant message asks for; ``arguments`` as a JSON string or a dict."""
+    id: str
+    type: str
+    function: Dict[str, Any]
+
+
+class Tool(TypedDict, total=False):
+    """A tool the model may call, as an OpenAI-style function schema."""
+    type: str
+    function: Dict[str, Any]
+
+
 class Message(TypedDict, total=False):
     role: Role
     content: str
@@ -28,6 +41,16 @@ class InputFeature(TypedDict, total=False):
     attention_mask: List[int]
     position_ids: List[int]
     length: int
+
+
+class ModelOutput(TypedDict, total=False):
+    """What a model's ``forward`` returns: per-token log-probs of the labels (``logps``) and their
+    mask, the logits when kept, the batch it ran on (``inputs``) and, from ``forward_only``, the loss."""
+    logits: Any
+    logps: Any
+    mask: Any
+    inputs: Dict[str, Any]
+    loss: Any
 
 
 class SamplingParams(TypedDict, total=False):
