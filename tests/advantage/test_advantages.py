@@ -70,3 +70,29 @@ def test_bad_inputs():
         GRPOAdvantage()([0.0, float('nan')], 2)
     with pytest.raises(NotImplementedError):
         Advantage()([1.0, 2.0], 2)
+
+
+def test_options_at_call_time_apply_to_that_call_only():
+    adv = GRPOAdvantage()
+    g = np_groups()
+    centred = g - g.mean(axis=1, keepdims=True)
+    got = adv(REWARDS, G, scale='batch', eps=0.5)
+    np.testing.assert_allclose(got.numpy(), (centred / (g.std() + 0.5)).reshape(-1), rtol=1e-6)
+    np.testing.assert_allclose(adv(REWARDS, G, scale='none').numpy(), centred.reshape(-1), rtol=1e-6)
+    assert adv.scale == 'group' and adv.eps == 1e-4
+    np.testing.assert_allclose(adv(REWARDS, G).numpy(),
+                               (centred / (g.std(axis=1, keepdims=True) + 1e-4)).reshape(-1), rtol=1e-6)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['scal'\]; it accepts \['scale', 'eps'\]"):
+        adv(REWARDS, G, scal='batch')
+    with pytest.raises(ValueError, match="scale must be one of"):
+        adv(REWARDS, G, scale='global')
+
+
+@pytest.mark.parametrize('scale', ['group', 'batch'])
+def test_rloo_scale(scale):
+    g = np_groups()
+    loo = np.array([[grp[i] - np.delete(grp, i).mean() for i in range(G)] for grp in g])
+    std = g.std(axis=1, keepdims=True) if scale == 'group' else g.std()
+    got = RLOOAdvantage()(REWARDS, G, scale=scale)
+    np.testing.assert_allclose(got.numpy(), (loo / (std + 1e-4)).reshape(-1), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(RLOOAdvantage(scale=scale)(REWARDS, G).numpy(), got.numpy())

@@ -2,7 +2,8 @@
 the same prompt form one group (rewards ``[g0s0, g0s1, ..., g1s0, ...]``)."""
 from __future__ import annotations
 
-from typing import Sequence, Union
+import inspect
+from typing import Any, Sequence, Union
 
 import torch
 
@@ -13,11 +14,28 @@ SCALES = ('group', 'batch', 'none')
 
 
 class Advantage:
-    """Base class: ``__call__(rewards [N], num_generations) -> advantages [N]`` (float32 tensor)."""
+    """Base class: ``__call__(rewards [N], num_generations) -> advantages [N]`` (float32 tensor).
 
-    def __call__(self, rewards: Rewards, num_generations: int) -> torch.Tensor:
-        groups = self.groups(rewards, num_generations)
-        return self.compute(groups).reshape(-1).float()
+    Constructor options may also be given per call (``adv(rewards, 4, scale='batch')``); they apply to
+    that call only.
+    """
+
+    def __call__(self, rewards: Rewards, num_generations: int, **options: Any) -> torch.Tensor:
+        estimator = self.with_options(**options) if options else self
+        groups = estimator.groups(rewards, num_generations)
+        return estimator.compute(groups).reshape(-1).float()
+
+    def with_options(self, **options: Any) -> 'Advantage':
+        """A copy built with this estimator's constructor options, ``options`` replacing some of them."""
+        params = [p for p in inspect.signature(type(self).__init__).parameters.values()
+                  if p.name != 'self' and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        names = [p.name for p in params]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise TypeError(f'{type(self).__name__}: unknown option(s) {unknown}; it accepts {names} '
+                            f'(besides rewards and num_generations)')
+        current = {n: getattr(self, n) for n in names if hasattr(self, n)}
+        return type(self)(**{**current, **options})
 
     def compute(self, groups: torch.Tensor) -> torch.Tensor:
         """``groups`` is [num_prompts, num_generations] in float64; return the same shape."""
@@ -67,14 +85,29 @@ class GRPOAdvantage(Advantage):
 
 @register('advantage')
 class RLOOAdvantage(Advantage):
-    """Leave-one-out baseline: ``A_i = r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mean(group))``."""
+    """Leave-one-out baseline: ``A_i = r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mean(group))``.
+
+    ``scale`` as in :class:`GRPOAdvantage` divides by the rewards' group or batch standard deviation
+    (plus ``eps``); the default ``'none'`` keeps the plain leave-one-out difference.
+    """
+
+    def __init__(self, scale: str = 'none', eps: float = 1e-4) -> None:
+        if scale not in SCALES:
+            raise ValueError(f'RLOOAdvantage scale must be one of {SCALES}; got {scale!r}')
+        self.scale = scale
+        self.eps = eps
 
     def compute(self, groups: torch.Tensor) -> torch.Tensor:
         g = groups.shape[1]
         if g < 2:
             raise ValueError('RLOOAdvantage needs num_generations >= 2 (the baseline of a sample is the mean '
                              'of the other samples of its prompt)')
-        return (groups - groups.mean(dim=1, keepdim=True)) * (g / (g - 1))
+        loo = (groups - groups.mean(dim=1, keepdim=True)) * (g / (g - 1))
+        if self.scale == 'group':
+            return loo / (groups.std(dim=1, correction=0, keepdim=True) + self.eps)
+        if self.scale == 'batch':
+            return loo / (groups.std(correction=0) + self.eps)
+        return loo
 
 
 @register('advantage')
