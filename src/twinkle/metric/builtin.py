@@ -5,6 +5,7 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 
+from ..loss.base import LossOutput
 from ..registry import register
 from .base import Metric, Reducer, identity_reducer
 
@@ -15,16 +16,30 @@ def _zero() -> torch.Tensor:
 
 @register('metric')
 class LossMetric(Metric):
-    """Mean loss over everything since the last reset: sum of loss sums / sum of units."""
+    """Mean loss over everything since the last reset: sum of loss sums / sum of units.
+
+    ``accumulate(inputs, outputs)`` also takes the loss from ``outputs['loss']`` (a LossOutput, or a
+    scalar with ``outputs['num_items']`` units, default 1) when no ``loss_output`` is given.
+    """
     name = 'loss'
 
-    def __init__(self) -> None:
+    def __init__(self, device_mesh: Any = None, process_group: Any = None, **kwargs: Any) -> None:
+        super().__init__(device_mesh=device_mesh, process_group=process_group)
         self.reset()
 
     def reset(self) -> None:
         self._sum, self._count = _zero(), _zero()
         self._extra: Dict[str, float] = {}
         self._extra_n = 0
+
+    def accumulate(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any], **kwargs: Any) -> None:
+        loss_output = kwargs.get('loss_output')
+        if loss_output is None and outputs is not None:
+            loss = outputs.get('loss')
+            if loss is not None and not hasattr(loss, 'num_items'):
+                loss = LossOutput(loss=torch.as_tensor(loss), num_items=outputs.get('num_items', 1))
+            loss_output = loss
+        self.update(inputs, outputs, loss_output)
 
     def update(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any], loss_output: Optional[Any] = None) -> None:
         if loss_output is None:
@@ -48,7 +63,8 @@ class TokenAccuracyMetric(Metric):
     """Share of label tokens that the argmax of the logits predicts."""
     name = 'token_acc'
 
-    def __init__(self) -> None:
+    def __init__(self, device_mesh: Any = None, process_group: Any = None, **kwargs: Any) -> None:
+        super().__init__(device_mesh=device_mesh, process_group=process_group)
         self.reset()
 
     def reset(self) -> None:
