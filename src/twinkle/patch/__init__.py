@@ -1,5 +1,6 @@
 """Patches: reversible changes to one model instance (never to a class shared by other models)."""
+from .apply import apply_patch
 from .base import Patch
 from .chunked_ce import ChunkedCrossEntropyPatch
 
-__all__ = ['Patch', 'ChunkedCrossEntropyPatch']
+__all__ = ['Patch', 'ChunkedCrossEntropyPatch', 'apply_patch']

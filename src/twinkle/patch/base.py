@@ -38,6 +38,10 @@ class Patch:
     def _revert(self, model: Any) -> None:
         raise NotImplementedError
 
+    def __call__(self, model: Any) -> 'Patch':
+        """``patch(model)`` is ``patch.apply(model)``."""
+        return self.apply(model)
+
     def __enter__(self) -> 'Patch':
         return self
 
