@@ -40,7 +40,7 @@ def measure(model_id: str, strategy: str, mesh: Any, steps: int, batch_size: int
     model = TransformersModel(model_id=model_id, device_mesh=mesh, strategy=strategy, report_to_tensorboard=False,
                               mixed_precision='bf16' if torch.cuda.is_available() else 'no')
     model.set_optimizer('AdamW', lr=1e-5)
-    rank, world = (mesh.dp_rank_of(int(os.environ.get('RANK', '0'))), mesh.dp_world_size) if mesh else (0, 1)
+    rank, world = (mesh.data_rank_of(int(os.environ.get('RANK', '0'))), mesh.data_world_size) if mesh else (0, 1)
     per_rank = batch_size // world
     data = [b[rank * per_rank:(rank + 1) * per_rank] for b in batches(steps + 2, batch_size, seq_len)]
     for batch in data[:2]:
