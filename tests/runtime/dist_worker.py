@@ -40,6 +40,11 @@ assert mesh.to_torch('cpu') is tmesh
 t = torch.tensor([float(r + 1)])
 dist.all_reduce(t, group=tmesh.get_group('fsdp'))
 assert t.item() == 3.0, t
+# this process's own position, as the per-dimension properties report it
+from twinkle import Platform  # noqa: E402
+assert (mesh.fsdp_rank, mesh.dp_rank, mesh.data_rank, mesh.tp_rank) == (r, 0, r, 0)
+assert (mesh.fsdp_world_size, mesh.dp_world_size, mesh.data_world_size) == (2, 1, 2)
+assert Platform.get_rank() == r and Platform.get_world_size() == 2
 print(f'OK rank {r} dp_rank {mesh.dp_fsdp_rank_of(r)}', flush=True)
 runtime.shutdown()
 assert not dist.is_initialized() and not runtime.is_initialized()
