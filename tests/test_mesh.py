@@ -251,3 +251,13 @@ def test_default_mesh_dim_names_are_the_dimensions_in_use():
     mesh = DeviceMesh.from_sizes(pp_size=2, tp_size=3)
     assert mesh.mesh_dim_names == ('pp', 'tp') and mesh.mesh.tolist() == [[0, 1, 2], [3, 4, 5]]
     assert DeviceMesh.from_sizes(fsdp_size=None, tp_size=None) == DeviceMesh.from_sizes()
+
+
+def test_expert_tp_and_virtual_pipeline_only_in_the_supported_layout():
+    assert DeviceMesh.from_sizes(tp_size=2, etp_size=2, vpp_size=1) == DeviceMesh.from_sizes(tp_size=2)
+    with pytest.raises(ValueError, match='etp_size=1 must equal tp_size=2'):
+        DeviceMesh.from_sizes(tp_size=2, etp_size=1)
+    with pytest.raises(ValueError, match='vpp_size=2'):
+        DeviceMesh(pp_size=2, vpp_size=2)
+    with pytest.raises(ValueError, match="device_type='tpu'"):
+        DeviceMesh(device_type='tpu')

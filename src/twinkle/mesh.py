@@ -78,6 +78,16 @@ def _from_array(mesh: Any, names: Optional[Sequence[str]]) -> Tuple[Dict[str, in
     return sizes, ranks, names
 
 
+def _check_unsupported(etp_size: Optional[int], vpp_size: Optional[int], tp_size: int) -> None:
+    # Accepted for scripts that pass them, as long as they ask for the only layout supported.
+    if etp_size not in (None, tp_size):
+        raise ValueError(f'DeviceMesh: etp_size={etp_size} must equal tp_size={tp_size} (or be None): experts are '
+                         f'split over the same tensor-parallel ranks as the dense layers')
+    if vpp_size not in (None, 1):
+        raise ValueError(f'DeviceMesh: vpp_size={vpp_size} (virtual pipeline stages) is not supported; use '
+                         f'pp_size alone')
+
+
 @dataclass(frozen=True, init=False)
 class DeviceMesh:
     """A parallel layout over ``world_size`` ranks.
@@ -109,7 +119,8 @@ class DeviceMesh:
                  dp_size: int = 1, fsdp_size: int = 1, cp_size: int = 1, tp_size: int = 1, ep_size: Optional[int] = 1,
                  ulysses_size: Optional[int] = 1, sequence_parallel: bool = False,
                  ranks: Optional[Sequence[int]] = None, device_type: str = 'auto',
-                 dim_order: Optional[Sequence[str]] = None) -> None:
+                 dim_order: Optional[Sequence[str]] = None, etp_size: Optional[int] = None,
+                 vpp_size: Optional[int] = None) -> None:
         sizes = dict(pp_size=pp_size, dp_size=dp_size, fsdp_size=fsdp_size, cp_size=cp_size, tp_size=tp_size)
         if mesh is not None or mesh_dim_names is not None:
             if ranks is not None or dim_order is not None or any(v != 1 for v in sizes.values()):
@@ -117,7 +128,8 @@ class DeviceMesh:
                                  '(and ranks=), not both')
             sizes, ranks, dim_order = _from_array(mesh, mesh_dim_names)
         if device_type not in DEVICE_TYPES + ('npu', 'mps'):
-            raise ValueError(f'DeviceMesh: device_type={device_type!r} must be one of {DEVICE_TYPES}')
+            raise ValueError(f'DeviceMesh: device_type={device_type!r} must be one of {DEVICE_TYPES + ("npu", "mps")}')
+        _check_unsupported(etp_size, vpp_size, sizes['tp_size'])
         for name, value in sizes.items():
             object.__setattr__(self, name, value)
         object.__setattr__(self, 'ep_size', 1 if ep_size is None else ep_size)
@@ -163,7 +175,8 @@ class DeviceMesh:
     def from_sizes(cls, dp_size: Optional[int] = None, fsdp_size: int = 1, tp_size: int = 1,
                    pp_size: int = 1, cp_size: int = 1, ep_size: int = 1, ulysses_size: int = 1,
                    world_size: Optional[int] = None, sequence_parallel: bool = False,
-                   device_type: str = 'auto') -> 'DeviceMesh':
+                   device_type: str = 'auto', etp_size: Optional[int] = None,
+                   vpp_size: Optional[int] = None) -> 'DeviceMesh':
         """``dp_size=None`` fills the ranks left over by the other sizes (1 without ``world_size``).
 
         Sizes given as ``None`` count as 1.
@@ -191,7 +204,7 @@ class DeviceMesh:
                              f'{detail} is {dp_size * others}, not world_size={world_size}')
         return cls(pp_size=pp_size, dp_size=dp_size, fsdp_size=fsdp_size, cp_size=cp_size, tp_size=tp_size,
                    ep_size=ep_size, ulysses_size=ulysses_size, sequence_parallel=bool(sequence_parallel),
-                   device_type=device_type)
+                   device_type=device_type, etp_size=etp_size, vpp_size=vpp_size)
 
     # ---------------------------------------------------------------- shape
     @property
