@@ -63,3 +63,17 @@ def test_calculate_reduces_over_the_process_group():
         assert m.calculate() == {'loss': 1.5}
     finally:
         local.shutdown()
+
+
+def test_model_reports_added_metrics_by_name():
+    from twinkle.model import TransformersModel
+    torch.manual_seed(0)
+    model = TransformersModel(model_id='builtin://tiny-qwen3', mixed_precision='no')
+    model.set_optimizer('SGD', lr=0.0)
+    model.add_metric('Accuracy')
+    model.add_metric('TrainMetric')
+    ids = list(range(5, 21))
+    model.forward_backward(inputs=[{'input_ids': ids, 'labels': [-100] * 4 + ids[4:]}] * 2)
+    metrics = model.calculate_metric()
+    assert metrics['accuracy'] == pytest.approx(metrics['token_acc'])
+    assert metrics['samples'] == 2
