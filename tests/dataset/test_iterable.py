@@ -1,6 +1,8 @@
 """The streaming ``IterableDataset`` gives the rows ``Dataset`` gives, lazily, with counted drops."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from twinkle.dataset import Dataset, DatasetMeta, IterableDataset, RowError
@@ -68,3 +70,12 @@ def test_stream_order_of_steps(char_template):
         stream.pack(8)
     with pytest.raises(ValueError, match='set_template'):
         stream.encode()
+
+
+def test_stream_drops_rows_left_without_labels(right_truncated_rows, caplog):
+    stream = IterableDataset(data=right_truncated_rows).map('AlpacaProcessor')
+    stream.set_template('Template', model_id='builtin://tiny-qwen3', max_length=30, truncation_strategy='right')
+    with caplog.at_level(logging.WARNING):
+        rows = list(stream.encode())
+    assert [r['length'] for r in rows] == [18, 30] and stream.stats == {'no_labels': 1}
+    assert 'row 1 of <data> dropped' in caplog.text and "truncation_strategy='right'" in caplog.text
