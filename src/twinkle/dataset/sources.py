@@ -268,8 +268,8 @@ def stream_source(meta: DatasetMeta) -> Iterator[Tuple[str, int, Dict[str, Any]]
     path = resolve_local(meta.dataset_id)
     repo = _load_folder_as_repo(path, meta, streaming=True) if path.is_dir() else None
     if repo is not None:
-        files = data_files(path)
-        streams = [(meta.dataset_id, _rows_of(repo, functools.partial(_explain_stream_failure, meta.dataset_id, files)))]
+        explain = functools.partial(_explain_stream_failure, meta.dataset_id, data_files(path))
+        streams = [(meta.dataset_id, _rows_of(repo, explain))]
     else:
         streams = [(str(f), _rows_of(_load_file(f, meta.split, True), functools.partial(_explain_unreadable, f)))
                    for f in data_files(path)]
