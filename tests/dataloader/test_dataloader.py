@@ -207,3 +207,71 @@ def test_streaming_resume_skips_across_epochs():
         while len(seen) + len(rest) < len(reference):
             rest += list(resumed)
         assert seen + rest[:len(reference) - stop] == reference, stop
+
+
+def first_batches(loader, k):
+    """Iterate with a `for` loop and `break` after k batches, as a training loop would."""
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == k:
+            break
+    return out
+
+
+def test_each_iter_starts_a_new_epoch_like_torch():
+    data = list(range(10))
+    dl = DataLoader(data, batch_size=4)
+    torch_dl = torch.utils.data.DataLoader(data, batch_size=4, collate_fn=list)
+    assert first_batches(dl, 1) == first_batches(torch_dl, 1) == [[0, 1, 2, 3]]
+    assert list(dl) == list(torch_dl) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]  # not [[4..7], [8, 9]]
+    # the rest of the abandoned epoch counts as consumed: the counter stays the run's position
+    assert dl.epoch == 2 and dl.get_state() == {'consumed_train_samples': 20}
+    shuffled = DataLoader(list(range(20)), batch_size=5, shuffle=True, seed=7)
+    first_batches(shuffled, 2)
+    epoch1 = torch.randperm(20, generator=torch.Generator().manual_seed(8)).tolist()
+    assert [x for b in shuffled for x in b] == epoch1
+
+
+def test_resume_continues_mid_epoch_exactly_once():
+    kw = dict(batch_size=4, shuffle=True, seed=5)
+    ref = DataLoader(list(range(14)), **kw)
+    e0, e1, e2 = run_epochs(ref, 3)
+    resumed = DataLoader(list(range(14)), **kw)
+    resumed.resume_from_checkpoint(8)
+    assert list(resumed) == e0[2:]  # the first iteration continues mid-epoch
+    assert list(resumed) == e1  # later ones start new epochs
+    again = DataLoader(list(range(14)), **kw)
+    again.resume_from_checkpoint({'consumed_train_samples': 8})
+    assert first_batches(again, 1) == e0[2:3]
+    assert list(again) == e1  # a break after the resumed iteration also moves to the next epoch
+
+
+def test_checkpoint_after_a_break_and_a_new_epoch_resumes_where_it_was_taken():
+    kw = dict(batch_size=4, shuffle=True, seed=5, min_batch_size=2)
+    e0, e1, e2 = run_epochs(DataLoader(list(range(14)), **kw), 3)
+    dl = DataLoader(list(range(14)), **kw)
+    assert first_batches(dl, 1) == e0[:1]
+    assert first_batches(dl, 2) == e1[:2]  # a new epoch, not the rest of epoch 0
+    resumed = DataLoader(list(range(14)), **kw)
+    resumed.resume_from_checkpoint(dl.get_state())
+    assert list(resumed) == e1[2:] and list(resumed) == e2
+    jumped = DataLoader(list(range(14)), **kw)
+    first_batches(jumped, 1)
+    jumped.set_epoch(2)  # set_epoch keeps the counter the position too
+    restored = DataLoader(list(range(14)), **kw)
+    restored.resume_from_checkpoint(jumped.get_state())
+    assert list(restored) == list(jumped) == e2
+
+
+def test_streaming_each_iter_starts_a_new_epoch():
+    stream = Stream(10)
+    dl = DataLoader(stream, batch_size=4, min_batch_size=2)
+    assert first_batches(dl, 1) == [[{'id': i} for i in range(4)]]
+    assert [[s['id'] for s in b] for b in dl] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert stream.epochs == [0, 1] and dl.get_state() == {'consumed_train_samples': 20}
+    first_batches(dl, 2)
+    resumed = DataLoader(Stream(10), batch_size=4, min_batch_size=2)
+    resumed.resume_from_checkpoint(dl.get_state())  # epoch 2, 8 samples in
+    assert [[s['id'] for s in b] for b in resumed] == [[8, 9]]
+    assert [[s['id'] for s in b] for b in resumed] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]

@@ -77,3 +77,11 @@ def alpaca_rows():
 @pytest.fixture
 def alpaca_file(tmp_path) -> str:
     return write_jsonl(tmp_path / 'alpaca.jsonl', ALPACA)
+
+
+@pytest.fixture
+def right_truncated_rows():
+    """Alpaca rows for the tiny-qwen3 template at max_length=30 with truncation_strategy='right'."""
+    return [{'instruction': 'short question', 'output': 'the answer is here'},  # 18 tokens, kept whole
+            {'instruction': 'long question ' * 30, 'output': 'the answer is here'},  # every label cut
+            {'instruction': 'short question', 'output': 'the answer is here ' * 10}]  # some labels cut

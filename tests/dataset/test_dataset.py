@@ -225,3 +225,36 @@ def test_real_template_with_tiny_qwen3():
     assert len(batches) == len(loader) >= 12 and all(len(b) == 8 for b in batches[:12])
     ds.pack(max_length=256)
     assert 0.5 < ds.packing_efficiency <= 1.0 and sum(len(r['lengths']) for r in ds) == 100
+
+
+def test_right_truncation_leaving_no_labels_is_dropped_and_counted(right_truncated_rows, caplog):
+    rows = right_truncated_rows
+    ds = Dataset(data=rows).map('AlpacaProcessor')
+    ds.set_template('Template', model_id='builtin://tiny-qwen3', max_length=30, truncation_strategy='right')
+    with caplog.at_level(logging.WARNING):
+        ds.encode(cache=False)
+    assert ds.stats == {'no_labels': 1} and len(ds) == 2
+    assert [r['length'] for r in ds] == [18, 30]
+    assert all(any(lab != IGNORE_INDEX for lab in r['labels']) for r in ds)
+    assert 'no_labels' in caplog.text and "truncation_strategy='right'" in caplog.text
+    # the drop is part of the cached result too
+    again = Dataset(data=rows).map('AlpacaProcessor')
+    again.set_template('Template', model_id='builtin://tiny-qwen3', max_length=30, truncation_strategy='right')
+    again.encode()
+    cached = Dataset(data=rows).map('AlpacaProcessor')
+    cached.set_template('Template', model_id='builtin://tiny-qwen3', max_length=30, truncation_strategy='right')
+    cached.encode()
+    assert cached.last_encode_from_cache and cached.stats == {'no_labels': 1} and list(cached) == list(ds)
+
+
+def test_rows_without_labels_are_dropped_for_any_template(char_template):
+    class NoLabels(type(char_template())):
+        def encode(self, trajectory):
+            feature = super().encode(trajectory)
+            if 'drop' in trajectory['messages'][0]['content']:
+                feature['labels'] = [IGNORE_INDEX] * len(feature['labels'])
+            return feature
+
+    rows = [{'instruction': q, 'output': 'a'} for q in ('keep', 'drop', 'keep', 'drop', 'drop')]
+    ds = Dataset(data=rows).map('AlpacaProcessor').set_template(NoLabels()).encode(cache=False)
+    assert len(ds) == 2 and ds.stats == {'no_labels': 3}

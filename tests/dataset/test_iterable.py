@@ -1,6 +1,8 @@
 """The streaming ``IterableDataset`` gives the rows ``Dataset`` gives, lazily, with counted drops."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from twinkle.dataset import Dataset, DatasetMeta, IterableDataset, RowError
@@ -68,3 +70,49 @@ def test_stream_order_of_steps(char_template):
         stream.pack(8)
     with pytest.raises(ValueError, match='set_template'):
         stream.encode()
+
+
+def test_stream_drops_rows_left_without_labels(right_truncated_rows, caplog):
+    stream = IterableDataset(data=right_truncated_rows).map('AlpacaProcessor')
+    stream.set_template('Template', model_id='builtin://tiny-qwen3', max_length=30, truncation_strategy='right')
+    with caplog.at_level(logging.WARNING):
+        rows = list(stream.encode())
+    assert [r['length'] for r in rows] == [18, 30] and stream.stats == {'no_labels': 1}
+    assert 'row 1 of <data> dropped' in caplog.text and "truncation_strategy='right'" in caplog.text
+
+
+def _lines(path, lines):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(''.join(line + '\n' for line in lines), encoding='utf-8')
+    return str(path)
+
+
+BAD_LINE = r"line 4 \(row 2\) is not valid JSON: Expecting ',' delimiter at column 9\. Fix the file \(one JSON " \
+           r"object per line\) or remove it from the dataset"
+
+
+def test_stream_names_the_file_and_line_of_malformed_json(tmp_path):
+    lines = ['{"i": 0}', '', '{"i": 1}', '{"i": 2 "j": 3}', '{"i": 3}']  # a blank line, then a bad one
+    bad = _lines(tmp_path / 'bad.jsonl', lines)
+    with pytest.raises(ValueError, match=r"cannot read '.*bad\.jsonl': " + BAD_LINE):
+        list(IterableDataset(DatasetMeta(bad)))
+    # a folder read file by file: the rows of the good file come first, then the bad file is named
+    _lines(tmp_path / 'folder' / 'a.jsonl', ['{"i": 10}', '{"i": 11}'])
+    _lines(tmp_path / 'folder' / 'b.jsonl', lines)
+    it = iter(IterableDataset(DatasetMeta(str(tmp_path / 'folder'))))
+    assert [next(it)['i'] for _ in range(2)] == [10, 11]
+    with pytest.raises(ValueError, match=r"cannot read '.*folder/b\.jsonl': " + BAD_LINE):
+        list(it)
+    # a hub-style layout (split-named files) is read by `datasets` as one stream: the file is found
+    _lines(tmp_path / 'repo' / 'train.jsonl', lines)
+    with pytest.raises(ValueError, match=r"cannot read '.*repo/train\.jsonl': " + BAD_LINE):
+        list(IterableDataset(DatasetMeta(str(tmp_path / 'repo'))))
+    # the in-memory reader gives the same message
+    with pytest.raises(ValueError, match=r"cannot read '.*bad\.jsonl': " + BAD_LINE):
+        Dataset(DatasetMeta(bad))
+
+
+def test_stream_names_a_line_that_is_not_an_object(tmp_path):
+    path = _lines(tmp_path / 'list.jsonl', ['{"i": 0}', '[1, 2]'])
+    with pytest.raises(ValueError, match=r"list\.jsonl': line 2 \(row 1\) is a JSON list, not an object"):
+        list(IterableDataset(DatasetMeta(path)))

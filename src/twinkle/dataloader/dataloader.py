@@ -8,6 +8,13 @@ each, so the ranks' slices are disjoint and together form the global batch.
 The position is one number, ``consumed_train_samples`` (global samples yielded so far, across
 epochs): the epoch and the offset inside it follow from it, so resuming from a checkpoint replays
 exactly the batches an uninterrupted run would have produced, on any rank.
+
+Like ``torch.utils.data.DataLoader``, every new ``iter()`` starts a new epoch: iterating again after
+a ``break`` does not continue the unfinished epoch but starts the next one (with its own shuffle
+order). The samples the unfinished epoch left unread then count as consumed, so that
+``consumed_train_samples`` stays the run's position (a checkpoint taken later resumes where it was
+taken). The one exception is the first iteration after ``resume_from_checkpoint`` (or
+``set_epoch``), which starts exactly at the position given, mid-epoch after a resume.
 """
 from __future__ import annotations
 
@@ -91,6 +98,12 @@ class DataLoader:
         device_mesh: the mesh that defines data-parallel ranks; default: the runtime's mesh, if any.
         dp_rank: this process's data-parallel rank; default: the mesh's for env ``RANK`` (0 if unset).
         collate_fn: applied to each rank-local list of samples (e.g. an ``InputProcessor``).
+
+    Each ``iter()`` starts a new epoch, as with ``torch.utils.data.DataLoader``: after a ``break``,
+    iterating again begins the next epoch, and the rest of the abandoned epoch counts as consumed
+    (a streaming dataset reads that rest once, without yielding it, to count it). The first
+    iteration after ``resume_from_checkpoint`` continues mid-epoch where the checkpoint was taken,
+    once; ``set_epoch(e)`` makes the next iteration start at the beginning of epoch ``e``.
     """
 
     def __init__(self, dataset: Any, batch_size: int, min_batch_size: Optional[int] = None, shuffle: bool = False,
@@ -139,6 +152,10 @@ class DataLoader:
         self._epoch = 0
         self._offset = 0  # global samples of the current epoch already yielded
         self._consumed = 0
+        # True while the next pass must start exactly at (_epoch, _offset): set by construction,
+        # set_epoch and resume; a pass that begins clears it, so a later iter() starts a new epoch.
+        self._positioned = True
+        self._live: Optional[Iterator[Any]] = None  # the stream of a streaming pass still open
         self.dropped_samples = 0
 
     # -- sizes ---------------------------------------------------------------------------------
@@ -161,11 +178,18 @@ class DataLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Start the next iteration at the beginning of ``epoch`` (its own shuffle order)."""
-        self._epoch = int(epoch)
-        self._offset = 0
+        epoch = int(epoch)
+        if epoch < 0:
+            raise ValueError(f'set_epoch: epoch must be >= 0, got {epoch}')
+        self._epoch, self._offset = epoch, 0
+        self._positioned, self._live = True, None
+        if not self.streaming:
+            # keep the counter the position, so that a checkpoint taken later resumes here
+            self._consumed = epoch * self._samples_per_epoch(len(self.dataset))
 
     # -- state ---------------------------------------------------------------------------------
     def get_state(self) -> Dict[str, int]:
+        """``{'consumed_train_samples': n}``: the position to pass to ``resume_from_checkpoint``."""
         return {'consumed_train_samples': self._consumed}
 
     def resume_from_checkpoint(self, consumed_train_samples: Union[int, Dict[str, int]]) -> None:
@@ -176,6 +200,7 @@ class DataLoader:
         if consumed < 0:
             raise ValueError(f'consumed_train_samples must be >= 0, got {consumed}')
         self._consumed = consumed
+        self._positioned, self._live = True, None
         if self.streaming:
             # Epoch lengths of a stream are unknown until read: iteration skips forward across epochs.
             self._epoch, self._offset = 0, consumed
@@ -210,13 +235,20 @@ class DataLoader:
     def __iter__(self) -> Iterator[Any]:
         return self._iter_stream() if self.streaming else self._iter_indexed()
 
+    def _next_epoch_after(self, epoch_samples: int) -> None:
+        # The current epoch is left unfinished: what it had left counts as consumed (the position).
+        self._consumed += max(0, epoch_samples - self._offset)
+        self._epoch, self._offset = self._epoch + 1, 0
+
     def _iter_indexed(self) -> Iterator[Any]:
         n = len(self.dataset)
-        if self._samples_per_epoch(n) == 0:
+        per_epoch = self._samples_per_epoch(n)
+        if per_epoch == 0:
             raise ValueError(f'the dataset has {n} samples, fewer than min_batch_size={self.min_batch_size} '
                              f'(or batch_size={self.batch_size} with drop_last=True): no batch can be formed')
-        if self._offset >= self._samples_per_epoch(n):
-            self._epoch, self._offset = self._epoch + 1, 0
+        if (not self._positioned and self._offset > 0) or self._offset >= per_epoch:
+            self._next_epoch_after(per_epoch)  # a pass ended by `break`, or a position at an epoch's end
+        self._positioned = False
         epoch = self._epoch
         order = self._order(epoch, n)
         plan = []  # (global batch size, this rank's indices)
@@ -258,11 +290,21 @@ class DataLoader:
         self._advance(len(samples))
         return self.collate_fn(mine) if self.collate_fn is not None else mine
 
+    def _abandon_stream(self) -> None:
+        # A pass ended by `break`: read the rest of its epoch once, to count what it left unread.
+        rest = sum(1 for _ in self._live)
+        self._live = None
+        self._next_epoch_after(self._samples_per_epoch(self._offset + rest))
+
     def _iter_stream(self) -> Iterator[Any]:
+        if not self._positioned and self._live is not None:
+            self._abandon_stream()
+        self._positioned, self._live = False, None
         while True:
             epoch, skip = self._epoch, self._offset
             seen, yielded, buffer = 0, False, []
-            for sample in self._stream(epoch):
+            self._live = stream = self._stream(epoch)
+            for sample in stream:
                 seen += 1
                 if seen <= skip:
                     continue
@@ -277,6 +319,7 @@ class DataLoader:
                     yield self._emit(buffer)
                 else:
                     self._drop(len(buffer), epoch)
+            self._live = None
             if seen == 0:
                 raise ValueError(f'the streaming dataset yielded no samples in epoch {epoch}')
             self._epoch = epoch + 1

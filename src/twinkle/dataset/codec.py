@@ -6,18 +6,25 @@ any extra top-level keys are stored as JSON text and decoded on the way out.
 
 Every row carries ``__source__`` (file or id) and ``__row__`` (row number in that source) so that
 an error raised on a row produced three steps later still names the original row. Rows dropped by
-a preprocessor or by ``delete`` truncation are marked with ``__keep__ = False`` and counted.
+a preprocessor or by ``delete`` truncation are marked with ``__keep__ = False`` and counted; an encoded
+row that is dropped also records why in ``__drop__`` (see ``encode_or_drop``).
 """
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from datasets import Features, LargeList, Value
 
-from twinkle.types import ROLES
+from twinkle.types import IGNORE_INDEX, ROLES
 
-SOURCE, ROW, KEEP, EXTRA = '__source__', '__row__', '__keep__', '__extra__'
+SOURCE, ROW, KEEP, EXTRA, DROP = '__source__', '__row__', '__keep__', '__extra__', '__drop__'
+# Why an encoded row was dropped; the keys of ``Dataset.stats``.
+DROP_TRUNCATED = 'truncation:delete'
+DROP_NO_LABELS = 'no_labels'
+NO_LABELS_HINT = ('every label token of these rows was cut away (truncation_strategy=\'right\' keeps only the '
+                  'start of a sample, which may end before the first assistant turn), so they would give a '
+                  'NaN loss; raise max_length, or use truncation_strategy=\'left\' or \'delete\'')
 META_COLUMNS = (SOURCE, ROW)
 TRAJECTORY_COLUMNS = ('messages', 'tools', EXTRA)
 FEATURE_COLUMNS = ('input_ids', 'labels', 'attention_mask', 'position_ids', 'length')
@@ -30,7 +37,7 @@ TRAJECTORY_FEATURES = Features({'messages': LargeList(_MESSAGE), 'tools': Value(
 ENCODED_FEATURES = Features({'input_ids': LargeList(Value('int32')), 'labels': LargeList(Value('int32')),
                              'attention_mask': LargeList(Value('int8')),
                              'position_ids': LargeList(Value('int32')), 'length': Value('int32'),
-                             **META_FEATURES})
+                             DROP: Value('string'), **META_FEATURES})
 
 
 class RowError(ValueError):
@@ -171,6 +178,20 @@ def encode_row(template: Any, traj: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     return out
 
 
+def encode_or_drop(template: Any, traj: Dict[str, Any]) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """``(feature, None)`` for a row to train on, or ``(None, reason)`` for a row to drop and count.
+
+    A row without a single label token teaches nothing and makes a batch made only of such rows
+    divide by zero tokens, so it is dropped here, for every template, rather than reaching the loss.
+    """
+    feature = encode_row(template, traj)
+    if feature is None:
+        return None, DROP_TRUNCATED
+    if all(label == IGNORE_INDEX for label in feature['labels']):
+        return None, DROP_NO_LABELS
+    return feature, None
+
+
 def _tolist(value: Any) -> Any:
     return value.tolist() if hasattr(value, 'tolist') else value
 
@@ -186,7 +207,7 @@ class EncodeFn:
         for i, traj in _rows(batch, 'trajectory'):
             source, idx = batch[SOURCE][i], batch[ROW][i]
             try:
-                feature = encode_row(self.template, traj)
+                feature, reason = encode_or_drop(self.template, traj)
             except Exception as e:
                 raise row_error(source, idx, e, f'encode with {type(self.template).__name__}') from e
             for k in FEATURE_COLUMNS:
@@ -194,4 +215,5 @@ class EncodeFn:
             out[SOURCE].append(source)
             out[ROW].append(idx)
             out[KEEP].append(feature is not None)
+            out[DROP].append(reason)
         return out

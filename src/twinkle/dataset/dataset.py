@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 from datasets.fingerprint import Hasher
 
 from twinkle.dataset import codec
-from twinkle.dataset.codec import KEEP, ROW, SOURCE
+from twinkle.dataset.codec import DROP, KEEP, ROW, SOURCE
 from twinkle.dataset.meta import DatasetMeta
 from twinkle.dataset.packing import pack_rows, plan_bins
 from twinkle.dataset.sources import align, cache_dir, from_records, load_source
@@ -29,7 +29,7 @@ PACKED_FEATURES = datasets.Features({
     'position_ids': datasets.LargeList(datasets.Value('int32')), 'lengths': datasets.LargeList(datasets.Value('int32')),
     'length': datasets.Value('int32')})
 MAP_BATCH = 256
-_CACHE_VERSION = 'twinkle-encode-1'
+_CACHE_VERSION = 'twinkle-encode-2'
 
 
 def instantiate(kind: str, obj: Any, kwargs: Dict[str, Any]) -> Callable:
@@ -76,7 +76,9 @@ class Dataset:
     """Rows from one or more sources; see ``DatasetMeta`` for what a source is.
 
     Steps return ``self`` so they chain. ``stats`` counts the rows dropped per reason
-    (``'filter:LengthFilter'``, ``'preprocessor:MyProcessor'``, ``'truncation:delete'``).
+    (``'filter:LengthFilter'``, ``'preprocessor:MyProcessor'``, ``'truncation:delete'``, and
+    ``'no_labels'`` for encoded rows left without a single label token, e.g. by
+    ``truncation_strategy='right'``: they are dropped with a warning, as they would give a NaN loss).
     """
 
     def __init__(self, dataset_meta: Union[DatasetMeta, List[DatasetMeta], None] = None, *,
@@ -161,7 +163,13 @@ class Dataset:
         out = self.dataset.map(codec.EncodeFn(self.template), batched=True, batch_size=MAP_BATCH,
                                num_proc=_procs(num_proc), remove_columns=self.dataset.column_names,
                                features=codec.ENCODED_FEATURES, desc='encode', **extra)
-        self.dataset = self._drop_marked(out, 'truncation:delete', before, logging.WARNING)
+        for reason, dropped in _drop_reasons(out).items():
+            self._count(reason, dropped, before, logging.WARNING)
+            if reason == codec.DROP_NO_LABELS:
+                logger.warning('encode(): %s', codec.NO_LABELS_HINT)
+        if (pc.sum(out.data.column(KEEP)).as_py() or 0) != len(out):
+            out = out.filter(_keep, input_columns=KEEP, batched=True, desc='drop (encode)')
+        self.dataset = out.remove_columns([KEEP, DROP])
         self._state = 'encoded'
         return self
 
@@ -256,6 +264,11 @@ class Dataset:
             logger.warning('encode() result not cached: %s cannot be hashed (%s)', type(self.template).__name__, e)
             return None
         return Hasher.hash([_CACHE_VERSION, self.dataset._fingerprint, template_hash])
+
+
+def _drop_reasons(out: datasets.Dataset) -> Dict[str, int]:
+    counts = pc.value_counts(out.data.column(DROP).combine_chunks().drop_null()).to_pylist()
+    return {c['values']: c['counts'] for c in counts}
 
 
 def _procs(num_proc: int) -> Optional[int]:

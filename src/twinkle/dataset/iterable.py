@@ -112,6 +112,7 @@ class IterableDataset:
     def _apply(self, kind: str, fn: Any, name: str, items: List[Dict[str, Any]], source: str,
                idx: int) -> List[Dict[str, Any]]:
         out: List[Dict[str, Any]] = []
+        reason = {'map': f'preprocessor:{name}', 'filter': f'filter:{name}', 'encode': codec.DROP_TRUNCATED}[kind]
         for item in items:
             try:
                 if kind == 'map':
@@ -122,13 +123,15 @@ class IterableDataset:
                     if fn(item):
                         out.append(item)
                 else:
-                    feature = codec.encode_row(fn, item)
+                    feature, reason = codec.encode_or_drop(fn, item)
                     if feature is not None:
                         out.append({k: v for k, v in feature.items() if v is not None})
             except Exception as e:
                 raise codec.row_error(source, idx, e, f'{kind} {name}') from e
         if not out:
-            reason = {'map': f'preprocessor:{name}', 'filter': f'filter:{name}', 'encode': 'truncation:delete'}[kind]
+            if reason == codec.DROP_NO_LABELS and reason not in self.stats:
+                logger.warning('row %s of %s dropped (and counted in stats[%r]): %s', idx, source, reason,
+                               codec.NO_LABELS_HINT)
             self.stats[reason] = self.stats.get(reason, 0) + 1
         return out
 

@@ -7,11 +7,12 @@ cache), and the snapshot's layout (README configs, split-named files) is read by
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import datasets
 import numpy as np
@@ -64,28 +65,81 @@ def data_files(path: Path) -> List[Path]:
     return files
 
 
-def _explain_unreadable(file: Path, exc: BaseException) -> ValueError:
-    """Turn a builder failure into a message naming the file and, for JSON lines, the bad line."""
-    where = ''
-    if file.suffix.lower() == '.jsonl' or file.suffix.lower() == '.json':
+def _first_bad_json_line(file: Path) -> Optional[str]:
+    """Where a JSON-lines file first fails to hold one JSON object per line, read line by line (the
+    file may be larger than memory); None when every line is a JSON object."""
+    row = 0
+    with open(file, encoding='utf-8') as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                return f'line {lineno} (row {row}) is not valid JSON: {e.msg} at column {e.colno}'
+            if not isinstance(value, dict):
+                return f'line {lineno} (row {row}) is a JSON {type(value).__name__}, not an object'
+            row += 1
+    return None
+
+
+def _json_problem(file: Path) -> Optional[str]:
+    """What is wrong with a .json / .jsonl file, or None. Raises UnicodeDecodeError for non-UTF-8 text."""
+    if file.suffix.lower() == '.json':
+        try:  # a .json file is one document (read whole by the reader anyway) or JSON lines
+            json.loads(file.read_text(encoding='utf-8'))
+            return None
+        except json.JSONDecodeError:
+            pass
+    return _first_bad_json_line(file)
+
+
+def _explain_unreadable(file: Path, exc: BaseException, rows_read: Optional[int] = None) -> ValueError:
+    """Turn a reader failure into a message naming the file and, for JSON (lines), the bad line."""
+    where = None
+    suffix = file.suffix.lower()
+    if suffix in ('.jsonl', '.json'):
         try:
-            text = file.read_text(encoding='utf-8')
+            where = _json_problem(file)
         except UnicodeDecodeError as e:
             return ValueError(f'cannot read {str(file)!r}: not UTF-8 text ({e}). Re-save it as UTF-8.')
-        try:
-            json.loads(text)
-        except json.JSONDecodeError:
-            for lineno, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    json.loads(line)
-                except json.JSONDecodeError as e:
-                    where = f' line {lineno} (row {lineno - 1}) is not valid JSON: {e.msg}.'
-                    break
     cause = str(getattr(exc, '__cause__', None) or exc).splitlines()[0][:300]
-    return ValueError(f'cannot read {str(file)!r}:{where or " " + cause}. Fix the file (one JSON object '
-                      f'per line for .jsonl) or remove it from the dataset.')
+    if rows_read is not None:
+        cause += f' (after {rows_read} rows were read)'
+    fix = 'one JSON object per line' if suffix == '.jsonl' else f'valid {suffix.lstrip(".")}'
+    return ValueError(f'cannot read {str(file)!r}: {where or cause}. Fix the file ({fix}) or remove it from the '
+                      f'dataset.')
+
+
+def _explain_stream_failure(source: str, files: List[Path], exc: BaseException, rows_read: int) -> ValueError:
+    """A stream of several files failed: name the first file with a bad line, if one can be found."""
+    for file in files:
+        if file.suffix.lower() in ('.jsonl', '.json'):
+            try:
+                found = _json_problem(file) is not None
+            except UnicodeDecodeError:
+                found = True
+            if found:
+                return _explain_unreadable(file, exc)
+    cause = str(getattr(exc, '__cause__', None) or exc).splitlines()[0][:300]
+    return ValueError(f'cannot read dataset {source!r}: {cause} (after {rows_read} rows were read). Fix or '
+                      f'remove the unreadable file.')
+
+
+def _rows_of(stream: Any, explain: Callable[[BaseException, int], ValueError]) -> Iterator[Dict[str, Any]]:
+    """The rows of a lazily read stream; a reader failure part-way through (the line is only parsed
+    when reached) becomes ``explain``'s error, which names the file and line."""
+    it = iter(stream)
+    read = 0
+    while True:
+        try:
+            row = next(it)
+        except StopIteration:
+            return
+        except Exception as e:  # pyarrow / datasets errors: the data could not be parsed
+            raise explain(e, read) from e
+        read += 1
+        yield row
 
 
 def _load_file(file: Path, split: str, streaming: bool) -> Any:
@@ -213,8 +267,12 @@ def stream_source(meta: DatasetMeta) -> Iterator[Tuple[str, int, Dict[str, Any]]
     """Rows of one meta as ``(source, row, row_dict)``, read lazily, for the streaming dataset."""
     path = resolve_local(meta.dataset_id)
     repo = _load_folder_as_repo(path, meta, streaming=True) if path.is_dir() else None
-    streams = ([(meta.dataset_id, repo)] if repo is not None else
-               [(str(f), _load_file(f, meta.split, True)) for f in data_files(path)])
+    if repo is not None:
+        explain = functools.partial(_explain_stream_failure, meta.dataset_id, data_files(path))
+        streams = [(meta.dataset_id, _rows_of(repo, explain))]
+    else:
+        streams = [(str(f), _rows_of(_load_file(f, meta.split, True), functools.partial(_explain_unreadable, f)))
+                   for f in data_files(path)]
     sl = meta.data_slice
     start, stop, step = (0, None, 1) if sl is None else (sl.start or 0, sl.stop, sl.step or 1)
     if start < 0 or step < 0 or (stop is not None and stop < 0):

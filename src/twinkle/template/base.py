@@ -43,7 +43,9 @@ class Template:
         tokenizer: an already loaded Hugging Face tokenizer (takes precedence over ``model_id``).
         max_length: the longest encoded sample; longer ones follow ``truncation_strategy``.
         truncation_strategy: ``'raise'`` (ValueError), ``'left'`` (keep the end), ``'right'`` (keep the
-            start) or ``'delete'`` (``encode`` returns None and the dataset counts the drop).
+            start) or ``'delete'`` (``encode`` returns None and the dataset counts the drop). A sample
+            that truncation leaves without a single label token is dropped by ``Dataset.encode`` and
+            counted in ``stats['no_labels']`` with a warning, as it could only give a NaN loss.
         default_system: a system message inserted when a trajectory has none.
         loss_on: ``'all_turns'`` trains on every assistant turn, ``'last_turn'`` on the last only.
         chat_template_kwargs: extra variables for the chat template (e.g. ``enable_thinking``).

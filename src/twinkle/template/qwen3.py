@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from twinkle.registry import register
 
 from .base import Span, Template
+from .validate import arguments_object
 
 IM_START, IM_END = '<|im_start|>', '<|im_end|>'
 THINK_OPEN, THINK_CLOSE = '<think>', '</think>'
@@ -56,8 +57,7 @@ def render_tool_calls(tool_calls: List[Dict[str, Any]], content: str) -> str:
         if k or content:
             parts.append('\n')
         call = call.get('function') or call
-        args = call.get('arguments', {})
-        args = args if isinstance(args, str) else to_json(args)
+        args = to_json(arguments_object(call.get('arguments'), f'tool call {call.get("name")!r}'))
         parts.append(f'<tool_call>\n{{"name": "{call["name"]}", "arguments": {args}}}\n</tool_call>')
     return ''.join(parts)
 

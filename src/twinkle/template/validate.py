@@ -45,6 +45,8 @@ def validate_trajectory(trajectory: Any) -> List[Dict[str, Any]]:
         msg = {k: v for k, v in msg.items() if v is not None or k == 'content'}
         if isinstance(msg.get('tool_calls'), str):
             msg['tool_calls'] = _json(msg['tool_calls'], f'{at}{field}.tool_calls')
+        if msg.get('tool_calls') is not None:
+            msg['tool_calls'] = normalize_tool_calls(msg['tool_calls'], f'{at}{field}.tool_calls')
         role = msg['role']
         if role not in ROLES:
             raise ValueError(f"{at}{field}.role is {role!r}, not one of {', '.join(ROLES)}; map other "
@@ -70,6 +72,49 @@ def _json(text: str, field: str) -> Any:
         return json.loads(text)
     except ValueError as exc:
         raise ValueError(f'{field} is a string but not valid JSON ({exc}); pass a list of dicts') from None
+
+
+def normalize_tool_calls(calls: Any, field: str) -> List[Dict[str, Any]]:
+    """Tool calls with every ``arguments`` as an object, whether given as a dict or as JSON text.
+
+    OpenAI-style messages carry ``arguments`` as a JSON string. A chat template that writes the
+    arguments with ``tojson`` would encode such a string a second time (a quoted, escaped object), so
+    the string is parsed here and every template sees the object itself.
+    """
+    if not isinstance(calls, (list, tuple)):
+        raise ValueError(f'{field} must be a list of tool calls, got {type(calls).__name__}')
+    out = []
+    for k, call in enumerate(calls):
+        where_call = f'{field}[{k}]'
+        if not isinstance(call, Mapping):
+            raise ValueError(f'{where_call} must be a dict such as {{"type": "function", "function": '
+                             f'{{"name": ..., "arguments": {{...}}}}}}, got {type(call).__name__}')
+        nested = isinstance(call.get('function'), Mapping)
+        fn = call['function'] if nested else call
+        if not isinstance(fn.get('name'), str) or not fn['name']:
+            raise ValueError(f'{where_call}{".function" if nested else ""} has no function name; '
+                             f"give {{'name': ..., 'arguments': {{...}}}}")
+        if 'arguments' in fn:
+            fn = {**fn, 'arguments': arguments_object(
+                fn['arguments'], f'{where_call}{".function" if nested else ""}.arguments')}
+        out.append({**call, 'function': fn} if nested else fn)
+    return out
+
+
+def arguments_object(arguments: Any, field: str) -> Dict[str, Any]:
+    """The arguments of one tool call as a dict; JSON text is parsed (once)."""
+    if arguments is None:
+        return {}
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except ValueError as exc:
+            raise ValueError(f'{field} is a string but not valid JSON ({exc}): {arguments!r:.80}. Give the '
+                             f'arguments as a JSON object (text or dict), e.g. \'{{"city": "Paris"}}\'') from None
+    if not isinstance(arguments, Mapping):
+        raise ValueError(f'{field} must be a JSON object of argument names to values, got '
+                         f'{type(arguments).__name__} {arguments!r:.80}')
+    return dict(arguments)
 
 
 def validate_tools(trajectory: Mapping[str, Any]) -> Optional[list]:
