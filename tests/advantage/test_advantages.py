@@ -13,17 +13,19 @@ def np_groups():
     return np.asarray(REWARDS, dtype=np.float64).reshape(-1, G)
 
 
+@pytest.mark.parametrize('std_unbiased', [True, False])
 @pytest.mark.parametrize('scale', ['group', 'batch', 'none'])
-def test_grpo_advantage_matches_numpy(scale):
+def test_grpo_advantage_matches_numpy(scale, std_unbiased):
     g = np_groups()
+    ddof = 1 if std_unbiased else 0
     centred = g - g.mean(axis=1, keepdims=True)
     if scale == 'group':
-        want = centred / (g.std(axis=1, keepdims=True) + 1e-4)
+        want = centred / (g.std(axis=1, ddof=ddof, keepdims=True) + 1e-4)
     elif scale == 'batch':
-        want = centred / (g.std() + 1e-4)
+        want = centred / (g.std(ddof=ddof) + 1e-4)
     else:
         want = centred
-    got = resolve('advantage', 'GRPOAdvantage')(scale=scale)(REWARDS, G)
+    got = resolve('advantage', 'GRPOAdvantage')(scale=scale, std_unbiased=std_unbiased)(REWARDS, G)
     assert got.dtype == torch.float32 and got.shape == (12,)
     np.testing.assert_allclose(got.numpy(), want.reshape(-1), rtol=1e-6, atol=1e-6)
     # the all-equal group carries no signal
@@ -50,7 +52,33 @@ def test_reinforce_plus_plus_baseline():
 
 def test_accepts_column_tensor_and_single_group():
     got = GRPOAdvantage()(torch.tensor([[1.0], [0.0]]), 2)
+    std = 0.5 ** 0.5  # sample std of [1, 0]
+    np.testing.assert_allclose(got.numpy(), [0.5 / (std + 1e-4), -0.5 / (std + 1e-4)], rtol=1e-6)
+    got = GRPOAdvantage(std_unbiased=False)(torch.tensor([[1.0], [0.0]]), 2)
     np.testing.assert_allclose(got.numpy(), [0.5 / (0.5 + 1e-4), -0.5 / (0.5 + 1e-4)], rtol=1e-6)
+
+
+def test_grpo_default_std_is_the_sample_std():
+    # The convention of the GRPO reference implementations: +-0.866 for [0, 1, 1, 0], not +-1.
+    got = GRPOAdvantage(eps=0.0)([0.0, 1.0, 1.0, 0.0], 4)
+    np.testing.assert_allclose(got.numpy(), [-0.8660254, 0.8660254, 0.8660254, -0.8660254], rtol=1e-6)
+    got = GRPOAdvantage(eps=0.0, std_unbiased=False)([0.0, 1.0, 1.0, 0.0], 4)
+    np.testing.assert_allclose(got.numpy(), [-1.0, 1.0, 1.0, -1.0], rtol=1e-6)
+    got = GRPOAdvantage(scale='batch', eps=0.0)([0.0, 1.0, 1.0, 0.0, 2.0, 2.0], 2)
+    np.testing.assert_allclose(got.numpy(), np.array([-0.5, 0.5, 0.5, -0.5, 0.0, 0.0]) / np.std(
+        [0.0, 1.0, 1.0, 0.0, 2.0, 2.0], ddof=1), rtol=1e-6)
+
+
+def test_grpo_one_generation_per_prompt_keeps_a_learning_signal():
+    rewards = [0.0, 1.0, 0.5, 1.0]
+    # A group of one has no baseline: the raw rewards, not zeros.
+    np.testing.assert_allclose(GRPOAdvantage()(rewards, 1).numpy(), rewards)
+    # With batch or no scaling the batch is the baseline.
+    centred = np.asarray(rewards) - np.mean(rewards)
+    np.testing.assert_allclose(GRPOAdvantage(scale='none')(rewards, 1).numpy(), centred, rtol=1e-6)
+    np.testing.assert_allclose(GRPOAdvantage(scale='batch')(rewards, 1).numpy(),
+                               centred / (np.std(rewards, ddof=1) + 1e-4), rtol=1e-6)
+    assert torch.all(torch.isfinite(GRPOAdvantage(scale='batch')([3.0], 1)))
 
 
 def test_bad_inputs():

@@ -65,21 +65,49 @@ class Advantage:
 class GRPOAdvantage(Advantage):
     """``A = r - mean(group)``, then divided by ``std + eps`` where std is that of the group
     (scale='group'), of the whole batch of rewards (scale='batch'), or not divided (scale='none',
-    Dr. GRPO). Standard deviations are population ones (no Bessel correction), so a group with identical
-    rewards gets zero advantage."""
+    Dr. GRPO). A group with identical rewards gets zero advantage.
 
-    def __init__(self, scale: str = 'group', eps: float = 1e-4) -> None:
+    Args:
+        scale: 'group', 'batch' or 'none', as above.
+        eps: added to the standard deviation, so near-constant groups are not blown up.
+        std_unbiased: divide by the sample standard deviation (Bessel's n-1 correction, the default) or,
+            when False, by the population one. The default follows the GRPO paper's reference
+            implementations, so advantages (and the learning rates tuned with them) carry over: rewards
+            [0, 1, 1, 0] give +-0.866, not +-1.
+
+    ``num_generations=1``: a group of one sample has no baseline, so with scale='group' the raw rewards
+    are returned (centring would give zeros, and silently no gradient at all); with scale='batch' or
+    'none' the batch is the baseline: ``r - mean(batch)``, divided by the batch std for 'batch'.
+    """
+
+    def __init__(self, scale: str = 'group', eps: float = 1e-4, std_unbiased: bool = True) -> None:
         if scale not in SCALES:
             raise ValueError(f'GRPOAdvantage scale must be one of {SCALES}; got {scale!r}')
         self.scale = scale
         self.eps = eps
+        self.std_unbiased = bool(std_unbiased)
+
+    def _std(self, values: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        # A single value has no spread (its n-1 estimate would be nan): treat it as 0.
+        correction = 1 if self.std_unbiased and values.shape[dim] > 1 else 0
+        return values.std(dim=dim, correction=correction, keepdim=True)
 
     def compute(self, groups: torch.Tensor) -> torch.Tensor:
+        if groups.shape[1] == 1:
+            return self._singletons(groups)
         centred = groups - groups.mean(dim=1, keepdim=True)
         if self.scale == 'group':
-            return centred / (groups.std(dim=1, correction=0, keepdim=True) + self.eps)
+            return centred / (self._std(groups, dim=1) + self.eps)
         if self.scale == 'batch':
-            return centred / (groups.std(correction=0) + self.eps)
+            return centred / (self._std(groups.reshape(-1)) + self.eps)
+        return centred
+
+    def _singletons(self, groups: torch.Tensor) -> torch.Tensor:
+        if self.scale == 'group':
+            return groups.clone()
+        centred = groups - groups.mean()
+        if self.scale == 'batch':
+            return centred / (self._std(groups.reshape(-1)) + self.eps)
         return centred
 
 

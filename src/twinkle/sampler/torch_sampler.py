@@ -18,14 +18,12 @@ from torch import nn
 from twinkle.registry import register
 from twinkle.runtime.remote import remote_class, remote_function
 from twinkle.sampler.base import Sampler, finish_sequence, group_results
+from twinkle.sampler.kv_cache import check_cache_implementation, prepare_cache
 from twinkle.sampler.types import SampleResult, SamplingParams
 from twinkle.sampler.weights import as_peft_config, base_state_dict, copy_into, named_targets
 from twinkle.types import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
-
-CACHE_IMPLEMENTATIONS = ('dynamic', 'static', 'offloaded', 'offloaded_static', 'quantized', 'sliding_window')
-_QUANT_BACKENDS = {'quanto': ('is_optimum_quanto_available', 'optimum-quanto'), 'hqq': ('is_hqq_available', 'hqq')}
 
 
 def _default_device() -> torch.device:
@@ -117,28 +115,7 @@ class TorchSampler(Sampler):
         self._check_cache_impl(config.cache_implementation, config.cache_config)
 
     def _check_cache_impl(self, impl: Optional[str], cache_config: Any = None) -> None:
-        if impl is None or impl == 'dynamic' or impl == 'static':
-            return
-        if impl not in CACHE_IMPLEMENTATIONS:
-            raise ValueError(f'cache_implementation={impl!r} is not supported; use one of {CACHE_IMPLEMENTATIONS}')
-        if impl.startswith('offloaded') and self.device.type != 'cuda':
-            raise ValueError(f"cache_implementation={impl!r} moves the KV cache between the GPU and CPU memory; "
-                             f"it needs device='cuda' (this sampler runs on {self.device})")
-        if impl == 'quantized':
-            import transformers.utils as tu
-            backend = (cache_config or {}).get('backend', 'quanto')
-            check, package = _QUANT_BACKENDS.get(backend, (None, backend))
-            if check is None:
-                raise ValueError(f'quantized cache backend {backend!r} is unknown; use quanto or hqq')
-            if not getattr(tu, check)():
-                raise ImportError(f"cache_implementation='quantized' with backend {backend!r} needs the "
-                                  f"{package} package: pip install {package} (or choose another cache)")
-        if impl == 'sliding_window':
-            cfg = self.hf_model.config
-            if getattr(cfg, 'sliding_window', None) is None or getattr(cfg, 'use_sliding_window', True) is False:
-                raise ValueError("cache_implementation='sliding_window' needs a model configured with a sliding "
-                                 "window (config.sliding_window set and use_sliding_window=True); this model has "
-                                 "full attention: use 'dynamic' or 'static'")
+        check_cache_implementation(impl, self.device, self.hf_model.config, cache_config)
 
     # ------------------------------------------------------------------ adapters and weights
     @property
@@ -253,12 +230,11 @@ class TorchSampler(Sampler):
         for i, row in enumerate(rows):  # left padding: every prompt ends where generation starts
             ids[i, width - len(row):] = torch.tensor(row)
             mask[i, width - len(row):] = 1
-        if 'cache_implementation' in overrides:
+        if 'cache_implementation' in overrides:  # checked before transformers validates the config
             self._check_cache_impl(overrides['cache_implementation'], self.generation_config.cache_config)
         config = GenerationConfig.from_dict(self.generation_config.to_dict())
         config.update(**overrides)
-        if config.cache_implementation == 'sliding_window':
-            config.cache_implementation = 'static'  # transformers infers the sliding layers from the config
+        prepare_cache(config, self.device, self.hf_model.config)
         config.update(max_new_tokens=params.max_tokens, min_new_tokens=None, max_length=None,
                       do_sample=not params.greedy,
                       temperature=params.temperature if not params.greedy else None,

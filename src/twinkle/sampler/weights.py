@@ -105,8 +105,8 @@ def export_weights(model: Any, adapter_name: Optional[str] = None,
     adapter: Dict[str, torch.Tensor] = {}
     config = None
     if adapter_name is not None:
-        from peft import get_peft_model_state_dict
-        adapter = get_peft_model_state_dict(module, state_dict=full, adapter_name=adapter_name)
+        from twinkle.model.transformers.adapters import saved_state
+        adapter = saved_state(module, full, adapter_name)
         config = module.peft_config[adapter_name]
     return ({k: v.detach() for k, v in base.items()}, {k: v.detach() for k, v in adapter.items()}, config,
             adapter_name)

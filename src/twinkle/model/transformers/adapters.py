@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional
 
+import torch
 from torch import nn
 
 
@@ -48,3 +49,24 @@ def config_dict(module: nn.Module, adapter_name: Optional[str]) -> Optional[Dict
         return None
     config = module.peft_config[adapter_name]
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
+
+
+def saved_state(module: nn.Module, full: Mapping[str, torch.Tensor], adapter_name: str) -> Dict[str, torch.Tensor]:
+    """The adapter's weights in PEFT's saved naming (what ``adapter_model.safetensors`` holds), taken from a
+    gathered full state dict. Sharded strategies gather onto the main rank only; elsewhere ``full`` is
+    empty and so is the result (PEFT itself would look up the ``modules_to_save`` copies and fail)."""
+    if not full:
+        return {}
+    from peft import get_peft_model_state_dict
+    return get_peft_model_state_dict(module, state_dict=dict(full), adapter_name=adapter_name)
+
+
+def saved_names(module: nn.Module, adapter_name: str) -> Dict[str, str]:
+    """``{saved name: the module's state-dict key}`` for every tensor of the adapter, as PEFT maps them
+    (``lora_A.weight`` -> ``lora_A.<adapter>.weight``, a ``modules_to_save`` layer's ``lm_head.weight`` ->
+    ``lm_head.modules_to_save.<adapter>.weight``), without reading any tensor: for loading a saved
+    adapter into a module whose parameters are sharded."""
+    keys = list(module.state_dict().keys())
+    # Each key's position stands in for its tensor, so the mapping is read back from PEFT's own selection.
+    probe = {key: torch.tensor(i) for i, key in enumerate(keys)}
+    return {name: keys[int(index)] for name, index in saved_state(module, probe, adapter_name).items()}

@@ -1,7 +1,7 @@
 """Generation with the active adapter, on messages or token ids, honouring a GenerationConfig."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Sequence, Tuple
 
 import torch
 
@@ -37,26 +37,45 @@ def as_prompts(model: 'TransformersModel', inputs: Any) -> List[List[int]]:
 @torch.no_grad()
 def generate(model: 'TransformersModel', inputs: Any, generation_config: Any = None,
              **kwargs: Any) -> List[Dict[str, Any]]:
+    """``num_return_sequences`` (n) results per prompt, in prompt order: results ``[i * n, (i + 1) * n)``
+    belong to prompt ``i`` (each carries its ``prompt_index``). ``token_ids`` end at the first end token
+    (included), so a sample is the same whether its prompt was generated alone or in a batch."""
     from transformers import GenerationConfig
 
+    from ...sampler.kv_cache import check_cache_implementation, prepare_cache
+
     prompts = as_prompts(model, inputs)
-    pad = model.template.pad_token_id
-    width = max(len(p) for p in prompts)
-    # Left padding: every prompt ends where generation starts.
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt)
-        mask[row, width - len(prompt):] = 1
     hf = model.strategy.unwrap(model.module)
     base_config = getattr(model.hf_model, 'generation_config', None)
     config = GenerationConfig.from_dict(base_config.to_dict()) if base_config is not None else GenerationConfig()
-    if generation_config is not None:
-        update = generation_config.to_dict() if hasattr(generation_config, 'to_dict') else dict(generation_config)
+    updates = [generation_config.to_dict() if hasattr(generation_config, 'to_dict') else dict(generation_config)] \
+        if generation_config is not None else []
+    updates.append(dict(kwargs))
+    # Taken out before transformers validates the config: it refuses n > 1 for greedy decoding.
+    n = next((u.pop('num_return_sequences') for u in reversed(updates) if u.get('num_return_sequences') is not None),
+             config.num_return_sequences)
+    n = 1 if n is None else n
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f'generate: num_return_sequences must be a positive int; got {n!r}')
+    cache = next((u['cache_implementation'] for u in reversed(updates) if u.get('cache_implementation')), None)
+    if cache is not None:  # before transformers sees it, so the message is the same as the sampler's
+        check_cache_implementation(cache, model.device, model.hf_model.config)
+    for update in updates:
+        update.pop('num_return_sequences', None)
         config.update(**update)
-    config.update(**kwargs)
+    pad = model.template.pad_token_id
     if config.pad_token_id is None:
         config.pad_token_id = pad
+    prepare_cache(config, model.device, model.hf_model.config)
+    rows = prompts
+    if (config.num_beams or 1) == 1:
+        # Without beam search every sample is an independent row: repeat each prompt n times (what
+        # transformers does internally when sampling), which also lets greedy decoding return n rows.
+        rows = [p for p in prompts for _ in range(n)]
+        config.num_return_sequences = 1
+    else:
+        config.num_return_sequences = n
+    ids, mask, width = _left_padded(rows, pad)
     was_training = hf.training
     hf.eval()
     try:
@@ -65,14 +84,24 @@ def generate(model: 'TransformersModel', inputs: Any, generation_config: Any = N
                               generation_config=config)
     finally:
         hf.train(was_training)
-    results = []
     eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-    for row in range(len(prompts)):
+    results = []
+    # Rows come back grouped by prompt (beam search returns its n best beams per prompt, in order).
+    for row in range(len(prompts) * n):
         new = out[row, width:].tolist()
-        trimmed = []
-        for tok in new:
-            if tok in eos:
-                break
-            trimmed.append(tok)
-        results.append({'token_ids': new, 'text': model.template.decode(trimmed, skip_special_tokens=True)})
+        end = next((i for i, tok in enumerate(new) if tok in eos), None)
+        token_ids = new if end is None else new[:end + 1]
+        text = model.template.decode(new[:end] if end is not None else new, skip_special_tokens=True)
+        results.append({'token_ids': token_ids, 'text': text, 'prompt_index': row // n})
     return results
+
+
+def _left_padded(rows: List[List[int]], pad: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    # Left padding: every prompt ends where generation starts.
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    return ids, mask, width

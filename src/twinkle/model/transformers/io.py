@@ -94,8 +94,8 @@ def state_dict_for(model: 'TransformersModel', session: 'TrainingSession') -> Di
     full = model.strategy.full_state_dict(model.module)
     if session.name is None:
         return full
-    from peft import get_peft_model_state_dict
-    return get_peft_model_state_dict(model.module, state_dict=full, adapter_name=session.name)
+    from . import adapters
+    return adapters.saved_state(model.module, full, session.name)
 
 
 def _hf_state_dict(model: 'TransformersModel', full: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -184,9 +184,10 @@ class FSDP2Strategy(TorchDistributedStrategy):
             from ..strategy import load_adapter_weights
             load_adapter_weights(module, state_dict, adapter_name)
             return
-        # PEFT files name weights without the adapter (``lora_A.weight``); the module has ``lora_A.<name>.weight``.
-        marker = f'.{adapter_name}.'
-        names = {k.replace(marker, '.', 1): k for k in module.state_dict() if marker in k}
+        # PEFT files name weights without the adapter (``lora_A.weight``, ``lm_head.weight`` for a
+        # modules_to_save copy); the module has ``lora_A.<name>.weight``, ``lm_head.modules_to_save.<name>.weight``.
+        from ..adapters import saved_names
+        names = saved_names(module, adapter_name)
         unknown = [k for k in state_dict if k not in names]
         if unknown:
             raise ValueError(f'adapter weights do not match adapter {adapter_name!r}: unexpected keys {unknown[:5]} '
