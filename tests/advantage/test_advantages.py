@@ -105,12 +105,12 @@ def test_options_at_call_time_apply_to_that_call_only():
     g = np_groups()
     centred = g - g.mean(axis=1, keepdims=True)
     got = adv(REWARDS, G, scale='batch', eps=0.5)
-    np.testing.assert_allclose(got.numpy(), (centred / (g.std() + 0.5)).reshape(-1), rtol=1e-6)
+    np.testing.assert_allclose(got.numpy(), (centred / (g.std(ddof=1) + 0.5)).reshape(-1), rtol=1e-6)
     np.testing.assert_allclose(adv(REWARDS, G, scale='none').numpy(), centred.reshape(-1), rtol=1e-6)
     assert adv.scale == 'group' and adv.eps == 1e-4
     np.testing.assert_allclose(adv(REWARDS, G).numpy(),
-                               (centred / (g.std(axis=1, keepdims=True) + 1e-4)).reshape(-1), rtol=1e-6)
-    with pytest.raises(TypeError, match=r"unknown option\(s\) \['scal'\]; it accepts \['scale', 'eps'\]"):
+                               (centred / (g.std(axis=1, ddof=1, keepdims=True) + 1e-4)).reshape(-1), rtol=1e-6)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['scal'\]; it accepts \['scale', 'eps', 'std_unbiased'\]"):
         adv(REWARDS, G, scal='batch')
     with pytest.raises(ValueError, match="scale must be one of"):
         adv(REWARDS, G, scale='global')
@@ -120,7 +120,7 @@ def test_options_at_call_time_apply_to_that_call_only():
 def test_rloo_scale(scale):
     g = np_groups()
     loo = np.array([[grp[i] - np.delete(grp, i).mean() for i in range(G)] for grp in g])
-    std = g.std(axis=1, keepdims=True) if scale == 'group' else g.std()
+    std = g.std(axis=1, ddof=1, keepdims=True) if scale == 'group' else g.std(ddof=1)
     got = RLOOAdvantage()(REWARDS, G, scale=scale)
     np.testing.assert_allclose(got.numpy(), (loo / (std + 1e-4)).reshape(-1), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(RLOOAdvantage(scale=scale)(REWARDS, G).numpy(), got.numpy())

@@ -11,7 +11,8 @@ def test_grpo_and_rloo_take_scale_per_call():
     want = [r - means[i // 3] for i, r in enumerate(rewards)]
     assert torch.allclose(adv, torch.tensor(want), atol=1e-6)
     adv = GRPOAdvantage()(rewards, num_generations=3, scale='group')
-    stds = [torch.tensor(rewards[:3]).std(correction=0), torch.tensor(rewards[3:]).std(correction=0)]
+    # the sample (n-1) std, the default
+    stds = [torch.tensor(rewards[:3]).std(correction=1), torch.tensor(rewards[3:]).std(correction=1)]
     want = [(r - means[i // 3]) / (stds[i // 3] + 1e-4) for i, r in enumerate(rewards)]
     assert torch.allclose(adv, torch.tensor(want, dtype=torch.float32), atol=1e-5)
     # leave-one-out: 1 - mean(0, 0) = 1, 0 - mean(1, 0) = -0.5

@@ -116,14 +116,16 @@ class RLOOAdvantage(Advantage):
     """Leave-one-out baseline: ``A_i = r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mean(group))``.
 
     ``scale`` as in :class:`GRPOAdvantage` divides by the rewards' group or batch standard deviation
-    (plus ``eps``); the default ``'none'`` keeps the plain leave-one-out difference.
+    (plus ``eps``; the sample std unless ``std_unbiased=False``, as there); the default ``'none'``
+    keeps the plain leave-one-out difference.
     """
 
-    def __init__(self, scale: str = 'none', eps: float = 1e-4) -> None:
+    def __init__(self, scale: str = 'none', eps: float = 1e-4, std_unbiased: bool = True) -> None:
         if scale not in SCALES:
             raise ValueError(f'RLOOAdvantage scale must be one of {SCALES}; got {scale!r}')
         self.scale = scale
         self.eps = eps
+        self.std_unbiased = bool(std_unbiased)
 
     def compute(self, groups: torch.Tensor) -> torch.Tensor:
         g = groups.shape[1]
@@ -131,10 +133,11 @@ class RLOOAdvantage(Advantage):
             raise ValueError('RLOOAdvantage needs num_generations >= 2 (the baseline of a sample is the mean '
                              'of the other samples of its prompt)')
         loo = (groups - groups.mean(dim=1, keepdim=True)) * (g / (g - 1))
+        correction = 1 if self.std_unbiased else 0
         if self.scale == 'group':
-            return loo / (groups.std(dim=1, correction=0, keepdim=True) + self.eps)
+            return loo / (groups.std(dim=1, correction=correction, keepdim=True) + self.eps)
         if self.scale == 'batch':
-            return loo / (groups.std(correction=0) + self.eps)
+            return loo / (groups.std(correction=correction) + self.eps)
         return loo
 
 
