@@ -8,12 +8,21 @@ from torch import nn
 
 from ...loss.utils import loss_mask, token_logprobs
 from ...patch.chunked_ce import chunked_logps
+from ...patch.logit_head import LogitHead, logit_transform, owner_of
 
 MODEL_INPUT_KEYS = ('input_ids', 'attention_mask', 'position_ids')
 
 
-class _Passthrough(nn.Module):
+class _Capture(nn.Module):
+    """Stands in for the output projection and keeps its input: the final hidden states, before the
+    model's forward soft-caps or scales what it takes for the logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden: Optional[torch.Tensor] = None
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.hidden = hidden
         return hidden
 
 
@@ -50,19 +59,15 @@ class ForwardCore:
         # The wrapper (DDP) must still see the call, so the output projection is swapped for a
         # pass-through for the duration of this forward, and applied chunk by chunk afterwards.
         lm_head = hf_model.get_output_embeddings()
-        owner, attr = _owner_of(hf_model, lm_head)
-        setattr(owner, attr, _Passthrough())
+        owner, attr = owner_of(hf_model, lm_head)
+        capture = _Capture()
+        setattr(owner, attr, capture)
         try:
-            hidden = module(**model_inputs, use_cache=False).logits
+            module(**model_inputs, use_cache=False)
         finally:
             setattr(owner, attr, lm_head)
-        logps = chunked_logps(lm_head, hidden, labels, chunk)
+        hidden = capture.hidden
+        # The model's own forward would also soft-cap / scale the projected logits: do the same.
+        logps = chunked_logps(LogitHead(lm_head, logit_transform(hf_model)), hidden, labels, chunk)
         return {'logits': None, 'logps': logps, 'mask': loss_mask(labels)}
 
-
-def _owner_of(root: nn.Module, target: nn.Module) -> Tuple[nn.Module, str]:
-    for name, module in root.named_modules():
-        for child_name, child in module.named_children():
-            if child is target:
-                return module, child_name
-    raise RuntimeError('could not locate the output projection to patch')
