@@ -80,8 +80,25 @@ def test_packed_rows_train_as_their_samples_apart(family, attn):
     _assert_same(_loss_sum_and_grads(model, rows), apart)
 
     # The padding-free layout of the same samples (one row, cu_seq_lens), with tail padding.
-    model.set_processor(InputProcessor(pad_token_id=0, padding_free=True, pad_to_multiple_of=16))
+    model.set_processor(InputProcessor(pad_token_id=0, padding_free=True, pad_to_multiple_of=20))
     _assert_same(_loss_sum_and_grads(model, samples), apart)
+
+
+def test_packed_rows_of_a_moe_model_reporting_router_statistics():
+    import transformers as tf
+    samples = make_samples(5, seed=3, vocab=VOCAB, min_len=5, max_len=14)
+    for attn in ('sdpa', 'eager'):
+        config = _config('qwen3_moe')
+        config.output_router_logits, config.router_aux_loss_coef = True, 0.5
+        torch.manual_seed(0)
+        model = TransformersModel(model_cls=tf.Qwen3MoeForCausalLM, config=config, mixed_precision='no',
+                                  attn_implementation=attn)
+        model.set_processor(InputProcessor(pad_token_id=0))
+        model.set_optimizer('SGD', lr=0.1)
+        apart = _loss_sum_and_grads(model, samples)
+        _assert_same(_loss_sum_and_grads(model, [pack_rows(samples[:3]), pack_rows(samples[3:])]), apart)
+        model.set_processor(InputProcessor(pad_token_id=0, padding_free=True, pad_to_multiple_of=20))
+        _assert_same(_loss_sum_and_grads(model, samples), apart)
 
 
 def test_chunked_cross_entropy_on_packed_rows():

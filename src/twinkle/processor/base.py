@@ -5,7 +5,8 @@ Two layouts:
 * padded (default): ``[batch, longest]`` with right padding; ``attention_mask`` marks real tokens.
 * padding-free: every sample concatenated into one row ``[1, total]``; ``position_ids`` restart at 0
   for each sample and ``cu_seq_lens`` (int32, cumulative lengths starting at 0) lets variable-length
-  attention keep samples apart. The first label of every sample is -100, so that after the model's
+  attention keep samples apart (with ``pad_to_multiple_of``, the tail padding is one more sequence,
+  and ``attention_mask`` marks it). The first label of every sample is -100, so that after the model's
   one-token shift no sample is trained to predict the next sample's first token.
 
 A sample may already be a pack of several sequences (its ``position_ids`` restart inside it); the
@@ -181,6 +182,9 @@ class InputProcessor:
             'position_ids': torch.tensor([positions], dtype=torch.long),
             'cu_seq_lens': cu,
         }
+        if tail:
+            # Marks the tail as padding, so that token counts and router statistics leave it out.
+            batch['attention_mask'] = torch.tensor([[1] * total + [0] * tail], dtype=torch.long)
         for key, values in self._extras(samples).items():
             if self._token_aligned(values, samples):
                 row = [v for value in values for v in value] + [0] * tail

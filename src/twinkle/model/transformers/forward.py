@@ -55,6 +55,7 @@ class ForwardCore:
         out = module(**model_inputs, use_cache=False)
         logits = restore(out.logits)
         result: Dict[str, Any] = {'logits': logits}
+        _keep_aux_loss(out, result)
         if labels is not None:
             result['logps'], result['mask'] = token_logprobs(logits, labels, temperature=temperature)
         return result
@@ -69,14 +70,23 @@ class ForwardCore:
         capture = _Capture()
         setattr(owner, attr, capture)
         try:
-            module(**model_inputs, use_cache=False)
+            out = module(**model_inputs, use_cache=False)
         finally:
             setattr(owner, attr, lm_head)
         hidden = restore(capture.hidden)
         # The model's own forward would also soft-cap / scale the projected logits: do the same.
         logps = chunked_logps(LogitHead(lm_head, logit_transform(hf_model)), hidden, labels, chunk)
-        return {'logits': None, 'logps': logps, 'mask': loss_mask(labels)}
+        result = {'logits': None, 'logps': logps, 'mask': loss_mask(labels)}
+        _keep_aux_loss(out, result)
+        return result
 
 
 def _same(values: torch.Tensor) -> torch.Tensor:
     return values
+
+
+def _keep_aux_loss(out: Any, result: Dict[str, Any]) -> None:
+    # MoE models with output_router_logits return their router load-balancing loss.
+    aux = getattr(out, 'aux_loss', None)
+    if isinstance(aux, torch.Tensor):
+        result['aux_loss'] = aux
