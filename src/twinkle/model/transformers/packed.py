@@ -5,16 +5,18 @@ as ``Dataset.pack()`` and the padding-free ``InputProcessor`` write them) or aft
 row holds more than one sequence, the batch is laid out for the model so that no token sees another
 sequence:
 
-* ``rows`` (eager, SDPA, flex attention): the batch keeps its shape, the 2-D ``attention_mask`` is left
-  out and each padding token gets position 0, so that transformers' mask builders find the sequences
-  from ``position_ids`` and make the mask block-diagonal (sliding windows included);
-* ``flatten`` (flash attention, and MoE models reporting router statistics over padded batches): the
-  real tokens of every row go into one row ``[1, N]``, with ``cu_seq_lens_q/k`` for variable-length
-  attention;
+* ``mask`` (eager and SDPA, models with full attention only): the batch keeps its shape and gets an
+  explicit 4-D block-diagonal causal mask;
+* ``rows`` (eager and SDPA with sliding-window or chunked layers, flex attention): the batch keeps its
+  shape, the 2-D ``attention_mask`` is left out and each padding token gets position 0, so that
+  transformers' mask builders find the sequences from ``position_ids`` and make every layer's mask
+  block-diagonal, windows included;
+* ``flatten`` (flash attention; MoE models reporting router statistics, which take no 4-D mask): the
+  real tokens of every row go into one row ``[1, N]``, with ``cu_seq_lens_q/k`` for flash attention;
 * ``unpack`` (models with recurrent or convolutional layers - linear attention, Mamba - whose state
-  would flow from one sequence into the next; any attention implementation not listed above; or
-  position ids that do not mark the boundaries unambiguously): every sequence becomes its own row of
-  a right-padded batch.
+  would flow from one sequence into the next; models outside transformers' attention interface, such
+  as ALiBi models; other attention implementations; position ids that do not mark the boundaries
+  unambiguously): every sequence becomes its own row of a right-padded batch.
 
 The module's per-token outputs (logits or hidden states) are put back into the caller's layout, so
 labels, log-probabilities and losses stay where they were.
@@ -77,18 +79,24 @@ def plan(hf_model: nn.Module, model_inputs: Mapping[str, Any]) -> Optional[Layou
     if bool((starts.sum(dim=1) <= 1).all()):
         return None
     config = hf_model.config
-    impl = str(getattr(config, '_attn_implementation', None) or 'eager')
-    if _has_stateful_layers(hf_model):
+    text = config.get_text_config() if hasattr(config, 'get_text_config') else config
+    impl = str(getattr(text, '_attn_implementation', None) or 'eager')
+    # Models outside transformers' attention interface (ALiBi models among them) and layers with a
+    # state along the sequence only see sequences apart when they are apart.
+    if _has_stateful_layers(hf_model) or not getattr(hf_model, '_supports_attention_backend', False):
         return _unpack(input_ids, position_ids, real, starts)
-    if impl in _MASK_BASED:
-        padded = not bool(real.all())
-        if padded and getattr(config, 'output_router_logits', False):
-            # Router load-balancing statistics count every token the model sees: keep padding out.
-            return _flatten(input_ids, position_ids, real, starts, varlen=False)
-        return _rows(input_ids, position_ids, real, starts)
     if 'flash' in impl:
         return _flatten(input_ids, position_ids, real, starts, varlen=True)
-    return _unpack(input_ids, position_ids, real, starts)
+    if impl not in _MASK_BASED:
+        return _unpack(input_ids, position_ids, real, starts)
+    if getattr(text, 'output_router_logits', False):
+        # The router statistics take the 2-D attention_mask or none: one row of real tokens, no mask.
+        return _flatten(input_ids, position_ids, real, starts, varlen=False)
+    if impl != 'flex_attention' and not _has_windows(text):
+        # Full attention only: an explicit block-diagonal mask, which every model of the attention
+        # interface takes as it is (some do not pass position_ids to their mask builder).
+        return _mask(input_ids, position_ids, real, starts, impl, _dtype_of(hf_model))
+    return _rows(input_ids, position_ids, real, starts)
 
 
 def _has_stateful_layers(hf_model: nn.Module) -> bool:
@@ -98,6 +106,35 @@ def _has_stateful_layers(hf_model: nn.Module) -> bool:
     if types and any(t not in _ATTENTION_LAYERS for t in types):
         return True
     return any(marker in type(m).__name__.lower() for m in hf_model.modules() for marker in _STATEFUL_MARKERS)
+
+
+def _has_windows(text_config: Any) -> bool:
+    types = getattr(text_config, 'layer_types', None)
+    if types:
+        return any(t != 'full_attention' for t in types)
+    return bool(getattr(text_config, 'sliding_window', None) or getattr(text_config, 'attention_chunk_size', None))
+
+
+def _dtype_of(hf_model: nn.Module) -> torch.dtype:
+    for p in hf_model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _mask(input_ids: torch.Tensor, position_ids: torch.Tensor, real: torch.Tensor, starts: torch.Tensor,
+          impl: str, dtype: torch.dtype) -> Layout:
+    # Every padding token is a sequence of its own (it attends to itself, so no row of the mask is empty).
+    seq = (starts | ~real).long().cumsum(dim=1)
+    t = input_ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
+    allowed = (seq[:, :, None] == seq[:, None, :]) & causal
+    allowed = allowed[:, None]
+    if impl == 'eager':  # eager attention adds the mask to the scores
+        allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
+    inputs = {'input_ids': input_ids, 'position_ids': position_ids.masked_fill(~real, 0), 'attention_mask': allowed}
+    return Layout('mask', inputs, tuple(input_ids.shape))
 
 
 def _boundaries_as_transformers_sees_them(position_ids: torch.Tensor) -> torch.Tensor:
