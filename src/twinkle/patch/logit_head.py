@@ -69,6 +69,8 @@ def verify_head(module: nn.Module, hf_model: nn.Module, *, probe_len: int = 8, t
     if lm_head is None:
         raise NotImplementedError(f'{type(hf_model).__name__} has no output embeddings (get_output_embeddings() '
                                   f'is None); the chunked cross-entropy needs a separate output projection')
+    if any(p.is_meta for p in hf_model.parameters()):
+        return  # not materialised yet (memory-efficient init): the known transforms are applied unchecked
     vocab = int(getattr(lm_head, 'out_features', 0) or lm_head.weight.shape[0])
     device = lm_head.weight.device
     ids = torch.arange(probe_len, device=device).remainder(vocab).unsqueeze(0)
