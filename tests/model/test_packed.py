@@ -110,6 +110,18 @@ def test_packed_rows_of_a_moe_model_reporting_router_statistics():
         _assert_same(_loss_sum_and_grads(model, samples), apart)
 
 
+def test_packed_dict_batch_does_not_score_sequence_starts():
+    samples = make_samples(4, seed=6, vocab=VOCAB, min_len=5, max_len=14)
+    for s in samples:  # labels on every token, the first included
+        s['labels'] = list(s['input_ids'])
+    model = _model('llama', 'sdpa')
+    apart = _loss_sum_and_grads(model, samples)
+    row = {'input_ids': [t for s in samples for t in s['input_ids']],
+           'labels': [t for s in samples for t in s['labels']],
+           'position_ids': [p for s in samples for p in range(len(s['input_ids']))]}
+    _assert_same(_loss_sum_and_grads(model, {k: torch.tensor([v]) for k, v in row.items()}), apart)
+
+
 def test_chunked_cross_entropy_on_packed_rows():
     samples = make_samples(4, seed=5, vocab=VOCAB, min_len=5, max_len=14)
     model = _model('gemma2', 'eager')
