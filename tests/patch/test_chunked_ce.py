@@ -6,6 +6,7 @@ from peft import LoraConfig
 
 from twinkle.model import TransformersModel
 from twinkle.patch import ChunkedCrossEntropyPatch, Patch
+from twinkle.processor import InputProcessor
 
 MODEL_ID = 'builtin://tiny-qwen3'
 
@@ -72,3 +73,62 @@ def test_patch_contract():
     with pytest.raises(Exception, match='ChunkedCrossEntropyPatch'):
         model.apply_patch('ChunkedCrossEntropy')
     assert issubclass(ChunkedCrossEntropyPatch, Patch)
+
+
+def _random_model(config, model_cls=None):
+    torch.manual_seed(0)
+    model = TransformersModel(model_cls=model_cls, config=config, mixed_precision='no')
+    model.set_processor(InputProcessor(pad_token_id=0))
+    model.set_optimizer('SGD', lr=0.1)
+    return model
+
+
+def _small(config_cls, **extra):
+    return config_cls(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                      **extra)
+
+
+def _vocab_samples(n=3, vocab=256, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, vocab, (int(torch.randint(6, 20, (1,), generator=g)),), generator=g).tolist()
+        out.append({'input_ids': ids, 'labels': [-100] + ids[1:]})
+    return out
+
+
+@pytest.mark.parametrize('family', ['gemma2', 'cohere', 'granite'])
+def test_chunked_cross_entropy_applies_the_heads_logit_transforms(family):
+    from transformers import CohereConfig, Gemma2Config, GraniteConfig
+    if family == 'gemma2':
+        # A small cap makes the soft-capping change the loss clearly.
+        config = _small(Gemma2Config, final_logit_softcapping=2.0, attn_logit_softcapping=50.0)
+    elif family == 'cohere':
+        config = _small(CohereConfig, logit_scale=0.25)
+    else:
+        config = _small(GraniteConfig, logits_scaling=4.0)
+    model = _random_model(config)
+    batch = _vocab_samples()
+    ref_loss, ref_grads = _loss_and_grads(model, batch)
+    with model.apply_patch('ChunkedCrossEntropyPatch', chunk_size=5):
+        loss, grads = _loss_and_grads(model, batch)
+    assert loss == pytest.approx(ref_loss, abs=1e-5)
+    for name in ref_grads:
+        scale = float(ref_grads[name].abs().max())
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_chunked_cross_entropy_refuses_an_unknown_logit_transform():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    class ShiftedHead(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 3.0
+            return out
+
+    model = _random_model(_small(LlamaConfig), model_cls=ShiftedHead)
+    with pytest.raises(NotImplementedError, match='without ChunkedCrossEntropyPatch'):
+        model.apply_patch('ChunkedCrossEntropyPatch', chunk_size=5)
+    assert model.forward_core.logits_mode == ('full', None)

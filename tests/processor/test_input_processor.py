@@ -104,3 +104,9 @@ def test_registered_and_subclassable():
 
     out = WithWeights(padding_free=True)([A, B])
     assert out['loss_weight'].shape == (1, 6)
+
+
+def test_padding_free_tail_is_marked_as_padding():
+    out = InputProcessor(padding_free=True, pad_to_multiple_of=4, pad_token_id=0)([A, B])
+    assert out['attention_mask'].tolist() == [[1, 1, 1, 1, 1, 1, 0, 0]]
+    assert 'attention_mask' not in InputProcessor(padding_free=True, pad_to_multiple_of=3)([A, B])

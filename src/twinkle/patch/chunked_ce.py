@@ -5,6 +5,10 @@ vocabulary and 8k tokens that is ~5 GB in float32. This patch runs the output pr
 positions under activation checkpointing, so only one chunk of logits exists at a time, forward or
 backward. Losses and gradients are the same as the plain path (tested); ``outputs['logits']`` is not
 produced while it is applied, so metrics that need logits (token accuracy) are skipped.
+
+Logit transforms of the model's own head (Gemma2's final soft-capping, Cohere's ``logit_scale``,
+Granite's ``logits_scaling``) are applied to every chunk; applying the patch checks on a few tokens
+that the chunked head reproduces the model's logits and refuses the model otherwise.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from ..loss.utils import loss_mask
 from ..registry import register
 from ..types import IGNORE_INDEX
 from .base import Patch
+from .logit_head import verify_head
 
 
 def _chunk_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -62,6 +67,8 @@ class ChunkedCrossEntropyPatch(Patch):
             # forward, so applying it chunk by chunk would need explicit unshard/reshard around each chunk.
             raise NotImplementedError('ChunkedCrossEntropyPatch supports single-process and DDP training; '
                                       'with FSDP2 the logits of each shard are already 1/N of the batch')
+        # Refuses a model whose head transforms the logits in a way the chunks would not reproduce.
+        verify_head(model.module, model.hf_model)
         core = model.forward_core
         self._previous = core.logits_mode
         core.logits_mode = ('chunked', self.chunk_size)

@@ -5,7 +5,8 @@ Two layouts:
 * padded (default): ``[batch, longest]`` with right padding; ``attention_mask`` marks real tokens.
 * padding-free: every sample concatenated into one row ``[1, total]``; ``position_ids`` restart at 0
   for each sample and ``cu_seq_lens`` (int32, cumulative lengths starting at 0) lets variable-length
-  attention keep samples apart. The first label of every sample is -100, so that after the model's
+  attention keep samples apart (with ``pad_to_multiple_of``, the tail padding is one more sequence,
+  and ``attention_mask`` marks it). The first label of every sample is -100, so that after the model's
   one-token shift no sample is trained to predict the next sample's first token.
 
 A sample may already be a pack of several sequences (its ``position_ids`` restart inside it); the
@@ -26,6 +27,7 @@ from twinkle.types import IGNORE_INDEX
 
 TOKEN_FIELDS = ('input_ids', 'labels', 'attention_mask', 'position_ids')
 # Redundant once collated (it is the row length); kept out so a model's forward can take **batch.
+# A packed row's ``lengths`` is turned into ``position_ids`` restarts in ``prepare``.
 DROPPED_FIELDS = ('length',)
 
 
@@ -85,6 +87,7 @@ class InputProcessor:
             if not isinstance(feature, Mapping):
                 raise ValueError(f'sample {i} is a {type(feature).__name__}, expected a dict with input_ids and labels')
             sample = {k: _as_list(v) for k, v in feature.items() if k not in DROPPED_FIELDS}
+            self._absorb_lengths(sample, i)
             for key in ('input_ids', 'labels'):
                 if key not in sample:
                     raise ValueError(f"sample {i} has no {key!r}; encode the data with a Template first")
@@ -101,6 +104,25 @@ class InputProcessor:
                 raise ValueError(f"sample {i}: 'position_ids' must start at 0, got {sample['position_ids'][0]}")
             samples.append(sample)
         return samples
+
+    @staticmethod
+    def _absorb_lengths(sample: Dict[str, Any], i: int) -> None:
+        """A packed row (``Dataset.pack()``) lists its sequences' ``lengths``; the sequences are told apart
+        by ``position_ids`` restarts, which are derived from ``lengths`` when missing."""
+        if 'lengths' not in sample:
+            return
+        lengths = sample.pop('lengths')
+        n = len(sample.get('input_ids') or [])
+        if not _is_number_list(lengths) or any(int(k) <= 0 for k in lengths) or sum(lengths) != n:
+            raise ValueError(f"sample {i}: 'lengths' must be positive ints summing to len(input_ids)={n} (the "
+                             f'lengths of the sequences packed into the row), got {lengths!r}')
+        expected = [t for k in lengths for t in range(int(k))]
+        positions = sample.get('position_ids')
+        if positions is None:
+            sample['position_ids'] = expected
+        elif [t for t, p in enumerate(positions) if p == 0] != [t for t, p in enumerate(expected) if p == 0]:
+            raise ValueError(f"sample {i}: 'position_ids' do not restart at 0 where 'lengths' {lengths!r} says "
+                             f'the packed sequences begin')
 
     def _round_up(self, length: int) -> int:
         m = self.pad_to_multiple_of
@@ -160,6 +182,9 @@ class InputProcessor:
             'position_ids': torch.tensor([positions], dtype=torch.long),
             'cu_seq_lens': cu,
         }
+        if tail:
+            # Marks the tail as padding, so that token counts and router statistics leave it out.
+            batch['attention_mask'] = torch.tensor([[1] * total + [0] * tail], dtype=torch.long)
         for key, values in self._extras(samples).items():
             if self._token_aligned(values, samples):
                 row = [v for value in values for v in value] + [0] * tail

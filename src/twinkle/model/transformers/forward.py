@@ -1,19 +1,29 @@
 """The one forward path every training and evaluation call goes through."""
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ...loss.utils import loss_mask, token_logprobs
 from ...patch.chunked_ce import chunked_logps
+from ...patch.logit_head import LogitHead, logit_transform, owner_of
+from . import packed
 
 MODEL_INPUT_KEYS = ('input_ids', 'attention_mask', 'position_ids')
 
 
-class _Passthrough(nn.Module):
+class _Capture(nn.Module):
+    """Stands in for the output projection and keeps its input: the final hidden states, before the
+    model's forward soft-caps or scales what it takes for the logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden: Optional[torch.Tensor] = None
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.hidden = hidden
         return hidden
 
 
@@ -31,38 +41,52 @@ class ForwardCore:
                  temperature: float = 1.0) -> Dict[str, Any]:
         model_inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if batch.get(k) is not None}
         labels = batch.get('labels')
+        # Rows holding several sequences: lay them out so that no sequence attends to another.
+        layout = packed.plan(hf_model, model_inputs)
+        if layout is not None:
+            model_inputs = layout.inputs
+        restore = layout.restore if layout is not None else _same
         mode, chunk = self.logits_mode
         if mode == 'chunked' and labels is not None:
             if temperature != 1.0:
                 raise ValueError(f'temperature={temperature} is not supported while ChunkedCrossEntropyPatch is '
                                  f'applied; revert the patch for temperature-scaled log-probabilities')
-            return self._chunked(module, hf_model, model_inputs, labels, chunk or 1024)
+            return self._chunked(module, hf_model, model_inputs, labels, chunk or 1024, restore)
         out = module(**model_inputs, use_cache=False)
-        logits = out.logits
+        logits = restore(out.logits)
         result: Dict[str, Any] = {'logits': logits}
+        _keep_aux_loss(out, result)
         if labels is not None:
             result['logps'], result['mask'] = token_logprobs(logits, labels, temperature=temperature)
         return result
 
     @staticmethod
     def _chunked(module: nn.Module, hf_model: nn.Module, model_inputs: Dict[str, Any], labels: torch.Tensor,
-                 chunk: int) -> Dict[str, Any]:
+                 chunk: int, restore: Callable[[torch.Tensor], torch.Tensor]) -> Dict[str, Any]:
         # The wrapper (DDP) must still see the call, so the output projection is swapped for a
         # pass-through for the duration of this forward, and applied chunk by chunk afterwards.
         lm_head = hf_model.get_output_embeddings()
-        owner, attr = _owner_of(hf_model, lm_head)
-        setattr(owner, attr, _Passthrough())
+        owner, attr = owner_of(hf_model, lm_head)
+        capture = _Capture()
+        setattr(owner, attr, capture)
         try:
-            hidden = module(**model_inputs, use_cache=False).logits
+            out = module(**model_inputs, use_cache=False)
         finally:
             setattr(owner, attr, lm_head)
-        logps = chunked_logps(lm_head, hidden, labels, chunk)
-        return {'logits': None, 'logps': logps, 'mask': loss_mask(labels)}
+        hidden = restore(capture.hidden)
+        # The model's own forward would also soft-cap / scale the projected logits: do the same.
+        logps = chunked_logps(LogitHead(lm_head, logit_transform(hf_model)), hidden, labels, chunk)
+        result = {'logits': None, 'logps': logps, 'mask': loss_mask(labels)}
+        _keep_aux_loss(out, result)
+        return result
 
 
-def _owner_of(root: nn.Module, target: nn.Module) -> Tuple[nn.Module, str]:
-    for name, module in root.named_modules():
-        for child_name, child in module.named_children():
-            if child is target:
-                return module, child_name
-    raise RuntimeError('could not locate the output projection to patch')
+def _same(values: torch.Tensor) -> torch.Tensor:
+    return values
+
+
+def _keep_aux_loss(out: Any, result: Dict[str, Any]) -> None:
+    # MoE models with output_router_logits return their router load-balancing loss.
+    aux = getattr(out, 'aux_loss', None)
+    if isinstance(aux, torch.Tensor):
+        result['aux_loss'] = aux

@@ -5,6 +5,9 @@ from typing import Any, Dict, List, Mapping
 
 import torch
 
+from ...types import IGNORE_INDEX
+from .packed import sequence_starts
+
 _INT_FIELDS = ('input_ids', 'labels', 'attention_mask', 'position_ids')
 
 
@@ -73,4 +76,10 @@ def _validate_and_move(batch: Dict[str, Any], device: torch.device) -> Dict[str,
     if mask is not None and mask.shape != ids.shape:
         raise ValueError(f"batch['attention_mask'] {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}")
     batch['num_tokens'] = int(mask.sum()) if mask is not None else ids.numel()
+    positions = batch.get('position_ids')
+    if positions is not None and positions.shape == ids.shape:
+        # A sequence's first token has nothing of its own sequence to be predicted from: inside a packed
+        # row (or after left padding) it must not be scored from the tokens before it.
+        real = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        batch['labels'] = labels.masked_fill(sequence_starts(positions, real), IGNORE_INDEX)
     return batch

@@ -24,6 +24,7 @@ from . import adapters, generation, io
 from .forward import ForwardCore
 from .inputs import prepare_batch
 from .precision import Precision
+from .router_loss import add_router_aux_loss
 from .strategy import trainable_named_params
 from .strategy_factory import build_strategy
 
@@ -115,6 +116,10 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
         outputs['inputs'] = batch
         return outputs
 
+    def _loss(self, session: TrainingSession, outputs: Dict[str, Any], **kwargs: Any) -> Any:
+        # The session's loss, plus the router load-balancing loss of MoE models that report one.
+        return add_router_aux_loss(session.loss(outputs['inputs'], outputs, **kwargs), outputs, self.hf_model)
+
     @remote_function(dispatch='slice', collect='flatten')
     def forward(self, *, inputs: Any, adapter_name: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:
         session = self._session(adapter_name)
@@ -130,7 +135,7 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
         try:
             with torch.no_grad():
                 outputs = self._run_forward(inputs, session, **kwargs)
-                loss_output = session.loss(outputs['inputs'], outputs)
+                loss_output = self._loss(session, outputs)
         finally:
             module.train(was_training)
         for metric in session.eval_metrics:
@@ -140,7 +145,7 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
 
     def calculate_loss(self, outputs: Dict[str, Any], *, adapter_name: Optional[str] = None, **kwargs: Any) -> Any:
         session = self._session(adapter_name)
-        return session.loss(outputs['inputs'], outputs, **kwargs)
+        return self._loss(session, outputs, **kwargs)
 
     def backward(self, loss_output: Any, *, adapter_name: Optional[str] = None, **kwargs: Any) -> None:
         session = self._session(adapter_name)
@@ -164,7 +169,7 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
         sync = contextlib.nullcontext() if last_in_window else self.strategy.no_sync(module)
         with sync:
             outputs = self._run_forward(inputs, session, **kwargs)
-            loss_output = session.loss(outputs['inputs'], outputs, **loss_kwargs)
+            loss_output = self._loss(session, outputs, **loss_kwargs)
             self.backward(loss_output, adapter_name=session.name)
         for metric in session.metrics:
             metric.update(outputs['inputs'], outputs, loss_output)
