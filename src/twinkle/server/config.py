@@ -20,6 +20,9 @@ class Limits(BaseModel):
     max_new_tokens: int = Field(1024, ge=1)
     """Longest completion one sample may ask for."""
     max_lora_rank: int = Field(256, ge=1)
+    """Largest LoRA rank, also for every entry of a rank_pattern."""
+    max_lora_alpha: float = Field(1024.0, gt=0, allow_inf_nan=False)
+    """Largest LoRA alpha, also for every entry of an alpha_pattern."""
     requests_per_minute: int = Field(1200, ge=1)
     """Compute requests (training, sampling, native calls) per tenant per minute."""
     max_objects_per_tenant: int = Field(64, ge=1)

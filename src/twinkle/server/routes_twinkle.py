@@ -85,7 +85,10 @@ def build_router(ctx: ServerContext) -> APIRouter:
     async def call(object_id: str, method: str, body: CallBody, request: Request) -> Dict[str, Any]:
         t = tenant(request, compute=True)
         entry = table.get(t, object_id)
-        spec = CLASSES[entry.class_name]
+        spec = CLASSES.get(entry.class_name)
+        if spec is None:
+            raise BadRequest(f'a {entry.class_name} handle has no remote methods: pass it as an argument (e.g. '
+                             f'outputs to calculate_loss, a loss to backward)')
         declared = spec.methods.get(method)
         if declared is None:
             raise NotFound(f'{entry.class_name} has no remote method {method!r}; available: {sorted(spec.methods)}')

@@ -209,6 +209,7 @@ class TinkerState:
     def op_sample(self, s: Sampler, req: Dict[str, Any]) -> bytes:
         engine = self.ctx.engine
         adapter = self.ensure_sampler(s)
+        engine.check_finite(adapter)
         params = req['sampling_params']
         result = sample(engine, adapter, req['prompt_tokens'], req['num_samples'], params['max_tokens'],
                         params['temperature'], params['top_k'], params['top_p'], params.get('seed'),
