@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request, Response
 from . import tinker_bodies as B
 from . import tinker_data
 from .context import ServerContext
-from .errors import BadRequest, Gone, TooLarge, TooMany
+from .errors import BadRequest, Conflict, Gone, TooLarge, TooMany
 from .store import check_name, parse_path
 from .tinker_ops import Sampler, TinkerSession, TinkerState
 
@@ -301,14 +301,18 @@ def build_router(ctx: ServerContext) -> APIRouter:
             key = f'{t}:direct:{body.model_path or body.base_model}'
             s = state.samplers.get(key) or new_sampler(t, key, body.model_path, body.base_model)
             state.samplers[key] = s
+        key = await json_key('asample', request)
         if body.seq_id is not None and body.seq_id in s.seen:
-            fut = s.seen[body.seq_id]
+            seen_key, fut = s.seen[body.seq_id]
+            if seen_key != key:
+                raise Conflict(f'seq_id {body.seq_id} of this sampling session was already used by another sample '
+                               f'request; each request needs a new seq_id')
             return accepted(fut, sample_sequence_ids=fut.extra['sequence_ids'])
         req = sample_request(ctx, body)
         fut = ctx.submit(t, lambda: state.op_sample(s, req))
         fut.extra['sequence_ids'] = [f'{fut.request_id}-{i}' for i in range(body.num_samples)]
         if body.seq_id is not None:
-            s.seen[body.seq_id] = fut
+            s.seen[body.seq_id] = (key, fut)
         return accepted(fut, sample_sequence_ids=fut.extra['sequence_ids'])
 
     # -- futures -------------------------------------------------------------------------------------------

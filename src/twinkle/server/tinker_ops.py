@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -46,7 +46,7 @@ class Sampler:
     model_path: Optional[str]
     checkpoint_id: Optional[str]          # None: the base model
     adapter: Optional[Adapter] = None
-    seen: Dict[int, ServerFuture] = field(default_factory=dict)
+    seen: Dict[int, Tuple[Tuple[str, str], ServerFuture]] = field(default_factory=dict)  # seq_id -> (key, future)
 
 
 class TinkerState:
