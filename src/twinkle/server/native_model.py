@@ -229,13 +229,12 @@ class ModelSession:
         with self.engine.using(a):
             loss = self.engine.model.calculate_loss(out, adapter_name=a.name, **kwargs)
         items = float(loss.num_items)
-        return Ref('LossOutput', Handle('LossOutput', a, loss, source), {'loss': float(loss.loss.detach()) / items if items else float('nan'),
-                                             'num_items': items})
+        summary = {'loss': float(loss.loss.detach()) / items if items else float('nan'), 'num_items': items}
+        return Ref('LossOutput', Handle('LossOutput', a, loss, source), summary)
 
     def do_backward(self, loss_output: Any, *, adapter_name: Optional[str] = None, **kwargs: Any) -> None:
         handle = _handle(loss_output, 'LossOutput', 'backward', 'calculate_loss')
         a, loss = handle.adapter, handle.value
-        self._with_optimizer(a, 'backward')
         handle.spent = True  # even if backward fails halfway, the graph may be gone
         if handle.source is not None:
             handle.source.spent = True
