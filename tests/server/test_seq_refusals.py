@@ -82,6 +82,12 @@ def test_replayed_seq_id_must_be_the_same_request(server):
         assert c.post('/api/v1/asample', json=body).json()['request_id'] == s1.json()['request_id']
         other = c.post('/api/v1/asample', json={**body, 'prompt': {'chunks': [{'tokens': [8, 9]}]}})
         assert other.status_code == 409, other.text
+        # So do model creations under a session's model_seq_id.
+        session = model.split(':')[0]
+        create = {'session_id': session, 'model_seq_id': 0, 'base_model': MODEL, 'lora_config': {'rank': 4, 'seed': 0}}
+        assert c.post('/api/v1/create_model', json=create).json()['model_id'] == model
+        again = c.post('/api/v1/create_model', json={**create, 'lora_config': {'rank': 8}})
+        assert again.status_code == 409 and 'model_seq_id 0' in again.json()['detail']
 
 
 def _datum(tokens):

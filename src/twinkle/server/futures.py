@@ -133,8 +133,8 @@ class SeqGate:
         try:
             if self._known(seq_id, key) is not None:
                 return
-        except ApiError:
-            return  # a bad or conflicting seq_id: there is nothing to use up
+        except Exception:
+            return  # a bad, conflicting or already refused seq_id: there is nothing to use up
         if not _retryable(exc):
             self._record(seq_id, key, exc, None, _noop)
 

@@ -103,7 +103,8 @@ def build_router(ctx: ServerContext) -> APIRouter:
     async def create_model(body: B.CreateModel, request: Request) -> Dict[str, Any]:
         t = tenant(request, compute=True)
         session = state.session(t, body.session_id)
-        if body.model_seq_id in session.creations:
+        key = await json_key('create_model', request)
+        if replayed_creation(session, body.model_seq_id, key):
             return accepted(session.creations[body.model_seq_id], session.models.get(body.model_seq_id))
         check_base(body.base_model)
         if body.lora_config is None:
@@ -112,6 +113,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
             raise BadRequest(f'optimizer {body.optimizer_config.type!r} is not supported; this server offers adamw')
         check_capacity(t)
         lora = state.lora_from_tinker(body.lora_config.model_dump())
+        ctx.engine.lora_config(lora)  # rank within the limits: a 400 now, not a failed future
         model = state.new_model(t, session, body.model_seq_id, lora)
         seed = body.lora_config.seed
 
@@ -128,6 +130,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
 
         fut = ctx.submit(t, run, model.model_id)
         session.creations[body.model_seq_id] = fut
+        session.creation_keys[body.model_seq_id] = key
         return accepted(fut, model.model_id)
 
     @r.post('/get_info')
@@ -243,7 +246,8 @@ def build_router(ctx: ServerContext) -> APIRouter:
         if body.session_id is None or body.model_seq_id is None:
             raise BadRequest('load_weights needs model_id, or session_id and model_seq_id to create a model from it')
         session = state.session(t, body.session_id)
-        if body.model_seq_id in session.creations:
+        key = await json_key('load_weights', request)
+        if replayed_creation(session, body.model_seq_id, key):
             return accepted(session.creations[body.model_seq_id], session.models.get(body.model_seq_id))
         check_base(body.base_model)
         ckpt = store.resolve(body.path)
@@ -264,6 +268,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
 
         fut = ctx.submit(t, run, model.model_id)
         session.creations[body.model_seq_id] = fut
+        session.creation_keys[body.model_seq_id] = key
         return accepted(fut, model.model_id)
 
     # -- sampling ------------------------------------------------------------------------------------------
@@ -342,6 +347,16 @@ def build_router(ctx: ServerContext) -> APIRouter:
 GATED_JSON_ROUTES = {'/api/v1/optim_step': 'optim_step', '/api/v1/save_weights': 'save_weights',
                      '/api/v1/save_weights_for_sampler': 'save_weights_for_sampler',
                      '/api/v1/load_weights': 'load_weights'}
+
+
+def replayed_creation(session: Any, model_seq_id: int, key: Tuple[str, str]) -> bool:
+    """True for a retry of a model creation already accepted; 409 for another request under its model_seq_id."""
+    if model_seq_id not in session.creations:
+        return False
+    if session.creation_keys.get(model_seq_id, key) != key:
+        raise Conflict(f'model_seq_id {model_seq_id} of this session was already used by another request; each '
+                       f'model of a session needs a new model_seq_id')
+    return True
 
 
 def request_key(kind: str, body: Any) -> Tuple[str, str]:

@@ -26,6 +26,7 @@ class TinkerSession:
     finished: bool = False
     models: Dict[int, str] = field(default_factory=dict)          # model_seq_id -> model_id
     creations: Dict[int, ServerFuture] = field(default_factory=dict)
+    creation_keys: Dict[int, Tuple[str, str]] = field(default_factory=dict)  # model_seq_id -> request key
     samplers: Dict[int, str] = field(default_factory=dict)        # sampling_session_seq_id -> sampler id
 
 
