@@ -23,3 +23,27 @@ def test_sampling_snapshots_are_bounded_per_run_and_survive_a_reload(tmp_path):
     assert store.find('run1', 'weights', 'final') is not None  # user checkpoints are never pruned
     reloaded = TenantStore(tmp_path)
     assert sorted(reloaded.checkpoints) == sorted(store.checkpoints)
+
+
+def test_leftovers_of_interrupted_saves_are_removed_at_start(tmp_path):
+    from twinkle.server.store import Store
+    root = tmp_path / 'tenants' / 't1'
+    store = TenantStore(root)
+    checkpoints = root / 'checkpoints'
+    kept = checkpoints / 'kept'
+    kept.mkdir(parents=True)
+    (kept / 'adapter_model.safetensors').write_bytes(b'x')
+    store.add_checkpoint('kept', 'run1', 'weights', 'final', kept)
+    # A crash mid-save: a temporary folder, a finished folder never registered, a registry temp file, and a
+    # registered checkpoint that was renamed aside and never replaced.
+    (checkpoints / '.abc.tmp-123').mkdir()
+    (checkpoints / '.abc.tmp-123' / 'part').write_bytes(b'y')
+    (checkpoints / 'unrecorded').mkdir()
+    (root / '.registry-0123.tmp').write_text('{}')
+    moved = checkpoints / 'moved'
+    moved.mkdir()
+    store.add_checkpoint('moved', 'run1', 'weights', 'other', moved)
+    moved.rename(checkpoints / '.moved.old-99')
+    assert Store(tmp_path).clean_interrupted() == 3
+    assert sorted(p.name for p in checkpoints.iterdir()) == ['kept', 'moved']
+    assert not (root / '.registry-0123.tmp').exists() and (kept / 'adapter_model.safetensors').exists()

@@ -27,6 +27,12 @@ class Limits(BaseModel):
     """Compute requests (training, sampling, native calls) per tenant per minute."""
     max_objects_per_tenant: int = Field(64, ge=1)
     """Server-side objects (model sessions, datasets, loaders, outputs) per tenant."""
+    max_parked_requests_per_tenant: int = Field(256, ge=1)
+    """Requests waiting in the seq_id reorder buffers of a tenant's models (each holds its body); more: 429."""
+    max_body_bytes: int = Field(64 << 20, ge=1024)
+    """Largest forward_backward body after decompression (zstd bodies are decompressed up to this)."""
+    max_metadata_bytes: int = Field(16 << 10, ge=0)
+    """Largest user_metadata (as JSON) stored with a run or checkpoint."""
 
 
 class ServerSettings(BaseModel):

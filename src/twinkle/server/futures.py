@@ -138,6 +138,10 @@ class SeqGate:
         if not _retryable(exc):
             self._record(seq_id, key, exc, None, _noop)
 
+    def would_park(self, seq_id: Any) -> bool:
+        """True if a new request at ``seq_id`` would wait here for an earlier one."""
+        return isinstance(seq_id, int) and seq_id > self.next_seq and seq_id not in self._seen
+
     def _known(self, seq_id: Any, key: Optional[RequestKey]) -> Optional[ServerFuture]:
         """The future of an earlier identical request; raises for conflicts and for replays of refusals."""
         if isinstance(seq_id, bool) or not isinstance(seq_id, int) or seq_id < 0:

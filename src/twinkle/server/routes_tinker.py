@@ -5,6 +5,7 @@ Mutating calls answer ``{request_id}`` at once; the work runs on the model worke
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
@@ -107,6 +108,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
         if replayed_creation(session, body.model_seq_id, key):
             return accepted(session.creations[body.model_seq_id], session.models.get(body.model_seq_id))
         check_base(body.base_model)
+        check_metadata(body.user_metadata)
         if body.lora_config is None:
             raise BadRequest('full-parameter training is not offered: pass a lora_config (create_lora_training_client)')
         if body.optimizer_config is not None and body.optimizer_config.type != 'adamw':
@@ -146,7 +148,18 @@ def build_router(ctx: ServerContext) -> APIRouter:
     def gated(t: str, model: Any, seq_id: Optional[int], key: Tuple[str, str], prepare: Callable[[], Any]) -> Any:
         """Queue a model's request in seq_id order. ``prepare`` validates it and returns the work; a request it
         refuses still uses up its seq_id, so the client's next requests do not wait for it."""
+        if model.gate.would_park(seq_id):
+            limit = ctx.settings.limits.max_parked_requests_per_tenant
+            if sum(m.gate.waiting for m in list(state.models.values()) if m.tenant == t) >= limit:
+                # Not refused for good: the client retries once the earlier seq_ids have arrived.
+                raise TooMany(f'{limit} requests of this API key already wait for earlier seq_ids '
+                              f'(limits.max_parked_requests_per_tenant); retry shortly', headers={'Retry-After': '1'})
         return model.gate.submit(seq_id, lambda: ctx.job(t, prepare(), model.model_id), key)
+
+    def check_metadata(metadata: Any) -> None:
+        limit = ctx.settings.limits.max_metadata_bytes
+        if metadata and len(json.dumps(metadata, default=str)) > limit:
+            raise TooLarge(f'user_metadata is larger than {limit} bytes as JSON (limits.max_metadata_bytes)')
 
     async def json_key(kind: str, request: Request) -> Tuple[str, str]:
         return request_key(kind, json.loads(await request.body()))
@@ -155,8 +168,8 @@ def build_router(ctx: ServerContext) -> APIRouter:
     async def forward_backward(request: Request) -> Dict[str, Any]:
         t = tenant(request, compute=True)
         raw = await request.body()
-        msg = tinker_data.parse_forward_backward(raw, request.headers.get('content-type', ''),
-                                                 request.headers.get('content-encoding', ''))
+        msg = await asyncio.to_thread(tinker_data.parse_forward_backward, raw, request.headers.get('content-type', ''),
+                                      request.headers.get('content-encoding', ''), ctx.settings.limits.max_body_bytes)
         model = state.model(t, msg.model_id)
         key = ('forward_backward', hashlib.sha256(msg.SerializeToString(deterministic=True)).hexdigest())
 
@@ -194,6 +207,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
         model = state.model(t, body.model_id)
 
         def prepare() -> Callable[[], Any]:
+            check_metadata(body.user_metadata)
             name = check_name(body.path or f'ckpt-{uuid.uuid4().hex[:8]}')
             return lambda: {'path': state.op_save(model, name, 'weights', body.overwrite, body.user_metadata),
                             'type': 'save_weights'}
@@ -209,6 +223,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
         def prepare() -> Callable[[], Any]:
             if body.kind != 'snapshot':
                 raise BadRequest(f"sampling client kind {body.kind!r} is not supported; use 'snapshot'")
+            check_metadata(body.user_metadata)
             if body.path is not None:
                 name = check_name(body.path)
                 return lambda: {'path': state.op_save(model, name, 'sampler_weights', True, body.user_metadata),
@@ -250,6 +265,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
         if replayed_creation(session, body.model_seq_id, key):
             return accepted(session.creations[body.model_seq_id], session.models.get(body.model_seq_id))
         check_base(body.base_model)
+        check_metadata(body.user_metadata)
         ckpt = store.resolve(body.path)
         check_capacity(t)
         lora = ckpt.get('lora') or {}

@@ -162,6 +162,35 @@ class TenantStore:
         return sorted(out, key=lambda c: c['time'])
 
 
+    def clean_interrupted(self) -> List[str]:
+        """Remove what saves cut short by a crash left behind (temporary folders and files, finished folders
+        the registry never recorded); only when no save is running (at start). Returns the removed names."""
+        removed: List[str] = []
+        for tmp in self.root.glob('.registry-*.tmp'):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp.name)
+        folder = self.root / 'checkpoints'
+        if not folder.is_dir():
+            return removed
+        with self._lock:
+            known = set(self.checkpoints)
+        for entry in sorted(folder.iterdir()):
+            if entry.name.startswith('.') and '.old-' in entry.name:
+                # A replaced folder renamed aside: if the new one never arrived, it is the checkpoint itself.
+                original = folder / entry.name[1:].split('.old-', 1)[0]
+                if not original.exists() and original.name in known:
+                    os.replace(entry, original)
+                    continue
+            if entry.name in known:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry.name)
+        return removed
+
+
 class Store:
     """All tenants' registries under one data directory."""
 
@@ -169,6 +198,13 @@ class Store:
         self.data_dir = data_dir
         self._tenants: Dict[str, TenantStore] = {}
         self._lock = threading.Lock()
+
+    def clean_interrupted(self) -> int:
+        """Clean every tenant's leftovers of interrupted saves (see TenantStore.clean_interrupted)."""
+        tenants = self.data_dir / 'tenants'
+        if not tenants.is_dir():
+            return 0
+        return sum(len(self.tenant(t.name).clean_interrupted()) for t in tenants.iterdir() if t.is_dir())
 
     def tenant(self, tenant_id: str) -> TenantStore:
         with self._lock:

@@ -30,16 +30,17 @@ def pb():
     return tinker_public_pb2
 
 
-def parse_forward_backward(body: bytes, content_type: str, content_encoding: str) -> Any:
+def parse_forward_backward(body: bytes, content_type: str, content_encoding: str, max_bytes: int) -> Any:
+    """The ForwardBackwardRequest of a body; blocking work (decompression, parsing): call it off the event loop."""
     if 'application/x-protobuf' not in (content_type or ''):
         raise Unsupported('forward_backward takes a protobuf body (Content-Type: application/x-protobuf), as the '
                           'tinker SDK sends it')
+    too_large = TooLarge(f'the forward_backward body is larger than {max_bytes} bytes (limits.max_body_bytes): split '
+                         f'the batch into smaller calls')
+    if len(body) > max_bytes:
+        raise too_large
     if (content_encoding or '').lower() == 'zstd':
-        import zstandard
-        try:
-            body = zstandard.ZstdDecompressor().decompress(body, max_output_size=1 << 30)
-        except zstandard.ZstdError as exc:
-            raise BadRequest(f'forward_backward body is not valid zstd: {exc}') from None
+        body = _unzstd(body, max_bytes, too_large)
     elif content_encoding and content_encoding.lower() not in ('identity',):
         raise Unsupported(f'Content-Encoding {content_encoding!r} is not supported (use zstd or none)')
     msg = pb().ForwardBackwardRequest()
@@ -48,6 +49,26 @@ def parse_forward_backward(body: bytes, content_type: str, content_encoding: str
     except Exception:
         raise BadRequest('forward_backward body is not a valid ForwardBackwardRequest protobuf') from None
     return msg
+
+
+def _unzstd(body: bytes, max_bytes: int, too_large: Exception) -> bytes:
+    # Streamed, so a small body claiming (or expanding to) gigabytes stops at the limit.
+    import io
+
+    import zstandard
+    out = bytearray()
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body)) as reader:
+            while True:
+                piece = reader.read(1 << 20)
+                if not piece:
+                    break
+                out += piece
+                if len(out) > max_bytes:
+                    raise too_large
+    except zstandard.ZstdError as exc:
+        raise BadRequest(f'forward_backward body is not valid zstd: {exc}') from None
+    return bytes(out)
 
 
 def loss_config(msg: Any) -> Dict[str, Any]:

@@ -1,0 +1,71 @@
+"""Bounds on what one tenant can make the server hold: parked requests, decompressed bodies, metadata."""
+from __future__ import annotations
+
+import pytest
+
+tinker = pytest.importorskip('tinker')
+zstandard = pytest.importorskip('zstandard')
+
+from .conftest import KEY_A, MODEL, wait_future  # noqa: E402
+from .test_tinker_protocol import PROTO, fb_body, loss_of, new_model  # noqa: E402
+
+
+def test_parked_requests_are_capped_per_tenant(server):
+    limits = server.ctx.settings.limits
+    saved = limits.max_parked_requests_per_tenant
+    limits.max_parked_requests_per_tenant = 2
+    try:
+        with server.client(KEY_A) as c:
+            model = new_model(c)
+            parked = [c.post('/api/v1/forward_backward', content=fb_body(model, s, forward_only=True), headers=PROTO)
+                      for s in (3, 4)]
+            assert [r.status_code for r in parked] == [200, 200]
+            over = c.post('/api/v1/forward_backward', content=fb_body(model, 5, forward_only=True), headers=PROTO)
+            assert over.status_code == 429 and 'max_parked_requests_per_tenant' in over.json()['detail']
+            # A retry of a parked request is no new request; the next in line (seq_id 1) never parks.
+            assert c.post('/api/v1/forward_backward', content=fb_body(model, 4, forward_only=True),
+                          headers=PROTO).status_code == 200
+            first = c.post('/api/v1/forward_backward', content=fb_body(model, 1, forward_only=True), headers=PROTO)
+            second = c.post('/api/v1/forward_backward', content=fb_body(model, 2, forward_only=True), headers=PROTO)
+            assert first.status_code == second.status_code == 200
+            # The refused seq_id 5 was not used up: its retry runs once the buffer has room.
+            retry = c.post('/api/v1/forward_backward', content=fb_body(model, 5, forward_only=True), headers=PROTO)
+            assert retry.status_code == 200
+            losses = [loss_of(c, r.json()['request_id']) for r in (first, second, *parked, retry)]
+            assert len(set(losses)) == 1
+    finally:
+        limits.max_parked_requests_per_tenant = saved
+
+
+def test_compressed_bodies_are_decompressed_up_to_a_limit(server):
+    with server.client(KEY_A) as c:
+        model = new_model(c)
+        zstd = {**PROTO, 'Content-Encoding': 'zstd'}
+        ok = c.post('/api/v1/forward_backward', content=zstandard.ZstdCompressor().compress(fb_body(model, 1)),
+                    headers=zstd)
+        assert ok.status_code == 200, ok.text
+        assert wait_future(c, ok.json()['request_id']).status_code == 200
+        # A few kilobytes that expand to 200 MB (above limits.max_body_bytes) are refused while streaming.
+        bomb = zstandard.ZstdCompressor().compress(b'\0' * (200 << 20))
+        assert len(bomb) < 100_000
+        resp = c.post('/api/v1/forward_backward', content=bomb, headers=zstd)
+        assert resp.status_code == 413 and 'max_body_bytes' in resp.json()['detail']
+        garbage = c.post('/api/v1/forward_backward', content=b'not zstd at all', headers=zstd)
+        assert garbage.status_code == 400 and 'zstd' in garbage.json()['detail']
+
+
+def test_user_metadata_is_bounded(server):
+    big = {'notes': 'x' * 20000}
+    with server.client(KEY_A) as c:
+        session = c.post('/api/v1/create_session', json={}).json()['session_id']
+        resp = c.post('/api/v1/create_model', json={'session_id': session, 'model_seq_id': 0, 'base_model': MODEL,
+                                                    'lora_config': {'rank': 4}, 'user_metadata': big})
+        assert resp.status_code == 413 and 'max_metadata_bytes' in resp.json()['detail']
+        model = new_model(c)
+        save = c.post('/api/v1/save_weights', json={'model_id': model, 'seq_id': 1, 'path': 'meta',
+                                                    'user_metadata': big})
+        assert save.status_code == 413
+        # The refused save used up seq_id 1: seq_id 2 runs at once.
+        small = c.post('/api/v1/save_weights', json={'model_id': model, 'seq_id': 2, 'path': 'meta',
+                                                     'user_metadata': {'notes': 'short'}})
+        assert wait_future(c, small.json()['request_id'], timeout=60).json()['path'].endswith('/weights/meta')
