@@ -69,3 +69,58 @@ def test_user_metadata_is_bounded(server):
         small = c.post('/api/v1/save_weights', json={'model_id': model, 'seq_id': 2, 'path': 'meta',
                                                      'user_metadata': {'notes': 'short'}})
         assert wait_future(c, small.json()['request_id'], timeout=60).json()['path'].endswith('/weights/meta')
+
+
+def test_open_sessions_are_capped_and_finished_ones_forgotten(server):
+    limits = server.ctx.settings.limits
+    saved = limits.max_sessions_per_tenant
+    with server.client(KEY_A) as c:
+        open_now = sum(1 for s in server.ctx.tinker.sessions.values() if s.tenant == server.ctx.keys.tenant_of(KEY_A)
+                       and not s.finished)
+        limits.max_sessions_per_tenant = open_now + 1
+        try:
+            session = c.post('/api/v1/create_session', json={}).json()['session_id']
+            over = c.post('/api/v1/create_session', json={})
+            assert over.status_code == 429 and 'max_sessions_per_tenant' in over.json()['detail']
+            assert c.post(f'/api/v1/sessions/{session}/finish').status_code == 200
+            assert session not in server.ctx.tinker.sessions
+            assert c.post('/api/v1/session_heartbeat', json={'session_id': session}).status_code == 410
+            assert c.post('/api/v1/create_session', json={}).status_code == 200
+        finally:
+            limits.max_sessions_per_tenant = saved
+
+
+def test_checkpoints_per_tenant_are_capped(server):
+    from twinkle.client import TwinkleClient
+    limits = server.ctx.settings.limits
+    saved = limits.max_checkpoints_per_tenant
+    with server.client(KEY_A) as c, TwinkleClient(server.url, KEY_A) as native:
+        model = new_model(c)
+        stored = len(native.list_checkpoints())
+        limits.max_checkpoints_per_tenant = stored + 1
+        try:
+            first = c.post('/api/v1/save_weights', json={'model_id': model, 'seq_id': 1, 'path': 'cap-1'})
+            path = wait_future(c, first.json()['request_id']).json()['path']
+            second = c.post('/api/v1/save_weights', json={'model_id': model, 'seq_id': 2, 'path': 'cap-2'})
+            err = wait_future(c, second.json()['request_id']).json()
+            assert 'max_checkpoints_per_tenant' in err['error']
+            # Overwriting one of the same name is no new checkpoint; deleting one makes room.
+            again = c.post('/api/v1/save_weights', json={'model_id': model, 'seq_id': 3, 'path': 'cap-1',
+                                                         'overwrite': True})
+            assert wait_future(c, again.json()['request_id']).json()['path'] == path
+            native.delete_checkpoint(path)
+            third = c.post('/api/v1/save_weights', json={'model_id': model, 'seq_id': 4, 'path': 'cap-2'})
+            assert wait_future(c, third.json()['request_id']).json()['path'].endswith('/weights/cap-2')
+        finally:
+            limits.max_checkpoints_per_tenant = saved
+
+
+def test_a_tenant_lists_and_deletes_its_native_objects(server):
+    from twinkle.client import Dataset, TwinkleClient
+    with TwinkleClient(server.url, KEY_A) as mine, TwinkleClient(server.url, 'tml-tenant-b-0123456789') as other:
+        dataset = Dataset(data=[{'text': 'a'}, {'text': 'b'}], client=mine)
+        listed = {o['object_id']: o for o in mine.list_objects()}
+        assert listed[dataset._object_id]['class_name'] == 'Dataset'
+        assert dataset._object_id not in {o['object_id'] for o in other.list_objects()}
+        mine.release(dataset._object_id)
+        assert dataset._object_id not in {o['object_id'] for o in mine.list_objects()}

@@ -68,6 +68,10 @@ class TwinkleClient:
     def release(self, object_id: str) -> None:
         self.request('DELETE', f'{API_PREFIX}/objects/{object_id}')
 
+    def list_objects(self) -> list:
+        """This key's server-side objects (models, datasets, loaders, handles): id, class, age."""
+        return self.request('GET', f'{API_PREFIX}/objects')['objects']
+
     def list_runs(self) -> list:
         return self.request('GET', f'{API_PREFIX}/runs')['runs']
 

@@ -27,6 +27,10 @@ class Limits(BaseModel):
     """Compute requests (training, sampling, native calls) per tenant per minute."""
     max_objects_per_tenant: int = Field(64, ge=1)
     """Server-side objects (model sessions, datasets, loaders, outputs) per tenant."""
+    max_sessions_per_tenant: int = Field(64, ge=1)
+    """Open Tinker sessions per tenant (a session ends with ServiceClient.close or without heartbeats)."""
+    max_checkpoints_per_tenant: int = Field(1000, ge=1)
+    """Stored checkpoints (weights and sampler weights) per tenant; delete some to save more."""
     max_parked_requests_per_tenant: int = Field(256, ge=1)
     """Requests waiting in the seq_id reorder buffers of a tenant's models (each holds its body); more: 429."""
     max_body_bytes: int = Field(64 << 20, ge=1024)

@@ -368,6 +368,7 @@ class ModelSession:
         check_name(name)
         a = self._adapter(adapter_name)
         store = self.ctx.store.tenant(self.tenant)
+        store.check_room(self.ctx.settings.limits.max_checkpoints_per_tenant, a.run_id, 'weights', name)
         ckpt_id, folder = store.new_checkpoint_dir()
         folder.parent.mkdir(parents=True, exist_ok=True)
         with self.engine.using(a):

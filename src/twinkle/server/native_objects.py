@@ -51,6 +51,9 @@ class ObjectTable:
         self.entries[entry.object_id] = entry
         return entry
 
+    def mine(self, tenant: str) -> List[Entry]:
+        return [e for e in list(self.entries.values()) if e.tenant == tenant]
+
     def get(self, tenant: str, object_id: Any) -> Entry:
         entry = self.entries.get(object_id) if isinstance(object_id, str) else None
         if entry is None or entry.tenant != tenant:

@@ -77,7 +77,12 @@ def build_router(ctx: ServerContext) -> APIRouter:
 
     @r.post('/create_session')
     async def create_session(request: Request) -> Dict[str, Any]:
-        t = tenant(request)
+        t = tenant(request, compute=True)
+        limit = ctx.settings.limits.max_sessions_per_tenant
+        if sum(1 for s in list(state.sessions.values()) if s.tenant == t and not s.finished) >= limit:
+            raise TooMany(f'this API key has {limit} open sessions (limits.max_sessions_per_tenant); close a '
+                          f'ServiceClient (or let it stop sending heartbeats) before opening another',
+                          headers={'Retry-After': '10'})
         session = TinkerSession('s' + uuid.uuid4().hex[:20], t)
         state.sessions[session.session_id] = session
         return {'type': 'create_session', 'session_id': session.session_id}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, Dict, List
 
 from fastapi import APIRouter, Request
@@ -110,6 +111,14 @@ def build_router(ctx: ServerContext) -> APIRouter:
         if declared.returns in ('self', 'none'):
             return {'result': None}
         return {'result': codec.encode(result)}
+
+    @r.get('/objects')
+    async def list_objects(request: Request) -> Dict[str, Any]:
+        t = tenant(request)
+        now = time.monotonic()
+        return {'objects': [{'object_id': e.object_id, 'class_name': e.class_name, 'transient': e.transient,
+                             'age_s': round(now - e.created, 1)}
+                            for e in sorted(table.mine(t), key=lambda e: e.created)]}
 
     @r.delete('/objects/{object_id}')
     async def release(object_id: str, request: Request) -> Dict[str, Any]:

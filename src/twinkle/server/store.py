@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from .errors import BadRequest, NotFound
+from .errors import ApiError, BadRequest, NotFound
 
 SCHEMES = ('twinkle://', 'tinker://')
 KINDS = ('weights', 'sampler_weights')
@@ -145,6 +145,17 @@ class TenantStore:
         for c in stale:
             shutil.rmtree(self.folder(c), ignore_errors=True)
         return record
+
+    def check_room(self, limit: int, run_id: str, kind: str, name: str) -> None:
+        """Refuse a new named checkpoint beyond ``limit`` (replacing one of the same name is always fine)."""
+        if kind not in KINDS or self.find(run_id, kind, name) is not None:
+            return
+        with self._lock:
+            stored = sum(1 for c in self.checkpoints.values() if c['kind'] in KINDS)
+        if stored >= limit:
+            raise ApiError(f'this API key stores {stored} checkpoints (limits.max_checkpoints_per_tenant is {limit}); '
+                           f'delete some (RestClient.delete_checkpoint, or DELETE /api/v1/twinkle/checkpoints) '
+                           f'first', 429, headers={'x-should-retry': 'false'})
 
     def folder(self, ckpt: Dict[str, Any]) -> Path:
         return self.root / 'checkpoints' / ckpt['checkpoint_id']

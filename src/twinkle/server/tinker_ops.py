@@ -62,7 +62,7 @@ class TinkerState:
     def session(self, tenant: str, session_id: Any) -> TinkerSession:
         s = self.sessions.get(session_id) if isinstance(session_id, str) else None
         if s is None or s.tenant != tenant:
-            raise NotFound(f'session {session_id!r} not found')
+            raise NotFound(f'session {session_id!r} not found (finished, expired, or not yours)')
         if s.finished:
             raise Gone(f'session {session_id!r} has finished')
         return s
@@ -171,6 +171,7 @@ class TinkerState:
         if not overwrite and kind != 'snapshot' and store.find(model.model_id, kind, name) is not None:
             raise BadRequest(f'{format_path(model.model_id, kind, name)} already exists; pass overwrite=True or '
                              f'choose another name')
+        store.check_room(self.ctx.settings.limits.max_checkpoints_per_tenant, model.model_id, kind, name)
         ckpt_id, folder = store.new_checkpoint_dir()
         self.ctx.engine.save(self._adapter(model), folder, with_optimizer=kind == 'weights')
         store.add_checkpoint(ckpt_id, model.model_id, kind, name, folder,
@@ -237,3 +238,5 @@ class TinkerState:
             s = self.samplers.pop(sampler_id, None)
             if s is not None and s.adapter is not None:
                 engine.remove(s.adapter)
+        # Its runs and checkpoints stay in the store; the session record itself goes.
+        self.sessions.pop(session.session_id, None)
