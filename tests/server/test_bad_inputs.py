@@ -94,6 +94,14 @@ def ref(reply: Tuple[int, Any]) -> Ref:
     return Ref(body['result'][TAG_REF]['id'])
 
 
+def poll(conn: Conn, request_id: str) -> Dict[str, Any]:
+    while True:
+        status, reply = conn.post('/api/v1/retrieve_future', {'request_id': request_id})
+        assert status == 200, reply
+        if not (isinstance(reply, dict) and reply.get('type') == 'try_again'):
+            return reply
+
+
 BATCH = [{'input_ids': list(range(10, 22)), 'labels': [-100] * 3 + list(range(13, 22))}]
 
 
@@ -204,6 +212,20 @@ def test_non_finite_learning_rate_and_diverged_weights(conn):
     expect_4xx(conn, conn.post('/api/v1/optim_step', raw=b'{"model_id": "%s", "seq_id": 1, "adam_params": '
                                                          b'{"learning_rate": Infinity}}' % model_id.encode()),
                'learning_rate')
+    # The refused request used up seq_id 1. A finite but absurd rate makes the weights non-finite: sampling from them is refused with the reason.
+    from .test_tinker_protocol import fb_body
+    assert conn.post('/api/v1/forward_backward', raw=fb_body(model_id, 2), content_type=PROTO)[0] == 200
+    assert conn.post('/api/v1/optim_step', {'model_id': model_id, 'seq_id': 3,
+                                            'adam_params': {'learning_rate': 1e30}})[0] == 200
+    assert conn.post('/api/v1/forward_backward', raw=fb_body(model_id, 4), content_type=PROTO)[0] == 200
+    assert conn.post('/api/v1/optim_step', {'model_id': model_id, 'seq_id': 5,
+                                            'adam_params': {'learning_rate': 1e30}})[0] == 200
+    snap = conn.post('/api/v1/save_weights_for_sampler', {'model_id': model_id, 'seq_id': 6, 'path': 'diverged'})[1]
+    path = poll(conn, snap['request_id'])['path']
+    sample = conn.post('/api/v1/asample', {'model_path': path, 'prompt': {'chunks': [{'tokens': [5, 6, 7]}]},
+                                           'sampling_params': {'max_tokens': 2}})[1]
+    err = poll(conn, sample['request_id'])
+    assert 'not finite' in err['error'] and err['category'] == 'user', err
     # Natively: inf is refused; a finite but absurd rate that makes the weights NaN is refused at sampling.
     oid = native_model(conn, optimizer=False)
     expect_4xx(conn, call(conn, oid, 'set_optimizer', 'AdamW', lr=float('inf')), 'lr')
