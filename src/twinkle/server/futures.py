@@ -181,10 +181,9 @@ class SeqGate:
         """Fail requests that waited too long for an earlier seq_id (a client that died mid-call)."""
         now = time.monotonic()
         failed = []
-        for seq in [s for s, (t, _, _) in self._waiting.items() if now - t > older_than_s]:
+        # Refused requests (no future) stay: they hold nothing and must not leave a gap once the wait ends.
+        for seq in [s for s, (t, f, _) in self._waiting.items() if f is not None and now - t > older_than_s]:
             _, fut, _ = self._waiting.pop(seq)
-            if fut is None:
-                continue
             fut.set_error(BadRequest(f'seq_id {seq} waited {older_than_s:.0f}s for seq_id {self.next_seq}, which never '
                                      f'arrived'))
             failed.append(fut)
