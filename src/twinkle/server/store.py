@@ -1,12 +1,13 @@
 """Per-tenant registry of training runs and checkpoints, persisted under the data directory.
 
-Layout: ``<data_dir>/tenants/<tenant>/registry.json`` and ``.../checkpoints/<checkpoint id>/``. Clients
-name checkpoints ``twinkle://<run>/<kind>/<name>`` (or ``tinker://...``); the folder is always the
-server-generated id, never a string a client chose.
+Layout: ``<data_dir>/tenants/<tenant>/runs/<digest of the run id>.json`` (a run and its checkpoints) and
+``.../checkpoints/<checkpoint id>/``. Clients name checkpoints ``twinkle://<run>/<kind>/<name>`` (or
+``tinker://...``); the folder is always the server-generated id, never a string a client chose.
 """
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import re
@@ -56,31 +57,50 @@ MAX_SNAPSHOTS_PER_RUN = 8
 
 
 class TenantStore:
-    """Runs and checkpoints of one tenant; thread-safe, written atomically after each change."""
+    """Runs and checkpoints of one tenant; thread-safe. Each run (with its checkpoints) is one small file,
+    written atomically after each change to that run, so a change never rewrites the whole registry."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.file = root / 'registry.json'
+        self.runs_dir = root / 'runs'
         self._lock = threading.RLock()
         self.runs: Dict[str, Dict[str, Any]] = {}
         self.checkpoints: Dict[str, Dict[str, Any]] = {}
-        if self.file.exists():
-            data = json.loads(self.file.read_text())
+        legacy = root / 'registry.json'
+        if legacy.exists():  # the single-file layout of earlier versions
+            data = json.loads(legacy.read_text())
             self.runs = data.get('runs', {})
             self.checkpoints = data.get('checkpoints', {})
+        if self.runs_dir.is_dir():
+            for f in sorted(self.runs_dir.glob('*.json')):
+                data = json.loads(f.read_text())
+                if data.get('run') is not None:
+                    self.runs[data['run']['run_id']] = data['run']
+                self.checkpoints.update(data.get('checkpoints', {}))
+        if legacy.exists():
+            for run_id in {*self.runs, *(c['run_id'] for c in self.checkpoints.values())}:
+                self._save(run_id)
+            legacy.unlink()
 
-    def _save(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.file.with_name(f'.registry-{uuid.uuid4().hex}.tmp')
-        tmp.write_text(json.dumps({'runs': self.runs, 'checkpoints': self.checkpoints}, indent=1, sort_keys=True))
-        os.replace(tmp, self.file)
+    def _run_file(self, run_id: str) -> Path:
+        # Run ids hold characters (':') some file systems refuse: name the file by a digest.
+        return self.runs_dir / f'{hashlib.sha256(run_id.encode()).hexdigest()[:32]}.json'
+
+    def _save(self, run_id: str) -> None:
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        data = {'run': self.runs.get(run_id),
+                'checkpoints': {k: c for k, c in self.checkpoints.items() if c['run_id'] == run_id}}
+        target = self._run_file(run_id)
+        tmp = self.runs_dir / f'.run-{uuid.uuid4().hex}.tmp'
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, target)
 
     # -- runs ----------------------------------------------------------------------------------------------
     def add_run(self, run_id: str, record: Dict[str, Any]) -> Dict[str, Any]:
         with self._lock:
             record = {'run_id': run_id, 'created': now_iso(), 'last_request_time': now_iso(), **record}
             self.runs[run_id] = record
-            self._save()
+            self._save(run_id)
             return record
 
     def get_run(self, run_id: str) -> Dict[str, Any]:
@@ -141,7 +161,7 @@ class TenantStore:
                 for c in snaps[:-MAX_SNAPSHOTS_PER_RUN]:
                     self.checkpoints.pop(c['checkpoint_id'], None)
                     stale.append(c)
-            self._save()
+            self._save(run_id)
         for c in stale:
             shutil.rmtree(self.folder(c), ignore_errors=True)
         return record
@@ -163,7 +183,7 @@ class TenantStore:
     def delete_checkpoint(self, ckpt: Dict[str, Any]) -> None:
         with self._lock:
             self.checkpoints.pop(ckpt['checkpoint_id'], None)
-            self._save()
+            self._save(ckpt['run_id'])
         shutil.rmtree(self.folder(ckpt), ignore_errors=True)
 
     def list_checkpoints(self, run_id: Optional[str] = None) -> List[Dict[str, Any]]:
@@ -177,7 +197,7 @@ class TenantStore:
         """Remove what saves cut short by a crash left behind (temporary folders and files, finished folders
         the registry never recorded); only when no save is running (at start). Returns the removed names."""
         removed: List[str] = []
-        for tmp in self.root.glob('.registry-*.tmp'):
+        for tmp in [*self.root.glob('.registry-*.tmp'), *self.runs_dir.glob('.run-*.tmp')]:
             tmp.unlink(missing_ok=True)
             removed.append(tmp.name)
         folder = self.root / 'checkpoints'
