@@ -124,3 +124,43 @@ def test_a_tenant_lists_and_deletes_its_native_objects(server):
         assert dataset._object_id not in {o['object_id'] for o in other.list_objects()}
         mine.release(dataset._object_id)
         assert dataset._object_id not in {o['object_id'] for o in mine.list_objects()}
+
+
+def test_runs_per_tenant_are_capped_and_finished_runs_deletable(server):
+    from twinkle.client import RemoteError, TwinkleClient
+    from twinkle.client import TransformersModel as RemoteModel
+    from twinkle.client.codec import LoraConfig
+    limits = server.ctx.settings.limits
+    saved = limits.max_runs_per_tenant
+    with TwinkleClient(server.url, KEY_A) as native, server.client(KEY_A) as c:
+        model = RemoteModel(model_id=MODEL, client=native)
+        model.add_adapter_to_model('default', LoraConfig(r=4, target_modules=['q_proj']))
+        model.set_optimizer('AdamW', lr=1e-3)
+        path = model.save('to-delete')
+        run_id = path.split('://', 1)[1].split('/')[0]
+        limits.max_runs_per_tenant = len(native.list_runs())
+        try:
+            with pytest.raises(RemoteError, match='max_runs_per_tenant') as err:
+                model.add_adapter_to_model('more', LoraConfig(r=4, target_modules=['q_proj']))
+            assert err.value.status == 429
+            session = c.post('/api/v1/create_session', json={}).json()['session_id']
+            resp = c.post('/api/v1/create_model', json={'session_id': session, 'model_seq_id': 0,
+                                                        'base_model': MODEL, 'lora_config': {'rank': 4}})
+            assert resp.status_code == 429 and resp.headers['x-should-retry'] == 'false'
+            # A loaded run cannot be deleted; once released it goes, with its checkpoints.
+            with pytest.raises(RemoteError) as err:
+                native.delete_run(run_id)
+            assert err.value.status == 409
+            model.release()
+            native.delete_run(run_id)
+            assert run_id not in {r['run_id'] for r in native.list_runs()}
+            assert path not in {ck['path'] for ck in native.list_checkpoints()}
+            other = RemoteModel(model_id=MODEL, client=native)
+            other.add_adapter_to_model('default', LoraConfig(r=4, target_modules=['q_proj']))
+            other.release()
+        finally:
+            limits.max_runs_per_tenant = saved
+        with TwinkleClient(server.url, 'tml-tenant-b-0123456789') as stranger:
+            with pytest.raises(RemoteError) as err:
+                stranger.delete_run(native.list_runs()[-1]['run_id'])
+            assert err.value.status == 404

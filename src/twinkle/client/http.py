@@ -75,6 +75,10 @@ class TwinkleClient:
     def list_runs(self) -> list:
         return self.request('GET', f'{API_PREFIX}/runs')['runs']
 
+    def delete_run(self, run_id: str) -> None:
+        """Delete a training run that is no longer loaded, with all its checkpoints."""
+        self.request('DELETE', f'{API_PREFIX}/runs/{run_id}')
+
     def list_checkpoints(self) -> list:
         return self.request('GET', f'{API_PREFIX}/checkpoints')['checkpoints']
 

@@ -29,6 +29,8 @@ class Limits(BaseModel):
     """Server-side objects (model sessions, datasets, loaders, outputs) per tenant."""
     max_sessions_per_tenant: int = Field(64, ge=1)
     """Open Tinker sessions per tenant (a session ends with ServiceClient.close or without heartbeats)."""
+    max_runs_per_tenant: int = Field(1000, ge=1)
+    """Stored training runs per tenant; delete finished ones (DELETE /api/v1/twinkle/runs/<run>) for more."""
     max_checkpoints_per_tenant: int = Field(1000, ge=1)
     """Stored checkpoints (weights and sampler weights) per tenant; delete some to save more."""
     max_parked_requests_per_tenant: int = Field(256, ge=1)

@@ -318,6 +318,7 @@ class ModelSession:
             raise BadRequest(f'add_adapter_to_model: options {sorted(kwargs)} are not accepted by the server')
         self.engine.check_capacity(self.tenant)
         store = self.ctx.store.tenant(self.tenant)
+        store.check_run_room(self.ctx.settings.limits.max_runs_per_tenant)
         run_id = 'run-' + uuid.uuid4().hex[:12]
         if isinstance(config_or_dir, str):
             ckpt = store.resolve(config_or_dir)

@@ -119,6 +119,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
         if body.optimizer_config is not None and body.optimizer_config.type != 'adamw':
             raise BadRequest(f'optimizer {body.optimizer_config.type!r} is not supported; this server offers adamw')
         check_capacity(t)
+        ctx.store.tenant(t).check_run_room(ctx.settings.limits.max_runs_per_tenant)
         lora = state.lora_from_tinker(body.lora_config.model_dump())
         ctx.engine.lora_config(lora)  # rank within the limits: a 400 now, not a failed future
         model = state.new_model(t, session, body.model_seq_id, lora)
@@ -273,6 +274,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
         check_metadata(body.user_metadata)
         ckpt = store.resolve(body.path)
         check_capacity(t)
+        store.check_run_room(ctx.settings.limits.max_runs_per_tenant)
         lora = ckpt.get('lora') or {}
         model = state.new_model(t, session, body.model_seq_id, lora)
 

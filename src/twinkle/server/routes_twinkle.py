@@ -12,7 +12,7 @@ from ..client import codec
 from ..client.methods import API_PREFIX, CLASSES, CONSTRUCTIBLE, TAG_REF
 from .auth import key_from_headers
 from .context import ServerContext
-from .errors import BadRequest, NotFound
+from .errors import BadRequest, Conflict, NotFound
 from .native_model import ModelSession, Ref
 from .native_objects import DataLoaderObject, DatasetObject, ObjectTable, decode_args
 from .store import format_path
@@ -138,6 +138,19 @@ def build_router(ctx: ServerContext) -> APIRouter:
                           'checkpoints': [format_path(c['run_id'], c['kind'], c['name'], 'twinkle')
                                           for c in store.list_checkpoints(run['run_id'])]}
                          for run in store.list_runs()]}
+
+    @r.delete('/runs/{run_id:path}')
+    async def delete_run(run_id: str, request: Request) -> Dict[str, Any]:
+        t = tenant(request)
+        store = ctx.store.tenant(t)
+
+        def run() -> int:  # on the worker: no save of this run can be halfway
+            if any(a.tenant == t and a.run_id == run_id for a in ctx.engine.adapters.values()):
+                raise Conflict(f'training run {run_id!r} is loaded; release its model (or finish its session) '
+                               f'before deleting it')
+            return store.delete_run(run_id)
+
+        return {'deleted_checkpoints': await ctx.run_model(t, run)}
 
     @r.get('/checkpoints')
     async def checkpoints(request: Request) -> Dict[str, Any]:

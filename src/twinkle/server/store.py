@@ -103,6 +103,26 @@ class TenantStore:
             self._save(run_id)
             return record
 
+    def check_run_room(self, limit: int) -> None:
+        with self._lock:
+            stored = len(self.runs)
+        if stored >= limit:
+            raise ApiError(f'this API key stores {stored} training runs (limits.max_runs_per_tenant is {limit}); delete '
+                           f'finished ones (TwinkleClient.delete_run) first', 429, headers={'x-should-retry': 'false'})
+
+    def delete_run(self, run_id: str) -> int:
+        """Forget a run and delete its checkpoints; returns how many checkpoints went."""
+        with self._lock:
+            if self.runs.pop(run_id, None) is None:
+                raise NotFound(f'training run {run_id!r} not found')
+            gone = [c for c in self.checkpoints.values() if c['run_id'] == run_id]
+            for c in gone:
+                del self.checkpoints[c['checkpoint_id']]
+            self._run_file(run_id).unlink(missing_ok=True)
+        for c in gone:
+            shutil.rmtree(self.folder(c), ignore_errors=True)
+        return len(gone)
+
     def get_run(self, run_id: str) -> Dict[str, Any]:
         with self._lock:
             run = self.runs.get(run_id)
