@@ -240,6 +240,9 @@ def test_clip_grad_norm_without_optimizer(conn):
     oid = native_model(conn, optimizer=False)
     for method in ('clip_grad_norm', 'step', 'zero_grad', 'clip_grad_and_step'):
         expect_4xx(conn, call(conn, oid, method), 'set_optimizer')
+    # The message names the client's adapter, never the server's internal name for it.
+    status, reply = call(conn, oid, 'forward_backward', inputs=BATCH)
+    assert status == 400 and "'default'" in reply['detail'], reply
 
 
 def test_plain_value_errors_keep_the_connection(conn):

@@ -245,7 +245,7 @@ class ModelSession:
         return next((k for k, v in self.adapters.items() if v is adapter), None)
 
     def do_forward_backward(self, *, inputs: Any, adapter_name: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:
-        a = self._adapter(adapter_name)
+        a = self._with_optimizer(self._adapter(adapter_name), 'forward_backward')
         kwargs = self._kwargs(kwargs, _FORWARD_KWARGS, 'forward_backward')
         with self.engine.using(a):
             return self.engine.model.forward_backward(inputs=self._batch(inputs), adapter_name=a.name, **kwargs)
