@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from twinkle.server.errors import BadRequest, Scrubber, describe
+from twinkle.server.errors import ApiError, BadRequest, Scrubber, describe
 from twinkle.server.futures import SeqGate, ServerFuture
 from twinkle.server.queue import FairQueue, Worker
 
@@ -68,3 +68,47 @@ def test_errors_never_show_paths_or_internals():
     status, message, category = describe(RuntimeError('boom at /home/op/secret.py'))
     assert status == 500 and category == 'server' and 'secret' not in message and 'reference' in message
     assert describe(ValueError('lr must be > 0'))[:2] == (400, 'ValueError: lr must be > 0')
+
+
+def test_seq_gate_refusals_use_up_seq_ids_and_replays_must_match():
+    from twinkle.server.errors import TooMany
+    loop = asyncio.new_event_loop()
+    released = []
+    gate = SeqGate(lambda job: released.append(job()))
+
+    def make(tag):
+        return lambda: (ServerFuture('t', loop), lambda: tag)
+
+    def refusing(exc):
+        def make_():
+            raise exc
+        return make_
+
+    gate.submit(3, make('3'), ('optim_step', 'x'))
+    with pytest.raises(BadRequest, match='bad 2'):
+        gate.submit(2, refusing(BadRequest('bad 2')), ('save_weights', 'y'))
+    assert released == [] and gate.next_seq == 1
+    # A validation failure that never reached submit (an invalid body) uses up seq_id 1 as well.
+    gate.refuse(1, ('optim_step', 'z'), BadRequest('invalid body'))
+    assert released == [None, None, '3'] and gate.next_seq == 4
+    # 429 is retried by the client: it does not use up the seq_id.
+    with pytest.raises(TooMany):
+        gate.submit(4, refusing(TooMany('later')), ('optim_step', 'w'))
+    assert gate.next_seq == 4
+    f4 = gate.submit(4, make('4'), ('optim_step', 'w'))
+    assert gate.submit(4, make('4 again'), ('optim_step', 'w')) is f4 and released[-1] == '4'
+    # Replays: a refusal is refused again; another request type or body is a 409.
+    with pytest.raises(BadRequest, match='bad 2'):
+        gate.submit(2, make('2'), ('save_weights', 'y'))
+    for key in (('optim_step', 'other'), ('forward_backward', 'w')):
+        with pytest.raises(ApiError) as err:
+            gate.submit(4, make('x'), key)
+        assert err.value.status == 409 and err.value.headers['x-should-retry'] == 'false'
+    # A refusal parked behind a gap is kept when waiting requests expire, so the gap can still close.
+    with pytest.raises(BadRequest):
+        gate.submit(6, refusing(BadRequest('bad 6')), ('optim_step', '6'))
+    f7 = gate.submit(7, make('7'), ('optim_step', '7'))
+    assert gate.expire(older_than_s=0.0) == [f7]
+    gate.submit(5, make('5'), ('optim_step', '5'))
+    assert released[-2:] == ['5', None] and gate.next_seq == 7
+    loop.close()

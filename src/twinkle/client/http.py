@@ -68,8 +68,16 @@ class TwinkleClient:
     def release(self, object_id: str) -> None:
         self.request('DELETE', f'{API_PREFIX}/objects/{object_id}')
 
+    def list_objects(self) -> list:
+        """This key's server-side objects (models, datasets, loaders, handles): id, class, age."""
+        return self.request('GET', f'{API_PREFIX}/objects')['objects']
+
     def list_runs(self) -> list:
         return self.request('GET', f'{API_PREFIX}/runs')['runs']
+
+    def delete_run(self, run_id: str) -> None:
+        """Delete a training run that is no longer loaded, with all its checkpoints."""
+        self.request('DELETE', f'{API_PREFIX}/runs/{run_id}')
 
     def list_checkpoints(self) -> list:
         return self.request('GET', f'{API_PREFIX}/checkpoints')['checkpoints']

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 
 from .config import ServerSettings, load_settings
 from .context import ServerContext
-from .errors import ApiError, describe, scrub
+from .errors import ApiError, BadRequest, describe, scrub
 
 logger = logging.getLogger('twinkle.server')
 
@@ -47,12 +47,19 @@ def create_app(settings: ServerSettings) -> FastAPI:
         for err in exc.errors():
             loc = '.'.join(str(p) for p in err.get('loc', ()) if p != 'body')
             problems.append(f"{loc or 'body'}: {err.get('msg')}")
-        return JSONResponse({'detail': 'invalid request: ' + '; '.join(problems)}, status_code=400)
+        message = 'invalid request: ' + '; '.join(problems)
+        from .routes_tinker import refuse_invalid
+        refuse_invalid(ctx, request, exc.body, BadRequest(message))
+        return JSONResponse({'detail': message}, status_code=400)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         status, message, _ = describe(exc)
         return JSONResponse({'detail': message}, status_code=status)
+
+    # Any other exception would reach Starlette's outermost handler, which answers and then re-raises it,
+    # so the server closes the connection: the client's next request on it fails. Answer here instead.
+    app.add_middleware(AnswerErrors)
 
     @app.get('/api/v1/healthz')
     async def healthz() -> Any:
@@ -65,6 +72,35 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.include_router(twinkle_router(ctx))
     app.include_router(tinker_router(ctx))
     return app
+
+
+class AnswerErrors:
+    """ASGI middleware: an exception a route raises becomes its JSON answer (4xx for caller mistakes, 500
+    with a log reference otherwise) and the keep-alive connection stays open."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope['type'] != 'http':
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Any) -> None:
+            nonlocal started
+            if message['type'] == 'http.response.start':
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:  # half an answer is out: only closing the connection can tell the client
+                raise
+            status, message, _ = describe(exc)
+            headers = exc.headers if isinstance(exc, ApiError) else None
+            await JSONResponse({'detail': message}, status_code=status, headers=headers)(scope, receive, send)
 
 
 async def _housekeeping(ctx: ServerContext, every_s: float = 5.0) -> None:

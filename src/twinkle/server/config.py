@@ -20,10 +20,25 @@ class Limits(BaseModel):
     max_new_tokens: int = Field(1024, ge=1)
     """Longest completion one sample may ask for."""
     max_lora_rank: int = Field(256, ge=1)
+    """Largest LoRA rank, also for every entry of a rank_pattern."""
+    max_lora_alpha: float = Field(1024.0, gt=0, allow_inf_nan=False)
+    """Largest LoRA alpha, also for every entry of an alpha_pattern."""
     requests_per_minute: int = Field(1200, ge=1)
     """Compute requests (training, sampling, native calls) per tenant per minute."""
     max_objects_per_tenant: int = Field(64, ge=1)
     """Server-side objects (model sessions, datasets, loaders, outputs) per tenant."""
+    max_sessions_per_tenant: int = Field(64, ge=1)
+    """Open Tinker sessions per tenant (a session ends with ServiceClient.close or without heartbeats)."""
+    max_runs_per_tenant: int = Field(1000, ge=1)
+    """Stored training runs per tenant; delete finished ones (DELETE /api/v1/twinkle/runs/<run>) for more."""
+    max_checkpoints_per_tenant: int = Field(1000, ge=1)
+    """Stored checkpoints (weights and sampler weights) per tenant; delete some to save more."""
+    max_parked_requests_per_tenant: int = Field(256, ge=1)
+    """Requests waiting in the seq_id reorder buffers of a tenant's models (each holds its body); more: 429."""
+    max_body_bytes: int = Field(64 << 20, ge=1024)
+    """Largest forward_backward body after decompression (zstd bodies are decompressed up to this)."""
+    max_metadata_bytes: int = Field(16 << 10, ge=0)
+    """Largest user_metadata (as JSON) stored with a run or checkpoint."""
 
 
 class ServerSettings(BaseModel):

@@ -42,6 +42,7 @@ class ServerContext:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.keys = KeyRing(load_salt(self.data_dir), [k.get_secret_value() for k in settings.api_keys])
         self.store = Store(self.data_dir)
+        self.store.clean_interrupted()  # nothing is saving yet: what a crash left half-written can go
         self.limiter = RateLimiter(settings.limits.requests_per_minute)
         self.futures = FutureTable()
         self.queue = FairQueue()

@@ -7,6 +7,7 @@ random numbers (LoRA init, dropout, sampling) another tenant sees.
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,6 +28,11 @@ TINKER_TARGETS = {
 # LoRA options a client may set besides r / alpha / dropout / targets. Options that would make base
 # weights trainable (bias != 'none', modules_to_save) are refused: the base model is shared.
 _LORA_EXTRAS = ('use_rslora', 'init_lora_weights', 'layers_to_transform', 'rank_pattern', 'alpha_pattern')
+# Initialisations that only touch the adapter's own weights. PEFT's others (pissa, olora, corda, loftq, mica,
+# eva, lora_ga, orthogonal ...) read or rewrite the base weights, or need a data pass the server does not do.
+_SAFE_INITS = (True, False, 'gaussian')
+_MAX_PATTERNS = 64          # entries of rank_pattern / alpha_pattern
+_MAX_PATTERN_LEN = 200      # characters of one pattern (PEFT matches them as regular expressions)
 
 
 @dataclass
@@ -74,16 +80,14 @@ class Engine:
                           f'release one (remove_adapter / drop the client) before creating another')
 
     def lora_config(self, lora: Dict[str, Any]) -> Any:
+        """A peft LoraConfig from a tenant's options, each checked: nothing may change the shared base weights
+        or exceed the rank / alpha limits."""
         from peft import LoraConfig
         lora = dict(lora)
-        r = lora.pop('r', None)
-        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= self.settings.limits.max_lora_rank:
-            raise BadRequest(f'LoRA rank r={r!r} must be an integer in 1..{self.settings.limits.max_lora_rank}')
-        alpha = lora.pop('lora_alpha', self.settings.lora_alpha)
+        r = self._rank(lora.pop('r', None), 'r')
+        alpha = self._alpha(lora.pop('lora_alpha', self.settings.lora_alpha), 'lora_alpha')
         dropout = lora.pop('lora_dropout', 0.0)
-        if not isinstance(alpha, (int, float)) or alpha <= 0:
-            raise BadRequest(f'lora_alpha must be a positive number, got {alpha!r}')
-        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise BadRequest(f'lora_dropout must be in [0, 1), got {dropout!r}')
         targets = lora.pop('target_modules', 'all-linear')
         if targets != 'all-linear':
@@ -103,21 +107,74 @@ class Engine:
         if unknown:
             raise BadRequest(f'LoRA options {unknown} are not accepted by the server; allowed besides r, lora_alpha, '
                              f'lora_dropout, target_modules, bias: {list(_LORA_EXTRAS)}')
+        self._check_extras(lora)
         return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=float(dropout), target_modules=targets, **lora)
+
+    def _rank(self, value: Any, name: str) -> int:
+        limit = self.settings.limits.max_lora_rank
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            raise BadRequest(f'LoRA {name}={value!r} must be an integer rank in 1..{limit} (limits.max_lora_rank)')
+        return value
+
+    def _alpha(self, value: Any, name: str) -> float:
+        limit = self.settings.limits.max_lora_alpha
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= limit:
+            raise BadRequest(f'LoRA {name}={value!r} must be a positive number up to {limit} '
+                             f'(limits.max_lora_alpha)')
+        return value
+
+    def _check_extras(self, lora: Dict[str, Any]) -> None:
+        init = lora.get('init_lora_weights', True)
+        if not any(init is safe or (isinstance(safe, str) and init == safe) for safe in _SAFE_INITS):
+            raise BadRequest(f'init_lora_weights={init!r} is not accepted on a shared server (it would read or '
+                             f'rewrite the base weights every tenant trains on); use one of {list(_SAFE_INITS)}')
+        if not isinstance(lora.get('use_rslora', False), bool):
+            raise BadRequest(f"use_rslora must be true or false, got {lora['use_rslora']!r}")
+        for field, check in (('rank_pattern', self._rank), ('alpha_pattern', self._alpha)):
+            pattern = lora.get(field)
+            if pattern is None:
+                continue
+            if not isinstance(pattern, dict) or len(pattern) > _MAX_PATTERNS:
+                raise BadRequest(f'{field} must be a mapping of up to {_MAX_PATTERNS} module-name patterns to values')
+            for key, value in pattern.items():
+                if not isinstance(key, str) or not key or len(key) > _MAX_PATTERN_LEN:
+                    raise BadRequest(f'{field} keys must be module-name patterns of 1..{_MAX_PATTERN_LEN} '
+                                     f'characters, got {key!r}')
+                try:
+                    re.compile(key)
+                except re.error as exc:
+                    raise BadRequest(f'{field} key {key!r} is not a valid pattern: {exc}') from None
+                check(value, f'{field}[{key!r}]')
+        layers = lora.get('layers_to_transform')
+        if layers is not None:
+            count = int(getattr(self.model.hf_model.config, 'num_hidden_layers', 0) or 0)
+            items = [layers] if isinstance(layers, int) else layers
+            if not isinstance(items, list) or not items or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and 0 <= i < count for i in items):
+                raise BadRequest(f'layers_to_transform must be a layer index or a list of them in 0..{count - 1}, '
+                                 f'got {layers!r}')
 
     def add(self, tenant: str, run_id: str, role: str, lora: Dict[str, Any], seed: Optional[int],
             folder: Optional[Path] = None, optimizer: bool = True, grad_accum: int = 1) -> Adapter:
-        """A new adapter from ``lora`` (initialised from ``seed``) or from a checkpoint ``folder``."""
+        """A new adapter from ``lora`` (initialised from ``seed``) or from a checkpoint ``folder``.
+
+        A checkpoint's adapter is built from its (checked) recorded options, never from the folder's config
+        file, and then takes the folder's weights."""
         name = 'a' + uuid.uuid4().hex[:16]
-        config = self.lora_config(lora) if folder is None else None
+        config = self.lora_config(lora if folder is None else {**lora, 'init_lora_weights': False})
         seed = int(seed) if seed is not None else int(uuid.uuid4().int % (2 ** 31))
         with torch.random.fork_rng(devices=self._devices()):
             torch.manual_seed(seed)
-            self.model.add_adapter_to_model(name, str(folder) if folder is not None else config,
-                                            gradient_accumulation_steps=grad_accum)
+            self.model.add_adapter_to_model(name, config, gradient_accumulation_steps=grad_accum)
             adapter = Adapter(tenant, run_id, name, role, dict(lora), torch.get_rng_state(),
                               torch.cuda.get_rng_state_all() if self._devices() else None)
         self.adapters[name] = adapter
+        if folder is not None:
+            try:
+                self.load(adapter, folder, with_optimizer=False)
+            except Exception:
+                self.remove(adapter)
+                raise
         if optimizer:
             try:
                 self.model.set_optimizer('AdamW', adapter_name=name, lr=1e-4, betas=(0.9, 0.95), eps=1e-12,
@@ -168,11 +225,43 @@ class Engine:
                             adapter_name=adapter.name)
 
     def load(self, adapter: Adapter, folder: Path, with_optimizer: bool) -> None:
+        self.check_fits(adapter, folder)
         with self.using(adapter):
             if with_optimizer:
                 self.model.resume_from_checkpoint(str(folder), adapter_name=adapter.name)
             else:
                 self.model.load(str(folder), adapter_name=adapter.name)
+
+    def check_fits(self, adapter: Adapter, folder: Path) -> None:
+        """Refuse a checkpoint whose weights do not fit the adapter (another rank or other modules) before
+        anything is copied, so a failed load leaves the adapter as it was."""
+        from safetensors import safe_open
+
+        from ..model.checkpoint import ADAPTER_WEIGHTS
+        path = Path(folder) / ADAPTER_WEIGHTS
+        if not path.is_file():
+            raise BadRequest('this checkpoint holds no adapter weights')
+        have = {k: tuple(v.shape) for k, v in self.model.get_state_dict(adapter_name=adapter.name).items()}
+        with safe_open(str(path), framework='pt') as f:
+            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        if saved == have:
+            return
+        wrong = sorted(k for k in saved.keys() & have.keys() if saved[k] != have[k])
+        if wrong:
+            k = wrong[0]
+            raise BadRequest(f'the checkpoint does not fit this adapter: {k.split(".lora_")[0].rsplit(".", 1)[-1]} has '
+                             f'shape {list(saved[k])} there and {list(have[k])} here (a different LoRA rank?); '
+                             f'load it into a run created with the same LoRA config, or create a run from it')
+        raise BadRequest(f'the checkpoint does not fit this adapter: it holds {len(saved)} weights for other modules '
+                         f'than this adapter\'s {len(have)} (different target_modules?); load it into a run created '
+                         f'with the same LoRA config, or create a run from it')
+
+    def check_finite(self, adapter: Adapter) -> None:
+        """Sampling from NaN / inf weights fails inside torch; say what happened instead."""
+        for value in self.model.get_state_dict(adapter_name=adapter.name).values():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise BadRequest('the adapter\'s weights are not finite (training diverged, e.g. a too large '
+                                 'learning rate): load an earlier checkpoint or start a new run')
 
     def check_tokens(self, rows: List[List[int]], what: str) -> None:
         for i, row in enumerate(rows):

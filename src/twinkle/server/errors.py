@@ -36,6 +36,14 @@ class NotFound(ApiError):
     status = 404
 
 
+class Conflict(ApiError):
+    """A replayed id with another request: retrying cannot help, so the SDK is told not to."""
+    status = 409
+
+    def __init__(self, message: str, headers: Optional[dict] = None) -> None:
+        super().__init__(message, headers={'x-should-retry': 'false', **(headers or {})})
+
+
 class Gone(ApiError):
     status = 410
 

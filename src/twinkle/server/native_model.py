@@ -7,6 +7,7 @@ worker; the set of methods is exactly ``twinkle.client.methods.MODEL``.
 """
 from __future__ import annotations
 
+import math
 import uuid
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -32,6 +33,80 @@ class Ref:
 
     def __init__(self, class_name: str, value: Any, summary: Dict[str, Any]) -> None:
         self.class_name, self.value, self.summary = class_name, value, summary
+
+
+class Handle:
+    """A forward's outputs ('ModelOutput') or a loss ('LossOutput') of one adapter, kept on the server.
+
+    backward frees the autograd graph: afterwards neither the loss nor the outputs it came from can be
+    used again, so a second backward is refused instead of failing inside torch."""
+
+    def __init__(self, kind: str, adapter: Adapter, value: Any, source: Optional['Handle'] = None) -> None:
+        self.kind, self.adapter, self.value, self.source = kind, adapter, value, source
+        self.spent = False
+
+
+def _handle(value: Any, kind: str, method: str, producer: str) -> Handle:
+    if not isinstance(value, Handle) or value.kind != kind:
+        raise BadRequest(f'{method} takes the handle returned by {producer}(...)')
+    if value.spent or (value.source is not None and value.source.spent):
+        raise BadRequest(f'this {kind} handle was already used by backward (its graph is freed): run forward '
+                         f'again for a new one')
+    return value
+
+
+def _finite_options(method: str, options: Mapping[str, Any]) -> None:
+    """Numbers a tenant passes as hyperparameters must be finite: inf / NaN would make the weights NaN."""
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BadRequest(f'{method}: {where}={value!r} must be a finite number')
+        if isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(v, f'{where}[{i}]')
+        elif isinstance(value, Mapping):
+            for k, v in value.items():
+                walk(v, f'{where}[{k!r}]')
+
+    for key, value in options.items():
+        walk(value, key)
+
+
+def _optimizer_options(options: Dict[str, Any]) -> Dict[str, Any]:
+    _finite_options('set_optimizer', options)
+    betas = options.get('betas')
+    if betas is not None:
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
+            raise BadRequest(f'set_optimizer: betas must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {betas!r}')
+    for key, low, strict in (('lr', 0, False), ('eps', 0, True), ('weight_decay', 0, False)):
+        value = options.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or (strict and value == low):
+            raise BadRequest(f'set_optimizer: {key} must be a number {">" if strict else ">="} {low}, got {value!r}')
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+
+
+def _generate_options(config: Dict[str, Any], limit: int) -> Dict[str, Any]:
+    _finite_options('generate', config)
+    max_new = config.get('max_new_tokens')
+    if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
+        raise BadRequest(f'generate: max_new_tokens must be a positive integer, got {max_new!r}')
+    if max_new > limit:
+        raise TooLarge(f'max_new_tokens={max_new} is above the limit {limit} (limits.max_new_tokens)')
+    for key, low, high in (('temperature', 0.0, None), ('top_p', 0.0, 1.0), ('repetition_penalty', 0.0, None)):
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or \
+                (high is not None and value > high) or (key != 'temperature' and value == low):
+            raise BadRequest(f'generate: {key}={value!r} is out of range')
+    top_k = config.get('top_k')
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise BadRequest(f'generate: top_k must be a non-negative integer, got {top_k!r}')
+    if not isinstance(config.get('do_sample', False), bool):
+        raise BadRequest(f"generate: do_sample must be true or false, got {config['do_sample']!r}")
+    return config
 
 
 class ModelSession:
@@ -74,6 +149,12 @@ class ModelSession:
         if name not in self.adapters:
             raise BadRequest(f'adapter {name!r} does not exist; adapters: {sorted(self.adapters)}')
         return self.adapters[name]
+
+    def _with_optimizer(self, adapter: Adapter, method: str) -> Adapter:
+        if self.engine.model.sessions[adapter.name].optimizer is None:
+            raise BadRequest(f'{method} needs an optimizer: call set_optimizer(...) for adapter '
+                             f'{self._label(adapter)!r} first')
+        return adapter
 
     def _batch(self, inputs: Any) -> Dict[str, Any]:
         model = self.engine.model
@@ -127,7 +208,7 @@ class ModelSession:
         kwargs = self._kwargs(kwargs, ('temperature',), 'forward')
         with self.engine.using(a):
             out = self.engine.model.forward(inputs=self._batch(inputs), adapter_name=a.name, **kwargs)
-        return Ref('ModelOutput', (a, out), {'num_tokens': int(out['inputs']['num_tokens'])})
+        return Ref('ModelOutput', Handle('ModelOutput', a, out), {'num_tokens': int(out['inputs']['num_tokens'])})
 
     def do_forward_only(self, *, inputs: Any, adapter_name: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:
         a = self._adapter(adapter_name)
@@ -141,21 +222,22 @@ class ModelSession:
                 'metrics': dict(loss.metrics), 'logps': out['logps'].detach().cpu()}
 
     def do_calculate_loss(self, outputs: Any, *, adapter_name: Optional[str] = None, **kwargs: Any) -> Ref:
-        if not (isinstance(outputs, tuple) and len(outputs) == 2 and isinstance(outputs[0], Adapter)):
-            raise BadRequest('calculate_loss takes the handle returned by forward(...)')
-        a, out = outputs
+        source = _handle(outputs, 'ModelOutput', 'calculate_loss', 'forward')
+        a, out = source.adapter, source.value
         if adapter_name is not None and self._adapter(adapter_name) is not a:
             raise BadRequest(f'these outputs come from another adapter than {adapter_name!r}')
         with self.engine.using(a):
             loss = self.engine.model.calculate_loss(out, adapter_name=a.name, **kwargs)
         items = float(loss.num_items)
-        return Ref('LossOutput', (a, loss), {'loss': float(loss.loss.detach()) / items if items else float('nan'),
-                                             'num_items': items})
+        summary = {'loss': float(loss.loss.detach()) / items if items else float('nan'), 'num_items': items}
+        return Ref('LossOutput', Handle('LossOutput', a, loss, source), summary)
 
     def do_backward(self, loss_output: Any, *, adapter_name: Optional[str] = None, **kwargs: Any) -> None:
-        if not (isinstance(loss_output, tuple) and len(loss_output) == 2 and isinstance(loss_output[0], Adapter)):
-            raise BadRequest('backward takes the handle returned by calculate_loss(...)')
-        a, loss = loss_output
+        handle = _handle(loss_output, 'LossOutput', 'backward', 'calculate_loss')
+        a, loss = handle.adapter, handle.value
+        handle.spent = True  # even if backward fails halfway, the graph may be gone
+        if handle.source is not None:
+            handle.source.spent = True
         with self.engine.using(a):
             self.engine.model.backward(loss, adapter_name=a.name)
 
@@ -163,7 +245,7 @@ class ModelSession:
         return next((k for k, v in self.adapters.items() if v is adapter), None)
 
     def do_forward_backward(self, *, inputs: Any, adapter_name: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:
-        a = self._adapter(adapter_name)
+        a = self._with_optimizer(self._adapter(adapter_name), 'forward_backward')
         kwargs = self._kwargs(kwargs, _FORWARD_KWARGS, 'forward_backward')
         with self.engine.using(a):
             return self.engine.model.forward_backward(inputs=self._batch(inputs), adapter_name=a.name, **kwargs)
@@ -171,14 +253,15 @@ class ModelSession:
     # -- optimisation --------------------------------------------------------------------------------------
     def do_clip_grad_norm(self, max_grad_norm: float = 1.0, norm_type: float = 2.0, *,
                           adapter_name: Optional[str] = None) -> float:
-        a = self._adapter(adapter_name)
+        a = self._with_optimizer(self._adapter(adapter_name), 'clip_grad_norm')
+        _finite_options('clip_grad_norm', {'max_grad_norm': max_grad_norm, 'norm_type': norm_type})
         return self.engine.model.clip_grad_norm(max_grad_norm, norm_type, adapter_name=a.name)
 
     def do_step(self, *, adapter_name: Optional[str] = None) -> None:
-        self.engine.model.step(adapter_name=self._adapter(adapter_name).name)
+        self.engine.model.step(adapter_name=self._with_optimizer(self._adapter(adapter_name), 'step').name)
 
     def do_zero_grad(self, *, adapter_name: Optional[str] = None) -> None:
-        self.engine.model.zero_grad(adapter_name=self._adapter(adapter_name).name)
+        self.engine.model.zero_grad(adapter_name=self._with_optimizer(self._adapter(adapter_name), 'zero_grad').name)
 
     def do_lr_step(self, *, adapter_name: Optional[str] = None) -> None:
         self.engine.model.lr_step(adapter_name=self._adapter(adapter_name).name)
@@ -186,7 +269,8 @@ class ModelSession:
     def do_clip_grad_and_step(self, max_grad_norm: float = 1.0, norm_type: float = 2.0, *,
                               adapter_name: Optional[str] = None,
                               gradient_accumulation_steps: Optional[int] = None) -> Dict[str, Any]:
-        a = self._adapter(adapter_name)
+        a = self._with_optimizer(self._adapter(adapter_name), 'clip_grad_and_step')
+        _finite_options('clip_grad_and_step', {'max_grad_norm': max_grad_norm, 'norm_type': norm_type})
         with self.engine.using(a):
             return self.engine.model.clip_grad_and_step(max_grad_norm, norm_type, adapter_name=a.name,
                                                         gradient_accumulation_steps=gradient_accumulation_steps)
@@ -200,13 +284,18 @@ class ModelSession:
                          **kwargs: Any) -> None:
         if not isinstance(optimizer_cls, str):
             raise BadRequest("set_optimizer takes an optimizer name (e.g. 'AdamW')")
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-        self.engine.model.set_optimizer(optimizer_cls, adapter_name=self._adapter(adapter_name).name, **kwargs)
+        kwargs = _optimizer_options(kwargs)
+        try:
+            self.engine.model.set_optimizer(optimizer_cls, adapter_name=self._adapter(adapter_name).name, **kwargs)
+        except LookupError as exc:  # a malformed option the optimizer indexes into
+            raise BadRequest(f'set_optimizer({optimizer_cls!r}): invalid options ({type(exc).__name__}: {exc})') \
+                from None
 
     def do_set_lr_scheduler(self, scheduler_cls: Any = 'CosineWarmupScheduler', *,
                             adapter_name: Optional[str] = None, **kwargs: Any) -> None:
         if not isinstance(scheduler_cls, str):
             raise BadRequest("set_lr_scheduler takes a scheduler name (e.g. 'CosineWarmupScheduler')")
+        _finite_options('set_lr_scheduler', kwargs)
         self.engine.model.set_lr_scheduler(scheduler_cls, adapter_name=self._adapter(adapter_name).name, **kwargs)
 
     def do_add_metric(self, metric: Any, *, adapter_name: Optional[str] = None, is_training: bool = True,
@@ -229,6 +318,7 @@ class ModelSession:
             raise BadRequest(f'add_adapter_to_model: options {sorted(kwargs)} are not accepted by the server')
         self.engine.check_capacity(self.tenant)
         store = self.ctx.store.tenant(self.tenant)
+        store.check_run_room(self.ctx.settings.limits.max_runs_per_tenant)
         run_id = 'run-' + uuid.uuid4().hex[:12]
         if isinstance(config_or_dir, str):
             ckpt = store.resolve(config_or_dir)
@@ -279,6 +369,7 @@ class ModelSession:
         check_name(name)
         a = self._adapter(adapter_name)
         store = self.ctx.store.tenant(self.tenant)
+        store.check_room(self.ctx.settings.limits.max_checkpoints_per_tenant, a.run_id, 'weights', name)
         ckpt_id, folder = store.new_checkpoint_dir()
         folder.parent.mkdir(parents=True, exist_ok=True)
         with self.engine.using(a):
@@ -297,9 +388,10 @@ class ModelSession:
                                   adapter_name: Optional[str] = None) -> Dict[str, int]:
         a = self._adapter(adapter_name)
         parse_path(checkpoint_dir)
+        folder = self._checkpoint(checkpoint_dir)
+        self.engine.check_fits(a, folder)
         with self.engine.using(a):
-            return self.engine.model.resume_from_checkpoint(str(self._checkpoint(checkpoint_dir)), resume_only_model,
-                                                            adapter_name=a.name)
+            return self.engine.model.resume_from_checkpoint(str(folder), resume_only_model, adapter_name=a.name)
 
     def do_get_state_dict(self, *, adapter_name: Optional[str] = None) -> Dict[str, Any]:
         return {k: v.detach().cpu() for k, v in
@@ -323,9 +415,7 @@ class ModelSession:
         config = self._kwargs(config, _GENERATE_KWARGS, 'generate')
         limit = self.ctx.settings.limits.max_new_tokens
         config.setdefault('max_new_tokens', min(64, limit))
-        if int(config['max_new_tokens']) > limit:
-            raise TooLarge(f'max_new_tokens={config["max_new_tokens"]} is above the limit {limit} '
-                           f'(limits.max_new_tokens)')
+        config = _generate_options(config, limit)
         try:
             prompts = as_prompts(self.engine.model, inputs)  # token ids, whatever form they came in
         except (TypeError, ValueError) as exc:
@@ -337,6 +427,7 @@ class ModelSession:
             raise TooLarge(f'{len(prompts)} prompts of up to {max(len(p) for p in prompts)} tokens plus '
                            f'{config["max_new_tokens"]} new tokens need {needed} token slots; the server accepts '
                            f'at most {budget} per request (limits.max_tokens_per_request)')
+        self.engine.check_finite(a)
         with self.engine.using(a):
             return self.engine.model.generate(prompts, adapter_name=a.name, **config)
 

@@ -51,6 +51,9 @@ class ObjectTable:
         self.entries[entry.object_id] = entry
         return entry
 
+    def mine(self, tenant: str) -> List[Entry]:
+        return [e for e in list(self.entries.values()) if e.tenant == tenant]
+
     def get(self, tenant: str, object_id: Any) -> Entry:
         entry = self.entries.get(object_id) if isinstance(object_id, str) else None
         if entry is None or entry.tenant != tenant:
@@ -123,6 +126,9 @@ class DatasetObject:
             raise BadRequest('set_template takes a registered template name (e.g. "Template")')
         if 'tokenizer' in kwargs:
             raise BadRequest('set_template: tokenizer= is not accepted on the server; pass model_id (a hub id)')
+        if model_id is not None and not isinstance(model_id, str):
+            raise BadRequest(f'set_template: model_id must be a string (the served model or a hub id), got '
+                             f'{model_id!r}')
         if model_id is None or model_id in self.served:
             model_id = self.model_dir
         elif not model_id.startswith(HUB_SCHEMES):
@@ -139,8 +145,11 @@ class DatasetObject:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Any:
-        if not isinstance(index, int):
+        if isinstance(index, bool) or not isinstance(index, int):
             raise BadRequest('remote datasets are indexed by an int')
+        size = len(self.dataset)
+        if not -size <= index < size:
+            raise BadRequest(f'index {index} is out of range for a dataset of {size} rows')
         return self.dataset[index]
 
     def column_names(self) -> List[str]:

@@ -5,16 +5,19 @@ Mutating calls answer ``{request_id}`` at once; the work runs on the model worke
 """
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
 import time
 import uuid
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from fastapi import APIRouter, Request, Response
 
 from . import tinker_bodies as B
 from . import tinker_data
 from .context import ServerContext
-from .errors import BadRequest, Gone, TooLarge, TooMany
+from .errors import BadRequest, Conflict, Gone, TooLarge, TooMany
 from .store import check_name, parse_path
 from .tinker_ops import Sampler, TinkerSession, TinkerState
 
@@ -74,7 +77,12 @@ def build_router(ctx: ServerContext) -> APIRouter:
 
     @r.post('/create_session')
     async def create_session(request: Request) -> Dict[str, Any]:
-        t = tenant(request)
+        t = tenant(request, compute=True)
+        limit = ctx.settings.limits.max_sessions_per_tenant
+        if sum(1 for s in list(state.sessions.values()) if s.tenant == t and not s.finished) >= limit:
+            raise TooMany(f'this API key has {limit} open sessions (limits.max_sessions_per_tenant); close a '
+                          f'ServiceClient (or let it stop sending heartbeats) before opening another',
+                          headers={'Retry-After': '10'})
         session = TinkerSession('s' + uuid.uuid4().hex[:20], t)
         state.sessions[session.session_id] = session
         return {'type': 'create_session', 'session_id': session.session_id}
@@ -101,15 +109,19 @@ def build_router(ctx: ServerContext) -> APIRouter:
     async def create_model(body: B.CreateModel, request: Request) -> Dict[str, Any]:
         t = tenant(request, compute=True)
         session = state.session(t, body.session_id)
-        if body.model_seq_id in session.creations:
+        key = await json_key('create_model', request)
+        if replayed_creation(session, body.model_seq_id, key):
             return accepted(session.creations[body.model_seq_id], session.models.get(body.model_seq_id))
         check_base(body.base_model)
+        check_metadata(body.user_metadata)
         if body.lora_config is None:
             raise BadRequest('full-parameter training is not offered: pass a lora_config (create_lora_training_client)')
         if body.optimizer_config is not None and body.optimizer_config.type != 'adamw':
             raise BadRequest(f'optimizer {body.optimizer_config.type!r} is not supported; this server offers adamw')
         check_capacity(t)
+        ctx.store.tenant(t).check_run_room(ctx.settings.limits.max_runs_per_tenant)
         lora = state.lora_from_tinker(body.lora_config.model_dump())
+        ctx.engine.lora_config(lora)  # rank within the limits: a 400 now, not a failed future
         model = state.new_model(t, session, body.model_seq_id, lora)
         seed = body.lora_config.seed
 
@@ -126,6 +138,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
 
         fut = ctx.submit(t, run, model.model_id)
         session.creations[body.model_seq_id] = fut
+        session.creation_keys[body.model_seq_id] = key
         return accepted(fut, model.model_id)
 
     @r.post('/get_info')
@@ -138,61 +151,89 @@ def build_router(ctx: ServerContext) -> APIRouter:
                 'model_data': {'arch': arch, 'model_name': ctx.settings.served_name,
                                'tokenizer_id': tokenizer_id(ctx)}}
 
-    def gated(t: str, model: Any, seq_id: Optional[int], fn: Any) -> Any:
-        return model.gate.submit(seq_id, lambda: ctx.job(t, fn, model.model_id))
+    def gated(t: str, model: Any, seq_id: Optional[int], key: Tuple[str, str], prepare: Callable[[], Any]) -> Any:
+        """Queue a model's request in seq_id order. ``prepare`` validates it and returns the work; a request it
+        refuses still uses up its seq_id, so the client's next requests do not wait for it."""
+        if model.gate.would_park(seq_id):
+            limit = ctx.settings.limits.max_parked_requests_per_tenant
+            if sum(m.gate.waiting for m in list(state.models.values()) if m.tenant == t) >= limit:
+                # Not refused for good: the client retries once the earlier seq_ids have arrived.
+                raise TooMany(f'{limit} requests of this API key already wait for earlier seq_ids '
+                              f'(limits.max_parked_requests_per_tenant); retry shortly', headers={'Retry-After': '1'})
+        return model.gate.submit(seq_id, lambda: ctx.job(t, prepare(), model.model_id), key)
+
+    def check_metadata(metadata: Any) -> None:
+        limit = ctx.settings.limits.max_metadata_bytes
+        if metadata and len(json.dumps(metadata, default=str)) > limit:
+            raise TooLarge(f'user_metadata is larger than {limit} bytes as JSON (limits.max_metadata_bytes)')
+
+    async def json_key(kind: str, request: Request) -> Tuple[str, str]:
+        return request_key(kind, json.loads(await request.body()))
 
     @r.post('/forward_backward')
     async def forward_backward(request: Request) -> Dict[str, Any]:
         t = tenant(request, compute=True)
-        msg = tinker_data.parse_forward_backward(await request.body(), request.headers.get('content-type', ''),
-                                                 request.headers.get('content-encoding', ''))
+        raw = await request.body()
+        msg = await asyncio.to_thread(tinker_data.parse_forward_backward, raw, request.headers.get('content-type', ''),
+                                      request.headers.get('content-encoding', ''), ctx.settings.limits.max_body_bytes)
         model = state.model(t, msg.model_id)
-        tinker_data.make_loss(msg.loss_fn, tinker_data.loss_config(msg))  # unsupported loss / config: 400 now
-        rows = tinker_data.datum_rows(msg, msg.loss_fn, ctx.settings.limits.max_tokens_per_request)
-        ctx.engine.check_tokens([r['tokens'].tolist() + r['target_tokens'].astype('int64').tolist() for r in rows],
-                                'data')
-        forward_only = bool(msg.forward_only)
-        fut = gated(t, model, msg.seq_id, lambda: state.op_forward_backward(model, msg, forward_only))
+        key = ('forward_backward', hashlib.sha256(msg.SerializeToString(deterministic=True)).hexdigest())
+
+        def prepare() -> Callable[[], Any]:
+            tinker_data.make_loss(msg.loss_fn, tinker_data.loss_config(msg))  # unsupported loss / config: 400 now
+            rows = tinker_data.datum_rows(msg, msg.loss_fn, ctx.settings.limits.max_tokens_per_request)
+            ctx.engine.check_tokens([r['tokens'].tolist() + r['target_tokens'].astype('int64').tolist()
+                                     for r in rows], 'data')
+            forward_only = bool(msg.forward_only)
+            return lambda: state.op_forward_backward(model, msg, forward_only)
+
+        fut = gated(t, model, msg.seq_id, key, prepare)
         return accepted(fut, model.model_id)
 
     @r.post('/optim_step')
     async def optim_step(body: B.OptimStep, request: Request) -> Dict[str, Any]:
         t = tenant(request, compute=True)
         model = state.model(t, body.model_id)
-        params = body.adam_params or body.optim_params
-        if params is None:
-            raise BadRequest('optim_step needs adam_params (only the Adam optimizer is offered)')
-        if params.type not in (None, 'adam', 'adamw'):
-            raise BadRequest(f'optimizer parameters of type {params.type!r} are not supported; use AdamParams')
-        values = params.model_dump(exclude={'type'})
-        fut = gated(t, model, body.seq_id, lambda: state.op_optim_step(model, values))
+
+        def prepare() -> Callable[[], Any]:
+            params = body.adam_params or body.optim_params
+            if params is None:
+                raise BadRequest('optim_step needs adam_params (only the Adam optimizer is offered)')
+            if params.type not in (None, 'adam', 'adamw'):
+                raise BadRequest(f'optimizer parameters of type {params.type!r} are not supported; use AdamParams')
+            values = params.model_dump(exclude={'type'})
+            return lambda: state.op_optim_step(model, values)
+
+        fut = gated(t, model, body.seq_id, await json_key('optim_step', request), prepare)
         return accepted(fut, model.model_id)
 
     @r.post('/save_weights')
     async def save_weights(body: B.SaveWeights, request: Request) -> Dict[str, Any]:
         t = tenant(request, compute=True)
         model = state.model(t, body.model_id)
-        name = check_name(body.path or f'ckpt-{uuid.uuid4().hex[:8]}')
 
-        def run() -> Dict[str, Any]:
-            return {'path': state.op_save(model, name, 'weights', body.overwrite, body.user_metadata),
-                    'type': 'save_weights'}
+        def prepare() -> Callable[[], Any]:
+            check_metadata(body.user_metadata)
+            name = check_name(body.path or f'ckpt-{uuid.uuid4().hex[:8]}')
+            return lambda: {'path': state.op_save(model, name, 'weights', body.overwrite, body.user_metadata),
+                            'type': 'save_weights'}
 
-        return accepted(gated(t, model, body.seq_id, run), model.model_id)
+        return accepted(gated(t, model, body.seq_id, await json_key('save_weights', request), prepare),
+                        model.model_id)
 
     @r.post('/save_weights_for_sampler')
     async def save_for_sampler(body: B.SaveForSampler, request: Request) -> Dict[str, Any]:
         t = tenant(request, compute=True)
         model = state.model(t, body.model_id)
-        if body.kind != 'snapshot':
-            raise BadRequest(f"sampling client kind {body.kind!r} is not supported; use 'snapshot'")
-        if body.path is not None:
-            name = check_name(body.path)
 
-            def run() -> Dict[str, Any]:
-                return {'path': state.op_save(model, name, 'sampler_weights', True, body.user_metadata),
-                        'type': 'save_weights_for_sampler'}
-        else:
+        def prepare() -> Callable[[], Any]:
+            if body.kind != 'snapshot':
+                raise BadRequest(f"sampling client kind {body.kind!r} is not supported; use 'snapshot'")
+            check_metadata(body.user_metadata)
+            if body.path is not None:
+                name = check_name(body.path)
+                return lambda: {'path': state.op_save(model, name, 'sampler_weights', True, body.user_metadata),
+                                'type': 'save_weights_for_sampler'}
             if body.sampling_session_seq_id is None:
                 raise BadRequest('save_weights_for_sampler needs a path (a name) or a sampling_session_seq_id')
             session = state.session(t, model.session_id)
@@ -205,8 +246,10 @@ def build_router(ctx: ServerContext) -> APIRouter:
                 state.samplers[sampler_id] = Sampler(sampler_id, t, None, ckpt['checkpoint_id'])
                 session.samplers[body.sampling_session_seq_id] = sampler_id
                 return {'sampling_session_id': sampler_id, 'type': 'save_weights_for_sampler'}
+            return run
 
-        return accepted(gated(t, model, body.seq_id, run), model.model_id)
+        key = await json_key('save_weights_for_sampler', request)
+        return accepted(gated(t, model, body.seq_id, key, prepare), model.model_id)
 
     @r.post('/load_weights')
     async def load_weights(body: B.LoadWeights, request: Request) -> Dict[str, Any]:
@@ -214,17 +257,24 @@ def build_router(ctx: ServerContext) -> APIRouter:
         store = ctx.store.tenant(t)
         if body.model_id is not None:
             model = state.model(t, body.model_id)
-            parse_path(body.path)
-            fut = gated(t, model, body.seq_id, lambda: state.op_load(model, body.path, body.optimizer))
+
+            def prepare() -> Callable[[], Any]:
+                parse_path(body.path)
+                return lambda: state.op_load(model, body.path, body.optimizer)
+
+            fut = gated(t, model, body.seq_id, await json_key('load_weights', request), prepare)
             return accepted(fut, model.model_id)
         if body.session_id is None or body.model_seq_id is None:
             raise BadRequest('load_weights needs model_id, or session_id and model_seq_id to create a model from it')
         session = state.session(t, body.session_id)
-        if body.model_seq_id in session.creations:
+        key = await json_key('load_weights', request)
+        if replayed_creation(session, body.model_seq_id, key):
             return accepted(session.creations[body.model_seq_id], session.models.get(body.model_seq_id))
         check_base(body.base_model)
+        check_metadata(body.user_metadata)
         ckpt = store.resolve(body.path)
         check_capacity(t)
+        store.check_run_room(ctx.settings.limits.max_runs_per_tenant)
         lora = ckpt.get('lora') or {}
         model = state.new_model(t, session, body.model_seq_id, lora)
 
@@ -241,6 +291,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
 
         fut = ctx.submit(t, run, model.model_id)
         session.creations[body.model_seq_id] = fut
+        session.creation_keys[body.model_seq_id] = key
         return accepted(fut, model.model_id)
 
     # -- sampling ------------------------------------------------------------------------------------------
@@ -278,14 +329,18 @@ def build_router(ctx: ServerContext) -> APIRouter:
             key = f'{t}:direct:{body.model_path or body.base_model}'
             s = state.samplers.get(key) or new_sampler(t, key, body.model_path, body.base_model)
             state.samplers[key] = s
+        key = await json_key('asample', request)
         if body.seq_id is not None and body.seq_id in s.seen:
-            fut = s.seen[body.seq_id]
+            seen_key, fut = s.seen[body.seq_id]
+            if seen_key != key:
+                raise Conflict(f'seq_id {body.seq_id} of this sampling session was already used by another sample '
+                               f'request; each request needs a new seq_id')
             return accepted(fut, sample_sequence_ids=fut.extra['sequence_ids'])
         req = sample_request(ctx, body)
         fut = ctx.submit(t, lambda: state.op_sample(s, req))
         fut.extra['sequence_ids'] = [f'{fut.request_id}-{i}' for i in range(body.num_samples)]
         if body.seq_id is not None:
-            s.seen[body.seq_id] = fut
+            s.seen[body.seq_id] = (key, fut)
         return accepted(fut, sample_sequence_ids=fut.extra['sequence_ids'])
 
     # -- futures -------------------------------------------------------------------------------------------
@@ -309,6 +364,46 @@ def build_router(ctx: ServerContext) -> APIRouter:
     from .routes_tinker_rest import add_rest_routes
     add_rest_routes(r, ctx, tenant)
     return r
+
+
+# Routes whose requests pass a model's seq_id gate, and the route name their replay keys carry.
+GATED_JSON_ROUTES = {'/api/v1/optim_step': 'optim_step', '/api/v1/save_weights': 'save_weights',
+                     '/api/v1/save_weights_for_sampler': 'save_weights_for_sampler',
+                     '/api/v1/load_weights': 'load_weights'}
+
+
+def replayed_creation(session: Any, model_seq_id: int, key: Tuple[str, str]) -> bool:
+    """True for a retry of a model creation already accepted; 409 for another request under its model_seq_id."""
+    if model_seq_id not in session.creations:
+        return False
+    if session.creation_keys.get(model_seq_id, key) != key:
+        raise Conflict(f'model_seq_id {model_seq_id} of this session was already used by another request; each '
+                       f'model of a session needs a new model_seq_id')
+    return True
+
+
+def request_key(kind: str, body: Any) -> Tuple[str, str]:
+    """(route, digest of the JSON body): a replayed seq_id must carry the same key."""
+    text = json.dumps(body, sort_keys=True, separators=(',', ':'), default=str)
+    return kind, hashlib.sha256(text.encode()).hexdigest()
+
+
+def refuse_invalid(ctx: ServerContext, request: Request, body: Any, exc: BaseException) -> None:
+    """A JSON body that failed validation on a gated route still uses up its seq_id, when it names one of
+    the caller's models: otherwise every later request of that model would wait for it."""
+    kind = GATED_JSON_ROUTES.get(request.url.path)
+    state = ctx.tinker
+    if kind is None or state is None or not isinstance(body, dict):
+        return
+    model_id, seq_id = body.get('model_id'), body.get('seq_id')
+    if not isinstance(model_id, str) or isinstance(seq_id, bool) or not isinstance(seq_id, int):
+        return
+    from .auth import key_from_headers
+    try:
+        model = state.model(ctx.keys.tenant_of(key_from_headers(request.headers)), model_id)
+    except Exception:  # unknown key or model: nothing of the caller's to unblock
+        return
+    model.gate.refuse(seq_id, request_key(kind, body), exc)
 
 
 def tokenizer_id(ctx: ServerContext) -> str:

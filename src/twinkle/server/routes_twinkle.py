@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, Dict, List
 
 from fastapi import APIRouter, Request
@@ -11,7 +12,7 @@ from ..client import codec
 from ..client.methods import API_PREFIX, CLASSES, CONSTRUCTIBLE, TAG_REF
 from .auth import key_from_headers
 from .context import ServerContext
-from .errors import BadRequest, NotFound
+from .errors import BadRequest, Conflict, NotFound
 from .native_model import ModelSession, Ref
 from .native_objects import DataLoaderObject, DatasetObject, ObjectTable, decode_args
 from .store import format_path
@@ -85,7 +86,10 @@ def build_router(ctx: ServerContext) -> APIRouter:
     async def call(object_id: str, method: str, body: CallBody, request: Request) -> Dict[str, Any]:
         t = tenant(request, compute=True)
         entry = table.get(t, object_id)
-        spec = CLASSES[entry.class_name]
+        spec = CLASSES.get(entry.class_name)
+        if spec is None:
+            raise BadRequest(f'a {entry.class_name} handle has no remote methods: pass it as an argument (e.g. '
+                             f'outputs to calculate_loss, a loss to backward)')
         declared = spec.methods.get(method)
         if declared is None:
             raise NotFound(f'{entry.class_name} has no remote method {method!r}; available: {sorted(spec.methods)}')
@@ -108,6 +112,14 @@ def build_router(ctx: ServerContext) -> APIRouter:
             return {'result': None}
         return {'result': codec.encode(result)}
 
+    @r.get('/objects')
+    async def list_objects(request: Request) -> Dict[str, Any]:
+        t = tenant(request)
+        now = time.monotonic()
+        return {'objects': [{'object_id': e.object_id, 'class_name': e.class_name, 'transient': e.transient,
+                             'age_s': round(now - e.created, 1)}
+                            for e in sorted(table.mine(t), key=lambda e: e.created)]}
+
     @r.delete('/objects/{object_id}')
     async def release(object_id: str, request: Request) -> Dict[str, Any]:
         t = tenant(request)
@@ -126,6 +138,19 @@ def build_router(ctx: ServerContext) -> APIRouter:
                           'checkpoints': [format_path(c['run_id'], c['kind'], c['name'], 'twinkle')
                                           for c in store.list_checkpoints(run['run_id'])]}
                          for run in store.list_runs()]}
+
+    @r.delete('/runs/{run_id:path}')
+    async def delete_run(run_id: str, request: Request) -> Dict[str, Any]:
+        t = tenant(request)
+        store = ctx.store.tenant(t)
+
+        def run() -> int:  # on the worker: no save of this run can be halfway
+            if any(a.tenant == t and a.run_id == run_id for a in ctx.engine.adapters.values()):
+                raise Conflict(f'training run {run_id!r} is loaded; release its model (or finish its session) '
+                               f'before deleting it')
+            return store.delete_run(run_id)
+
+        return {'deleted_checkpoints': await ctx.run_model(t, run)}
 
     @r.get('/checkpoints')
     async def checkpoints(request: Request) -> Dict[str, Any]:

@@ -1,12 +1,13 @@
 """Per-tenant registry of training runs and checkpoints, persisted under the data directory.
 
-Layout: ``<data_dir>/tenants/<tenant>/registry.json`` and ``.../checkpoints/<checkpoint id>/``. Clients
-name checkpoints ``twinkle://<run>/<kind>/<name>`` (or ``tinker://...``); the folder is always the
-server-generated id, never a string a client chose.
+Layout: ``<data_dir>/tenants/<tenant>/runs/<digest of the run id>.json`` (a run and its checkpoints) and
+``.../checkpoints/<checkpoint id>/``. Clients name checkpoints ``twinkle://<run>/<kind>/<name>`` (or
+``tinker://...``); the folder is always the server-generated id, never a string a client chose.
 """
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import re
@@ -16,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from .errors import BadRequest, NotFound
+from .errors import ApiError, BadRequest, NotFound
 
 SCHEMES = ('twinkle://', 'tinker://')
 KINDS = ('weights', 'sampler_weights')
@@ -56,32 +57,71 @@ MAX_SNAPSHOTS_PER_RUN = 8
 
 
 class TenantStore:
-    """Runs and checkpoints of one tenant; thread-safe, written atomically after each change."""
+    """Runs and checkpoints of one tenant; thread-safe. Each run (with its checkpoints) is one small file,
+    written atomically after each change to that run, so a change never rewrites the whole registry."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.file = root / 'registry.json'
+        self.runs_dir = root / 'runs'
         self._lock = threading.RLock()
         self.runs: Dict[str, Dict[str, Any]] = {}
         self.checkpoints: Dict[str, Dict[str, Any]] = {}
-        if self.file.exists():
-            data = json.loads(self.file.read_text())
+        legacy = root / 'registry.json'
+        if legacy.exists():  # the single-file layout of earlier versions
+            data = json.loads(legacy.read_text())
             self.runs = data.get('runs', {})
             self.checkpoints = data.get('checkpoints', {})
+        if self.runs_dir.is_dir():
+            for f in sorted(self.runs_dir.glob('*.json')):
+                data = json.loads(f.read_text())
+                if data.get('run') is not None:
+                    self.runs[data['run']['run_id']] = data['run']
+                self.checkpoints.update(data.get('checkpoints', {}))
+        if legacy.exists():
+            for run_id in {*self.runs, *(c['run_id'] for c in self.checkpoints.values())}:
+                self._save(run_id)
+            legacy.unlink()
 
-    def _save(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.file.with_name(f'.registry-{uuid.uuid4().hex}.tmp')
-        tmp.write_text(json.dumps({'runs': self.runs, 'checkpoints': self.checkpoints}, indent=1, sort_keys=True))
-        os.replace(tmp, self.file)
+    def _run_file(self, run_id: str) -> Path:
+        # Run ids hold characters (':') some file systems refuse: name the file by a digest.
+        return self.runs_dir / f'{hashlib.sha256(run_id.encode()).hexdigest()[:32]}.json'
+
+    def _save(self, run_id: str) -> None:
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        data = {'run': self.runs.get(run_id),
+                'checkpoints': {k: c for k, c in self.checkpoints.items() if c['run_id'] == run_id}}
+        target = self._run_file(run_id)
+        tmp = self.runs_dir / f'.run-{uuid.uuid4().hex}.tmp'
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, target)
 
     # -- runs ----------------------------------------------------------------------------------------------
     def add_run(self, run_id: str, record: Dict[str, Any]) -> Dict[str, Any]:
         with self._lock:
             record = {'run_id': run_id, 'created': now_iso(), 'last_request_time': now_iso(), **record}
             self.runs[run_id] = record
-            self._save()
+            self._save(run_id)
             return record
+
+    def check_run_room(self, limit: int) -> None:
+        with self._lock:
+            stored = len(self.runs)
+        if stored >= limit:
+            raise ApiError(f'this API key stores {stored} training runs (limits.max_runs_per_tenant is {limit}); delete '
+                           f'finished ones (TwinkleClient.delete_run) first', 429, headers={'x-should-retry': 'false'})
+
+    def delete_run(self, run_id: str) -> int:
+        """Forget a run and delete its checkpoints; returns how many checkpoints went."""
+        with self._lock:
+            if self.runs.pop(run_id, None) is None:
+                raise NotFound(f'training run {run_id!r} not found')
+            gone = [c for c in self.checkpoints.values() if c['run_id'] == run_id]
+            for c in gone:
+                del self.checkpoints[c['checkpoint_id']]
+            self._run_file(run_id).unlink(missing_ok=True)
+        for c in gone:
+            shutil.rmtree(self.folder(c), ignore_errors=True)
+        return len(gone)
 
     def get_run(self, run_id: str) -> Dict[str, Any]:
         with self._lock:
@@ -141,10 +181,21 @@ class TenantStore:
                 for c in snaps[:-MAX_SNAPSHOTS_PER_RUN]:
                     self.checkpoints.pop(c['checkpoint_id'], None)
                     stale.append(c)
-            self._save()
+            self._save(run_id)
         for c in stale:
             shutil.rmtree(self.folder(c), ignore_errors=True)
         return record
+
+    def check_room(self, limit: int, run_id: str, kind: str, name: str) -> None:
+        """Refuse a new named checkpoint beyond ``limit`` (replacing one of the same name is always fine)."""
+        if kind not in KINDS or self.find(run_id, kind, name) is not None:
+            return
+        with self._lock:
+            stored = sum(1 for c in self.checkpoints.values() if c['kind'] in KINDS)
+        if stored >= limit:
+            raise ApiError(f'this API key stores {stored} checkpoints (limits.max_checkpoints_per_tenant is {limit}); '
+                           f'delete some (RestClient.delete_checkpoint, or DELETE /api/v1/twinkle/checkpoints) '
+                           f'first', 429, headers={'x-should-retry': 'false'})
 
     def folder(self, ckpt: Dict[str, Any]) -> Path:
         return self.root / 'checkpoints' / ckpt['checkpoint_id']
@@ -152,7 +203,7 @@ class TenantStore:
     def delete_checkpoint(self, ckpt: Dict[str, Any]) -> None:
         with self._lock:
             self.checkpoints.pop(ckpt['checkpoint_id'], None)
-            self._save()
+            self._save(ckpt['run_id'])
         shutil.rmtree(self.folder(ckpt), ignore_errors=True)
 
     def list_checkpoints(self, run_id: Optional[str] = None) -> List[Dict[str, Any]]:
@@ -162,6 +213,35 @@ class TenantStore:
         return sorted(out, key=lambda c: c['time'])
 
 
+    def clean_interrupted(self) -> List[str]:
+        """Remove what saves cut short by a crash left behind (temporary folders and files, finished folders
+        the registry never recorded); only when no save is running (at start). Returns the removed names."""
+        removed: List[str] = []
+        for tmp in [*self.root.glob('.registry-*.tmp'), *self.runs_dir.glob('.run-*.tmp')]:
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp.name)
+        folder = self.root / 'checkpoints'
+        if not folder.is_dir():
+            return removed
+        with self._lock:
+            known = set(self.checkpoints)
+        for entry in sorted(folder.iterdir()):
+            if entry.name.startswith('.') and '.old-' in entry.name:
+                # A replaced folder renamed aside: if the new one never arrived, it is the checkpoint itself.
+                original = folder / entry.name[1:].split('.old-', 1)[0]
+                if not original.exists() and original.name in known:
+                    os.replace(entry, original)
+                    continue
+            if entry.name in known:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry.name)
+        return removed
+
+
 class Store:
     """All tenants' registries under one data directory."""
 
@@ -169,6 +249,13 @@ class Store:
         self.data_dir = data_dir
         self._tenants: Dict[str, TenantStore] = {}
         self._lock = threading.Lock()
+
+    def clean_interrupted(self) -> int:
+        """Clean every tenant's leftovers of interrupted saves (see TenantStore.clean_interrupted)."""
+        tenants = self.data_dir / 'tenants'
+        if not tenants.is_dir():
+            return 0
+        return sum(len(self.tenant(t.name).clean_interrupted()) for t in tenants.iterdir() if t.is_dir())
 
     def tenant(self, tenant_id: str) -> TenantStore:
         with self._lock:

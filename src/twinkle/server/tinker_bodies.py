@@ -11,11 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra='ignore')
+    # inf / NaN (Python's JSON reads them) never make sense in a request: refuse them.
+    model_config = ConfigDict(extra='ignore', allow_inf_nan=False)
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra='forbid')
+    model_config = ConfigDict(extra='forbid', allow_inf_nan=False)
 
 
 class SessionId(Body):

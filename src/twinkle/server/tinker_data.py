@@ -7,6 +7,7 @@ then ``logps[:, 1:N+1]`` are exactly Tinker's per-target logprobs.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, List, Mapping, Tuple
 
 import numpy as np
@@ -29,16 +30,17 @@ def pb():
     return tinker_public_pb2
 
 
-def parse_forward_backward(body: bytes, content_type: str, content_encoding: str) -> Any:
+def parse_forward_backward(body: bytes, content_type: str, content_encoding: str, max_bytes: int) -> Any:
+    """The ForwardBackwardRequest of a body; blocking work (decompression, parsing): call it off the event loop."""
     if 'application/x-protobuf' not in (content_type or ''):
         raise Unsupported('forward_backward takes a protobuf body (Content-Type: application/x-protobuf), as the '
                           'tinker SDK sends it')
+    too_large = TooLarge(f'the forward_backward body is larger than {max_bytes} bytes (limits.max_body_bytes): split '
+                         f'the batch into smaller calls')
+    if len(body) > max_bytes:
+        raise too_large
     if (content_encoding or '').lower() == 'zstd':
-        import zstandard
-        try:
-            body = zstandard.ZstdDecompressor().decompress(body, max_output_size=1 << 30)
-        except zstandard.ZstdError as exc:
-            raise BadRequest(f'forward_backward body is not valid zstd: {exc}') from None
+        body = _unzstd(body, max_bytes, too_large)
     elif content_encoding and content_encoding.lower() not in ('identity',):
         raise Unsupported(f'Content-Encoding {content_encoding!r} is not supported (use zstd or none)')
     msg = pb().ForwardBackwardRequest()
@@ -47,6 +49,26 @@ def parse_forward_backward(body: bytes, content_type: str, content_encoding: str
     except Exception:
         raise BadRequest('forward_backward body is not a valid ForwardBackwardRequest protobuf') from None
     return msg
+
+
+def _unzstd(body: bytes, max_bytes: int, too_large: Exception) -> bytes:
+    # Streamed, so a small body claiming (or expanding to) gigabytes stops at the limit.
+    import io
+
+    import zstandard
+    out = bytearray()
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body)) as reader:
+            while True:
+                piece = reader.read(1 << 20)
+                if not piece:
+                    break
+                out += piece
+                if len(out) > max_bytes:
+                    raise too_large
+    except zstandard.ZstdError as exc:
+        raise BadRequest(f'forward_backward body is not valid zstd: {exc}') from None
+    return bytes(out)
 
 
 def loss_config(msg: Any) -> Dict[str, Any]:
@@ -66,7 +88,11 @@ def make_loss(loss_fn: str, config: Mapping[str, Any]) -> Any:
     unknown = sorted(set(config) - set(allowed))
     if unknown:
         raise BadRequest(f'loss_fn_config keys {unknown} are not supported for {loss_fn!r}; accepted: {list(allowed)}')
-    kwargs = {k: float(v) for k, v in config.items()}
+    kwargs = {}
+    for key, value in config.items():
+        if isinstance(value, str) or not math.isfinite(float(value)):
+            raise BadRequest(f'loss_fn_config[{key!r}] must be a finite number, got {value!r}')
+        kwargs[key] = float(value)
     if loss_fn == 'cross_entropy':
         return CrossEntropyLoss(reduction='sum')
     if loss_fn == 'importance_sampling':
@@ -76,11 +102,16 @@ def make_loss(loss_fn: str, config: Mapping[str, Any]) -> Any:
     return CISPOLoss(loss_type='sum', **kwargs)
 
 
-def tensor(msg: Any, what: str) -> np.ndarray:
+def tensor(msg: Any, what: str, max_elements: int) -> np.ndarray:
+    """The array of a TensorData; its shape may not claim more than ``max_elements`` values (a sparse tensor
+    is made dense here, so its shape alone decides the memory it takes)."""
     dtype = _DTYPES.get(msg.dtype)
     if dtype is None:
         raise BadRequest(f'{what} has an unsupported dtype ({msg.dtype}); send float32 or int64')
     shape = [int(s) for s in msg.shape]
+    if any(s < 0 for s in shape) or math.prod(shape) > max_elements:
+        raise BadRequest(f'{what} has shape {shape}; expected at most {max_elements} values (one per model_input '
+                         f'token)')
     if msg.WhichOneof('encoding') == 'sparse_csr':
         csr = msg.sparse_csr
         values = np.frombuffer(csr.values, dtype=dtype)
@@ -130,7 +161,7 @@ def datum_rows(msg: Any, loss_fn: str, max_tokens: int) -> List[Dict[str, np.nda
                              f'missing {missing}, unexpected {extra}')
         row = {'tokens': tokens}
         for name in names:
-            arr = tensor(datum.loss_fn_inputs[name], f'data[{i}].loss_fn_inputs[{name!r}]')
+            arr = tensor(datum.loss_fn_inputs[name], f'data[{i}].loss_fn_inputs[{name!r}]', tokens.size)
             if arr.ndim != 1 or arr.shape[0] != tokens.size:
                 raise BadRequest(f'data[{i}].loss_fn_inputs[{name!r}] has shape {list(arr.shape)}; expected '
                                  f'[{tokens.size}] (one value per model_input token)')

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -26,6 +26,7 @@ class TinkerSession:
     finished: bool = False
     models: Dict[int, str] = field(default_factory=dict)          # model_seq_id -> model_id
     creations: Dict[int, ServerFuture] = field(default_factory=dict)
+    creation_keys: Dict[int, Tuple[str, str]] = field(default_factory=dict)  # model_seq_id -> request key
     samplers: Dict[int, str] = field(default_factory=dict)        # sampling_session_seq_id -> sampler id
 
 
@@ -46,7 +47,7 @@ class Sampler:
     model_path: Optional[str]
     checkpoint_id: Optional[str]          # None: the base model
     adapter: Optional[Adapter] = None
-    seen: Dict[int, ServerFuture] = field(default_factory=dict)
+    seen: Dict[int, Tuple[Tuple[str, str], ServerFuture]] = field(default_factory=dict)  # seq_id -> (key, future)
 
 
 class TinkerState:
@@ -61,7 +62,7 @@ class TinkerState:
     def session(self, tenant: str, session_id: Any) -> TinkerSession:
         s = self.sessions.get(session_id) if isinstance(session_id, str) else None
         if s is None or s.tenant != tenant:
-            raise NotFound(f'session {session_id!r} not found')
+            raise NotFound(f'session {session_id!r} not found (finished, expired, or not yours)')
         if s.finished:
             raise Gone(f'session {session_id!r} has finished')
         return s
@@ -170,6 +171,7 @@ class TinkerState:
         if not overwrite and kind != 'snapshot' and store.find(model.model_id, kind, name) is not None:
             raise BadRequest(f'{format_path(model.model_id, kind, name)} already exists; pass overwrite=True or '
                              f'choose another name')
+        store.check_room(self.ctx.settings.limits.max_checkpoints_per_tenant, model.model_id, kind, name)
         ckpt_id, folder = store.new_checkpoint_dir()
         self.ctx.engine.save(self._adapter(model), folder, with_optimizer=kind == 'weights')
         store.add_checkpoint(ckpt_id, model.model_id, kind, name, folder,
@@ -209,6 +211,7 @@ class TinkerState:
     def op_sample(self, s: Sampler, req: Dict[str, Any]) -> bytes:
         engine = self.ctx.engine
         adapter = self.ensure_sampler(s)
+        engine.check_finite(adapter)
         params = req['sampling_params']
         result = sample(engine, adapter, req['prompt_tokens'], req['num_samples'], params['max_tokens'],
                         params['temperature'], params['top_k'], params['top_p'], params.get('seed'),
@@ -235,3 +238,5 @@ class TinkerState:
             s = self.samplers.pop(sampler_id, None)
             if s is not None and s.adapter is not None:
                 engine.remove(s.adapter)
+        # Its runs and checkpoints stay in the store; the session record itself goes.
+        self.sessions.pop(session.session_id, None)
