@@ -23,11 +23,13 @@ class RoutingPlan:
     (group ``g`` first, in token order); ``dest`` is where each of those tokens sits in the padded
     ``(groups * seg_len, features)`` layout (group ``g`` occupies rows ``g*seg_len .. g*seg_len+counts[g]``).
     ``dense`` is true when the grouped layout is just a view of the input (every token routed, groups already
-    contiguous and of equal size), so no copy is needed.
+    contiguous and of equal size), so no copy is needed. Groups are ordered by rank, and ``rank_slices`` lists
+    ``(rank, first_group, end_group)`` for each run of equal rank.
     """
     names: Tuple[str, ...]
     counts: Tuple[int, ...]
     seg_len: int
+    rank_slices: Tuple[Tuple[int, int, int], ...]
     src: torch.Tensor
     dest: torch.Tensor
     dense: bool
@@ -104,22 +106,29 @@ class Routing:
                              f'(batch, seq) = {(batch, seq)}')
         return self._token_ids.reshape(-1)
 
-    def plan(self, batch: int, seq: int, present: Tuple[bool, ...], device: torch.device) -> RoutingPlan:
-        """The grouped layout for a layer holding ``present[i]`` of adapter ``names[i]`` (others: base only)."""
-        key = (batch, seq, present, str(device))
+    def plan(self, batch: int, seq: int, ranks: Tuple[int, ...], device: torch.device) -> RoutingPlan:
+        """The grouped layout for a layer where adapter ``names[i]`` has rank ``ranks[i]`` (0: the layer lacks it,
+        so its tokens get the base output only)."""
+        key = (batch, seq, ranks, str(device))
         cached = self._plans.get(key)
         if cached is None:
-            cached = self._plans[key] = _build_plan(self.token_ids(batch, seq), self.names, present, device)
+            cached = self._plans[key] = _build_plan(self.token_ids(batch, seq), self.names, ranks, device)
         return cached
 
 
-def _build_plan(ids: torch.Tensor, names: Tuple[str, ...], present: Tuple[bool, ...],
+def _build_plan(ids: torch.Tensor, names: Tuple[str, ...], ranks: Tuple[int, ...],
                 device: torch.device) -> RoutingPlan:
     # Adapters this layer lacks (or no token uses) drop out: their tokens get the base output only.
-    keep = torch.tensor(list(present) + [False], dtype=torch.bool)   # index -1 (base) reads the last slot
+    keep = torch.tensor([r > 0 for r in ranks] + [False], dtype=torch.bool)   # index -1 (base) reads the last slot
     ids = torch.where(keep[ids], ids, torch.full_like(ids, -1))
     counts_all = torch.bincount(ids[ids >= 0], minlength=len(names))
-    used = [i for i in range(len(names)) if int(counts_all[i]) > 0]
+    used = sorted((i for i in range(len(names)) if int(counts_all[i]) > 0), key=lambda i: ranks[i])
+    rank_slices = []
+    for g, i in enumerate(used):
+        if rank_slices and rank_slices[-1][0] == ranks[i]:
+            rank_slices[-1][2] = g + 1
+        else:
+            rank_slices.append([ranks[i], g, g + 1])
     remap = torch.full((len(names) + 1,), -1, dtype=torch.long)   # slot -1 maps "base" to itself
     for g, i in enumerate(used):
         remap[i] = g
@@ -137,4 +146,4 @@ def _build_plan(ids: torch.Tensor, names: Tuple[str, ...], present: Tuple[bool, 
     dest = g_sorted * seg_len + pos
     dense = routed == ids.numel() and len(set(counts)) <= 1 and bool((src == torch.arange(routed)).all())
     return RoutingPlan(names=tuple(names[i] for i in used), counts=counts, seg_len=seg_len,
-                       src=src.to(device), dest=dest.to(device), dense=dense)
+                       rank_slices=tuple(tuple(x) for x in rank_slices), src=src.to(device), dest=dest.to(device), dense=dense)
