@@ -42,11 +42,13 @@ def test_per_token_routing_of_packed_rows():
             torch.testing.assert_close(out[b, t], want, rtol=0, atol=1e-6)
 
 
-def test_grouped_layout_is_a_view_only_when_rows_are_grouped_evenly():
+def test_grouped_layout_is_a_view_or_permutation_when_groups_are_even():
     routing = Routing(['x', 'x', 'y', 'y'])
     assert routing.plan(4, 3, (2, 6), torch.device('cpu')).dense
-    assert not Routing(['x', 'y', 'x', 'y']).plan(4, 3, (2, 6), torch.device('cpu')).dense
-    assert not Routing(['x', 'x', 'y']).plan(3, 3, (2, 6), torch.device('cpu')).dense
+    interleaved = Routing(['x', 'y', 'x', 'y']).plan(4, 3, (2, 6), torch.device('cpu'))
+    assert not interleaved.dense and not interleaved.padded          # a permutation, no zero rows
+    uneven = Routing(['x', 'x', 'y']).plan(3, 3, (2, 6), torch.device('cpu'))
+    assert uneven.padded and not uneven.dense
     plan = Routing(['y', 'x', 'z', 'x']).plan(4, 1, (6, 2, 2), torch.device('cpu'))   # y: 6, x: 2, z: 2
     # Groups ordered by rank: equal ranks share one pair of matmuls.
     assert plan.names == ('x', 'z', 'y') and plan.rank_slices == ((2, 0, 2), (6, 2, 3))

@@ -46,6 +46,7 @@ def check_against_peft(peft, ours, names, ids, weight, logits):
 @pytest.mark.parametrize('names', [
     [R4, R16, R8, R4, R8, R16, R8, R4],            # interleaved, uneven rows per adapter
     [R4, R4, R8, R8, R16, R16],                    # grouped and equal: the no-copy layout
+    [R16, R4, R8, R4, R8, R16],                    # equal but interleaved: a permutation, no padding
     [R8, R8, R8],                                  # rows of one adapter only
 ])
 def test_values_and_grads_match_each_adapter_alone_in_peft(peft, names):

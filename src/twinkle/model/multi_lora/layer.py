@@ -12,7 +12,8 @@ a single pair only, but the zero-padded inner dimension of ``h @ B`` changes the
 sums the real terms, so results drift from the unpadded single-adapter computation by a few ulps per layer
 (measured: ~2e-6 on the embedded model's logits); grouped by rank, each adapter's arithmetic has the same shape as
 when it runs alone. Segments are padded to the largest adapter's token count; when every adapter has the same
-number of tokens and the rows are already grouped, the padded layout is a view of the input and no copy is made.
+number of tokens (one row per tenant, say) there is no padding, only a permutation, and when the rows are also
+already grouped the layout is a view of the input and no copy is made.
 """
 from __future__ import annotations
 
@@ -177,12 +178,14 @@ class MultiLoraLinear(nn.Module):
         return flat.view_as(result)
 
     def _grouped_delta(self, x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-        """The LoRA update of the routed tokens: ``(N, out)`` if ``plan.dense``, else in ``plan.src`` order."""
+        """The LoRA update of the routed tokens, in ``plan.src`` order (the identity when ``plan.dense``)."""
         groups, seg = plan.num_groups, plan.seg_len
         dtype = self.lora_A[plan.names[0]].dtype
         x = x.to(dtype)
         if plan.dense:
             xg = x.view(groups, seg, self.in_features)
+        elif not plan.padded:
+            xg = x.index_select(0, plan.src).view(groups, seg, self.in_features)
         else:
             xg = x.new_zeros(groups * seg, self.in_features).index_copy(0, plan.dest, x.index_select(0, plan.src))
             xg = xg.view(groups, seg, self.in_features)
@@ -200,7 +203,7 @@ class MultiLoraLinear(nn.Module):
             parts.append(torch.bmm(h, stack_b.transpose(1, 2)) * scale.view(-1, 1, 1))
         delta = parts[0] if len(parts) == 1 else torch.cat(parts)
         delta = delta.reshape(groups * seg, self.out_features)
-        return delta if plan.dense else delta.index_select(0, plan.dest)
+        return delta.index_select(0, plan.dest) if plan.padded else delta
 
     def _dropout_mask(self, plan: RoutingPlan, xg: torch.Tensor) -> Optional[torch.Tensor]:
         """Inverted-dropout mask in the padded layout, each adapter's part drawn from its own generator."""

@@ -22,8 +22,9 @@ class RoutingPlan:
     ``names[g]`` is the adapter of group ``g``; ``src`` lists the tokens that use an adapter, grouped by adapter
     (group ``g`` first, in token order); ``dest`` is where each of those tokens sits in the padded
     ``(groups * seg_len, features)`` layout (group ``g`` occupies rows ``g*seg_len .. g*seg_len+counts[g]``).
-    ``dense`` is true when the grouped layout is just a view of the input (every token routed, groups already
-    contiguous and of equal size), so no copy is needed. Groups are ordered by rank, and ``rank_slices`` lists
+    ``padded`` is false when every token is routed and all groups have the same size: the grouped layout is then
+    a permutation of the input (no zero rows), and ``dense`` is true when that permutation is the identity (rows
+    already grouped), so the layout is a view and no copy is made at all. Groups are ordered by rank, and ``rank_slices`` lists
     ``(rank, first_group, end_group)`` for each run of equal rank.
     """
     names: Tuple[str, ...]
@@ -33,6 +34,7 @@ class RoutingPlan:
     src: torch.Tensor
     dest: torch.Tensor
     dense: bool
+    padded: bool
 
     @property
     def num_groups(self) -> int:
@@ -144,6 +146,8 @@ def _build_plan(ids: torch.Tensor, names: Tuple[str, ...], ranks: Tuple[int, ...
     g_sorted = group[src]
     pos = torch.arange(routed) - offsets[g_sorted]
     dest = g_sorted * seg_len + pos
-    dense = routed == ids.numel() and len(set(counts)) <= 1 and bool((src == torch.arange(routed)).all())
+    padded = not (routed == ids.numel() and len(set(counts)) <= 1)
+    dense = not padded and bool((src == torch.arange(routed)).all())
     return RoutingPlan(names=tuple(names[i] for i in used), counts=counts, seg_len=seg_len,
-                       rank_slices=tuple(tuple(x) for x in rank_slices), src=src.to(device), dest=dest.to(device), dense=dense)
+                       rank_slices=tuple(tuple(x) for x in rank_slices), src=src.to(device), dest=dest.to(device),
+                       dense=dense, padded=padded)
