@@ -94,21 +94,26 @@ def variants(kind: str, device: str) -> Dict[str, Callable[[], None]]:
 
 def measure(kind: str, device: str, rounds: int, warmup: int) -> None:
     runs = variants(kind, device)
-    times: Dict[str, List[float]] = {k: [] for k in runs}
+    wall: Dict[str, List[float]] = {k: [] for k in runs}
+    cpu: Dict[str, List[float]] = {k: [] for k in runs}
     for r in range(warmup + rounds):
         for name, fn in runs.items():
             sync(device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             sync(device)
             if r >= warmup:
-                times[name].append(time.perf_counter() - start)
-    base = statistics.median(times['(a) serial'])
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
     print(f'\n{kind} model on {device}: {ADAPTERS} adapters (ranks {RANKS}), {ROWS} rows x {SEQ} tokens, '
           f'forward+backward, median of {rounds} rounds')
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f'  {name:<12} {med * 1e3:9.1f} ms   time vs (a) {med / base:5.2f}   speed-up {base / med:5.2f}x')
+    # Process CPU time is printed too: on a shared CPU it is steadier than wall time (with --threads 1 it is
+    # the compute itself, whatever else the machine runs).
+    base_wall, base_cpu = statistics.median(wall['(a) serial']), statistics.median(cpu['(a) serial'])
+    for name in runs:
+        w, c = statistics.median(wall[name]), statistics.median(cpu[name])
+        print(f'  {name:<12} wall {w * 1e3:9.1f} ms  vs (a) {w / base_wall:5.2f} ({base_wall / w:4.2f}x)   '
+              f'cpu {c * 1e3:9.1f} ms  vs (a) {c / base_cpu:5.2f} ({base_cpu / c:4.2f}x)')
 
 
 def main() -> None:

@@ -169,3 +169,23 @@ def test_routing_errors_name_the_problem(peft):
             pass
     with pytest.raises(ValueError, match='already exists'):
         add_adapter(ours, R4)
+
+
+@pytest.mark.parametrize('dropout', [0.0, 0.2])
+def test_activation_checkpointing_with_backward_inside_the_routing_block(dropout):
+    peft = helpers.peft_model(dropout=dropout)
+    names = [R4, R16, R8, R4]
+    ids, weight = helpers.batch(len(names))
+    plain = helpers.batched_from(peft).train()
+    logits = run_batched(plain, names, ids, weight)
+    ckpt = helpers.batched_from(peft).train()        # a copy: its dropout generators start where plain's did
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+    with route(ckpt, names):                             # the recompute in backward needs the routing too
+        out = ckpt(input_ids=ids).logits
+        (out * weight).sum().backward()
+    assert_close(out.detach(), logits, 'checkpointed logits')
+    for name in (R4, R8, R16):
+        ref = helpers.ours_grads(plain, name)
+        for path, (ga, gb) in helpers.ours_grads(ckpt, name).items():
+            assert_close(ga, ref[path][0], f'{path} lora_A grad of {name}')
+            assert_close(gb, ref[path][1], f'{path} lora_B grad of {name}')

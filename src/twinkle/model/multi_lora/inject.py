@@ -133,8 +133,9 @@ def adapter_parameters(model: nn.Module, name: str) -> List[nn.Parameter]:
 def route(model: nn.Module, adapters: Union[Routing, Sequence[Optional[str]]]) -> Iterator[Routing]:
     """Within the block, forwards of ``model`` apply ``adapters[b]`` to row ``b`` (``None``: base model only).
 
-    The assignment must stay set for any recomputation in backward, so do not combine with activation
-    checkpointing that recomputes after the block has exited.
+    With activation checkpointing, run backward inside the block too: the recomputation in backward needs the
+    assignment (and redraws each adapter's dropout masks from the generator states its forward saved here, so
+    one forward per block then).
     """
     routing = adapters if isinstance(adapters, Routing) else Routing(adapters)
     known = set(adapter_names(model))

@@ -210,12 +210,27 @@ class MultiLoraLinear(nn.Module):
         probs = [float(self.specs[name].lora_dropout) for name in plan.names]
         if not any(probs):
             return None
+        # Activation checkpointing reruns this forward inside backward; the generator state from the first run
+        # is kept on the routing so that the rerun draws the same masks and leaves the generator where it was.
+        recompute = torch._C._current_graph_task_id() != -1
         mask = torch.ones_like(xg)
         for g, (name, p, count) in enumerate(zip(plan.names, probs, plan.counts)):
-            if p > 0:
-                keep = torch.empty(count, self.in_features, dtype=xg.dtype, device=xg.device)
-                keep.bernoulli_(1.0 - p, generator=self.specs[name].generator(xg.device))
-                mask[g, :count] = keep / (1.0 - p)
+            if p <= 0:
+                continue
+            gen = self.specs[name].generator(xg.device)
+            key = (id(self), name)
+            saved = self.routing.dropout_states.get(key) if recompute else None
+            resume = None
+            if saved is not None:
+                resume = gen.get_state()
+                gen.set_state(saved)
+            else:
+                self.routing.dropout_states[key] = gen.get_state()
+            keep = torch.empty(count, self.in_features, dtype=xg.dtype, device=xg.device)
+            keep.bernoulli_(1.0 - p, generator=gen)
+            if resume is not None:
+                gen.set_state(resume)
+            mask[g, :count] = keep / (1.0 - p)
         return mask
 
     def extra_repr(self) -> str:

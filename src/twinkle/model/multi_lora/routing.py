@@ -72,6 +72,7 @@ class Routing:
         self._row_ids: Optional[torch.Tensor] = torch.tensor(row_ids, dtype=torch.long)
         self._token_ids: Optional[torch.Tensor] = None
         self._plans: Dict[tuple, RoutingPlan] = {}
+        self.dropout_states: Dict[tuple, torch.Tensor] = {}
 
     @classmethod
     def per_token(cls, token_adapter_ids: torch.Tensor, names: Sequence[str]) -> 'Routing':
@@ -89,6 +90,7 @@ class Routing:
         self._row_ids = None
         self._token_ids = token_adapter_ids.long()
         self._plans = {}
+        self.dropout_states = {}
         return self
 
     @property
