@@ -24,8 +24,8 @@ class RoutingPlan:
     ``(groups * seg_len, features)`` layout (group ``g`` occupies rows ``g*seg_len .. g*seg_len+counts[g]``).
     ``padded`` is false when every token is routed and all groups have the same size: the grouped layout is then
     a permutation of the input (no zero rows), and ``dense`` is true when that permutation is the identity (rows
-    already grouped), so the layout is a view and no copy is made at all. Groups are ordered by rank, and ``rank_slices`` lists
-    ``(rank, first_group, end_group)`` for each run of equal rank.
+    already grouped), so the layout is a view and no copy is made at all. Groups are ordered by rank, and
+    ``rank_slices`` lists ``(rank, first_group, end_group)`` for each run of equal rank.
     """
     names: Tuple[str, ...]
     counts: Tuple[int, ...]
