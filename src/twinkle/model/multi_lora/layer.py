@@ -194,12 +194,16 @@ class MultiLoraLinear(nn.Module):
             if mask is not None:
                 xg = xg * mask
         parts = []
-        for r, first, end in plan.rank_slices:
+        # split, not slicing: its backward is one concatenation, where each slice's backward would build a
+        # zero-filled gradient of the whole layout.
+        chunks = torch.split(xg, [end - first for _, first, end in plan.rank_slices]) \
+            if len(plan.rank_slices) > 1 else (xg,)
+        for (r, first, end), chunk in zip(plan.rank_slices, chunks):
             names = plan.names[first:end]
             stack_a = torch.stack([self.lora_A[n] for n in names])                       # g, r, in
             stack_b = torch.stack([self.lora_B[n] for n in names])                       # g, out, r
             scale = torch.tensor([self.specs[n].scaling(r) for n in names], dtype=dtype, device=x.device)
-            h = torch.bmm(xg[first:end], stack_a.transpose(1, 2))
+            h = torch.bmm(chunk, stack_a.transpose(1, 2))
             parts.append(torch.bmm(h, stack_b.transpose(1, 2)) * scale.view(-1, 1, 1))
         delta = parts[0] if len(parts) == 1 else torch.cat(parts)
         delta = delta.reshape(groups * seg, self.out_features)
