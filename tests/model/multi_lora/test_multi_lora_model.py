@@ -189,3 +189,31 @@ def test_activation_checkpointing_with_backward_inside_the_routing_block(dropout
         for path, (ga, gb) in helpers.ours_grads(ckpt, name).items():
             assert_close(ga, ref[path][0], f'{path} lora_A grad of {name}')
             assert_close(gb, ref[path][1], f'{path} lora_B grad of {name}')
+
+
+def test_adapter_with_per_layer_ranks_round_trips_through_peft(tmp_path):
+    from peft import PeftModel
+
+    peft = helpers.peft_model({'mixed': dict(r=8, lora_alpha=16, rank_pattern={'q_proj': 2, 'down_proj': 12})})
+    ours = helpers.batched_from(peft).eval()
+    ranks = {p.rpartition('.')[2]: layer.rank('mixed') for p, layer in multi_lora_layers(ours).items()}
+    assert ranks['q_proj'] == 2 and ranks['down_proj'] == 12 and ranks['v_proj'] == 8
+    directory = save_adapter(ours, 'mixed', str(tmp_path / 'mixed'))
+    loaded = PeftModel.from_pretrained(helpers.base_model(), directory).eval()
+    ids, _ = helpers.batch(2)
+    with route(ours, ['mixed', 'mixed']):
+        expected = ours(input_ids=ids).logits.detach()
+    assert_close(loaded(input_ids=ids).logits.detach(), expected, 'PEFT-loaded per-layer ranks')
+
+
+def test_dropout_rng_state_restores_the_same_masks():
+    ours = helpers.batched_from(helpers.peft_model({R8: helpers.ADAPTERS[R8]}, dropout=0.3)).train()
+    spec = multi_lora_layers(ours)['model.layers.0.mlp.down_proj'].specs[R8]
+    ids, _ = helpers.batch(2)
+    with route(ours, [R8, R8]):
+        ours(input_ids=ids)                              # advance the generator
+        state = spec.rng_state()
+        first = ours(input_ids=ids).logits.detach()
+        spec.set_rng_state(state)
+        again = ours(input_ids=ids).logits.detach()
+    assert torch.equal(first, again)

@@ -221,8 +221,8 @@ def adapter_config(model: nn.Module, name: str, base_model_name_or_path: Optiona
     others = [p for p, m in model.named_modules() if isinstance(m, (nn.Linear, MultiLoraLinear)) and p not in holders]
     if any(p.rpartition('.')[2] in leaves for p in others):
         leaves = sorted(holders)
-    rank_pattern = {f'^{re.escape(p)}$': layer.rank(name) for p, layer in holders.items()
-                    if layer.rank(name) != spec.r}
+    # PEFT matches a rank_pattern key as a regex against the module path (or a dotted suffix of it).
+    rank_pattern = {re.escape(p): layer.rank(name) for p, layer in holders.items() if layer.rank(name) != spec.r}
     return {
         'peft_type': 'LORA', 'task_type': None, 'r': spec.r, 'lora_alpha': spec.lora_alpha,
         'lora_dropout': spec.lora_dropout, 'use_rslora': spec.use_rslora, 'target_modules': leaves,

@@ -68,6 +68,14 @@ class AdapterSpec:
             gen.manual_seed(self.seed)
         return gen
 
+    def rng_state(self) -> Dict[str, torch.Tensor]:
+        """The dropout generators' states by device (to checkpoint an adapter's randomness with it)."""
+        return {device: gen.get_state() for device, gen in self._generators.items()}
+
+    def set_rng_state(self, states: Dict[str, torch.Tensor]) -> None:
+        for device, state in states.items():
+            self.generator(torch.device(device)).set_state(state)
+
     def reseed(self, seed: Optional[int] = None) -> None:
         """Restart the dropout generators (from ``seed``, or the adapter's own seed)."""
         if seed is not None:
