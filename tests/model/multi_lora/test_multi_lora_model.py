@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from twinkle.model.multi_lora import (adapter_names, adapter_parameters, adapter_state_dict, add_adapter, inject,
-                                      load_adapter, multi_lora_layers, route, save_adapter)
+from twinkle.model.multi_lora import (adapter_config, adapter_names, adapter_parameters, adapter_state_dict,
+                                      add_adapter, inject, load_adapter, multi_lora_layers, route, save_adapter)
 
 from . import helpers
 
@@ -150,6 +150,10 @@ def test_inject_plain_model_all_linear_and_new_adapter_starts_as_base():
     add_adapter(model, 'fresh', r=8, lora_alpha=16)
     add_adapter(model, 'attn_only', r=4, lora_alpha=4, target_modules=['q_proj', 'v_proj'])
     assert len(adapter_parameters(model, 'attn_only')) == 2 * 2 * 4
+    assert adapter_config(model, 'attn_only')['target_modules'] == ['q_proj', 'v_proj']
+    add_adapter(model, 'one_layer', r=2, lora_alpha=2, target_modules=['model.layers.0.self_attn.q_proj'])
+    # A leaf name would also cover the other layers' q_proj in PEFT: the full path is exported instead.
+    assert adapter_config(model, 'one_layer')['target_modules'] == ['model.layers.0.self_attn.q_proj']
     with route(model, ['fresh', 'attn_only']):
         out = model(input_ids=ids).logits.detach()
     assert torch.equal(out, base)                        # B starts at zero

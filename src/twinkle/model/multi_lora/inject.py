@@ -55,7 +55,8 @@ def inject(model: nn.Module, target_modules: TargetModules = 'all-linear',
 
     ``target_modules``: ``'all-linear'`` (every ``nn.Linear`` but the output head), a regex matched against the
     full module path, or a list of names matched exactly or as a path suffix (PEFT's rules).
-    Layers already wrapped are kept. The base weights are shared, not copied, and frozen.
+    Layers already wrapped are kept. The base weights are shared, not copied; every parameter but the LoRA
+    weights is frozen.
     """
     head = _output_embedding(model)
     wrapped = set(multi_lora_layers(model))
