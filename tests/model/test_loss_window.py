@@ -120,12 +120,14 @@ def test_window_metrics_are_weighted_by_units(model):
     assert got['loss'] == pytest.approx(float(whole.loss) / float(whole.num_items), rel=1e-5)
 
 
-def test_sum_loss_metric_is_the_per_call_sum(model):
+def test_sum_loss_metric_is_the_window_sum(model):
     samples = rl_samples(8, seed=4)
     model.set_loss(L.PPOLoss())
     model.calculate_metric()
     _, results = window_grads(model, split(samples, SIZES))
-    assert model.calculate_metric()['loss'] == pytest.approx(sum(r['loss'] for r in results) / len(SIZES))
+    metrics = model.calculate_metric()
+    assert metrics['loss'] == pytest.approx(sum(r['loss'] for r in results))
+    assert metrics['num_tokens'] == sum(r['num_tokens'] for r in results)  # a count: summed
 
 
 def test_grad_norm_is_computed_in_float64():

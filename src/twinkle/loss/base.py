@@ -25,8 +25,9 @@ averages the micro-batches' token means); 'dapo' is its batch-wide counterpart.
 
 Metrics: ``metrics`` holds plain numbers, each a mean over some units of the micro-batch;
 ``metric_weights`` says how many (default: ``num_items``), so a window's or a run's figure is the
-weighted mean over its micro-batches and ranks, as the loss is. Every rank must report the same
-metric names (a rank without units reports them with weight 0).
+weighted mean over its micro-batches and ranks, as the loss is. A weight of None marks a count
+(e.g. ``num_tokens``), which is summed instead. Every rank must report the same metric names (a
+rank without units reports them with weight 0).
 """
 from __future__ import annotations
 
@@ -51,16 +52,18 @@ class LossOutput:
     """Extra figures for ``calculate_metric`` (already plain numbers), each a mean over units."""
     reduction: Reduction = 'mean'
     """'mean': the window divides by its units; 'sum': the window's losses are summed, undivided."""
-    metric_weights: Dict[str, Number] = field(default_factory=dict)
-    """Units each entry of ``metrics`` averages over (default ``num_items``); used to combine
-    micro-batches and ranks."""
+    metric_weights: Dict[str, Optional[Number]] = field(default_factory=dict)
+    """Units each entry of ``metrics`` averages over (default ``num_items``), used to combine
+    micro-batches and ranks; None for a count, which is summed."""
 
     def __post_init__(self) -> None:
         if self.reduction not in REDUCTIONS:
             raise ValueError(f'LossOutput.reduction must be one of {REDUCTIONS}; got {self.reduction!r}')
 
-    def metric_weight(self, key: str) -> float:
-        return float(self.metric_weights.get(key, self.num_items))
+    def metric_weight(self, key: str) -> Optional[float]:
+        """The weight of ``metrics[key]``; None when it is a count (summed, not averaged)."""
+        weight = self.metric_weights.get(key, self.num_items)
+        return None if weight is None else float(weight)
 
 
 class Loss:
@@ -113,12 +116,15 @@ def reported_loss(reduction: Optional[str], loss_sum: float, num_items: float) -
 
 
 def combine_metrics(outputs: Iterable[Any]) -> Dict[str, float]:
-    """Weighted mean of every metric over several micro-batches' LossOutputs."""
+    """Every metric over several micro-batches' LossOutputs: the weighted mean, or the sum of a count."""
     sums: Dict[str, float] = {}
-    weights: Dict[str, float] = {}
+    weights: Dict[str, Optional[float]] = {}
     for out in outputs:
         for key, value in (out.metrics or {}).items():
             w = out.metric_weight(key) if hasattr(out, 'metric_weight') else 1.0
-            sums[key] = sums.get(key, 0.0) + w * float(value)
-            weights[key] = weights.get(key, 0.0) + w
-    return {k: sums[k] / weights[k] if weights[k] else 0.0 for k in sums}
+            if w is None:
+                sums[key], weights[key] = sums.get(key, 0.0) + float(value), None
+            else:
+                sums[key] = sums.get(key, 0.0) + w * float(value)
+                weights[key] = (weights.get(key) or 0.0) + w
+    return {k: sums[k] if weights[k] is None else (sums[k] / weights[k] if weights[k] else 0.0) for k in sums}

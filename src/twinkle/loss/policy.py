@@ -196,8 +196,8 @@ class PolicyLoss(Loss):
                 tok = tok + self.beta * kl
         loss, num_items = aggregate(tok, mask, self.loss_type, self.normaliser_length, batch.sequences)
         metrics = self._metrics(batch, ratio, clipped, kl, outputs)
-        # Every figure but num_tokens is a token mean: weighted by tokens when micro-batches combine.
-        weights = {key: (1 if key == 'num_tokens' else metrics['num_tokens']) for key in metrics}
+        # Every figure but the num_tokens count is a token mean: weighted by tokens when micro-batches combine.
+        weights = {key: (None if key == 'num_tokens' else metrics['num_tokens']) for key in metrics}
         return LossOutput(loss=loss, num_items=num_items, metrics=metrics, reduction=reduction_of(self.loss_type),
                           metric_weights=weights)
 

@@ -18,10 +18,12 @@ def _zero() -> torch.Tensor:
 class LossMetric(Metric):
     """The loss since the last reset, combined over micro-batches and ranks as the objective is.
 
-    'mean' losses: sum of loss sums / sum of units. 'sum' losses: the mean over ``update`` calls of
-    the sum over ranks, i.e. the average of the per-call objective. The loss's extra figures are means
-    over units; each is combined as the mean weighted by its units (``LossOutput.metric_weights``).
-    A change of reduction starts the figures over: they belong to another objective.
+    'mean' losses: sum of loss sums / sum of units. 'sum' losses: the sum itself, over everything
+    since the reset and over all ranks (reported once per optimizer step, it is that window's
+    objective). Neither depends on how the rows were split into micro-batches or ranks. The loss's
+    extra figures are means over units, each combined as the mean weighted by its units
+    (``LossOutput.metric_weights``), or counts, which are summed. A change of reduction starts the
+    figures over: they belong to another objective.
     """
     name = 'loss'
 
@@ -29,9 +31,10 @@ class LossMetric(Metric):
         self.reset()
 
     def reset(self) -> None:
-        self._sum, self._count, self._calls = _zero(), _zero(), _zero()
+        self._sum, self._count = _zero(), _zero()
         self._reduction: Optional[str] = None
-        self._extra: Dict[str, torch.Tensor] = {}  # name -> [weighted sum, weight]
+        self._means: Dict[str, torch.Tensor] = {}   # name -> [weighted sum, weight]
+        self._counts: Dict[str, torch.Tensor] = {}  # name -> sum
 
     def update(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any], loss_output: Optional[Any] = None) -> None:
         if loss_output is None:
@@ -42,26 +45,31 @@ class LossMetric(Metric):
         self._reduction = reduction
         self._sum = self._sum + loss_output.loss.detach().to('cpu', torch.float64)
         self._count = self._count + torch.as_tensor(loss_output.num_items, dtype=torch.float64).detach().cpu()
-        self._calls = self._calls + 1
         for key, value in (loss_output.metrics or {}).items():
             weight = loss_output.metric_weight(key) if hasattr(loss_output, 'metric_weight') else 1.0
-            pair = torch.tensor([weight * float(value), weight], dtype=torch.float64)
-            self._extra[key] = self._extra[key] + pair if key in self._extra else pair
+            if weight is None:
+                self._counts[key] = self._counts.get(key, _zero()) + float(value)
+            else:
+                pair = torch.tensor([weight * float(value), weight], dtype=torch.float64)
+                self._means[key] = self._means[key] + pair if key in self._means else pair
 
     def compute(self, reduce: Reducer = identity_reducer) -> Dict[str, float]:
-        both = reduce(torch.stack([self._sum, self._count]))
+        means, counts = sorted(self._means), sorted(self._counts)
+        _check_same_names(means + ['+'] + counts, reduce)
+        parts = [self._sum.view(1), self._count.view(1)] + [self._means[k] for k in means] \
+            + [self._counts[k].view(1) for k in counts]
+        total = reduce(torch.cat(parts)).tolist()
+        loss_sum, items, rest = total[0], total[1], total[2:]
         if self._reduction == 'sum':
-            # Every rank makes the same calls: the global sum over the local call count.
-            value = float(both[0] / self._calls) if float(self._calls) > 0 else float('nan')
+            value = loss_sum
         else:
-            value = float(both[0] / both[1]) if float(both[1]) > 0 else float('nan')
+            value = loss_sum / items if items > 0 else float('nan')
         result = {'loss': value}
-        names = sorted(self._extra)
-        _check_same_names(names, reduce)
-        if names:
-            totals = reduce(torch.stack([self._extra[k] for k in names]))
-            for key, (weighted, weight) in zip(names, totals.tolist()):
-                result[key] = weighted / weight if weight else 0.0
+        for i, key in enumerate(means):
+            weighted, weight = rest[2 * i], rest[2 * i + 1]
+            result[key] = weighted / weight if weight else 0.0
+        for i, key in enumerate(counts):
+            result[key] = rest[2 * len(means) + i]
         return result
 
 
