@@ -12,16 +12,17 @@ data-parallel rank.
     optimizer step, by that global count.
 ``reduction='sum'``
     The window's objective is ``sum(loss)`` over the window's micro-batches and all ranks: a global
-    sum, never divided (its normaliser is 1 for the whole window). ``num_items`` then only counts
-    the micro-batches for reported figures.
+    sum, never divided (its normaliser is 1 for the whole window). ``num_items`` is then no
+    normaliser (by convention 1 per micro-batch), and the reported loss is the sum itself.
 
 The guarantee that follows: **k micro-batches, spread over any number of ranks, give exactly the
-gradients of one batch holding all of their rows**, for every loss and reduction whose units are
-defined row by row (tokens, sequences, pairs) or that sums, whatever the number of label tokens in
-each micro-batch or on each rank. For 'sum' that gradient is the sum over the window, not divided
-by k. The one mode outside this guarantee is the policy losses' ``loss_type='bnpo'``, whose
-normaliser is by definition one micro-batch (it reports one unit per micro-batch, so the window
-averages the micro-batches' token means); 'dapo' is its batch-wide counterpart.
+gradients of one batch holding all of their rows**, whatever the number of label tokens in each
+micro-batch or on each rank. For 'mean' that is the gradient of the global mean per unit; for 'sum'
+it is the sum over the window, not divided by k nor by the number of ranks. It holds for every loss
+of ``twinkle.loss`` in every mode (and for any loss whose sum and units are additive over rows),
+except the policy losses' ``loss_type='bnpo'``, whose normaliser is by definition one micro-batch:
+it reports one unit per micro-batch, so the window averages the micro-batches' token means ('dapo'
+is its batch-wide counterpart).
 
 Metrics: ``metrics`` holds plain numbers, each a mean over some units of the micro-batch;
 ``metric_weights`` says how many (default: ``num_items``), so a window's or a run's figure is the
