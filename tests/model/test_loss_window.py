@@ -149,3 +149,18 @@ def test_grad_norm_is_computed_in_float64():
     assert float(clipped) == pytest.approx(0.5, rel=1e-5)
     inf = SingleProcessStrategy().clip_grad_norm(params, max_norm=1e9, norm_type=float('inf'))
     assert float(inf) == max(float(p.grad.abs().max()) for p in params)
+
+
+@pytest.mark.parametrize('loss', ['grpo', 'gspo', 'dr_grpo'])
+def test_padding_free_rl_batch_gives_the_padded_loss(loss):
+    """Through the model: one advantage per sample, packed into one row, splits at the sequence starts."""
+    from twinkle.processor import InputProcessor
+    samples = rl_samples(5, seed=9)
+    torch.manual_seed(0)
+    m = TransformersModel(model_id=MODEL_ID, mixed_precision='no', report_to_tensorboard=False)
+    m.set_loss(LOSSES[loss]())
+    padded = m.forward_only(inputs=samples)['loss']
+    m.set_processor(InputProcessor(pad_token_id=0, padding_free=True))
+    packed = m.forward_only(inputs=samples)['loss']
+    assert float(packed.num_items) == float(padded.num_items) == 5
+    assert float(packed.loss) == pytest.approx(float(padded.loss), rel=1e-4)
