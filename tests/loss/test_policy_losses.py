@@ -59,7 +59,9 @@ def direct_grpo(logps, mask, old, adv, lo, hi, loss_type, beta=0.0, ref=None, es
 @pytest.mark.parametrize('loss_type', ['grpo', 'dapo', 'dr_grpo', 'bnpo', 'sum'])
 def test_grpo_aggregations_values_and_gradients(rl, loss_type):
     logits, labels, logps, mask, old, ref, adv = rl
-    out = GRPOLoss(epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type)(
+    # Dr. GRPO needs its constant; the padded width T is the value the reference below divides by.
+    max_length = labels.shape[1] if loss_type == 'dr_grpo' else None
+    out = GRPOLoss(epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type, max_length=max_length)(
         {'labels': labels, 'old_logps': old, 'advantages': adv}, {'logps': logps, 'logits': logits})
     want, n = direct_grpo(logps, mask, old, adv, 0.8, 1.28, loss_type)
     torch.testing.assert_close(out.loss, want, rtol=1e-5, atol=1e-6)

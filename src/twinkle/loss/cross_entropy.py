@@ -15,7 +15,8 @@ class CrossEntropyLoss(Loss):
 
     reduction='mean' (default): ``num_items`` is the number of scored tokens, so the model's
     window-wide division gives the token mean over the whole accumulation window.
-    reduction='sum': ``num_items`` is 1 and the loss stays a plain sum (the Tinker convention).
+    reduction='sum': the loss stays a plain sum over the whole window (every micro-batch and rank,
+    never divided; the Tinker convention); ``num_items`` is 1 per micro-batch.
     Optional ``inputs['weights']`` [B, T] (aligned with labels) scales each token; with weights the
     'mean' reduction divides by the sum of weights over scored tokens.
     """
@@ -36,4 +37,4 @@ class CrossEntropyLoss(Loss):
             num_items = mask.sum() if weights is None else w.sum()
         # No extra metrics: the model's loss metric is already the token mean, and each extra figure
         # here would cost a device sync on every micro-step.
-        return LossOutput(loss=loss, num_items=num_items)
+        return LossOutput(loss=loss, num_items=num_items, reduction=self.reduction)

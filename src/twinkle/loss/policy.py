@@ -5,18 +5,27 @@ Inputs (all aligned with ``labels``, i.e. index t scores ``labels[:, t]``; the m
   - ``old_logps``: [B, T], the log-probabilities of the sampling policy (the sampler's logprobs);
   - ``ref_logps``: [B, T], optional, the reference policy for the KL penalty (``beta > 0``).
 
-Aggregation (``loss_type``), expressed through the units reported as ``num_items`` so that the model's
-window-wide ``sum(loss) / sum(num_items)`` gives the intended normalisation:
-  - 'grpo':    token mean inside each sequence, then mean over sequences (units: sequences);
+Aggregation (``loss_type``), expressed through the units reported as ``num_items`` (see
+``twinkle.loss.base`` for how the model turns them into one objective per optimizer window):
+  - 'grpo':    token mean inside each sequence, then mean over the window's sequences (units: sequences);
   - 'dapo':    token sum over the batch (units: tokens), i.e. every token of the whole accumulation
                window (and of every data-parallel rank) weighs the same;
-  - 'dr_grpo': token sum of each sequence divided by a constant ``max_length`` (default: the padded
-               length of the micro-batch), then mean over sequences (units: sequences);
+  - 'dr_grpo': token sum of each sequence divided by a constant ``max_length`` (the generation budget),
+               then mean over sequences (units: sequences). The constant comes from ``max_length=`` or,
+               when the loss runs inside a model, from its template's ``max_length``; without either
+               the loss refuses, since a per-batch width would change the objective with batch make-up;
   - 'bnpo':    token mean inside each *micro-batch* (units: 1 per micro-batch). This differs from
                'dapo' only with gradient accumulation or several ranks: 'dapo' divides by the tokens of
                the whole window, 'bnpo' averages per-micro-batch token means, so a micro-batch with few
-               tokens weighs as much as one with many;
-  - 'sum':     plain token sum with ``num_items = 1`` (Tinker's built-in losses are sums).
+               tokens weighs as much as one with many. It is the one mode whose result depends on how
+               the window is split into micro-batches;
+  - 'sum':     plain token sum (``reduction='sum'``): the window's gradient is the sum over all its
+               micro-batches and ranks, never divided (Tinker's built-in losses are sums).
+
+Sequences are found by :class:`twinkle.loss.utils.Sequences`: one per row in a padded batch, and one
+per ``position_ids`` restart in a packed (padding-free) row, so that a packed batch gives the same
+loss and gradient as the same sequences padded. Per-sequence ``advantages`` are then given one per
+sequence, in order.
 """
 from __future__ import annotations
 
@@ -26,7 +35,7 @@ from typing import Any, Dict, Literal, Mapping, Optional, Tuple
 import torch
 
 from twinkle.loss.base import Loss, LossOutput
-from twinkle.loss.utils import aligned_tensor, masked_mean, masked_sum, policy_logps, token_entropy
+from twinkle.loss.utils import Sequences, aligned_tensor, masked_mean, masked_sum, policy_logps, token_entropy
 from twinkle.registry import register
 
 LossType = Literal['grpo', 'dapo', 'dr_grpo', 'bnpo', 'sum']
@@ -52,24 +61,34 @@ def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = 'k
     raise ValueError(f'kl_estimator must be one of {KL_ESTIMATORS}; got {estimator!r}')
 
 
-def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str,
-              max_length: Optional[int] = None) -> Tuple[torch.Tensor, Any]:
-    """(loss sum, num_items) for one micro-batch; see the module docstring for the modes."""
-    has_tokens = mask.any(dim=1)
-    if loss_type == 'grpo':
-        per_seq = masked_mean(token_loss, mask, dim=1)
-        return (per_seq * has_tokens).sum(), has_tokens.sum()
+def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str, max_length: Optional[int] = None,
+              sequences: Optional[Sequences] = None) -> Tuple[torch.Tensor, Any]:
+    """(loss sum, num_items) for one micro-batch; see the module docstring for the modes and
+    :func:`reduction_of` for how the window combines them.
+
+    ``sequences`` splits packed rows into their sequences (default: one sequence per row)."""
+    if loss_type in ('grpo', 'dr_grpo'):
+        seqs = sequences if sequences is not None else Sequences.of({}, mask)
+        if loss_type == 'grpo':
+            return seqs.mean(token_loss).sum(), seqs.count
+        if max_length is None:
+            raise ValueError("loss_type='dr_grpo' divides each sequence's token sum by a constant length, and none "
+                             'is known here: pass max_length=<the generation budget, e.g. the sampler\'s '
+                             'max_tokens> to the loss, or give the model a template with max_length')
+        return masked_sum(token_loss, mask) / max_length, seqs.count
     if loss_type == 'dapo':
         return masked_sum(token_loss, mask), mask.sum()
-    if loss_type == 'dr_grpo':
-        length = max_length if max_length is not None else mask.shape[1]
-        return masked_sum(token_loss, mask) / length, has_tokens.sum()
     if loss_type == 'bnpo':
         tokens = mask.sum()
         return masked_sum(token_loss, mask) / tokens.clamp(min=1), (tokens > 0).long()
     if loss_type == 'sum':
         return masked_sum(token_loss, mask), 1
     raise ValueError(f'loss_type must be one of {LOSS_TYPES}; got {loss_type!r}')
+
+
+def reduction_of(loss_type: str) -> str:
+    """'sum' for the undivided 'sum' mode, else 'mean' (the window divides by its units)."""
+    return 'sum' if loss_type == 'sum' else 'mean'
 
 
 @dataclass
@@ -79,6 +98,7 @@ class PolicyBatch:
     old_logps: torch.Tensor   # [B, T] sampling policy, no gradient
     advantages: torch.Tensor  # [B, T]
     ref_logps: Optional[torch.Tensor]
+    sequences: Sequences      # which sequence each scored token belongs to (packed rows hold several)
 
 
 class PolicyLoss(Loss):
@@ -111,6 +131,17 @@ class PolicyLoss(Loss):
         self.on_policy = on_policy
         self.temperature = temperature
         self.compute_entropy = compute_entropy
+        self.template_max_length: Optional[int] = None
+
+    def bind_template(self, template: Any) -> None:
+        """Called by the model with its template: 'dr_grpo' without ``max_length`` uses the template's."""
+        length = getattr(template, 'max_length', None)
+        self.template_max_length = int(length) if length else None
+
+    @property
+    def normaliser_length(self) -> Optional[int]:
+        """Dr. GRPO's constant: ``max_length`` if given, else the bound template's, else unknown."""
+        return self.max_length if self.max_length is not None else self.template_max_length
 
     # -- inputs -------------------------------------------------------------------------------------
     def _prepare(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> PolicyBatch:
@@ -131,19 +162,13 @@ class PolicyLoss(Loss):
         if adv is None:
             raise ValueError(f'{name} needs inputs["advantages"] ([batch] or [batch, seq]); compute them with '
                              f'a twinkle.advantage.Advantage from the rewards')
-        adv = torch.as_tensor(adv, device=logps.device).float()
-        if adv.dim() == 2 and adv.shape[1] == 1:
-            adv = adv[:, 0]
-        if adv.dim() == 1 and adv.shape[0] == logps.shape[0]:
-            adv = adv[:, None].expand_as(logps)
-        elif adv.shape != logps.shape:
-            raise ValueError(f'{name}: inputs["advantages"] has shape {tuple(adv.shape)}; expected '
-                             f'[{logps.shape[0]}] (per sequence) or {list(logps.shape)} (per token)')
+        sequences = Sequences.of(inputs, mask)
+        adv = _token_advantages(torch.as_tensor(adv, device=logps.device).float(), logps, sequences, name)
         ref = aligned_tensor(inputs, 'ref_logps', logps, name)
         if self.beta > 0 and ref is None:
             raise ValueError(f'{name} has beta={self.beta} (KL penalty) but inputs["ref_logps"] is missing; '
                              f'pass the reference model\'s per-token logprobs or set beta=0')
-        return PolicyBatch(logps, mask, old, adv.detach(), None if ref is None else ref.detach())
+        return PolicyBatch(logps, mask, old, adv.detach(), None if ref is None else ref.detach(), sequences)
 
     @staticmethod
     def log_ratio(batch: PolicyBatch) -> torch.Tensor:
@@ -156,6 +181,11 @@ class PolicyLoss(Loss):
         raise NotImplementedError
 
     def __call__(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any], **kwargs: Any) -> LossOutput:
+        if self.loss_type == 'dr_grpo' and self.normaliser_length is None:
+            raise ValueError(f"{type(self).__name__}(loss_type='dr_grpo') divides each sequence's token sum by a "
+                             f'constant length, and none is known: pass max_length=<the generation budget, e.g. '
+                             f"the sampler's max_tokens>, or give the model a template with max_length (a batch's "
+                             f'padded width would change the objective with the batch make-up)')
         batch = self._prepare(inputs, outputs)
         tok, ratio, clipped = self.token_loss(batch)
         mask = batch.mask
@@ -164,17 +194,26 @@ class PolicyLoss(Loss):
             kl = kl_penalty(batch.logps, batch.ref_logps, self.kl_estimator)
             if self.beta > 0:
                 tok = tok + self.beta * kl
-        loss, num_items = aggregate(tok, mask, self.loss_type, self.max_length)
+        loss, num_items = aggregate(tok, mask, self.loss_type, self.normaliser_length, batch.sequences)
         metrics = self._metrics(batch, ratio, clipped, kl, outputs)
-        return LossOutput(loss=loss, num_items=num_items, metrics=metrics)
+        # Every figure but the num_tokens count is a token mean: weighted by tokens when micro-batches combine.
+        weights = {key: (None if key == 'num_tokens' else metrics['num_tokens']) for key in metrics}
+        return LossOutput(loss=loss, num_items=num_items, metrics=metrics, reduction=reduction_of(self.loss_type),
+                          metric_weights=weights)
 
     def _metrics(self, batch: PolicyBatch, ratio: torch.Tensor, clipped: Optional[torch.Tensor],
                  kl: Optional[torch.Tensor], outputs: Mapping[str, Any]) -> Dict[str, float]:
         mask = batch.mask
         tokens = int(mask.sum())
         metrics: Dict[str, float] = {'num_tokens': float(tokens)}
+        # The same names on every rank, also on one without tokens (weight 0), so ranks can be combined.
+        names = ['ratio_mean', 'advantage_mean'] + (['clip_frac'] if clipped is not None else []) \
+            + (['kl'] if kl is not None else [])
+        logits = outputs.get('logits')
+        if self.compute_entropy and logits is not None:
+            names.append('entropy')
         if not tokens:
-            return metrics
+            return {**metrics, **{name: 0.0 for name in names}}
         with torch.no_grad():
             metrics['ratio_mean'] = float(masked_mean(ratio.detach(), mask))
             metrics['advantage_mean'] = float(masked_mean(batch.advantages, mask))
@@ -182,12 +221,29 @@ class PolicyLoss(Loss):
                 metrics['clip_frac'] = float(masked_mean(clipped.float(), mask))
             if kl is not None:
                 metrics['kl'] = float(masked_mean(kl.detach(), mask))
-            logits = outputs.get('logits')
-            if self.compute_entropy and logits is not None:
+            if 'entropy' in names:
                 ent = token_entropy(logits.detach() / self.temperature if self.temperature != 1.0
                                     else logits.detach())
                 metrics['entropy'] = float(masked_mean(ent, mask))
         return metrics
+
+
+def _token_advantages(adv: torch.Tensor, logps: torch.Tensor, sequences: Sequences, name: str) -> torch.Tensor:
+    """Advantages [B, T]: given per token, per row of a padded batch, or per sequence of a packed one."""
+    if adv.dim() == 2 and adv.shape[1] == 1:
+        adv = adv[:, 0]
+    if adv.shape == logps.shape:
+        return adv
+    if adv.dim() == 1 and sequences.rows and adv.shape[0] == logps.shape[0]:
+        return adv[:, None].expand_as(logps)
+    if adv.dim() == 1 and not sequences.rows:
+        if adv.shape[0] != sequences.count:
+            raise ValueError(f'{name}: inputs["advantages"] has {adv.shape[0]} entries but this packed batch holds '
+                             f'{sequences.count} sequences with label tokens (split at position_ids restarts); '
+                             f'give one advantage per sequence, in order, or one per token {list(logps.shape)}')
+        return sequences.spread(adv)
+    raise ValueError(f'{name}: inputs["advantages"] has shape {tuple(adv.shape)}; expected '
+                     f'[{logps.shape[0]}] (per sequence) or {list(logps.shape)} (per token)')
 
 
 def _clipped_objective(ratio: torch.Tensor, adv: torch.Tensor, low: float,
@@ -253,8 +309,8 @@ class GSPOLoss(GRPOLoss):
         super().__init__(epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type, **kwargs)
 
     def token_loss(self, batch: PolicyBatch):
-        seq_log_ratio = masked_mean(self.log_ratio(batch), batch.mask, dim=1)
-        log_r = seq_log_ratio.detach()[:, None] + batch.logps - batch.logps.detach()
+        seq_log_ratio = batch.sequences.mean(self.log_ratio(batch))
+        log_r = batch.sequences.spread(seq_log_ratio.detach()) + batch.logps - batch.logps.detach()
         ratio = torch.exp(log_r)
         tok, clipped = _clipped_objective(ratio, batch.advantages, 1 - self.epsilon_low, 1 + self.epsilon_high)
         return tok, ratio, clipped

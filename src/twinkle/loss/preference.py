@@ -7,16 +7,20 @@ Reference log-probabilities (DPO) are given per token, aligned with labels, as
 ``inputs['ref_logps']`` [B, T], exactly like ``outputs['logps']``, so one code path (the model's
 forward) produces both; the sequence log-probability is the sum over the scored tokens. A [B] tensor
 of already-summed sequence log-probabilities is accepted too.
+
+Packed (padding-free) rows are split into their sequences at ``position_ids`` restarts
+(:class:`twinkle.loss.utils.Sequences`); the pairs are then consecutive sequences, and a [N] reference
+gives one sum per sequence.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from twinkle.loss.base import Loss, LossOutput
-from twinkle.loss.utils import masked_sum, policy_logps
+from twinkle.loss.utils import Sequences, masked_sum, policy_logps
 from twinkle.registry import register
 
 
@@ -27,19 +31,34 @@ def _pairs(values: torch.Tensor, owner: str) -> Tuple[torch.Tensor, torch.Tensor
     return values[0::2], values[1::2]
 
 
-def _sequence_ref(inputs: Mapping[str, Any], mask: torch.Tensor, owner: str) -> torch.Tensor:
+def _sequence_logps(inputs: Mapping[str, Any], logps: torch.Tensor, mask: torch.Tensor, owner: str,
+                    reference: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sum of logps, scored tokens, sum of ref_logps or None) per sequence: per row of a padded batch,
+    per sequence of a packed one."""
+    seqs = Sequences.of(inputs, mask)
+    if seqs.rows:
+        seq, tokens = masked_sum(logps, mask, dim=1), mask.sum(dim=1)
+    else:
+        seq, tokens = seqs.sum(logps), seqs.tokens()
+    ref = _sequence_ref(inputs, mask, owner, None if seqs.rows else seqs) if reference else None
+    return seq, tokens, ref
+
+
+def _sequence_ref(inputs: Mapping[str, Any], mask: torch.Tensor, owner: str,
+                  seqs: Optional[Sequences] = None) -> torch.Tensor:
     ref = inputs.get('ref_logps')
     if ref is None:
         raise ValueError(f'{owner} needs inputs["ref_logps"]: the reference model\'s per-token logprobs '
                          f'[batch, seq] aligned with labels (or [batch] sequence sums); or construct it '
                          f'with reference_free=True')
     ref = torch.as_tensor(ref, device=mask.device).float().detach()
+    count = mask.shape[0] if seqs is None else seqs.count
     if ref.shape == mask.shape:
-        return masked_sum(ref, mask, dim=1)
-    if ref.dim() == 1 and ref.shape[0] == mask.shape[0]:
+        return masked_sum(ref, mask, dim=1) if seqs is None else seqs.sum(ref)
+    if ref.dim() == 1 and ref.shape[0] == count:
         return ref
     raise ValueError(f'{owner}: inputs["ref_logps"] has shape {tuple(ref.shape)}; expected '
-                     f'{list(mask.shape)} (per token) or [{mask.shape[0]}] (per sequence)')
+                     f'{list(mask.shape)} (per token) or [{count}] (per sequence)')
 
 
 def _pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> Dict[str, float]:
@@ -83,11 +102,9 @@ class DPOLoss(Loss):
 
     def __call__(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any], **kwargs: Any) -> LossOutput:
         logps, mask = policy_logps(inputs, outputs, owner='DPOLoss')
-        seq = masked_sum(logps, mask, dim=1)
-        if self.reference_free:
+        seq, _, ref = _sequence_logps(inputs, logps, mask, 'DPOLoss', reference=not self.reference_free)
+        if ref is None:
             ref = torch.zeros_like(seq)
-        else:
-            ref = _sequence_ref(inputs, mask, 'DPOLoss')
         pc, pr = _pairs(seq, 'DPOLoss')
         rc, rr = _pairs(ref, 'DPOLoss')
         h = (pc - rc) - (pr - rr)
@@ -119,7 +136,8 @@ class SimPOLoss(Loss):
 
     def __call__(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any], **kwargs: Any) -> LossOutput:
         logps, mask = policy_logps(inputs, outputs, owner='SimPOLoss')
-        avg = masked_sum(logps, mask, dim=1) / mask.sum(dim=1).clamp(min=1)
+        seq, tokens, _ = _sequence_logps(inputs, logps, mask, 'SimPOLoss', reference=False)
+        avg = seq / tokens.clamp(min=1)
         rc, rr = _pairs(self.beta * avg, 'SimPOLoss')
         per_pair = _smoothed_sigmoid_loss(rc - rr - self.gamma, self.label_smoothing)
         metrics = _pair_metrics(rc, rr)

@@ -149,3 +149,62 @@ def aligned_tensor(inputs: Mapping[str, Any], key: str, like: torch.Tensor, owne
         raise ValueError(f'{owner}: inputs["{key}"] has shape {tuple(value.shape)}, expected '
                          f'{tuple(like.shape)} (per token, aligned with labels){hint}')
     return value
+
+
+class Sequences:
+    """Which sequence every scored token belongs to, for padded rows and packed (padding-free) rows alike.
+
+    A sequence starts at the beginning of each row and wherever ``position_ids`` restart at 0 inside
+    a row (without ``position_ids``, a single packed row is split at ``cu_seq_lens``). Only sequences
+    with at least one scored token are counted, numbered in row-major order, so a packed batch and
+    the same sequences padded one per row give the same numbering.
+    """
+
+    def __init__(self, index: torch.Tensor, mask: torch.Tensor, count: int, rows: bool) -> None:
+        self.index = index  # [B, T] long: the sequence of each scored token, 0 elsewhere
+        self.mask = mask
+        self.count = count
+        self.rows = rows    # True when every sequence is a whole row (no packing)
+
+    @classmethod
+    def of(cls, inputs: Mapping[str, Any], mask: torch.Tensor) -> 'Sequences':
+        starts = torch.zeros_like(mask)
+        starts[:, 0] = True
+        positions = inputs.get('position_ids') if hasattr(inputs, 'get') else None
+        cu = inputs.get('cu_seq_lens') if hasattr(inputs, 'get') else None
+        if positions is not None and torch.as_tensor(positions).shape == mask.shape:
+            starts |= torch.as_tensor(positions, device=mask.device) == 0
+        elif cu is not None and mask.shape[0] == 1:
+            cu = torch.as_tensor(cu, device=mask.device).long()
+            cu = cu[(cu >= 0) & (cu < mask.shape[1])]
+            starts[0, cu] = True
+        segment = starts.reshape(-1).long().cumsum(0).sub_(1).view_as(mask)
+        scored = torch.zeros(int(segment.max()) + 1, dtype=torch.long, device=mask.device)
+        scored.index_add_(0, segment[mask], torch.ones_like(segment[mask]))
+        keep = scored > 0
+        renumber = keep.long().cumsum(0) - 1
+        index = torch.where(mask, renumber[segment], torch.zeros_like(segment))
+        count = int(keep.sum())
+        # Packed when some row holds more than one scored sequence.
+        row_of = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(segment)
+        segment_row = torch.zeros_like(scored).scatter_(0, segment.reshape(-1), row_of.reshape(-1))
+        per_row = torch.bincount(segment_row[keep], minlength=mask.shape[0])
+        return cls(index, mask, count, bool((per_row <= 1).all()))
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-sequence sums [count] of ``values`` [B, T] over scored tokens (differentiable)."""
+        out = values.new_zeros(self.count)
+        return out.index_add(0, self.index[self.mask], values[self.mask])
+
+    def tokens(self) -> torch.Tensor:
+        """Scored tokens per sequence [count]."""
+        return self.sum(torch.ones_like(self.index, dtype=torch.float32))
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        return self.sum(values) / self.tokens().to(values.dtype).clamp(min=1)
+
+    def spread(self, per_sequence: torch.Tensor) -> torch.Tensor:
+        """[count] -> [B, T]: each scored token gets its sequence's value (0 elsewhere)."""
+        return torch.where(self.mask, per_sequence[self.index], torch.zeros((), dtype=per_sequence.dtype,
+                                                                           device=per_sequence.device))
+

@@ -1,7 +1,8 @@
 """Metrics every training run reports."""
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+import zlib
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
@@ -16,7 +17,14 @@ def _zero() -> torch.Tensor:
 
 @register('metric')
 class LossMetric(Metric):
-    """Mean loss over everything since the last reset: sum of loss sums / sum of units.
+    """The loss since the last reset, combined over micro-batches and ranks as the objective is.
+
+    'mean' losses: sum of loss sums / sum of units. 'sum' losses: the sum itself, over everything
+    since the reset and over all ranks (reported once per optimizer step, it is that window's
+    objective). Neither depends on how the rows were split into micro-batches or ranks. The loss's
+    extra figures are means over units, each combined as the mean weighted by its units
+    (``LossOutput.metric_weights``), or counts, which are summed. A change of reduction starts the
+    figures over: they belong to another objective.
 
     ``accumulate(inputs, outputs)`` also takes the loss from ``outputs['loss']`` (a LossOutput, or a
     scalar with ``outputs['num_items']`` units, default 1) when no ``loss_output`` is given.
@@ -29,8 +37,9 @@ class LossMetric(Metric):
 
     def reset(self) -> None:
         self._sum, self._count = _zero(), _zero()
-        self._extra: Dict[str, float] = {}
-        self._extra_n = 0
+        self._reduction: Optional[str] = None
+        self._means: Dict[str, torch.Tensor] = {}   # name -> [weighted sum, weight]
+        self._counts: Dict[str, torch.Tensor] = {}  # name -> sum
 
     def accumulate(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any], **kwargs: Any) -> None:
         loss_output = kwargs.get('loss_output')
@@ -44,18 +53,48 @@ class LossMetric(Metric):
     def update(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any], loss_output: Optional[Any] = None) -> None:
         if loss_output is None:
             return
+        reduction = getattr(loss_output, 'reduction', 'mean')
+        if self._reduction is not None and reduction != self._reduction:
+            self.reset()
+        self._reduction = reduction
         self._sum = self._sum + loss_output.loss.detach().to('cpu', torch.float64)
         self._count = self._count + torch.as_tensor(loss_output.num_items, dtype=torch.float64).detach().cpu()
         for key, value in (loss_output.metrics or {}).items():
-            self._extra[key] = self._extra.get(key, 0.0) + float(value)
-        self._extra_n += bool(loss_output.metrics)
+            weight = loss_output.metric_weight(key) if hasattr(loss_output, 'metric_weight') else 1.0
+            if weight is None:
+                self._counts[key] = self._counts.get(key, _zero()) + float(value)
+            else:
+                pair = torch.tensor([weight * float(value), weight], dtype=torch.float64)
+                self._means[key] = self._means[key] + pair if key in self._means else pair
 
     def compute(self, reduce: Reducer = identity_reducer) -> Dict[str, float]:
-        both = reduce(torch.stack([self._sum, self._count]))
-        result = {'loss': float(both[0] / both[1]) if float(both[1]) > 0 else float('nan')}
-        for key, value in self._extra.items():
-            result[key] = value / max(1, self._extra_n)
+        means, counts = sorted(self._means), sorted(self._counts)
+        _check_same_names(means + ['+'] + counts, reduce)
+        parts = [self._sum.view(1), self._count.view(1)] + [self._means[k] for k in means] \
+            + [self._counts[k].view(1) for k in counts]
+        total = reduce(torch.cat(parts)).tolist()
+        loss_sum, items, rest = total[0], total[1], total[2:]
+        if self._reduction == 'sum':
+            value = loss_sum
+        else:
+            value = loss_sum / items if items > 0 else float('nan')
+        result = {'loss': value}
+        for i, key in enumerate(means):
+            weighted, weight = rest[2 * i], rest[2 * i + 1]
+            result[key] = weighted / weight if weight else 0.0
+        for i, key in enumerate(counts):
+            result[key] = rest[2 * len(means) + i]
         return result
+
+
+def _check_same_names(names: List[str], reduce: Reducer) -> None:
+    """Ranks must combine the same figures; a mismatch would pair unrelated numbers (or hang)."""
+    signature = zlib.crc32('\n'.join(names).encode()) & 0xFFFFFF
+    mine = torch.tensor([1.0, float(signature)], dtype=torch.float64)
+    total = reduce(mine.clone())
+    if float(total[1]) != float(total[0]) * signature:
+        raise ValueError(f'the loss reported different metric names on different ranks (here {names}); a loss must '
+                         f'report the same names everywhere, with weight 0 where it has no units')
 
 
 @register('metric')

@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..loss import CrossEntropyLoss, Loss
+from ..loss.base import window_reduction
 from ..metric import LossMetric, Metric, TokenAccuracyMetric
 
 
@@ -28,6 +29,8 @@ class TrainingSession:
     """Micro-steps accumulated since the last optimizer step."""
     window_items: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
     """Units (tokens, sequences) the losses of the current window summed over."""
+    window_reduction: Optional[str] = None
+    """'mean' or 'sum' (see twinkle.loss.base) once the window's first loss is in; one window has one."""
     metrics: List[Metric] = field(default_factory=lambda: [LossMetric(), TokenAccuracyMetric()])
     eval_metrics: List[Metric] = field(default_factory=lambda: [LossMetric(), TokenAccuracyMetric()])
     grads_unscaled: bool = False
@@ -44,6 +47,15 @@ class TrainingSession:
         self.grads_unscaled = False
         self.window_micro_steps = 0
         self.window_items = torch.zeros((), dtype=torch.float64)
+        self.window_reduction = None
+
+    def add_to_window(self, loss_output: Any) -> None:
+        """Count one backpropagated micro-batch's units into the window."""
+        self.window_reduction = window_reduction(self.window_reduction, loss_output)
+        self.window_items = self.window_items + torch.as_tensor(loss_output.num_items,
+                                                                dtype=torch.float64).detach().cpu()
+        self.window_micro_steps += 1
+        self.micro_step += 1
 
     @property
     def at_accumulation_boundary(self) -> bool:

@@ -146,3 +146,25 @@ def test_wrong_optimizer_and_scheduler_names(megatron_cpu):
         model.set_lr_scheduler('CosineWarmupScheduler', num_training_steps=10)
     with pytest.raises(ValueError, match='lr_decay_steps'):
         model.set_lr_scheduler('default')
+
+
+@pytest.mark.parametrize('reduction', ['mean', 'sum'])
+def test_accumulation_window_gradient_matches_transformers(megatron_cpu, reduction):
+    """Two calls of uneven sizes in one window: the gradient norm equals TransformersModel's, and for
+    both the window equals one batch of all the rows ('sum' losses: the undivided sum)."""
+    from twinkle.loss import CrossEntropyLoss
+    batches = [make_samples(2, seed=5), make_samples(5, seed=6)]
+
+    def norm_of(model, calls):
+        model.set_loss(CrossEntropyLoss(reduction=reduction))
+        for batch in calls:
+            model.forward_backward(inputs=batch)
+            out = model.clip_grad_and_step(max_grad_norm=1e9, gradient_accumulation_steps=len(calls))
+        assert out['stepped']
+        return out['grad_norm']
+
+    want = norm_of(_transformers(), batches)
+    assert norm_of(_transformers(), [batches[0] + batches[1]]) == pytest.approx(want, rel=1e-5)
+    model = _megatron()
+    model.set_optimizer('default', lr=LR, weight_decay=0.0, use_distributed_optimizer=False)
+    assert norm_of(model, batches) == pytest.approx(want, rel=1e-3)

@@ -16,6 +16,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ...loss.base import (LossOutput, bind_loss_template, combine_metrics, reported_loss, window_reduction,
+                          window_scale)
 from ...registry import resolve
 from ...runtime import context
 from ...runtime.remote import remote_class, remote_function
@@ -134,6 +136,7 @@ class MegatronModel(TemplateProcessorMixin, TwinkleModel):
         microbatches = int(kwargs.pop('num_microbatches', 1))
         temperature = kwargs.pop('temperature', 1.0)
         batch = self._batch(inputs, kwargs)
+        bind_loss_template(session.loss, self._template)
         module = self.module
         module.train(not forward_only)
 
@@ -150,13 +153,14 @@ class MegatronModel(TemplateProcessorMixin, TwinkleModel):
         if self.is_last_stage:
             loss_sum = sum(float(lo.loss.detach()) for _, _, lo in collected)
             items = sum(float(lo.num_items) for _, _, lo in collected)
-            metrics: Dict[str, float] = {}
+            reduction = None
             for mb, outputs, lo in collected:
+                reduction = window_reduction(reduction, lo)
                 for metric in (session.metrics if training else session.eval_metrics):
                     metric.update(mb, outputs, lo)
-                metrics.update({k: float(v) for k, v in lo.metrics.items()})
-            result = {'loss': loss_sum / items if items else float('nan'), 'num_items': items,
-                      'num_tokens': sum(int(mb['num_tokens']) for mb, _, _ in collected), **metrics}
+            result = {'loss': reported_loss(reduction, loss_sum, items), 'num_items': items,
+                      'num_tokens': sum(int(mb['num_tokens']) for mb, _, _ in collected),
+                      '_reduction': reduction, **combine_metrics(lo for _, _, lo in collected)}
         return step.broadcast_from_last_stage(result)
 
     @remote_function(dispatch='slice', collect='mean')
@@ -165,9 +169,9 @@ class MegatronModel(TemplateProcessorMixin, TwinkleModel):
         if session.optimizer is None:
             raise ValueError(f'call set_optimizer(...) for adapter {session.name!r} before forward_backward')
         result = self._summarise(self._run(inputs, session, False, kwargs), session, training=True)
-        session.window_items = session.window_items + torch.tensor(result['num_items'], dtype=torch.float64)
-        session.window_micro_steps += 1
-        session.micro_step += 1
+        reduction = result.pop('_reduction')
+        session.add_to_window(LossOutput(loss=torch.zeros(()), num_items=result['num_items'],
+                                         reduction=reduction or 'mean'))
         session.tokens_since_report += int(result.pop('num_tokens'))
         return result
 
@@ -176,6 +180,7 @@ class MegatronModel(TemplateProcessorMixin, TwinkleModel):
         session = self._session(adapter_name)
         result = self._summarise(self._run(inputs, session, True, kwargs), session, training=False)
         result.pop('num_tokens')
+        result.pop('_reduction')
         return result
 
     def forward(self, *, inputs: Any, adapter_name: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:
@@ -224,12 +229,15 @@ class MegatronModel(TemplateProcessorMixin, TwinkleModel):
             return {'stepped': False, 'micro_steps_in_window': session.window_micro_steps}
         if norm_type != 2.0:
             raise ValueError('megatron-core clips by the L2 norm only (norm_type=2.0)')
-        if float(self._dp_sum(session.window_items.clone())) <= 0:
+        if window_scale(session.window_reduction, float(self._dp_sum(session.window_items.clone()))) is None:
             logger.warning('accumulation window had no label tokens: optimizer step skipped')
             self.zero_grad(adapter_name=session.name)
             return {'stepped': False, 'micro_steps_in_window': 0}
-        # Reduces gradients over data-parallel ranks and divides them by the window's token count.
-        tokens = torch.tensor(float(session.window_items), dtype=torch.float32, device=self.device)
+        # Sums gradients over data-parallel ranks (per-token-loss mode) and, for 'mean' losses, divides them
+        # by the window's units over all ranks; 'sum' losses keep the global sum (see twinkle.loss.base).
+        tokens = None
+        if session.window_reduction != 'sum':
+            tokens = torch.tensor(float(session.window_items), dtype=torch.float32, device=self.device)
         finalize_model_grads([self.ddp], num_tokens=tokens)
         session.optimizer.config.clip_grad = float(max_grad_norm or 0.0)
         self.step(adapter_name=session.name)

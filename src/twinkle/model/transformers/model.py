@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Type, Union
 import torch
 from torch import nn
 
+from ...loss.base import bind_loss_template, reported_loss, window_reduction, window_scale
 from ...registry import resolve
 from ...runtime.remote import remote_class, remote_function
 from ..base import TwinkleModel
@@ -109,6 +110,7 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
     # ------------------------------------------------------------------ forward / loss / backward
     def _run_forward(self, inputs: Any, session: TrainingSession, **kwargs: Any) -> Dict[str, Any]:
         batch = prepare_batch(inputs, self, kwargs)
+        bind_loss_template(session.loss, self._template)
         self._use_adapter(session)
         module = self._wrapped_module()
         with self.precision.autocast():
@@ -149,11 +151,10 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
 
     def backward(self, loss_output: Any, *, adapter_name: Optional[str] = None, **kwargs: Any) -> None:
         session = self._session(adapter_name)
+        # Refuse a window mixing reductions before any gradient of it exists.
+        window_reduction(session.window_reduction, loss_output)
         self.precision.backward(loss_output.loss, session)
-        session.window_items = session.window_items + torch.as_tensor(
-            loss_output.num_items, dtype=torch.float64).detach().cpu()
-        session.window_micro_steps += 1
-        session.micro_step += 1
+        session.add_to_window(loss_output)
 
     @remote_function(dispatch='slice', collect='mean')
     def forward_backward(self, *, inputs: Any, adapter_name: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:
@@ -178,7 +179,7 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
         loss_sum, num_items = self.strategy.reduce_sum(torch.stack([
             loss_output.loss.detach().to('cpu', torch.float64),
             torch.as_tensor(loss_output.num_items, dtype=torch.float64).detach().cpu()])).tolist()
-        loss_value = loss_sum / num_items if num_items else float('nan')
+        loss_value = reported_loss(getattr(loss_output, 'reduction', 'mean'), loss_sum, num_items)
         return {'loss': loss_value, 'num_items': num_items, **loss_output.metrics}
 
     # ------------------------------------------------------------------ optimisation
@@ -195,20 +196,25 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
         return session.last_grad_norm
 
     def _normalise_window(self, session: TrainingSession) -> bool:
-        """Divide accumulated gradients by the window's units across ranks; False if there were none."""
+        """Turn the accumulated gradients into those of the window's objective (see twinkle.loss.base):
+        divided by the window's units over all ranks for 'mean' losses, the global sum for 'sum' ones.
+        False if a 'mean' window had no units."""
         total = float(self.strategy.reduce_sum(session.window_items.clone()))
-        if total <= 0:
+        scale = window_scale(session.window_reduction, total)
+        if scale is None:
             return False
         self.precision.unscale(session)
         grads = [p.grad for p in self._trainable(session) if p.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, self.strategy.grad_reduce_world / total)
+        # The wrapper averaged over the data-parallel ranks; multiplying back by their number gives the sum.
+        factor = self.strategy.grad_reduce_world * scale
+        if grads and factor != 1.0:
+            torch._foreach_mul_(grads, factor)
         return True
 
     def step(self, *, adapter_name: Optional[str] = None) -> None:
         """Apply the optimizer to the gradients as they are. Losses are sums, so a hand-written loop that
-        calls backward/step itself trains on summed gradients; clip_grad_and_step divides by the
-        window's units (tokens) first."""
+        calls backward/step itself trains on summed gradients; clip_grad_and_step first turns them into
+        the window's objective (divided by its units for 'mean' losses)."""
         session = self._session(adapter_name)
         self.precision.step(session)
         session.optimizer_step += 1

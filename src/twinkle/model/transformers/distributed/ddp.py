@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ....mesh import DeviceMesh
-from ..strategy import _load_into, load_adapter_weights
+from ..strategy import _load_into, clip_grad_norm_fp64, load_adapter_weights
 from . import optim_state
 from .base import TorchDistributedStrategy, plain_module
 
@@ -69,7 +69,7 @@ class DDPStrategy(TorchDistributedStrategy):
 
     def clip_grad_norm(self, params: List[torch.Tensor], max_norm: float, norm_type: float) -> torch.Tensor:
         # Gradients are already averaged, hence identical on every rank: the local norm is the global one.
-        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type)
+        return clip_grad_norm_fp64(params, max_norm, norm_type)
 
     # ------------------------------------------------------------------ state
     def full_state_dict(self, module: nn.Module) -> Dict[str, torch.Tensor]:

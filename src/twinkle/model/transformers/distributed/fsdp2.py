@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ....mesh import DeviceMesh
-from ..strategy import _is_tied_alias
+from ..strategy import _is_tied_alias, local_norm_fp64, scale_to_max_norm
 from . import optim_state
 from .base import TorchDistributedStrategy
 
@@ -127,12 +127,8 @@ class FSDP2Strategy(TorchDistributedStrategy):
             return torch.zeros(())
         local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
         norm_type = float(norm_type)
-        # Accumulated in float64: float32 norms of large shards drift by ~1e-5 relative on CPU.
-        norms = [torch.linalg.vector_norm(t, norm_type, dtype=torch.float64) for t in local]
-        if norm_type == float('inf'):
-            total, op = torch.stack(norms).max(), dist.ReduceOp.MAX
-        else:
-            total, op = torch.stack(norms).pow(norm_type).sum(), dist.ReduceOp.SUM
+        total = local_norm_fp64(local, norm_type)
+        op = dist.ReduceOp.MAX if norm_type == float('inf') else dist.ReduceOp.SUM
         first = next((g for g in grads if isinstance(g, DTensor)), None)
         if first is not None:
             for dim, placement in enumerate(first.placements):
@@ -142,9 +138,7 @@ class FSDP2Strategy(TorchDistributedStrategy):
                     total = work.to(total.device)
         if norm_type != float('inf'):
             total = total.pow(1.0 / norm_type)
-        total = total.float()
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        torch._foreach_mul_(local, coef.to(local[0].device))
+        scale_to_max_norm(local, total, max_norm)
         return total
 
     # ------------------------------------------------------------------ state
