@@ -27,8 +27,9 @@ def test_dr_grpo_divides_by_a_constant_length():
     out = DRGRPOLoss(max_length=10)(inputs, outputs)
     # (-2 / 10) + (6 / 10) = 0.4 over 2 sequences
     assert float(out.loss) == pytest.approx(0.4) and int(out.num_items) == 2
-    padded = DRGRPOLoss()(inputs, outputs)
-    assert float(padded.loss) == pytest.approx(4 / 4)  # the padded length 4
+    # the padded width would make the normaliser depend on the batch make-up: refused
+    with pytest.raises(ValueError, match='max_length'):
+        DRGRPOLoss()(inputs, outputs)
     assert resolve('loss', 'dr_grpo') is DRGRPOLoss
     assert GRPOLoss(loss_type='dr_grpo', max_length=10)(inputs, outputs).loss.item() == pytest.approx(0.4)
 

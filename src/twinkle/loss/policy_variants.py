@@ -25,8 +25,8 @@ class BNPOLoss(GRPOLoss):
 @register('loss', 'dr_grpo')
 @register('loss')
 class DRGRPOLoss(GRPOLoss):
-    """Dr. GRPO: each sequence's token sum divided by a constant ``max_length`` (default: the padded
-    length of the micro-batch), then averaged over sequences (``loss_type='dr_grpo'``). Pair it with
+    """Dr. GRPO: each sequence's token sum divided by a constant ``max_length`` (given, or the
+    template's; refused when neither is known), then averaged over sequences (``loss_type='dr_grpo'``). Pair it with
     unscaled advantages, ``GRPOAdvantage(scale='none')``, as the method prescribes."""
 
     def __init__(self, loss_type: str = 'dr_grpo', **kwargs: Any) -> None:
