@@ -31,7 +31,7 @@ def test_map_by_name_with_kwargs():
     texts = [m['content'] for r in ds for m in r['messages']]
     assert not any('{{' in t for t in texts)
     assert any('twinkle LLM' in t for t in texts) and any('ModelScope community' in t for t in texts)
-    assert ds[0]['messages'][0]['role'] == 'user' and ds[0]['messages'][1]['role'] == 'assistant'
+    assert [m['role'] for m in ds[0]['messages']] == ['system', 'user', 'assistant']
 
 
 def test_unknown_name_lists_close_matches():
