@@ -159,11 +159,18 @@ class FilterFn:
         return keep
 
 
-def encode_row(template: Any, traj: Dict[str, Any], add_generation_prompt: bool = False) -> Optional[Dict[str, Any]]:
-    """``template.encode`` checked against the InputFeature contract; None means the row is dropped."""
+def encode_row(template: Any, traj: Dict[str, Any], add_generation_prompt: bool = False) -> Any:
+    """``template.encode`` checked against the InputFeature contract: None means the row is dropped, a
+    list holds the pieces a ``'split'`` truncation cut it into."""
     feature = template.encode(traj, add_generation_prompt=True) if add_generation_prompt else template.encode(traj)
     if feature is None:
         return None
+    if isinstance(feature, list):
+        return [check_feature(template, f) for f in feature]
+    return check_feature(template, feature)
+
+
+def check_feature(template: Any, feature: Any) -> Dict[str, Any]:
     if not isinstance(feature, Mapping) or 'input_ids' not in feature or 'labels' not in feature:
         raise ValueError(f'{type(template).__name__}.encode must return a dict with input_ids and labels, '
                          f'got {type(feature).__name__}')
@@ -178,19 +185,28 @@ def encode_row(template: Any, traj: Dict[str, Any], add_generation_prompt: bool 
     return out
 
 
-def encode_or_drop(template: Any, traj: Dict[str, Any],
-                   add_generation_prompt: bool = False) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
-    """``(feature, None)`` for a row to train on, or ``(None, reason)`` for a row to drop and count.
+def encode_all(template: Any, traj: Dict[str, Any],
+               add_generation_prompt: bool = False) -> List[Tuple[Optional[Dict[str, Any]], Optional[str]]]:
+    """``[(feature, None)]`` per sample to train on (several when the template split the row), or
+    ``[(None, reason)]`` for a row to drop and count.
 
-    A row without a single label token teaches nothing and makes a batch made only of such rows
+    A sample without a single label token teaches nothing and makes a batch made only of such rows
     divide by zero tokens, so it is dropped here, for every template, rather than reaching the loss.
     """
-    feature = encode_row(template, traj, add_generation_prompt)
-    if feature is None:
-        return None, DROP_TRUNCATED
-    if all(label == IGNORE_INDEX for label in feature['labels']):
-        return None, DROP_NO_LABELS
-    return feature, None
+    encoded = encode_row(template, traj, add_generation_prompt)
+    if encoded is None:
+        return [(None, DROP_TRUNCATED)]
+    pieces = encoded if isinstance(encoded, list) else [encoded]
+    out = [(f, None) if any(label != IGNORE_INDEX for label in f['labels']) else (None, DROP_NO_LABELS)
+           for f in pieces]
+    kept = [o for o in out if o[0] is not None]
+    return kept or out[:1] or [(None, DROP_NO_LABELS)]
+
+
+def encode_or_drop(template: Any, traj: Dict[str, Any],
+                   add_generation_prompt: bool = False) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """The first of ``encode_all``: ``(feature, None)`` or ``(None, reason)``."""
+    return encode_all(template, traj, add_generation_prompt)[0]
 
 
 def _tolist(value: Any) -> Any:
@@ -209,15 +225,16 @@ class EncodeFn:
         for i, traj in _rows(batch, 'trajectory'):
             source, idx = batch[SOURCE][i], batch[ROW][i]
             try:
-                feature, reason = encode_or_drop(self.template, traj, self.add_generation_prompt)
+                results = encode_all(self.template, traj, self.add_generation_prompt)
             except Exception as e:
                 raise row_error(source, idx, e, f'encode with {type(self.template).__name__}') from e
-            for k in FEATURE_COLUMNS:
-                out[k].append(None if feature is None else feature[k])
-            out[SOURCE].append(source)
-            out[ROW].append(idx)
-            out[KEEP].append(feature is not None)
-            out[DROP].append(reason)
+            for feature, reason in results:
+                for k in FEATURE_COLUMNS:
+                    out[k].append(None if feature is None else feature[k])
+                out[SOURCE].append(source)
+                out[ROW].append(idx)
+                out[KEEP].append(feature is not None)
+                out[DROP].append(reason)
         return out
 
 

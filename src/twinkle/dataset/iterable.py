@@ -123,8 +123,10 @@ class IterableDataset:
 
     set_template = Dataset.set_template
 
-    def encode(self, num_proc: int = 1, cache: bool = True) -> 'IterableDataset':
-        """Encode lazily (nothing to cache: each pass re-encodes as it reads)."""
+    def encode(self, num_proc: int = 1, cache: bool = True, batched: bool = True,
+               load_from_cache_file: Optional[bool] = None) -> 'IterableDataset':
+        """Encode lazily (nothing to cache: each pass re-encodes as it reads). ``batched`` and
+        ``load_from_cache_file`` are accepted for the same signature as ``Dataset.encode``."""
         if self.template is None:
             raise ValueError("encode() needs a template: call dataset.set_template('Template', model_id=...) first")
         if self._state == 'raw':
@@ -188,9 +190,9 @@ class IterableDataset:
                     if fn(item):
                         out.append(item)
                 else:
-                    feature, reason = codec.encode_or_drop(fn, item)
-                    if feature is not None:
-                        out.append({k: v for k, v in feature.items() if v is not None})
+                    for feature, reason in codec.encode_all(fn, item):
+                        if feature is not None:
+                            out.append({k: v for k, v in feature.items() if v is not None})
             except Exception as e:
                 raise codec.row_error(source, idx, e, f'{kind} {name}') from e
         if not out:
