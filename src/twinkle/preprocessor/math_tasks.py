@@ -80,7 +80,9 @@ class CountdownProcessor(Preprocessor):
 
     def preprocess(self, row: Mapping[str, Any]) -> Trajectory:
         nums: List[Any] = list(get_field(row, 'nums'))
-        target: Optional[Any] = row.get('target', row.get('response'))
+        target: Optional[Any] = row.get('target')
+        if target is None:  # a missing key reads as None once rows share one table
+            target = row.get('response')
         if target is None:
             raise ValueError("missing field 'target' (the number the equation must reach); add it to every row")
         query = (f'Using the numbers {nums}, write an equation equal to {target}. Use +, -, * and / and each '
