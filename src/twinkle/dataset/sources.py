@@ -216,7 +216,7 @@ def load_source(meta: DatasetMeta) -> datasets.Dataset:
         rows = _memory_rows(meta)
         if not rows:
             raise ValueError(f'DatasetMeta(data=...) for {meta.name} has no rows; give at least one')
-        return _select(_rename(datasets.Dataset.from_list(rows), meta), meta, meta.name)
+        return _select(_rename(_table(rows), meta), meta, meta.name)
     path = resolve_local(meta.dataset_id)
     if path.is_dir():
         repo = _load_folder_as_repo(path, meta, streaming=False)
@@ -245,7 +245,15 @@ def from_records(records: List[Dict[str, Any]], source: str = '<data>') -> datas
         raise ValueError('Dataset(data=...) must be a list of dicts, one per row')
     if not records:
         raise ValueError('Dataset(data=[]) is empty; give at least one row')
-    return _with_meta(datasets.Dataset.from_list(records), source, range(len(records)))
+    return _with_meta(_table(records), source, range(len(records)))
+
+
+def _table(rows: List[Dict[str, Any]]) -> datasets.Dataset:
+    # Every key of every row becomes a column (``Dataset.from_list`` would keep the first row's only).
+    keys: Dict[str, None] = {}
+    for r in rows:
+        keys.update(dict.fromkeys(r))
+    return datasets.Dataset.from_dict({k: [r.get(k) for r in rows] for k in keys})
 
 
 def align(parts: List[datasets.Dataset], names: List[str]) -> List[datasets.Dataset]:
