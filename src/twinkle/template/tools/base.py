@@ -58,7 +58,12 @@ class ToolCallRegistry:
 
     @classmethod
     def register(cls, parser: ToolCallParser) -> ToolCallParser:
-        cls._parsers = [p for p in cls._parsers if p.name != parser.name] + [parser]
+        """Add ``parser`` last; one of the same name is replaced where it stands."""
+        names = [p.name for p in cls._parsers]
+        if parser.name in names:
+            cls._parsers[names.index(parser.name)] = parser
+        else:
+            cls._parsers.append(parser)
         return parser
 
     @classmethod
