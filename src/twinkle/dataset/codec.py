@@ -263,9 +263,10 @@ def batch_output_rows(result: Any, columns: Dict[str, List[Any]], n_in: int) -> 
     if result is None:
         return []
     if isinstance(result, list):
-        if not all(isinstance(r, Mapping) for r in result):
-            raise ValueError(f'returned a list holding {type(next(r for r in result if not isinstance(r, Mapping))).__name__}'
-                             f'; a list must hold one dict per output row. ({BATCH_HINT})')
+        odd = [r for r in result if not isinstance(r, Mapping)]
+        if odd:
+            raise ValueError(f'returned a list holding {type(odd[0]).__name__}; a list must hold one dict per '
+                             f'output row. ({BATCH_HINT})')
         return [dict(r) for r in result]
     if not isinstance(result, Mapping):
         raise ValueError(f'returned {type(result).__name__}. ({BATCH_HINT})')
