@@ -275,3 +275,15 @@ def test_iterable_packing_dataset(csvs, cyclic):
         assert len(items) == 20  # the sources start over
     else:
         assert sum(len(i['lengths']) for i in items) == 4
+
+
+def test_check_drops_rows_the_template_cannot_encode():
+    rows = [{'text': 'short'}, {'text': 'long ' * 200}]
+    ds = Dataset(DatasetMeta(data=rows)).map(convert_to_messages)
+    with pytest.raises(ValueError, match='needs a template'):
+        ds.check()
+    ds.set_template('Template', model_id=MODEL, max_length=64)
+    ds.check()
+    assert len(ds) == 1 and ds.stats == {'check': 1} and ds[0]['text'] == 'short'
+    ds.encode()
+    assert len(ds) == 1

@@ -321,6 +321,27 @@ class Dataset:
         self._state = 'encoded'
         return self
 
+    def check(self, num_proc: int = 1, **kwargs: Any) -> 'Dataset':
+        """Drop (and count under ``'check'``) the trajectories the template cannot encode: those that
+        raise, or that truncation deletes. The rows stay trajectories; ``encode()`` follows."""
+        if self.template is None:
+            raise ValueError("check() needs a template: call dataset.set_template('Template', model_id=...) first")
+        self._require(('trajectory',), 'check')
+        template = self.template
+
+        def encodes(row: Dict[str, Any]) -> bool:
+            try:
+                return codec.encode_all(template, row)[0][0] is not None
+            except Exception:  # a row the template rejects is what check() is for
+                return False
+
+        encodes.name = 'check'  # type: ignore[attr-defined]
+        before = len(self.dataset)
+        self.dataset = self.dataset.filter(codec.FilterFn(encodes, self._state, 'check'), batched=True,
+                                           batch_size=MAP_BATCH, num_proc=_procs(num_proc), desc='check')
+        self._count('check', before - len(self.dataset), before, logging.WARNING)
+        return self
+
     def pack(self, max_length: Optional[int] = None) -> 'Dataset':
         """Bin-pack encoded samples into rows of at most ``max_length`` tokens (default: the template's)."""
         self._require(('encoded',), 'pack')
