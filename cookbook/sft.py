@@ -24,6 +24,7 @@ from twinkle.dataloader import DataLoader
 from twinkle.dataset import Dataset, DatasetMeta
 from twinkle.model import TransformersModel
 from twinkle.preprocessor import SelfCognitionProcessor
+from twinkle.preprocessor.self_cognition import DEFAULT_SYSTEM
 
 NAME, AUTHOR = 'twinkle LLM', 'ModelScope community'
 QUESTIONS = ['who are you?', '你是谁？']
@@ -107,7 +108,9 @@ def ask(model_id: str, checkpoint: str, lora: bool) -> dict:
         model = TransformersModel(model_id=checkpoint, mixed_precision='no', report_to_tensorboard=False)
     answers = {}
     for question in QUESTIONS:
-        reply = model.generate([{'role': 'user', 'content': question}], max_new_tokens=40, do_sample=False)
+        # The same system turn SelfCognitionProcessor put before every training conversation.
+        messages = [{'role': 'system', 'content': DEFAULT_SYSTEM}, {'role': 'user', 'content': question}]
+        reply = model.generate(messages, max_new_tokens=40, do_sample=False)
         answers[question] = reply[0]['text']
         print(f'Q: {question}\nA: {answers[question]}')
     return answers

@@ -31,7 +31,7 @@ def test_map_by_name_with_kwargs():
     texts = [m['content'] for r in ds for m in r['messages']]
     assert not any('{{' in t for t in texts)
     assert any('twinkle LLM' in t for t in texts) and any('ModelScope community' in t for t in texts)
-    assert ds[0]['messages'][0]['role'] == 'user' and ds[0]['messages'][1]['role'] == 'assistant'
+    assert [m['role'] for m in ds[0]['messages']] == ['system', 'user', 'assistant']
 
 
 def test_unknown_name_lists_close_matches():
@@ -78,7 +78,8 @@ def test_tools_and_extra_keys_round_trip():
                         {'role': 'tool', 'content': 'sunny', 'name': 'w'},
                         {'role': 'assistant', 'content': 'Sunny.'}],
            'tools': [{'name': 'w', 'parameters': {'type': 'object'}}], 'solution': 42}
-    ds = Dataset(data=[{'x': 0}, {'x': 1}]).map(lambda r: row if r['x'] else {'messages': row['messages'][:1]})
+    ds = Dataset(data=[{'x': 0}, {'x': 1}]).map(lambda r: row if r['x'] else {'messages': row['messages'][:1]},
+                                                batched=False)
     assert ds[1] == row
     assert ds[0] == {'messages': [{'role': 'user', 'content': 'weather?'}]}
 
@@ -108,9 +109,10 @@ def test_bad_role_after_two_steps_names_original_row(tmp_path, jsonl):
 
 def test_bad_output_of_a_user_callable(alpaca_file):
     with pytest.raises(RowError, match=r"row 0 of .*must return \{'messages'"):
-        Dataset(DatasetMeta(alpaca_file)).map(lambda r: {'text': 'x'})
+        Dataset(DatasetMeta(alpaca_file)).map(lambda r: {'text': 'x'}, batched=False)
     with pytest.raises(RowError, match=r"'messages'\[0\].role is 'bot'"):
-        Dataset(DatasetMeta(alpaca_file)).map(lambda r: {'messages': [{'role': 'bot', 'content': 'x'}]})
+        Dataset(DatasetMeta(alpaca_file)).map(lambda r: {'messages': [{'role': 'bot', 'content': 'x'}]},
+                                              batched=False)
 
 
 def test_encode_and_delete_truncation_counted(alpaca_file, char_template, encode_calls, caplog):

@@ -71,8 +71,11 @@ def test_data_slice(tmp_path, data_slice, expected, jsonl):
 
 
 def test_data_slice_type_checked():
-    with pytest.raises(ValueError, match='data_slice must be a range or a slice'):
-        DatasetMeta('x.jsonl', data_slice=[1, 2])
+    # A list of row numbers is a valid slice too; anything else is refused with what to give.
+    assert DatasetMeta('x.jsonl', data_slice=(1, 2)).data_slice == [1, 2]
+    for bad in (5, 'abc', [1, 'x']):
+        with pytest.raises(ValueError, match='data_slice must be a range, a slice or a list|data_slice must hold'):
+            DatasetMeta('x.jsonl', data_slice=bad)
 
 
 def test_columns_rename(tmp_path, jsonl):
@@ -120,8 +123,10 @@ def test_missing_and_unreadable_files(tmp_path):
     odd.write_text('<a/>')
     with pytest.raises(ValueError, match="unsupported extension '.xml'"):
         Dataset(DatasetMeta(str(odd)))
-    with pytest.raises(ValueError, match='dataset_meta=DatasetMeta'):
-        Dataset()
+    empty = Dataset()  # no source yet: sources come later through add_dataset
+    assert len(empty) == 0
+    with pytest.raises(ValueError, match='No dataset to save'):
+        empty.save_as(str(tmp_path / 'x.jsonl'))
 
 
 def test_mix_concat_and_alignment(tmp_path, jsonl):

@@ -18,14 +18,15 @@ def test_registered():
 def test_self_cognition_both_languages():
     p = SelfCognitionProcessor(('小闪', 'twinkle LLM'), ('魔搭社区', 'ModelScope community'))
     en = p({'query': 'Who made {{NAME}}?', 'response': '{{NAME}} was made by {{AUTHOR}}.', 'lang': 'en'})
-    assert en == {'messages': [{'role': 'user', 'content': 'Who made twinkle LLM?'},
+    assert en == {'messages': [{'role': 'system', 'content': 'You are a helpful assistant.'},
+                               {'role': 'user', 'content': 'Who made twinkle LLM?'},
                                {'role': 'assistant', 'content': 'twinkle LLM was made by ModelScope community.'}]}
     zh = p({'query': '你是谁？', 'response': '我是{{NAME}}，由{{AUTHOR}}开发。', 'lang': 'zh'})
-    assert zh['messages'][1]['content'] == '我是小闪，由魔搭社区开发。'
+    assert zh['messages'][2]['content'] == '我是小闪，由魔搭社区开发。'
     guessed = p({'query': '你叫什么', 'response': '{{NAME}}'})  # no lang: Chinese text selects 'zh'
-    assert guessed['messages'][1]['content'] == '小闪'
+    assert guessed['messages'][2]['content'] == '小闪'
     single = SelfCognitionProcessor('twinkle LLM', 'ModelScope community')
-    assert single({'query': 'q', 'response': '{{NAME}}/{{AUTHOR}}', 'lang': 'zh'})['messages'][1]['content'] == \
+    assert single({'query': 'q', 'response': '{{NAME}}/{{AUTHOR}}', 'lang': 'zh'})['messages'][2]['content'] == \
         'twinkle LLM/ModelScope community'
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 
@@ -64,17 +64,40 @@ def split_for_rank(size: int, world: int, rank: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
+def fetch(dataset: Any, index: int, max_retries: int = 0) -> Any:
+    """``dataset[index]``; with ``max_retries``, a row that fails to load is replaced by the next ones
+    (``index + 1``, ``index + 2``, ... wrapping around), trying at most ``max_retries`` of them."""
+    try:
+        return dataset[index]
+    except Exception as first:
+        if max_retries <= 0:
+            raise
+        n = len(dataset)
+        for k in range(1, max_retries + 1):
+            other = (index + k) % n
+            try:
+                sample = dataset[other]
+            except Exception:
+                continue
+            logger.warning('DataLoader: sample %d failed to load (%s: %s); using sample %d instead', index,
+                           type(first).__name__, first, other)
+            return sample
+        raise RuntimeError(f'DataLoader: sample {index} and the {max_retries} samples after it all failed to load; '
+                           f'the first error is above') from first
+
+
 class _BatchFetch(torch.utils.data.Dataset):
     """Item k = the samples of this rank's k-th batch, fetched (and collated) inside a worker."""
 
-    def __init__(self, dataset: Any, batches: List[List[int]], collate_fn: Optional[Callable]) -> None:
-        self.dataset, self.batches, self.collate_fn = dataset, batches, collate_fn
+    def __init__(self, dataset: Any, batches: List[List[int]], collate_fn: Optional[Callable],
+                 max_retries: int = 0) -> None:
+        self.dataset, self.batches, self.collate_fn, self.max_retries = dataset, batches, collate_fn, max_retries
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, k: int) -> Any:
-        samples = [self.dataset[i] for i in self.batches[k]]
+        samples = [fetch(self.dataset, i, self.max_retries) for i in self.batches[k]]
         return self.collate_fn(samples) if self.collate_fn is not None else samples
 
 
@@ -97,7 +120,15 @@ class DataLoader:
         num_workers: fetch (and collate) batches in that many worker processes; same batches as 0.
         device_mesh: the mesh that defines data-parallel ranks; default: the runtime's mesh, if any.
         dp_rank: this process's data-parallel rank; default: the mesh's for env ``RANK`` (0 if unset).
-        collate_fn: applied to each rank-local list of samples (e.g. an ``InputProcessor``).
+        collate_fn: applied to each rank-local list of samples (e.g. an ``InputProcessor``); see also
+            ``set_processor``.
+        sampler: the order of one epoch (a ``torch.utils.data.Sampler`` or any iterable of indices, read
+            anew every epoch; its ``set_epoch`` is called when it has one) instead of ``shuffle``. Its
+            length is the epoch's size (e.g. ``RandomSampler(..., num_samples=k)``).
+        max_retries: a sample that fails to load is replaced by one of the next ``max_retries`` samples
+            (with a warning); 0 (default) raises the error.
+
+    ``dataset`` may also be a function returning the dataset, called once here.
 
     Each ``iter()`` starts a new epoch, as with ``torch.utils.data.DataLoader``: after a ``break``,
     iterating again begins the next epoch, and the rest of the abandoned epoch counts as consumed
@@ -108,7 +139,16 @@ class DataLoader:
 
     def __init__(self, dataset: Any, batch_size: int, min_batch_size: Optional[int] = None, shuffle: bool = False,
                  seed: int = 42, drop_last: bool = False, num_workers: int = 0, device_mesh: Any = None,
-                 dp_rank: Optional[int] = None, collate_fn: Optional[Callable[[List[Any]], Any]] = None) -> None:
+                 dp_rank: Optional[int] = None, collate_fn: Optional[Callable[[List[Any]], Any]] = None,
+                 sampler: Optional[Iterable[int]] = None, max_retries: int = 0) -> None:
+        if callable(dataset) and not _is_indexable(dataset) and not hasattr(dataset, '__iter__'):
+            dataset = dataset()  # a factory, e.g. so that each remote worker builds its own dataset
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f'max_retries must be an int >= 0, got {max_retries!r}')
+        self.max_retries = max_retries
+        if sampler is not None and shuffle:
+            raise ValueError('give shuffle=True or a sampler, not both: the sampler decides the order')
+        self.sampler = sampler
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f'batch_size must be a positive int (the global batch), got {batch_size!r}')
         mesh = device_mesh if device_mesh is not None else _context_mesh()
@@ -149,6 +189,8 @@ class DataLoader:
             if num_workers:
                 raise ValueError('num_workers > 0 needs an indexable dataset; a streaming dataset is read in '
                                  'the main process')
+            if sampler is not None:
+                raise ValueError('sampler= needs an indexable dataset; a streaming dataset is read in its own order')
         self._epoch = 0
         self._offset = 0  # global samples of the current epoch already yielded
         self._consumed = 0
@@ -170,7 +212,11 @@ class DataLoader:
         if self.streaming:
             raise TypeError('len() of a DataLoader over a streaming dataset is unknown: the number of samples is '
                             'only known once the stream is read; count steps yourself or use an indexable dataset')
-        return -(-self._samples_per_epoch(len(self.dataset)) // self.batch_size)
+        return -(-self._samples_per_epoch(self._epoch_size()) // self.batch_size)
+
+    def _epoch_size(self) -> int:
+        return len(self.sampler) if self.sampler is not None and hasattr(self.sampler, '__len__') \
+            else len(self.dataset)
 
     @property
     def epoch(self) -> int:
@@ -185,7 +231,7 @@ class DataLoader:
         self._positioned, self._live = True, None
         if not self.streaming:
             # keep the counter the position, so that a checkpoint taken later resumes here
-            self._consumed = epoch * self._samples_per_epoch(len(self.dataset))
+            self._consumed = epoch * self._samples_per_epoch(self._epoch_size())
 
     # -- state ---------------------------------------------------------------------------------
     def get_state(self) -> Dict[str, int]:
@@ -205,14 +251,42 @@ class DataLoader:
             # Epoch lengths of a stream are unknown until read: iteration skips forward across epochs.
             self._epoch, self._offset = 0, consumed
             return
-        per_epoch = self._samples_per_epoch(len(self.dataset))
+        per_epoch = self._samples_per_epoch(self._epoch_size())
         if per_epoch == 0:
             self._epoch, self._offset = 0, 0
             return
         self._epoch, self._offset = divmod(consumed, per_epoch)
 
+    def skip_consumed_samples(self, consumed_train_samples: int) -> None:
+        """Skip the first ``consumed_train_samples`` global samples (the same as ``resume_from_checkpoint``)."""
+        self.resume_from_checkpoint(consumed_train_samples)
+
+    def set_processor(self, processor: Any, **kwargs: Any) -> 'DataLoader':
+        """Collate every batch with ``processor``: an ``InputProcessor`` (instance, class or registered
+        name, built with ``kwargs``) or any function of a list of samples."""
+        from twinkle.registry import resolve
+        obj = resolve('processor', processor)
+        if isinstance(obj, type):
+            obj = obj(**kwargs)
+        elif kwargs:
+            raise ValueError(f'set_processor: keyword arguments {sorted(kwargs)} apply only when the processor is '
+                             f'given by name or class')
+        if not callable(obj):
+            raise ValueError(f'set_processor takes a callable (list of samples -> batch), got {type(obj).__name__}')
+        self.collate_fn = obj
+        return self
+
     # -- iteration -----------------------------------------------------------------------------
     def _order(self, epoch: int, n: int) -> List[int]:
+        if self.sampler is not None:
+            set_epoch = getattr(self.sampler, 'set_epoch', None)
+            if callable(set_epoch):
+                set_epoch(epoch)
+            order = [int(i) for i in self.sampler]
+            bad = [i for i in order if not 0 <= i < n]
+            if bad:
+                raise ValueError(f'the sampler gave index {bad[0]}, outside the dataset of {n} samples')
+            return order
         if not self.shuffle:
             return list(range(n))
         generator = torch.Generator().manual_seed(self.seed + epoch)
@@ -242,7 +316,7 @@ class DataLoader:
 
     def _iter_indexed(self) -> Iterator[Any]:
         n = len(self.dataset)
-        per_epoch = self._samples_per_epoch(n)
+        per_epoch = self._samples_per_epoch(self._epoch_size())
         if per_epoch == 0:
             raise ValueError(f'the dataset has {n} samples, fewer than min_batch_size={self.min_batch_size} '
                              f'(or batch_size={self.batch_size} with drop_last=True): no batch can be formed')
@@ -252,7 +326,7 @@ class DataLoader:
         epoch = self._epoch
         order = self._order(epoch, n)
         plan = []  # (global batch size, this rank's indices)
-        for start in range(self._offset, n, self.batch_size):
+        for start in range(self._offset, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
             if not self._keeps_tail(len(chunk)):
                 plan.append((len(chunk), None))
@@ -261,7 +335,7 @@ class DataLoader:
         kept = [p for p in plan if p[1] is not None]
         if self.num_workers > 0 and kept:
             fetched = iter(torch.utils.data.DataLoader(
-                _BatchFetch(self.dataset, [idx for _, idx in kept], self.collate_fn), batch_size=None,
+                _BatchFetch(self.dataset, [idx for _, idx in kept], self.collate_fn, self.max_retries), batch_size=None,
                 shuffle=False, num_workers=self.num_workers, collate_fn=_identity))
         else:
             fetched = None
@@ -272,7 +346,7 @@ class DataLoader:
             if fetched is not None:
                 batch = next(fetched)
             else:
-                batch = [self.dataset[i] for i in indices]
+                batch = [fetch(self.dataset, i, self.max_retries) for i in indices]
                 batch = self.collate_fn(batch) if self.collate_fn is not None else batch
             self._advance(size)
             yield batch

@@ -159,11 +159,18 @@ class FilterFn:
         return keep
 
 
-def encode_row(template: Any, traj: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """``template.encode`` checked against the InputFeature contract; None means the row is dropped."""
-    feature = template.encode(traj)
+def encode_row(template: Any, traj: Dict[str, Any], add_generation_prompt: bool = False) -> Any:
+    """``template.encode`` checked against the InputFeature contract: None means the row is dropped, a
+    list holds the pieces a ``'split'`` truncation cut it into."""
+    feature = template.encode(traj, add_generation_prompt=True) if add_generation_prompt else template.encode(traj)
     if feature is None:
         return None
+    if isinstance(feature, list):
+        return [check_feature(template, f) for f in feature]
+    return check_feature(template, feature)
+
+
+def check_feature(template: Any, feature: Any) -> Dict[str, Any]:
     if not isinstance(feature, Mapping) or 'input_ids' not in feature or 'labels' not in feature:
         raise ValueError(f'{type(template).__name__}.encode must return a dict with input_ids and labels, '
                          f'got {type(feature).__name__}')
@@ -178,18 +185,28 @@ def encode_row(template: Any, traj: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     return out
 
 
-def encode_or_drop(template: Any, traj: Dict[str, Any]) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
-    """``(feature, None)`` for a row to train on, or ``(None, reason)`` for a row to drop and count.
+def encode_all(template: Any, traj: Dict[str, Any],
+               add_generation_prompt: bool = False) -> List[Tuple[Optional[Dict[str, Any]], Optional[str]]]:
+    """``[(feature, None)]`` per sample to train on (several when the template split the row), or
+    ``[(None, reason)]`` for a row to drop and count.
 
-    A row without a single label token teaches nothing and makes a batch made only of such rows
+    A sample without a single label token teaches nothing and makes a batch made only of such rows
     divide by zero tokens, so it is dropped here, for every template, rather than reaching the loss.
     """
-    feature = encode_row(template, traj)
-    if feature is None:
-        return None, DROP_TRUNCATED
-    if all(label == IGNORE_INDEX for label in feature['labels']):
-        return None, DROP_NO_LABELS
-    return feature, None
+    encoded = encode_row(template, traj, add_generation_prompt)
+    if encoded is None:
+        return [(None, DROP_TRUNCATED)]
+    pieces = encoded if isinstance(encoded, list) else [encoded]
+    out = [(f, None) if any(label != IGNORE_INDEX for label in f['labels']) else (None, DROP_NO_LABELS)
+           for f in pieces]
+    kept = [o for o in out if o[0] is not None]
+    return kept or out[:1] or [(None, DROP_NO_LABELS)]
+
+
+def encode_or_drop(template: Any, traj: Dict[str, Any],
+                   add_generation_prompt: bool = False) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """The first of ``encode_all``: ``(feature, None)`` or ``(None, reason)``."""
+    return encode_all(template, traj, add_generation_prompt)[0]
 
 
 def _tolist(value: Any) -> Any:
@@ -199,21 +216,109 @@ def _tolist(value: Any) -> Any:
 class EncodeFn:
     """Batched ``datasets.map`` function: trajectory rows -> encoded rows."""
 
-    def __init__(self, template: Any) -> None:
+    def __init__(self, template: Any, add_generation_prompt: bool = False) -> None:
         self.template = template
+        self.add_generation_prompt = add_generation_prompt
 
     def __call__(self, batch: Dict[str, List[Any]]) -> Dict[str, List[Any]]:
         out = _empty(ENCODED_FEATURES)
         for i, traj in _rows(batch, 'trajectory'):
             source, idx = batch[SOURCE][i], batch[ROW][i]
             try:
-                feature, reason = encode_or_drop(self.template, traj)
+                results = encode_all(self.template, traj, self.add_generation_prompt)
             except Exception as e:
                 raise row_error(source, idx, e, f'encode with {type(self.template).__name__}') from e
-            for k in FEATURE_COLUMNS:
-                out[k].append(None if feature is None else feature[k])
-            out[SOURCE].append(source)
-            out[ROW].append(idx)
-            out[KEEP].append(feature is not None)
-            out[DROP].append(reason)
+            for feature, reason in results:
+                for k in FEATURE_COLUMNS:
+                    out[k].append(None if feature is None else feature[k])
+                out[SOURCE].append(source)
+                out[ROW].append(idx)
+                out[KEEP].append(feature is not None)
+                out[DROP].append(reason)
+        return out
+
+
+BATCH_HINT = ('a plain function given to map() is called with a batch, as datasets.map(batched=True) does: a '
+              'dict of column -> list of values; it returns such a dict (or a list of trajectories). For a '
+              'function of one row, pass map(fn, batched=False) or subclass Preprocessor')
+
+
+def columns_of(rows: List[Dict[str, Any]]) -> Dict[str, List[Any]]:
+    """Rows -> a dict of column -> values (a key missing from a row is None there)."""
+    keys: Dict[str, None] = {}
+    for r in rows:
+        keys.update(dict.fromkeys(r))
+    return {k: [r.get(k) for r in rows] for k in keys}
+
+
+def rows_of(columns: Mapping[str, List[Any]]) -> List[Dict[str, Any]]:
+    """A dict of column -> values -> rows."""
+    n = len(next(iter(columns.values()))) if columns else 0
+    return [{k: columns[k][i] for k in columns} for i in range(n)]
+
+
+def batch_output_rows(result: Any, columns: Dict[str, List[Any]], n_in: int) -> List[Dict[str, Any]]:
+    """What a batch function returned, as rows. A dict of lists of the input's length is merged over
+    the input columns (as ``datasets.map`` does); one of another length replaces them."""
+    if result is None:
+        return []
+    if isinstance(result, list):
+        odd = [r for r in result if not isinstance(r, Mapping)]
+        if odd:
+            raise ValueError(f'returned a list holding {type(odd[0]).__name__}; a list must hold one dict per '
+                             f'output row. ({BATCH_HINT})')
+        return [dict(r) for r in result]
+    if not isinstance(result, Mapping):
+        raise ValueError(f'returned {type(result).__name__}. ({BATCH_HINT})')
+    lengths = {k: len(v) if isinstance(v, (list, tuple)) else None for k, v in result.items()}
+    bad = [k for k, n in lengths.items() if n is None]
+    if bad or len(set(lengths.values())) > 1:
+        raise ValueError(f'returned a dict whose values are not lists of one length ({lengths}). ({BATCH_HINT})')
+    n_out = next(iter(lengths.values()), n_in)
+    merged = {**columns, **{k: list(v) for k, v in result.items()}} if n_out == n_in else dict(result)
+    return rows_of(merged)
+
+
+class BatchMapFn:
+    """Batched ``datasets.map`` function for a function of a whole batch (dict of column -> values).
+
+    With ``to_trajectory`` the output rows must be trajectories (a row whose ``messages`` is None is
+    dropped and counted); otherwise they are stored as they are, as raw rows.
+    """
+
+    def __init__(self, fn: Callable, state: str, step: str, to_trajectory: bool) -> None:
+        self.fn, self.state, self.step, self.to_trajectory = fn, state, step, to_trajectory
+
+    def output_rows(self, batch: Dict[str, List[Any]]) -> List[Dict[str, Any]]:
+        rows = [row for _, row in _rows(batch, self.state)]
+        columns = columns_of(rows)
+        try:
+            return batch_output_rows(self.fn(columns), columns, len(rows))
+        except Exception as e:
+            raise row_error(batch[SOURCE][0], batch[ROW][0], e, f'{self.step}, batch from this row on') from e
+
+    def __call__(self, batch: Dict[str, List[Any]]) -> Dict[str, List[Any]]:
+        out_rows = self.output_rows(batch)
+        n_in = len(batch[ROW])
+        same = len(out_rows) == n_in
+        sources = batch[SOURCE] if same else [batch[SOURCE][0]] * len(out_rows)
+        idxs = batch[ROW] if same else [batch[ROW][0]] * len(out_rows)
+        keep = [True] * len(out_rows)
+        if self.to_trajectory:
+            out = _empty(TRAJECTORY_FEATURES)
+            for i, row in enumerate(out_rows):
+                if row.get('messages') is None:
+                    item, keep[i] = dict.fromkeys(TRAJECTORY_COLUMNS), False
+                else:
+                    try:
+                        item = encode_trajectory(validate_trajectory(row, self.step))
+                    except Exception as e:
+                        raise row_error(sources[i], idxs[i], e, self.step) from e
+                for k in TRAJECTORY_COLUMNS:
+                    out[k].append(item[k])
+        else:
+            out = columns_of(out_rows) if out_rows else {}
+            for k in META_COLUMNS:
+                out.pop(k, None)
+        out[SOURCE], out[ROW], out[KEEP] = list(sources), list(idxs), keep
         return out

@@ -16,6 +16,8 @@ from twinkle.dataset.dataset import Dataset, instantiate, step_name
 from twinkle.dataset.meta import DatasetMeta
 from twinkle.dataset.packing import pack_rows, plan_bins
 from twinkle.dataset.sources import stream_source
+from twinkle.dataset.writer import RowWriter
+from twinkle.preprocessor.base import Preprocessor
 
 logger = logging.getLogger(__name__)
 Row = Tuple[str, int, Dict[str, Any]]
@@ -27,7 +29,11 @@ class IterableDataset:
     def __init__(self, dataset_meta: Union[DatasetMeta, List[DatasetMeta], None] = None, *,
                  data: Optional[List[Dict[str, Any]]] = None, mix: str = 'concat',
                  ratios: Optional[Sequence[float]] = None, seed: int = 42,
-                 stopping_strategy: str = 'first_exhausted') -> None:
+                 stopping_strategy: str = 'first_exhausted', streaming: bool = True,
+                 num_proc: Optional[int] = None, cyclic: bool = False) -> None:
+        # ``streaming`` / ``num_proc`` are accepted for scripts that pass them; a stream is read in order
+        # in this process. ``cyclic=True`` starts the sources over whenever they run out (an endless stream).
+        self.cyclic = cyclic
         self.metas = [] if dataset_meta is None else [dataset_meta] if isinstance(dataset_meta, DatasetMeta) \
             else list(dataset_meta)
         self.data = data
@@ -49,25 +55,78 @@ class IterableDataset:
         self._state = 'raw'
         self._pack: Optional[Tuple[int, int]] = None
 
-    # ---- steps (recorded, run on iteration) ---------------------------------------------------
-    def map(self, preprocessor: Any, num_proc: int = 1, **kwargs: Any) -> 'IterableDataset':
-        """Like ``Dataset.map``; ``num_proc`` is accepted for the same signature and ignored."""
-        self._require(('raw', 'trajectory'), 'map')
-        fn = instantiate('preprocessor', preprocessor, kwargs)
-        self._steps.append(('map', fn, step_name(fn)))
-        self._state = 'trajectory'
+    # ---- sources -----------------------------------------------------------------------------
+    @property
+    def datasets(self) -> Dict[str, DatasetMeta]:
+        """The sources, by ``DatasetMeta.get_id()``."""
+        return {m.get_id(): m for m in self.metas}
+
+    @property
+    def dataset(self) -> 'IterableDataset':
         return self
 
-    def filter(self, filter: Any, num_proc: int = 1, **kwargs: Any) -> 'IterableDataset':  # noqa: A002
+    def add_dataset(self, dataset_meta: DatasetMeta, **kwargs: Any) -> 'IterableDataset':
+        """One more source, read after the others (or interleaved with them: ``mix_dataset()``)."""
+        if not isinstance(dataset_meta, DatasetMeta):
+            raise ValueError(f'add_dataset takes a DatasetMeta, got {type(dataset_meta).__name__}')
+        if self._steps:
+            raise ValueError('add_dataset: add every source before map / filter / encode on a stream')
+        self.metas.append(dataset_meta)
+        return self
+
+    def mix_dataset(self, interleave: bool = True, ratios: Optional[Sequence[float]] = None) -> 'IterableDataset':
+        """Read the sources round-robin (``interleave=True``, stopping when the first runs out) or one
+        after another."""
+        self.mix = 'interleave' if interleave else 'concat'
+        self.ratios = ratios
+        return self
+
+    # ---- steps (recorded, run on iteration) ---------------------------------------------------
+    def map(self, preprocessor: Any, num_proc: int = 1, init_args: Optional[Dict[str, Any]] = None,
+            batched: Optional[bool] = None, dataset_meta: Optional[DatasetMeta] = None,
+            **kwargs: Any) -> 'IterableDataset':
+        """Like ``Dataset.map`` (a plain function gets a batch: here one row as a dict of one-item lists);
+        ``num_proc`` is accepted for the same signature and ignored."""
+        self._require(('raw', 'trajectory'), 'map')
+        if dataset_meta is not None:
+            raise ValueError('map(dataset_meta=...): a stream applies its steps to every source; preprocess the '
+                             'sources separately or give them one format')
+        for ignored in ('load_from_cache_file', 'batch_size'):
+            kwargs.pop(ignored, None)
+        fn = instantiate('preprocessor', preprocessor, {**(init_args or {}), **kwargs})
+        if batched is None:
+            batched = getattr(fn, 'batched', not isinstance(fn, Preprocessor))
+        self._steps.append(('batch_map' if batched else 'map', fn, step_name(fn)))
+        # Rows a batch function returns become trajectories only where they carry messages.
+        self._state = 'raw' if batched and self._state == 'raw' else 'trajectory'
+        return self
+
+    def filter(self, filter: Any, num_proc: int = 1, init_args: Optional[Dict[str, Any]] = None,  # noqa: A002
+               **kwargs: Any) -> 'IterableDataset':
         self._require(('raw', 'trajectory', 'encoded'), 'filter')
-        fn = instantiate('filter', filter, kwargs)
+        kwargs.pop('batched', None)
+        fn = instantiate('filter', filter, {**(init_args or {}), **kwargs})
         self._steps.append(('filter', fn, step_name(fn)))
         return self
 
+    def save_as(self, path: str, format: Optional[str] = None, batch_size: int = 1000,  # noqa: A002
+                mode: str = 'immediate') -> 'IterableDataset':
+        """Write one pass of the stream to a ``jsonl`` / ``csv`` / ``parquet`` file, a batch at a time."""
+        if mode != 'immediate':
+            raise ValueError("save_as(mode='training') records rows read by index; a stream has no index, save "
+                             "it with mode='immediate'")
+        RowWriter(path, format, batch_size).add_all(iter(self))
+        return self
+
+    def flush_save(self) -> None:
+        """Nothing is held back by a stream's ``save_as``; kept for the same API as ``Dataset``."""
+
     set_template = Dataset.set_template
 
-    def encode(self, num_proc: int = 1, cache: bool = True) -> 'IterableDataset':
-        """Encode lazily (nothing to cache: each pass re-encodes as it reads)."""
+    def encode(self, num_proc: int = 1, cache: bool = True, batched: bool = True,
+               load_from_cache_file: Optional[bool] = None) -> 'IterableDataset':
+        """Encode lazily (nothing to cache: each pass re-encodes as it reads). ``batched`` and
+        ``load_from_cache_file`` are accepted for the same signature as ``Dataset.encode``."""
         if self.template is None:
             raise ValueError("encode() needs a template: call dataset.set_template('Template', model_id=...) first")
         if self._state == 'raw':
@@ -112,20 +171,28 @@ class IterableDataset:
     def _apply(self, kind: str, fn: Any, name: str, items: List[Dict[str, Any]], source: str,
                idx: int) -> List[Dict[str, Any]]:
         out: List[Dict[str, Any]] = []
-        reason = {'map': f'preprocessor:{name}', 'filter': f'filter:{name}', 'encode': codec.DROP_TRUNCATED}[kind]
+        reason = {'map': f'preprocessor:{name}', 'batch_map': f'preprocessor:{name}', 'filter': f'filter:{name}',
+                  'encode': codec.DROP_TRUNCATED}[kind]
         for item in items:
             try:
                 if kind == 'map':
                     result = fn(item)
                     results = [] if result is None else result if isinstance(result, list) else [result]
                     out.extend(codec.validate_trajectory(t, f'preprocessor {name}') for t in results)
+                elif kind == 'batch_map':
+                    columns = codec.columns_of([item])
+                    for row in codec.batch_output_rows(fn(columns), columns, 1):
+                        if 'messages' not in row:
+                            out.append(row)
+                        elif row['messages'] is not None:
+                            out.append(codec.validate_trajectory(row, f'preprocessor {name}'))
                 elif kind == 'filter':
                     if fn(item):
                         out.append(item)
                 else:
-                    feature, reason = codec.encode_or_drop(fn, item)
-                    if feature is not None:
-                        out.append({k: v for k, v in feature.items() if v is not None})
+                    for feature, reason in codec.encode_all(fn, item):
+                        if feature is not None:
+                            out.append({k: v for k, v in feature.items() if v is not None})
             except Exception as e:
                 raise codec.row_error(source, idx, e, f'{kind} {name}') from e
         if not out:
@@ -158,6 +225,15 @@ class IterableDataset:
         return sources
 
     def _mixed(self) -> Iterator[Row]:
+        while True:
+            count = 0
+            for row in self._mixed_once():
+                count += 1
+                yield row
+            if not self.cyclic or not count:
+                return
+
+    def _mixed_once(self) -> Iterator[Row]:
         sources = self._sources()
         if self.mix == 'concat':
             for s in sources:

@@ -187,7 +187,7 @@ def _rename(ds: Any, meta: DatasetMeta) -> Any:
         return ds
     missing = [c for c in meta.columns if c not in (ds.column_names or [])]
     if missing:
-        raise ValueError(f'DatasetMeta({meta.dataset_id!r}).columns renames {missing}, which the data does not '
+        raise ValueError(f'DatasetMeta({meta.name!r}).columns renames {missing}, which the data does not '
                          f'have; its columns are {ds.column_names}')
     return ds.rename_columns(dict(meta.columns))
 
@@ -201,8 +201,22 @@ def _select(ds: datasets.Dataset, meta: DatasetMeta, source: str) -> datasets.Da
     return _with_meta(ds, source, rows)
 
 
+def _memory_rows(meta: DatasetMeta) -> List[Dict[str, Any]]:
+    rows = meta.data() if callable(meta.data) else meta.data
+    rows = list(rows)
+    if not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f'DatasetMeta(data=...) must give dicts, one per row; got {type(rows[0]).__name__} '
+                         f'in {meta.name}' if rows else 'DatasetMeta(data=...) gave no rows')
+    return rows
+
+
 def load_source(meta: DatasetMeta) -> datasets.Dataset:
     """One meta -> an Arrow dataset with ``__source__`` and ``__row__`` columns, sliced and renamed."""
+    if meta.data is not None:
+        rows = _memory_rows(meta)
+        if not rows:
+            raise ValueError(f'DatasetMeta(data=...) for {meta.name} has no rows; give at least one')
+        return _select(_rename(_table(rows), meta), meta, meta.name)
     path = resolve_local(meta.dataset_id)
     if path.is_dir():
         repo = _load_folder_as_repo(path, meta, streaming=False)
@@ -231,7 +245,15 @@ def from_records(records: List[Dict[str, Any]], source: str = '<data>') -> datas
         raise ValueError('Dataset(data=...) must be a list of dicts, one per row')
     if not records:
         raise ValueError('Dataset(data=[]) is empty; give at least one row')
-    return _with_meta(datasets.Dataset.from_list(records), source, range(len(records)))
+    return _with_meta(_table(records), source, range(len(records)))
+
+
+def _table(rows: List[Dict[str, Any]]) -> datasets.Dataset:
+    # Every key of every row becomes a column (``Dataset.from_list`` would keep the first row's only).
+    keys: Dict[str, None] = {}
+    for r in rows:
+        keys.update(dict.fromkeys(r))
+    return datasets.Dataset.from_dict({k: [r.get(k) for r in rows] for k in keys})
 
 
 def align(parts: List[datasets.Dataset], names: List[str]) -> List[datasets.Dataset]:
@@ -265,6 +287,18 @@ def align_and_concat(parts: List[datasets.Dataset], names: List[str]) -> dataset
 
 def stream_source(meta: DatasetMeta) -> Iterator[Tuple[str, int, Dict[str, Any]]]:
     """Rows of one meta as ``(source, row, row_dict)``, read lazily, for the streaming dataset."""
+    if isinstance(meta.data_slice, list):
+        raise ValueError(f'DatasetMeta({meta.name!r}): a streaming dataset reads rows in order; give data_slice '
+                         f'as a range or slice, not a list of row numbers')
+    if meta.data is not None:
+        rows = meta.data() if callable(meta.data) else meta.data
+        streams = [(meta.name, iter(rows))]
+    else:
+        streams = _file_streams(meta)
+    yield from _sliced(meta, streams)
+
+
+def _file_streams(meta: DatasetMeta) -> List[Tuple[str, Iterator[Dict[str, Any]]]]:
     path = resolve_local(meta.dataset_id)
     repo = _load_folder_as_repo(path, meta, streaming=True) if path.is_dir() else None
     if repo is not None:
@@ -273,10 +307,15 @@ def stream_source(meta: DatasetMeta) -> Iterator[Tuple[str, int, Dict[str, Any]]
     else:
         streams = [(str(f), _rows_of(_load_file(f, meta.split, True), functools.partial(_explain_unreadable, f)))
                    for f in data_files(path)]
+    return streams
+
+
+def _sliced(meta: DatasetMeta, streams: List[Tuple[str, Iterator[Dict[str, Any]]]]
+            ) -> Iterator[Tuple[str, int, Dict[str, Any]]]:
     sl = meta.data_slice
     start, stop, step = (0, None, 1) if sl is None else (sl.start or 0, sl.stop, sl.step or 1)
     if start < 0 or step < 0 or (stop is not None and stop < 0):
-        raise ValueError(f'DatasetMeta({meta.dataset_id!r}): a streaming dataset needs a forward data_slice '
+        raise ValueError(f'DatasetMeta({meta.name!r}): a streaming dataset needs a forward data_slice '
                          f'(no negative start, stop or step), got {sl!r}')
     index = 0
     for source, stream in streams:

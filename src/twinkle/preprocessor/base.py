@@ -6,7 +6,7 @@ to fix it; the dataset adds the source file and row number around that message.
 """
 from __future__ import annotations
 
-from typing import Any, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 from twinkle.types import Trajectory
 
@@ -17,10 +17,33 @@ class Preprocessor:
     """Raw row -> ``Trajectory`` (``{'messages': [{role, content}], 'tools'?}``).
 
     Return ``None`` to drop a row (the dataset counts it), or a list to emit several trajectories.
+    Override ``__call__(row)`` or ``preprocess(row)``. A subclass whose ``__call__`` takes a whole
+    batch instead (a dict of column -> list of values, as ``datasets.map(batched=True)`` passes;
+    ``map_col_to_row`` / ``map_row_to_col`` convert) sets ``batched = True``.
     """
 
+    batched: bool = False
+
     def __call__(self, row: Mapping[str, Any]) -> PreprocessOutput:
-        raise NotImplementedError
+        return self.preprocess(row)
+
+    def preprocess(self, row: Mapping[str, Any]) -> PreprocessOutput:
+        raise NotImplementedError(f'{type(self).__name__} must implement __call__(row) or preprocess(row)')
+
+    @staticmethod
+    def map_col_to_row(columns: Mapping[str, List[Any]]) -> List[Dict[str, Any]]:
+        """A batch (dict of column -> values) -> a list of rows."""
+        n = len(next(iter(columns.values()))) if columns else 0
+        return [{k: v[i] for k, v in columns.items()} for i in range(n)]
+
+    @staticmethod
+    def map_row_to_col(rows: List[Mapping[str, Any]]) -> Dict[str, List[Any]]:
+        """A list of rows (None entries dropped) -> a batch (dict of column -> values)."""
+        rows = [r for r in rows if r is not None]
+        keys: Dict[str, None] = {}
+        for r in rows:
+            keys.update(dict.fromkeys(r))
+        return {k: [r.get(k) for r in rows] for k in keys}
 
     @property
     def name(self) -> str:

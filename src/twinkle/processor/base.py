@@ -61,12 +61,18 @@ class InputProcessor:
         padding_free: concatenate the batch into one row instead of padding.
         pad_to_multiple_of: round the padded length (or the single row's length) up to a multiple.
         label_pad_id: label of padding and of each sample's first token in padding-free rows.
+        padding_side: ``'right'`` (default) or ``'left'`` (padding before the tokens, as generation wants).
+        device_mesh: accepted for scripts that pass the mesh; collation does not depend on it.
     """
 
     def __init__(self, pad_token_id: int = 0, padding_free: bool = False, pad_to_multiple_of: Optional[int] = None,
-                 label_pad_id: int = IGNORE_INDEX) -> None:
+                 label_pad_id: int = IGNORE_INDEX, padding_side: str = 'right', device_mesh: Any = None) -> None:
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
             raise ValueError(f'pad_to_multiple_of must be a positive int or None, got {pad_to_multiple_of!r}')
+        if padding_side not in ('left', 'right'):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        self.padding_side = padding_side
+        self.device_mesh = device_mesh
         self.pad_token_id = pad_token_id
         self.padding_free = padding_free
         self.pad_to_multiple_of = pad_to_multiple_of
@@ -75,6 +81,21 @@ class InputProcessor:
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
         samples = self.prepare(features)
         return self.collate_padding_free(samples) if self.padding_free else self.collate_padded(samples)
+
+    def collate_fn(self, batch: Sequence[Mapping[str, Any]], micro_batch_size: Optional[int] = None,
+                   variable_seq_lengths: bool = False) -> List[Dict[str, Any]]:
+        """Collate ``batch`` as a list of micro-batches of ``micro_batch_size`` samples (default: one
+        micro-batch of all). Padded micro-batches share the batch's longest length unless
+        ``variable_seq_lengths`` lets each be as long as its own longest sample."""
+        samples = self.prepare(batch)
+        size = len(samples) if micro_batch_size is None else micro_batch_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f'collate_fn: micro_batch_size must be a positive int or None, got {micro_batch_size!r}')
+        chunks = [samples[i:i + size] for i in range(0, len(samples), size)]
+        if self.padding_free:
+            return [self.collate_padding_free(c) for c in chunks]
+        width = None if variable_seq_lengths else max(len(s['input_ids']) for s in samples)
+        return [self.collate_padded(c, width=width) for c in chunks]
 
     # -- checks and normalisation ----------------------------------------------------------------
     def prepare(self, features: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
@@ -140,11 +161,13 @@ class InputProcessor:
         return list(sample.get('position_ids') or range(len(sample['input_ids'])))
 
     # -- layouts ---------------------------------------------------------------------------------
-    def collate_padded(self, samples: List[Dict[str, Any]]) -> Dict[str, Any]:
-        width = self._round_up(max(len(s['input_ids']) for s in samples))
+    def collate_padded(self, samples: List[Dict[str, Any]], width: Optional[int] = None) -> Dict[str, Any]:
+        """``width``: pad to at least this many tokens (e.g. the longest sample of a whole batch)."""
+        width = self._round_up(max([len(s['input_ids']) for s in samples] + [width or 0]))
 
         def pad(row: List[Any], value: Any) -> List[Any]:
-            return list(row) + [value] * (width - len(row))
+            fill = [value] * (width - len(row))
+            return fill + list(row) if self.padding_side == 'left' else list(row) + fill
 
         batch: Dict[str, Any] = {
             'input_ids': torch.tensor([pad(s['input_ids'], self.pad_token_id) for s in samples], dtype=torch.long),

@@ -93,6 +93,11 @@ def ground_truth(trajectory: Dict[str, Any], index: int = 0, owner: str = 'Rewar
         if trajectory.get(key) is not None:
             return trajectory[key]
     user_data = trajectory.get('user_data')
+    if isinstance(user_data, list):  # [(key, value), ...] pairs, or [{key: value}] as some preprocessors give
+        pairs = [tuple(p) for p in user_data if isinstance(p, (list, tuple)) and len(p) == 2]
+        merged = [p for p in user_data if isinstance(p, dict)]
+        user_data = {k: v for d in merged for k, v in d.items()}
+        user_data.update(pairs)
     if isinstance(user_data, dict):
         for key in GROUND_TRUTH_FIELDS:
             if user_data.get(key) is not None:

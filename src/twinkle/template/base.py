@@ -11,17 +11,18 @@ span.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 from twinkle.registry import register
 from twinkle.types import IGNORE_INDEX, InputFeature
 
 from .validate import validate_tools, validate_trajectory, where, with_default_system
 
-TruncationStrategy = Literal['raise', 'left', 'right', 'delete']
+TruncationStrategy = Literal['raise', 'left', 'right', 'delete', 'split']
 LossOn = Literal['all_turns', 'last_turn']
 Span = Tuple[int, int]
-_TRUNCATION = ('raise', 'left', 'right', 'delete')
+_TRUNCATION = ('raise', 'left', 'right', 'delete', 'split')
+EncodeResult = Union[InputFeature, List[InputFeature], None]
 _LOSS_ON = ('all_turns', 'last_turn')
 
 
@@ -43,12 +44,16 @@ class Template:
         tokenizer: an already loaded Hugging Face tokenizer (takes precedence over ``model_id``).
         max_length: the longest encoded sample; longer ones follow ``truncation_strategy``.
         truncation_strategy: ``'raise'`` (ValueError), ``'left'`` (keep the end), ``'right'`` (keep the
-            start) or ``'delete'`` (``encode`` returns None and the dataset counts the drop). A sample
+            start), ``'delete'`` (``encode`` returns None and the dataset counts the drop) or ``'split'``
+            (``encode`` returns a list of consecutive pieces of at most ``max_length`` tokens, each its
+            own sample; ``Dataset.encode`` stores them as separate rows). A sample
             that truncation leaves without a single label token is dropped by ``Dataset.encode`` and
             counted in ``stats['no_labels']`` with a warning, as it could only give a NaN loss.
         default_system: a system message inserted when a trajectory has none.
         loss_on: ``'all_turns'`` trains on every assistant turn, ``'last_turn'`` on the last only.
         chat_template_kwargs: extra variables for the chat template (e.g. ``enable_thinking``).
+        return_numpy: ``encode`` returns ``input_ids``, ``labels``, ``attention_mask`` and
+            ``position_ids`` as numpy int64 arrays (and ``position_ids`` always) instead of lists.
     """
 
     def __init__(self,
@@ -59,7 +64,8 @@ class Template:
                  truncation_strategy: TruncationStrategy = 'raise',
                  default_system: Optional[str] = None,
                  loss_on: LossOn = 'all_turns',
-                 chat_template_kwargs: Optional[Dict[str, Any]] = None) -> None:
+                 chat_template_kwargs: Optional[Dict[str, Any]] = None,
+                 return_numpy: bool = False) -> None:
         if truncation_strategy not in _TRUNCATION:
             raise ValueError(f'truncation_strategy={truncation_strategy!r}; use one of {", ".join(_TRUNCATION)}')
         if loss_on not in _LOSS_ON:
@@ -77,6 +83,7 @@ class Template:
         self.default_system = default_system
         self.loss_on = loss_on
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.return_numpy = return_numpy
         self._check_tokenizer()
 
     # -- tokenizer facts ---------------------------------------------------------------------
@@ -104,8 +111,9 @@ class Template:
                              f"template such as 'Qwen3Template'.")
 
     # -- encoding ----------------------------------------------------------------------------
-    def encode(self, trajectory: Mapping[str, Any], add_generation_prompt: bool = False) -> Optional[InputFeature]:
-        """Encode one trajectory; None when ``truncation_strategy='delete'`` drops it."""
+    def encode(self, trajectory: Mapping[str, Any], add_generation_prompt: bool = False) -> EncodeResult:
+        """Encode one trajectory; None when ``truncation_strategy='delete'`` drops it, a list of pieces
+        when ``truncation_strategy='split'`` cuts it."""
         messages = with_default_system(validate_trajectory(trajectory), self.default_system)
         tools = validate_tools(trajectory)
         if not add_generation_prompt and not any(m['role'] == 'assistant' for m in messages):
@@ -117,13 +125,16 @@ class Template:
         elif self.loss_on == 'last_turn':
             spans = spans[-1:]
         input_ids, labels = self.tokenize(text, spans)
-        return self._truncate(trajectory, input_ids, labels)
+        result = self._truncate(trajectory, input_ids, labels)
+        if not self.return_numpy or result is None:
+            return result
+        return [_as_numpy(r) for r in result] if isinstance(result, list) else _as_numpy(result)
 
     def batch_encode(self, trajectories: Sequence[Mapping[str, Any]],
-                     add_generation_prompt: bool = False) -> List[Optional[InputFeature]]:
+                     add_generation_prompt: bool = False) -> List[EncodeResult]:
         return [self.encode(t, add_generation_prompt=add_generation_prompt) for t in trajectories]
 
-    def __call__(self, trajectory: Mapping[str, Any], add_generation_prompt: bool = False) -> Optional[InputFeature]:
+    def __call__(self, trajectory: Mapping[str, Any], add_generation_prompt: bool = False) -> EncodeResult:
         return self.encode(trajectory, add_generation_prompt=add_generation_prompt)
 
     # -- rendering (subclasses override `render`) -----------------------------------------------
@@ -222,8 +233,7 @@ class Template:
             starts.extend([a] * len(piece))
         return ids, starts
 
-    def _truncate(self, trajectory: Mapping[str, Any], input_ids: List[int],
-                  labels: List[int]) -> Optional[InputFeature]:
+    def _truncate(self, trajectory: Mapping[str, Any], input_ids: List[int], labels: List[int]) -> EncodeResult:
         n = len(input_ids)
         limit = self.max_length
         if limit is not None and n > limit:
@@ -234,13 +244,27 @@ class Template:
                                  f'(delete drops the sample and counts it)')
             if strategy == 'delete':
                 return None
+            if strategy == 'split':
+                return [_feature(input_ids[i:i + limit], labels[i:i + limit]) for i in range(0, n, limit)]
             if strategy == 'left':
                 input_ids, labels = input_ids[-limit:], labels[-limit:]
             else:
                 input_ids, labels = input_ids[:limit], labels[:limit]
-        return InputFeature(input_ids=input_ids, labels=labels, attention_mask=[1] * len(input_ids),
-                            length=len(input_ids))
+        return _feature(input_ids, labels)
 
     def __repr__(self) -> str:
         return (f'{type(self).__name__}(model_id={self.model_id!r}, max_length={self.max_length}, '
                 f'truncation_strategy={self.truncation_strategy!r}, loss_on={self.loss_on!r})')
+
+
+def _feature(input_ids: List[int], labels: List[int]) -> InputFeature:
+    return InputFeature(input_ids=input_ids, labels=labels, attention_mask=[1] * len(input_ids),
+                        length=len(input_ids))
+
+
+def _as_numpy(feature: InputFeature) -> Dict[str, Any]:
+    import numpy as np
+    out: Dict[str, Any] = {k: np.asarray(v, dtype=np.int64) if isinstance(v, list) else v
+                           for k, v in feature.items()}
+    out.setdefault('position_ids', np.arange(len(out['input_ids']), dtype=np.int64))
+    return out
