@@ -20,7 +20,7 @@ from ...runtime.remote import remote_class, remote_function
 from ..base import TwinkleModel
 from ..components import TemplateProcessorMixin
 from ..session import TrainingSession
-from . import adapters, generation, io
+from . import adapters, checkpointing, generation, io
 from .forward import ForwardCore
 from .inputs import prepare_batch
 from .precision import Precision
@@ -47,6 +47,7 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
                  fsdp_config: Optional[Dict[str, Any]] = None,
                  grad_scaler_config: Optional[Dict[str, Any]] = None,
                  memory_efficient_init: bool = False,
+                 gradient_checkpointing: bool = False,
                  **kwargs: Any):
         own = {k: kwargs.pop(k) for k in _OWN_KWARGS if k in kwargs}
         self.output_dir = Path(own.get('output_dir', 'output'))
@@ -59,6 +60,8 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
                                    handled_by_wrapper=self.strategy.handles_mixed_precision)
         self.model_dir, hf_model = io.load_hf_model(model_cls, model_id, config, kwargs, self.strategy)
         self.hf_model: nn.Module = hf_model
+        if gradient_checkpointing:  # before any wrapping: FSDP2 then shards layers that already checkpoint
+            self.set_gradient_checkpointing(True)
         self.module: nn.Module = hf_model          # becomes the PeftModel once an adapter is added
         self._wrapped: Optional[nn.Module] = None  # the strategy's wrapper, built lazily
         self.forward_core = ForwardCore()
@@ -330,6 +333,11 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
         adapters.remove(self.module, adapter_name)
         self.sessions.pop(session.name)
         self._active_adapter = None
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each decoder layer's activations in the backward instead of keeping them
+        (non-reentrant, per layer); may be switched at any time, also after wrapping."""
+        checkpointing.set_activation_checkpointing(self.hf_model, bool(enabled))
 
     def apply_patch(self, patch: Any, **kwargs: Any) -> Any:
         patch_obj = resolve('patch', patch)
