@@ -1,0 +1,10 @@
+"""Context parallelism: the sequence of every sample split over the ranks of a ``cp`` group.
+
+``sharding`` lays the sequence out zig-zag (load-balanced under a causal mask); ``ring`` is causal
+ring attention over such shards with point-to-point key/value exchange (any backend with send/recv,
+gloo included, so CPU too).
+"""
+from .ring import ring_attention
+from .sharding import check_length, chunk_ids, gather, positions, shard, unshard
+
+__all__ = ['ring_attention', 'check_length', 'chunk_ids', 'gather', 'positions', 'shard', 'unshard']
