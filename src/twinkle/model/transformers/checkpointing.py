@@ -20,11 +20,20 @@ We use the Hugging Face layers' own switch (``activation_checkpointing_enable``)
 """
 from __future__ import annotations
 
-from typing import List
+import contextlib
+from typing import List, Tuple
 
 from torch import nn
 
-CHECKPOINT_KWARGS = {'use_reentrant': False}
+
+def _contexts() -> Tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    # The recompute runs in the backward, outside the forward's context: state the forward set up around
+    # the layers (the context-parallel ring attention) has to be set up again for it.
+    from .context_parallel.seam import recompute_context
+    return contextlib.nullcontext(), recompute_context()
+
+
+CHECKPOINT_KWARGS = {'use_reentrant': False, 'context_fn': _contexts}
 
 
 def checkpointed_layers(hf_model: nn.Module) -> List[nn.Module]:

@@ -21,6 +21,7 @@ from ..base import TwinkleModel
 from ..components import TemplateProcessorMixin
 from ..session import TrainingSession
 from . import adapters, checkpointing, generation, io
+from .context_parallel import seam as context_parallel_seam
 from .forward import ForwardCore
 from .inputs import prepare_batch
 from .precision import Precision
@@ -65,6 +66,8 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
         self.module: nn.Module = hf_model          # becomes the PeftModel once an adapter is added
         self._wrapped: Optional[nn.Module] = None  # the strategy's wrapper, built lazily
         self.forward_core = ForwardCore()
+        # None unless the mesh has cp_size > 1: then it shards the sequence around the forward core.
+        self._cp_forward = context_parallel_seam.build(self.strategy, self.forward_core)
         self.sessions: Dict[Optional[str], TrainingSession] = {}
         self._active_adapter: Optional[str] = None
         self._template: Any = None
@@ -114,7 +117,8 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
         self._use_adapter(session)
         module = self._wrapped_module()
         with self.precision.autocast():
-            outputs = self.forward_core(module, self.hf_model, batch, temperature=kwargs.get('temperature', 1.0))
+            core = self._cp_forward or self.forward_core
+            outputs = core(module, self.hf_model, batch, temperature=kwargs.get('temperature', 1.0))
         outputs['inputs'] = batch
         return outputs
 
