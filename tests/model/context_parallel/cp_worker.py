@@ -4,7 +4,6 @@ TransformersModel with ``DeviceMesh.from_sizes(cp_size=2)``: both ranks get the 
 runs its zig-zag half of every sequence. Writes ``OUT_DIR/<scenario>.rank<r>.json``.
 """
 import json
-import os
 import sys
 from pathlib import Path
 
