@@ -1,4 +1,5 @@
-"""TransformersModel with cp_size=2 (torchrun, gloo, 2 processes) against one process on the same batches."""
+"""TransformersModel with cp_size=2 (torchrun, gloo: 2 processes, and 4 with fsdp_size=2) against one
+process on the same global batches."""
 from __future__ import annotations
 
 import json
@@ -18,7 +19,9 @@ WORKER = Path(__file__).with_name('cp_worker.py')
 TORCHRUN_ENV = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT',
                 'GROUP_RANK', 'ROLE_RANK', 'TORCHELASTIC_RUN_ID')
 SCENARIOS = {'cp_fsdp': ('full', 'FSDP2Strategy'), 'cp_fsdp_lora': ('lora', 'FSDP2Strategy'),
-             'cp_ddp': ('full', 'AccelerateDDPStrategy'), 'cp_fsdp_ckpt': ('full', 'FSDP2Strategy')}
+             'cp_ddp': ('full', 'AccelerateDDPStrategy'), 'cp_fsdp_ckpt': ('full', 'FSDP2Strategy'),
+             'fsdp2_cp2': ('full', 'FSDP2Strategy')}
+PROCESSES = {'cp': 2, 'fsdp_cp': 4}
 
 
 def _free_port() -> int:
@@ -44,10 +47,11 @@ def runs(single, tmp_path_factory):  # after single: the embedded model is then 
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     for name in TORCHRUN_ENV:
         env.pop(name, None)
-    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
-                           '--master_addr', '127.0.0.1', '--master_port', str(_free_port()), str(WORKER), str(out)],
-                          capture_output=True, text=True, timeout=540, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    for layout, processes in PROCESSES.items():
+        proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(processes),
+                               '--master_addr', '127.0.0.1', '--master_port', str(_free_port()), str(WORKER),
+                               str(out), layout], capture_output=True, text=True, timeout=540, env=env)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return {name: [json.loads((out / f'{name}.rank{r}.json').read_text()) for r in (0, 1)] for name in SCENARIOS}
 
 
