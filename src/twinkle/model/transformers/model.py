@@ -21,7 +21,8 @@ from ...runtime.remote import remote_class, remote_function
 from ..base import TwinkleModel
 from ..components import TemplateProcessorMixin
 from ..session import TrainingSession
-from . import adapters, generation, io
+from . import adapters, checkpointing, generation, io
+from .context_parallel import seam as context_parallel_seam
 from .forward import ForwardCore
 from .inputs import prepare_batch
 from .precision import Precision
@@ -49,6 +50,7 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
                  fsdp_config: Optional[Dict[str, Any]] = None,
                  grad_scaler_config: Optional[Dict[str, Any]] = None,
                  memory_efficient_init: bool = False,
+                 gradient_checkpointing: bool = False,
                  **kwargs: Any):
         own = {k: kwargs.pop(k) for k in _OWN_KWARGS if k in kwargs}
         self.output_dir = Path(own.get('output_dir', 'output'))
@@ -61,9 +63,13 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
                                    handled_by_wrapper=self.strategy.handles_mixed_precision)
         self.model_dir, hf_model = io.load_hf_model(model_cls, model_id, config, kwargs, self.strategy)
         self.hf_model: nn.Module = hf_model
+        if gradient_checkpointing:  # before any wrapping: FSDP2 then shards layers that already checkpoint
+            self.set_gradient_checkpointing(True)
         self.module: nn.Module = hf_model          # becomes the PeftModel once an adapter is added
         self._wrapped: Optional[nn.Module] = None  # the strategy's wrapper, built lazily
         self.forward_core = ForwardCore()
+        # None unless the mesh has cp_size > 1: then it shards the sequence around the forward core.
+        self._cp_forward = context_parallel_seam.build(self.strategy, self.forward_core)
         self.sessions: Dict[Optional[str], TrainingSession] = {}
         self._active_adapter: Optional[str] = None
         self._template: Any = None
@@ -114,7 +120,8 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
         self._use_adapter(session)
         module = self._wrapped_module()
         with self.precision.autocast():
-            outputs = self.forward_core(module, self.hf_model, batch, temperature=kwargs.get('temperature', 1.0))
+            core = self._cp_forward or self.forward_core
+            outputs = core(module, self.hf_model, batch, temperature=kwargs.get('temperature', 1.0))
         outputs['inputs'] = batch
         return outputs
 
@@ -341,6 +348,11 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
         adapters.remove(self.module, adapter_name)
         self.sessions.pop(session.name)
         self._active_adapter = None
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each decoder layer's activations in the backward instead of keeping them
+        (non-reentrant, per layer); may be switched at any time, also after wrapping."""
+        checkpointing.set_activation_checkpointing(self.hf_model, bool(enabled))
 
     def apply_patch(self, patch: Any, **kwargs: Any) -> Any:
         patch_obj = resolve('patch', patch)

@@ -106,6 +106,11 @@ def build_accelerate(mesh: DeviceMesh, device: torch.device, mixed_precision: st
                                              kwargs_handlers=[DistributedDataParallelKwargs(**handler_keys)])
         return AccelerateDDPStrategy(accelerator, mesh, device, mixed_precision, ddp_config, memory_efficient_init)
 
+    if mesh.cp_size > 1:  # accelerate's own layout has no room for our cp ranks next to its shard group
+        logger.warning("strategy='accelerate': %r has cp_size=%d, so the native FSDP2 strategy ('native_fsdp') "
+                       "shards the model over fsdp x cp instead", mesh, mesh.cp_size)
+        _reset_accelerate_state()
+        return FSDP2Strategy(mesh, device, mixed_precision, fsdp_config, memory_efficient_init)
     from accelerate import FullyShardedDataParallelPlugin
     from .fsdp2 import FSDP_OPTIONS, _PARAM_DTYPES
     fsdp_config = dict(fsdp_config or {})

@@ -19,7 +19,8 @@ from ...checkpoint import atomic_folder
 logger = logging.getLogger(__name__)
 
 # Mesh dimensions a TransformersModel cannot lay out (they need MegatronModel or sequence parallelism).
-_UNSUPPORTED = ('tp_size', 'pp_size', 'cp_size', 'ep_size', 'ulysses_size')
+# cp_size is laid out by the context-parallel forward (context_parallel/seam.py) on top of any strategy.
+_UNSUPPORTED = ('tp_size', 'pp_size', 'ep_size', 'ulysses_size')
 
 
 def check_mesh(mesh: DeviceMesh, strategy: str) -> None:
@@ -27,7 +28,8 @@ def check_mesh(mesh: DeviceMesh, strategy: str) -> None:
     if bad:
         sizes = ', '.join(f'{k}={v}' for k, v in bad.items())
         raise NotImplementedError(
-            f'TransformersModel(strategy={strategy!r}) parallelises over data only (dp_size x fsdp_size); the mesh '
+            f'TransformersModel(strategy={strategy!r}) parallelises over data (dp_size x fsdp_size) and sequence '
+            f'(cp_size) only; the mesh '
             f'{mesh!r} also has {sizes}. Use MegatronModel for tensor/pipeline/context/expert parallelism, or set '
             f'those sizes to 1')
     if not dist.is_available() or not dist.is_initialized():
@@ -48,8 +50,11 @@ class TorchDistributedStrategy:
         self.mesh = mesh
         self.device = device
         self.mixed_precision = mixed_precision
-        self.grad_reduce_world = mesh.dp_fsdp_world_size
+        # The wrapper averages gradients over every rank, context-parallel ones included: those hold
+        # parts of the same samples, and their gradients add up to the samples' gradient.
+        self.grad_reduce_world = mesh.dp_fsdp_world_size * mesh.cp_size
         self._group: Optional[Any] = None
+        self._data_group: Optional[Any] = None
         self._released = False
         # Wrapped modules must not outlive the process group: drop their communication state first.
         from ....runtime.local import on_shutdown
@@ -78,9 +83,24 @@ class TorchDistributedStrategy:
         # NCCL reduces only CUDA tensors; gloo takes CPU ones.
         return self.device if dist.get_backend(self.group) == 'nccl' else torch.device('cpu')
 
+    @property
+    def data_group(self) -> Any:
+        """The ranks that hold different samples (dp x fsdp), sharing this rank's cp coordinate: the
+        ranks of a cp group hold the same figures (loss, token counts) and must count them once."""
+        if self.mesh.cp_size == 1:
+            return self.group
+        if self._data_group is None:
+            own = dist.get_rank()
+            for ranks in self.mesh.all_groups(('dp', 'fsdp')):  # collective: every rank creates every group
+                made = dist.new_group(ranks)
+                if own in ranks:
+                    self._data_group = made
+        return self._data_group
+
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum of a figure of the global batch (losses, token counts) over the ranks holding its parts."""
         work = tensor.detach().to(self._comm_device, copy=True)
-        dist.all_reduce(work, op=dist.ReduceOp.SUM, group=self.group)
+        dist.all_reduce(work, op=dist.ReduceOp.SUM, group=self.data_group)
         return work.to(tensor.device)
 
     def gather_object(self, obj: Any) -> Optional[List[Any]]:

@@ -1,4 +1,5 @@
-"""FSDP2: ``fully_shard`` each decoder layer, then the root, over the mesh's data-parallel ranks.
+"""FSDP2: ``fully_shard`` each decoder layer, then the root, over the mesh's data-parallel ranks
+(and its context-parallel ranks, which hold the same weights).
 
 With ``fsdp_size > 1`` and ``dp_size > 1`` the torch mesh is 2-D and FSDP2 runs as HSDP: parameters
 are sharded over ``fsdp`` and replicated over ``dp``. With only one of them larger than 1, parameters
@@ -63,10 +64,19 @@ class FSDP2Strategy(TorchDistributedStrategy):
     # ------------------------------------------------------------------ wrapping
     @property
     def torch_mesh(self) -> Any:
-        # Only dp and fsdp can exceed 1 here (checked at construction): the torch mesh is ('dp', 'fsdp')
+        # Only dp, fsdp and cp can exceed 1 here (checked at construction): the torch mesh is ('dp', 'fsdp')
         # for HSDP, else the one data-parallel dimension; built once, collectively, by the twinkle mesh.
+        # Context-parallel ranks hold the same weights, so they shard them too, as one dimension with fsdp.
         if self._torch_mesh is None:
-            self._torch_mesh = self.mesh.to_torch(self.device.type)
+            if self.mesh.cp_size > 1 and self.mesh.fsdp_size * self.mesh.dp_size > 1:
+                from torch.distributed.device_mesh import DeviceMesh as TorchMesh
+                shard = self.mesh.fsdp_size * self.mesh.cp_size
+                shape, names = ((self.mesh.dp_size, shard), ('dp', 'fsdp_cp')) if self.mesh.dp_size > 1 \
+                    else ((shard,), ('fsdp_cp',))
+                self._torch_mesh = TorchMesh(self.device.type, torch.tensor(self.mesh.global_ranks).reshape(shape),
+                                             mesh_dim_names=names)
+            else:
+                self._torch_mesh = self.mesh.to_torch(self.device.type)
         return self._torch_mesh
 
     def _shard_kwargs(self) -> Dict[str, Any]:
