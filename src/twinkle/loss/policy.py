@@ -35,7 +35,8 @@ from typing import Any, Dict, Literal, Mapping, Optional, Tuple
 import torch
 
 from twinkle.loss.base import Loss, LossOutput
-from twinkle.loss.utils import Sequences, aligned_tensor, masked_mean, masked_sum, policy_logps, token_entropy
+from twinkle.loss.utils import (Sequences, aligned_tensor, masked_mean, masked_sum, policy_logps, token_entropy,
+                                token_entropy_with_grad)
 from twinkle.registry import register
 
 LossType = Literal['grpo', 'dapo', 'dr_grpo', 'bnpo', 'sum']
@@ -104,7 +105,9 @@ class PolicyBatch:
 class PolicyLoss(Loss):
     """Shared plumbing: input checks, KL penalty, aggregation and metrics.
 
-    Subclasses implement :meth:`token_loss`. ``on_policy=True`` allows a missing ``old_logps`` to be
+    Subclasses implement :meth:`token_loss`. ``entropy_coef > 0`` subtracts ``entropy_coef`` times each
+    token's entropy (from ``outputs['logits']``, with gradient) from the token loss before aggregation,
+    so with 'dapo' it is ``coef x`` the mean token entropy. ``on_policy=True`` allows a missing ``old_logps`` to be
     replaced by ``logps.detach()``, which is only correct when the batch was sampled from exactly the
     weights being trained (one gradient step per rollout, no sampler/trainer numeric drift).
     """
@@ -113,7 +116,7 @@ class PolicyLoss(Loss):
 
     def __init__(self, *, loss_type: Optional[str] = None, beta: float = 0.0, kl_estimator: str = 'k3',
                  max_length: Optional[int] = None, on_policy: bool = False, temperature: float = 1.0,
-                 compute_entropy: bool = True) -> None:
+                 compute_entropy: bool = True, entropy_coef: float = 0.0) -> None:
         loss_type = loss_type or self.default_loss_type
         name = type(self).__name__
         if loss_type not in LOSS_TYPES:
@@ -122,6 +125,8 @@ class PolicyLoss(Loss):
             raise ValueError(f'{name} kl_estimator must be one of {KL_ESTIMATORS}; got {kl_estimator!r}')
         if beta < 0:
             raise ValueError(f'{name} beta (KL coefficient) must be >= 0; got {beta}')
+        if entropy_coef < 0:
+            raise ValueError(f'{name} entropy_coef must be >= 0 (it rewards entropy); got {entropy_coef}')
         if max_length is not None and max_length <= 0:
             raise ValueError(f'{name} max_length must be a positive int; got {max_length}')
         self.loss_type = loss_type
@@ -131,6 +136,7 @@ class PolicyLoss(Loss):
         self.on_policy = on_policy
         self.temperature = temperature
         self.compute_entropy = compute_entropy
+        self.entropy_coef = float(entropy_coef)
         self.template_max_length: Optional[int] = None
 
     def bind_template(self, template: Any) -> None:
@@ -189,6 +195,8 @@ class PolicyLoss(Loss):
         batch = self._prepare(inputs, outputs)
         tok, ratio, clipped = self.token_loss(batch)
         mask = batch.mask
+        if self.entropy_coef > 0:
+            tok = tok - self.entropy_coef * self._entropy_bonus(outputs)
         kl = None
         if batch.ref_logps is not None:
             kl = kl_penalty(batch.logps, batch.ref_logps, self.kl_estimator)
@@ -200,6 +208,13 @@ class PolicyLoss(Loss):
         weights = {key: (None if key == 'num_tokens' else metrics['num_tokens']) for key in metrics}
         return LossOutput(loss=loss, num_items=num_items, metrics=metrics, reduction=reduction_of(self.loss_type),
                           metric_weights=weights)
+
+    def _entropy_bonus(self, outputs: Mapping[str, Any]) -> torch.Tensor:
+        logits = outputs.get('logits')
+        if logits is None:
+            raise ValueError(f'{type(self).__name__} has entropy_coef={self.entropy_coef}, which needs '
+                             f'outputs["logits"] [batch, seq, vocab]; keep the logits or set entropy_coef=0')
+        return token_entropy_with_grad(logits / self.temperature if self.temperature != 1.0 else logits)
 
     def _metrics(self, batch: PolicyBatch, ratio: torch.Tensor, clipped: Optional[torch.Tensor],
                  kl: Optional[torch.Tensor], outputs: Mapping[str, Any]) -> Dict[str, float]:
@@ -260,13 +275,16 @@ class GRPOLoss(PolicyLoss):
     ``r = exp(logp - old_logp)``, plus ``beta * KL(policy || ref)`` when ``beta > 0``.
 
     ``clip_frac`` counts the scored tokens whose clipped branch is active (zero gradient).
+    ``epsilon`` (symmetric clip) sets both ``epsilon_low`` and ``epsilon_high`` when given.
     """
 
     def __init__(self, epsilon_low: float = 0.2, epsilon_high: float = 0.2, loss_type: str = 'grpo',
                  beta: float = 0.0, kl_estimator: str = 'k3', max_length: Optional[int] = None,
-                 on_policy: bool = False, **kwargs: Any) -> None:
+                 on_policy: bool = False, epsilon: Optional[float] = None, **kwargs: Any) -> None:
         super().__init__(loss_type=loss_type, beta=beta, kl_estimator=kl_estimator, max_length=max_length,
                          on_policy=on_policy, **kwargs)
+        if epsilon is not None:
+            epsilon_low = epsilon_high = epsilon
         if not 0 <= epsilon_low < 1 or epsilon_high < 0:
             raise ValueError(f'{type(self).__name__} needs 0 <= epsilon_low < 1 and epsilon_high >= 0; got '
                              f'epsilon_low={epsilon_low}, epsilon_high={epsilon_high}')
@@ -323,14 +341,19 @@ class CISPOLoss(PolicyLoss):
     the importance weight is truncated. ``clip_low_threshold`` / ``clip_high_threshold`` (Tinker's
     ratio-term names) override the epsilons when given. Summed over tokens by default (Tinker's
     ``cispo``); pass loss_type='dapo' for a token mean. ``clip_frac`` counts truncated weights.
+    ``epsilon`` (symmetric) sets both epsilons when given.
     """
 
     default_loss_type = 'sum'
 
     def __init__(self, epsilon_low: float = 0.2, epsilon_high: float = 0.2,
                  clip_low_threshold: Optional[float] = None, clip_high_threshold: Optional[float] = None,
-                 loss_type: str = 'sum', **kwargs: Any) -> None:
+                 loss_type: str = 'sum', epsilon: Optional[float] = None, **kwargs: Any) -> None:
         super().__init__(loss_type=loss_type, **kwargs)
+        if epsilon is not None:
+            if epsilon < 0:
+                raise ValueError(f'CISPOLoss epsilon must be >= 0; got {epsilon}')
+            epsilon_low = epsilon_high = epsilon
         self.low = clip_low_threshold if clip_low_threshold is not None else 1 - epsilon_low
         self.high = clip_high_threshold if clip_high_threshold is not None else 1 + epsilon_high
         if not 0 <= self.low <= 1 <= self.high:

@@ -61,6 +61,24 @@ def _sequence_ref(inputs: Mapping[str, Any], mask: torch.Tensor, owner: str,
                      f'{list(mask.shape)} (per token) or [{count}] (per sequence)')
 
 
+def _interleaved_ref(inputs: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``inputs`` with per-sequence ``ref_chosen_logps`` / ``ref_rejected_logps`` [pairs] turned into the
+    interleaved ``ref_logps`` [2 * pairs] (chosen at 2i, rejected at 2i + 1)."""
+    chosen, rejected = inputs.get('ref_chosen_logps'), inputs.get('ref_rejected_logps')
+    if chosen is None and rejected is None:
+        return inputs
+    if chosen is None or rejected is None:
+        raise ValueError('DPOLoss needs both ref_chosen_logps and ref_rejected_logps ([pairs] sequence sums), '
+                         'or ref_logps [batch, seq]')
+    chosen, rejected = torch.as_tensor(chosen).float().reshape(-1), torch.as_tensor(rejected).float().reshape(-1)
+    if chosen.shape != rejected.shape:
+        raise ValueError(f'DPOLoss: ref_chosen_logps has {chosen.shape[0]} entries but ref_rejected_logps '
+                         f'{rejected.shape[0]}; give one per pair in both')
+    merged = dict(inputs)
+    merged['ref_logps'] = torch.stack([chosen, rejected], dim=1).reshape(-1)
+    return merged
+
+
 def _pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> Dict[str, float]:
     chosen, rejected = chosen.detach(), rejected.detach()
     return {
@@ -81,16 +99,32 @@ class DPOLoss(Loss):
     """Direct preference optimisation.
 
     With ``h = (logp_c - ref_c) - (logp_r - ref_r)`` (sequence log-probability sums):
-    'sigmoid': ``-(1 - ls) log sigmoid(beta h) - ls log sigmoid(-beta h)``;
-    'ipo':     ``(h - 1 / (2 beta))^2``.
+    'sigmoid':  ``-(1 - ls) log sigmoid(beta h) - ls log sigmoid(-beta h)``;
+    'hinge':    ``max(0, 1 - beta h)``;
+    'ipo':      ``(h - 1 / (2 beta))^2``;
+    'kto_pair': ``1 - sigmoid(beta (logp_c - ref_c)) + sigmoid(beta (logp_r - ref_r))``: each response
+                judged on its own against the reference (reference point 0), so it stays a per-pair sum.
+    ``sft_weight > 0`` adds ``sft_weight`` times the chosen response's mean token NLL to each pair's term.
+    The reference is ``inputs['ref_logps']`` (or the call keyword ``ref_logps=``, or ``ref_outputs=`` a
+    reference forward's outputs), or per-sequence sums ``ref_chosen_logps`` / ``ref_rejected_logps`` [pairs].
     Metrics: implicit rewards ``beta (logp - ref)`` of chosen/rejected, their margin, and the fraction of
     pairs whose chosen reward is higher.
     """
 
+    LOSS_TYPES = ('sigmoid', 'hinge', 'ipo', 'kto_pair')
+
     def __init__(self, beta: float = 0.1, loss_type: str = 'sigmoid', label_smoothing: float = 0.0,
-                 reference_free: bool = False) -> None:
-        if loss_type not in ('sigmoid', 'ipo'):
-            raise ValueError(f"DPOLoss loss_type must be 'sigmoid' or 'ipo'; got {loss_type!r}")
+                 reference_free: bool = False, sft_weight: float = 0.0, **kwargs: Any) -> None:
+        if loss_type not in self.LOSS_TYPES:
+            raise ValueError(f'DPOLoss loss_type must be one of {self.LOSS_TYPES}; got {loss_type!r}')
+        if sft_weight < 0:
+            raise ValueError(f'DPOLoss sft_weight must be >= 0; got {sft_weight}')
+        ignore_index = kwargs.pop('ignore_index', -100)
+        if ignore_index != -100:
+            raise ValueError('DPOLoss masks labels equal to -100 only; encode the batch with -100 for ignored '
+                             f'positions (got ignore_index={ignore_index})')
+        if kwargs:
+            raise TypeError(f'DPOLoss got unexpected arguments {sorted(kwargs)}')
         if beta <= 0:
             raise ValueError(f'DPOLoss beta must be > 0; got {beta}')
         if not 0 <= label_smoothing < 0.5:
@@ -99,10 +133,12 @@ class DPOLoss(Loss):
         self.loss_type = loss_type
         self.label_smoothing = float(label_smoothing)
         self.reference_free = reference_free
+        self.sft_weight = float(sft_weight)
 
     def __call__(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any], **kwargs: Any) -> LossOutput:
         logps, mask = policy_logps(inputs, outputs, owner='DPOLoss')
-        seq, _, ref = _sequence_logps(inputs, logps, mask, 'DPOLoss', reference=not self.reference_free)
+        inputs = _interleaved_ref(inputs)
+        seq, tokens, ref = _sequence_logps(inputs, logps, mask, 'DPOLoss', reference=not self.reference_free)
         if ref is None:
             ref = torch.zeros_like(seq)
         pc, pr = _pairs(seq, 'DPOLoss')
@@ -110,8 +146,15 @@ class DPOLoss(Loss):
         h = (pc - rc) - (pr - rr)
         if self.loss_type == 'sigmoid':
             per_pair = _smoothed_sigmoid_loss(self.beta * h, self.label_smoothing)
-        else:
+        elif self.loss_type == 'hinge':
+            per_pair = torch.relu(1.0 - self.beta * h)
+        elif self.loss_type == 'ipo':
             per_pair = (h - 1.0 / (2.0 * self.beta)).pow(2)
+        else:
+            per_pair = 1.0 - torch.sigmoid(self.beta * (pc - rc)) + torch.sigmoid(self.beta * (pr - rr))
+        if self.sft_weight > 0:
+            chosen_tokens, _ = _pairs(tokens, 'DPOLoss')
+            per_pair = per_pair + self.sft_weight * (-pc / chosen_tokens.to(pc.dtype).clamp(min=1))
         metrics = _pair_metrics(self.beta * (pc - rc), self.beta * (pr - rr))
         return LossOutput(loss=per_pair.sum(), num_items=pc.shape[0], metrics=metrics)
 

@@ -102,6 +102,19 @@ def token_entropy(logits: torch.Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS) ->
     return torch.cat([ent.new_zeros(ent.shape[0], 1), ent], dim=1)
 
 
+def token_entropy_with_grad(logits: torch.Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+    """Like :func:`token_entropy` but differentiable, for an entropy bonus in the objective: [B, T],
+    the entropy of the distribution that predicted ``labels[:, t]`` (0 at t = 0)."""
+    batch, seq, vocab = logits.shape
+    flat = logits[:, :-1].reshape(-1, vocab)
+    pieces = []
+    for start in range(0, flat.shape[0], max(1, chunk_rows)):
+        logp = torch.log_softmax(flat[start:start + chunk_rows].float(), dim=-1)
+        pieces.append(-(logp.exp() * logp).sum(-1))
+    ent = torch.cat(pieces).view(batch, seq - 1) if pieces else logits.new_zeros((batch, 0), dtype=torch.float32)
+    return torch.cat([ent.new_zeros(batch, 1), ent], dim=1)
+
+
 def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
     values = torch.where(mask, values, torch.zeros_like(values))
     return values.sum() if dim is None else values.sum(dim)
