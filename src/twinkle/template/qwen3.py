@@ -38,12 +38,24 @@ def _is_tool_response(content: str) -> bool:
     return content.startswith('<tool_response>') and content.endswith('</tool_response>')
 
 
-def split_reasoning(message: Dict[str, Any]) -> Tuple[str, str]:
-    """(reasoning, answer) of an assistant message: ``reasoning_content`` or a ``<think>`` block."""
+def split_reasoning(message: Dict[str, Any], strict: bool = False) -> Tuple[str, str]:
+    """(reasoning, answer) of an assistant message: ``reasoning_content`` or a ``<think>`` block.
+
+    By default the content is parsed as Qwen3's own chat template parses it: everything before the first
+    ``</think>`` is reasoning (even without an opening ``<think>``) and the answer is what follows the
+    *last* ``</think>``. With ``strict`` only a content that opens with ``<think>`` has reasoning, it ends
+    at the first ``</think>``, and the answer keeps everything after it, stray tags included, so no text
+    the assistant wrote is dropped or moved into a think block.
+    """
     content = message.get('content') or ''
     reasoning = message.get('reasoning_content')
     if isinstance(reasoning, str):
         return reasoning, content
+    if strict:
+        if content.startswith(THINK_OPEN) and THINK_CLOSE in content:
+            before, _, after = content.partition(THINK_CLOSE)
+            return before[len(THINK_OPEN):].strip('\n'), after.lstrip('\n')
+        return '', content
     if THINK_CLOSE in content:
         before, _, _ = content.partition(THINK_CLOSE)
         reasoning = before.rstrip('\n').split(THINK_OPEN)[-1].lstrip('\n')
@@ -68,10 +80,15 @@ class Qwen3Template(Template):
 
     Takes the arguments of :class:`Template` plus ``enable_thinking`` (default True): with False, a
     generation prompt ends with an empty think block, as Qwen3's non-thinking mode expects.
+    ``strict_reasoning`` (default False, Qwen3's own parse) selects how a ``<think>`` block written inside
+    an assistant's content is found (see :func:`split_reasoning`); the patch
+    :class:`twinkle.patch.Qwen3ChatTemplatePatch` turns it on for one template.
     """
 
-    def __init__(self, model_id: Optional[str] = None, *, enable_thinking: bool = True, **kwargs: Any) -> None:
+    def __init__(self, model_id: Optional[str] = None, *, enable_thinking: bool = True,
+                 strict_reasoning: bool = False, **kwargs: Any) -> None:
         self.enable_thinking = enable_thinking
+        self.strict_reasoning = strict_reasoning
         super().__init__(model_id, **kwargs)
 
     def _check_tokenizer(self) -> None:
@@ -119,7 +136,7 @@ class Qwen3Template(Template):
             if role == 'user' or (role == 'system' and i > 0):
                 emit(f'{IM_START}{role}\n{content}{IM_END}\n')
             elif role == 'assistant':
-                reasoning, answer = split_reasoning(m)
+                reasoning, answer = split_reasoning(m, strict=self.strict_reasoning)
                 # the newline before a tool call depends on the answer as written, before any lstrip
                 calls = render_tool_calls(m['tool_calls'], answer) if m.get('tool_calls') else ''
                 emit(f'{IM_START}assistant\n')
