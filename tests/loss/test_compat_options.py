@@ -47,7 +47,8 @@ def test_cross_entropy_dft_weights_each_token_by_its_probability(batch):
     # The weight is detached: the gradient is p * d(-log p), not d(-p log p).
     out.loss.backward()
     ref_logits = logits.detach().clone().requires_grad_(True)
-    ref_logps = torch.log_softmax(ref_logits[:, :-1].float(), -1).gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
+    picked = labels[:, 1:].clamp(min=0)[..., None]
+    ref_logps = torch.log_softmax(ref_logits[:, :-1].float(), -1).gather(-1, picked)[..., 0]
     m = mask[:, 1:]
     (-(ref_logps.detach().exp() * ref_logps)[m].sum()).backward()
     assert torch.allclose(logits.grad, ref_logits.grad, atol=1e-6)
@@ -63,7 +64,8 @@ def test_cross_entropy_flat_labels_score_row_by_row():
     assert float(out.loss / out.num_items) == pytest.approx(
         float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-6)
     dft = CrossEntropyLoss(dft=True, ignore_index=2)({'labels': labels}, {'logits': logits})
-    want = sum(-torch.softmax(logits[i], -1)[labels[i]] * torch.log_softmax(logits[i], -1)[labels[i]] for i in (0, 2, 3))
+    want = sum(-torch.softmax(logits[i], -1)[labels[i]] * torch.log_softmax(logits[i], -1)[labels[i]]
+               for i in (0, 2, 3))
     assert float(dft.loss) == pytest.approx(float(want), rel=1e-6) and int(dft.num_items) == 3
     with pytest.raises(ValueError, match='flat labels'):
         CrossEntropyLoss()({'labels': labels}, {'logits': logits[:4]})
