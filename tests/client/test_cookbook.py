@@ -30,7 +30,7 @@ def test_native_client_script(server, mode):
 
 
 def test_tinker_client_script(server):
-    pytest.importorskip('tinker')
+    require('tinker')
     out = run('tinker_client.py', '--steps', '3', server=server)
     losses = [float(line.split()[-1]) for line in out.splitlines() if line.startswith('step ')]
     assert len(losses) == 3 and losses[2] < losses[0]
