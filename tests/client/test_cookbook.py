@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from ..conftest import require
 from .conftest import KEY
 
 COOKBOOK = Path(__file__).resolve().parents[2] / 'cookbook' / 'client'
