@@ -1,8 +1,10 @@
 """Suite-wide isolation: caches, logs and outputs go to a temporary folder, never the user's home."""
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
+from types import ModuleType
 
 import pytest
 
@@ -29,3 +31,53 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if 'gpu' in item.keywords:
             item.add_marker(skip)
+
+
+def in_ci() -> bool:
+    """CI sets ``CI=true``: there every optional test dependency must be installed."""
+    return os.environ.get('CI', '').strip().lower() not in ('', '0', 'false', 'no')
+
+
+def require(module: str, install: str = '') -> ModuleType:
+    """Import an optional third-party package for the calling test module.
+
+    Locally a missing package skips the tests that need it; in CI it fails them, so that a broken
+    install cannot pass as a green run. Twinkle's own modules are imported plainly, never through this.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        hint = f' (pip install {install or module.split(".")[0]!r})'
+        if in_ci():
+            pytest.fail(f'{module} is required in CI and could not be imported: {exc}{hint}', pytrace=False)
+        pytest.skip(f'{module} is not installed{hint}', allow_module_level=True)
+
+
+def _missing_import_skip(report) -> bool:
+    # pytest.importorskip's skip reason; a plain pytest.skip(...) with its own reason is left alone.
+    if not report.skipped or not isinstance(report.longrepr, tuple):
+        return False
+    return str(report.longrepr[2]).startswith(('Skipped: could not import', 'could not import'))
+
+
+def _fail_in_ci(report) -> None:
+    report.outcome = 'failed'
+    report.longrepr = f'{report.longrepr[2]}: optional packages must be installed in CI (CI is set)'
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """In CI, a module skipped by ``pytest.importorskip`` fails instead of vanishing from the run."""
+    outcome = yield
+    report = outcome.get_result()
+    if in_ci() and _missing_import_skip(report):
+        _fail_in_ci(report)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """The same for ``pytest.importorskip`` inside a test or fixture."""
+    outcome = yield
+    report = outcome.get_result()
+    if in_ci() and _missing_import_skip(report):
+        _fail_in_ci(report)

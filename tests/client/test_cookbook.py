@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from ..conftest import require
 from .conftest import KEY
 
 COOKBOOK = Path(__file__).resolve().parents[2] / 'cookbook' / 'client'
@@ -30,7 +31,7 @@ def test_native_client_script(server, mode):
 
 
 def test_tinker_client_script(server):
-    pytest.importorskip('tinker')
+    require('tinker')
     out = run('tinker_client.py', '--steps', '3', server=server)
     losses = [float(line.split()[-1]) for line in out.splitlines() if line.startswith('step ')]
     assert len(losses) == 3 and losses[2] < losses[0]

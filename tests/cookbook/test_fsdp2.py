@@ -45,6 +45,11 @@ def test_fsdp2_cookbook_trains_and_resumes(tmp_path):
     losses = _losses(second)
     assert sorted(losses) == [3, 4]  # continues where the first run stopped, nothing repeated
     assert all(0 < v < 20 for v in losses.values())
+    # Resuming changes nothing: the same losses as one uninterrupted run, to the printed precision.
+    whole = _losses(_run(tmp_path / 'uninterrupted', '--max-steps', '4'))
+    assert sorted(whole) == [1, 2, 3, 4]
+    for step, loss in {**_losses(first), **losses}.items():
+        assert loss == pytest.approx(whole[step], abs=1.5e-4), (step, loss, whole)
     state = json.loads((tmp_path / 'checkpoint-4' / 'trainer_state.json').read_text())
     assert state['cur_step'] == 4 and state['micro_step'] == 8 and state['world_size'] == 2
     assert state['consumed_train_samples'] == 64  # 4 steps x 2 accumulated global batches of 8

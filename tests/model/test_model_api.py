@@ -91,7 +91,14 @@ def test_bf16_autocast_trains_on_cpu():
     m = TransformersModel(model_id=MODEL_ID, mixed_precision='bf16', report_to_tensorboard=False)
     m.set_optimizer('AdamW', lr=1e-3)
     batch = make_samples(4)
+    seen = []
+    proj = m.hf_model.model.layers[0].self_attn.q_proj
+    hook = proj.register_forward_hook(
+        lambda module, args, out: seen.append((out.dtype, torch.is_autocast_enabled('cpu'))))
     first = m.forward_backward(inputs=batch)['loss']
+    hook.remove()
+    # The matmul really ran under CPU autocast in bf16, on fp32 weights.
+    assert seen == [(torch.bfloat16, True)] and proj.weight.dtype == torch.float32
     m.clip_grad_and_step()
     assert all(p.dtype == torch.float32 for p in m.module.parameters())  # fp32 master weights
     assert m.forward_backward(inputs=batch)['loss'] < first
@@ -132,12 +139,17 @@ def test_loss_scaler_unscales_once_per_window_and_survives_an_empty_window():
     m.forward_backward(inputs=empty)
     assert m.clip_grad_and_step()['stepped'] is False
     batch = make_samples(4)
-    m.forward_backward(inputs=batch)
+    num_items = m.forward_backward(inputs=batch)['num_items']
+    # The gradients as backward left them: the loss sum's, times the scale.
+    raw = sum(float(p.grad.double().pow(2).sum()) for p in m.module.parameters() if p.grad is not None) ** 0.5
     scaled_norm = m.clip_grad_norm(max_grad_norm=1e9)
     result = m.clip_grad_and_step(max_grad_norm=1e9)
     assert result['stepped'] is True
     # The norm is measured on unscaled gradients both times: same order of magnitude, not x1024.
     assert scaled_norm < 1e4 and result['grad_norm'] < 1e4
+    # Exactly: unscaled once (before the window is divided by its tokens), then the token mean's norm.
+    assert scaled_norm == pytest.approx(raw / 1024.0, rel=1e-4)  # fp32 reductions vs float64
+    assert result['grad_norm'] == pytest.approx(raw / 1024.0 / num_items, rel=1e-4)
 
 
 def test_chunked_patch_refuses_temperature():

@@ -214,3 +214,51 @@ def test_gradients_flow_with_padding_free_batches():
     packed = model.forward_only(inputs=batch)['loss']
     assert float(packed.num_items) == float(padded.num_items)
     assert float(packed.loss) == pytest.approx(float(padded.loss), rel=1e-4)
+
+
+def test_training_metrics_equal_independently_computed_values():
+    """loss, token_acc, grad_norm and lr are the true values, not merely numbers (a NaN accuracy or a
+    stale learning rate must fail)."""
+    import math
+
+    import torch.nn.functional as F
+
+    base_lr = 1e-3
+    model = _model(True, lr=base_lr)
+    model.set_lr_scheduler('LinearWarmupScheduler', num_warmup_steps=3, num_training_steps=10)
+    session = model._session(None)
+    loss_sum = hits = count = 0.0
+    for step in range(2):
+        batch = make_samples(4, seed=10 + step)
+        logits = model.forward_only(inputs=batch)['logits'].double()
+        if step == 1:  # let the model predict some label tokens, so that the accuracy is neither 0 nor 1
+            pred = logits.argmax(-1)
+            for k, row in enumerate(batch):
+                labelled = [t for t, v in enumerate(row['labels']) if v != -100][::2]
+                for t in labelled:
+                    row['labels'][t] = row['input_ids'][t] = int(pred[k, t - 1])
+            logits = model.forward_only(inputs=batch)['logits'].double()
+        labels = torch.full(logits.shape[:2], -100, dtype=torch.long)
+        for k, row in enumerate(batch):
+            labels[k, :len(row['labels'])] = torch.tensor(row['labels'])
+        target, shifted = labels[:, 1:], logits[:, :-1]
+        mask = target != -100
+        loss_sum += float(F.cross_entropy(shifted[mask], target[mask], reduction='sum'))
+        hits += float((shifted.argmax(-1).eq(target) & mask).sum())
+        count += float(mask.sum())
+
+        model.forward_backward(inputs=batch)
+        grads = [p.grad for g in session.optimizer.param_groups for p in g['params'] if p.grad is not None]
+        # Gradients are token sums until the step divides by the window's tokens.
+        true_norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads)) / float(mask.sum())
+        result = model.clip_grad_and_step(max_grad_norm=1e9)
+        assert result['grad_norm'] == pytest.approx(true_norm, rel=1e-5)
+    assert 0 < hits < count
+    metrics = model.calculate_metric(is_training=True)
+    assert metrics['loss'] == pytest.approx(loss_sum / count, rel=1e-5)
+    assert metrics['token_acc'] == pytest.approx(hits / count, rel=1e-12)
+    assert metrics['grad_norm'] == pytest.approx(true_norm, rel=1e-5)
+    # Two scheduler steps into a 3-step linear warm-up: (2 + 1) / (3 + 1) of the base rate.
+    assert metrics['lr'] == pytest.approx(base_lr * 3 / 4, rel=1e-12)
+    assert metrics['lr'] == session.scheduler.get_last_lr()[0]
+    assert metrics['step'] == 2 and metrics['micro_step'] == 2

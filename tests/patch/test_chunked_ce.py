@@ -132,3 +132,51 @@ def test_chunked_cross_entropy_refuses_an_unknown_logit_transform():
     with pytest.raises(NotImplementedError, match='without ChunkedCrossEntropyPatch'):
         model.apply_patch('ChunkedCrossEntropyPatch', chunk_size=5)
     assert model.forward_core.logits_mode == ('full', None)
+
+
+class _LargestLogits(torch.utils._python_dispatch.TorchDispatchMode):
+    """Watches every tensor any op produces (forward and backward) and keeps the most positions seen in
+    one tensor whose last dimension is the vocabulary."""
+
+    def __init__(self, vocab: int, hidden: int):
+        super().__init__()
+        self.vocab, self.hidden, self.most_rows = vocab, hidden, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            # [H, V] is the (tied) output projection's weight transposed, not logits.
+            if isinstance(t, torch.Tensor) and t.ndim >= 2 and t.shape[-1] == self.vocab \
+                    and tuple(t.shape) != (self.hidden, self.vocab):
+                self.most_rows = max(self.most_rows, t.numel() // self.vocab)
+        return out
+
+
+def test_chunked_cross_entropy_never_builds_the_full_logits():
+    """Neither the output projection nor any other op, forward or backward, produces more than one
+    chunk of logits at a time; without the patch the same probe sees the full [B, S, V] tensor."""
+    batch = _samples(n=16, seed=4)
+    model = _model()
+    config = model.hf_model.config
+    positions = len(batch) * max(len(s['input_ids']) for s in batch)
+    assert positions > config.hidden_size  # so that a full logits tensor cannot pass for the [H, V] weight
+    head_rows = []
+    hook = model.hf_model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: head_rows.append(out.numel() // out.shape[-1]))
+    try:
+        probe = _LargestLogits(config.vocab_size, config.hidden_size)
+        with probe:
+            model.forward_backward(inputs=batch)
+        assert probe.most_rows >= positions - len(batch)  # the probe does see full logits
+        model.zero_grad()
+        chunk = 7
+        with model.apply_patch('ChunkedCrossEntropyPatch', chunk_size=chunk):
+            head_rows.clear()
+            probe = _LargestLogits(config.vocab_size, config.hidden_size)
+            with probe:
+                out = model.forward_backward(inputs=batch)
+        assert out['loss'] > 0
+        assert head_rows and max(head_rows) <= chunk
+        assert 0 < probe.most_rows <= chunk
+    finally:
+        hook.remove()

@@ -14,7 +14,9 @@ import torch
 import twinkle
 from twinkle import DeviceGroup, DeviceMesh, remote_class, remote_function, runtime
 
-ray = pytest.importorskip('ray')
+from ..conftest import require  # noqa: E402
+
+ray = require('ray')
 
 from twinkle.runtime.ray import LazyResult, RemoteError, RemoteHandle  # noqa: E402
 from twinkle.runtime.ray.collect import split_for_rank  # noqa: E402

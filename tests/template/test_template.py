@@ -10,6 +10,8 @@ from twinkle.registry import RegistryError, resolve
 from twinkle.template import Qwen3Template, Template
 from twinkle.types import IGNORE_INDEX
 
+from ..conftest import in_ci
+
 # A prefix-stable ChatML template with tool support, written for these tests.
 CHATML = (
     "{%- if tools %}{{ '<|im_start|>system\\n' }}"
@@ -195,7 +197,8 @@ def test_registry_names():
 TINY = Path(__file__).resolve().parents[2] / 'src' / 'twinkle' / 'assets' / 'tiny-qwen3'
 
 
-@pytest.mark.skipif(not (TINY / 'tokenizer.json').exists(), reason='embedded tokenizer not built')
+# The embedded tokenizer ships with the package: in CI its absence is a packaging bug, not a reason to skip.
+@pytest.mark.skipif(not (TINY / 'tokenizer.json').exists() and not in_ci(), reason='embedded tokenizer not built')
 def test_embedded_tokenizer_by_path():
     t = Template(model_id=str(TINY))
     assert t.eos_token_id == t.tokenizer.convert_tokens_to_ids('<|im_end|>')

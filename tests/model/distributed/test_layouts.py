@@ -1,0 +1,79 @@
+"""The data-parallel layouts the README documents, checked on the wrapped module under torchrun (4 ranks):
+``dp_size`` with native_fsdp shards over every rank, ``dp_size x fsdp_size`` is HSDP, ``mixed_precision='bf16'``
+becomes FSDP2's MixedPrecisionPolicy (bf16 compute, fp32 gradient reduction), and ``fsdp_config`` /
+``ddp_config`` reach the wrappers."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+WORKER = Path(__file__).with_name('layouts_worker.py')
+TORCHRUN_ENV = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT',
+                'GROUP_RANK', 'ROLE_RANK', 'TORCHELASTIC_RUN_ID')
+WORLD = 4
+
+
+@pytest.fixture(scope='module')
+def ranks(tmp_path_factory):
+    from twinkle.hub import resolve
+    resolve('builtin://tiny-qwen3')  # materialise the embedded model once, before four ranks look for it
+    out = tmp_path_factory.mktemp('layouts')
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
+    env['OMP_NUM_THREADS'] = '1'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(WORLD), '--master_addr',
+           '127.0.0.1', '--master_port', str(port), str(WORKER), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return [json.loads((out / f'rank{r}.json').read_text()) for r in range(WORLD)]
+
+
+def _same_loss_everywhere(ranks, scenario):
+    # Every rank reports the figure of the whole global batch.
+    losses = [r[scenario]['loss'] for r in ranks]
+    assert losses[0] > 0 and all(abs(v - losses[0]) <= 1e-6 * losses[0] for v in losses), losses
+
+
+def test_dp_size_with_native_fsdp_shards_over_every_rank(ranks):
+    for r in ranks:
+        facts = r['fsdp_dp4']
+        assert facts['sharded'] and facts['mesh_dims'] == ['dp'] and facts['mesh_shape'] == [WORLD]
+        assert facts['placements'] == ['Shard']
+        assert facts['local_rows'] == -(-facts['full_rows'] // WORLD)
+        # No bf16 asked for: no parameter cast, everything fp32.
+        assert facts['param_dtype'] == 'None' and facts['forward_dtypes'] == ['torch.float32']
+        assert facts['reshard_after_forward'] is True and facts['stepped']
+    _same_loss_everywhere(ranks, 'fsdp_dp4')
+
+
+def test_hsdp_bf16_policy_and_fsdp_config(ranks):
+    for r in ranks:
+        facts = r['hsdp_bf16']
+        # Replicated over dp, sharded over fsdp.
+        assert facts['mesh_dims'] == ['dp', 'fsdp'] and facts['mesh_shape'] == [2, 2]
+        assert facts['placements'] == ['Replicate', 'Shard']
+        assert facts['local_rows'] == -(-facts['full_rows'] // 2)
+        # bf16 -> MixedPrecisionPolicy: bf16 compute on fp32 master weights, fp32 gradient reduction.
+        assert facts['param_dtype'] == 'torch.bfloat16' and facts['reduce_dtype'] == 'torch.float32'
+        assert facts['forward_dtypes'] == ['torch.bfloat16'] and facts['weight_dtype'] == 'torch.float32'
+        assert facts['grad_dtype'] == 'torch.float32' and facts['grad_is_dtensor']
+        # fsdp_config={'reshard_after_forward': False} reached fully_shard.
+        assert facts['reshard_after_forward'] is False and facts['stepped']
+    _same_loss_everywhere(ranks, 'hsdp_bf16')
+
+
+def test_ddp_config_reaches_ddp(ranks):
+    for r in ranks:
+        facts = r['ddp_config']
+        assert facts['ddp'] and facts['strategy'] == 'AccelerateDDPStrategy'
+        assert facts['find_unused_parameters'] is True and facts['bucket_bytes_cap'] == 1024 * 1024
+    _same_loss_everywhere(ranks, 'ddp_config')
