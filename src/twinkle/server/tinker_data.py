@@ -22,6 +22,14 @@ LOSSES: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...], Tuple[str, ...]]] = {
     'importance_sampling': (('target_tokens', 'logprobs', 'advantages'), (), ()),
     'ppo': (('target_tokens', 'logprobs', 'advantages'), (), ('clip_low_threshold', 'clip_high_threshold')),
     'cispo': (('target_tokens', 'logprobs', 'advantages'), (), ('clip_low_threshold', 'clip_high_threshold')),
+    'dro': (('target_tokens', 'logprobs', 'advantages'), (), ('beta',)),
+    'gspo': (('target_tokens', 'logprobs', 'advantages'), ('sequence_ratio_mask',),
+             ('clip_low_threshold', 'clip_high_threshold')),
+}
+# Losses the SDK can name that this server does not compute, with the reason a client gets.
+REFUSED_LOSSES = {
+    'custom': 'custom losses run on the client with forward_backward_custom (this server reports '
+              'custom_loss_server_side=false, so the SDK never uploads them)',
 }
 
 
@@ -80,10 +88,17 @@ def loss_config(msg: Any) -> Dict[str, Any]:
     return config
 
 
-def make_loss(loss_fn: str, config: Mapping[str, Any]) -> Any:
-    from ..loss import CISPOLoss, CrossEntropyLoss, ImportanceSamplingLoss, PPOLoss
+def check_loss_fn(loss_fn: str) -> None:
+    if loss_fn in REFUSED_LOSSES:
+        raise BadRequest(f'loss_fn {loss_fn!r} is not computed by this server: {REFUSED_LOSSES[loss_fn]}')
     if loss_fn not in LOSSES:
         raise BadRequest(f'loss_fn {loss_fn!r} is not supported by this server; supported: {sorted(LOSSES)}')
+
+
+def make_loss(loss_fn: str, config: Mapping[str, Any]) -> Any:
+    from ..loss import CISPOLoss, CrossEntropyLoss, ImportanceSamplingLoss, PPOLoss
+    from .tinker_losses import DROLoss, GSPOLoss
+    check_loss_fn(loss_fn)
     allowed = LOSSES[loss_fn][2]
     unknown = sorted(set(config) - set(allowed))
     if unknown:
@@ -97,9 +112,16 @@ def make_loss(loss_fn: str, config: Mapping[str, Any]) -> Any:
         return CrossEntropyLoss(reduction='sum')
     if loss_fn == 'importance_sampling':
         return ImportanceSamplingLoss(loss_type='sum')
-    if loss_fn == 'ppo':
-        return PPOLoss(loss_type='sum', **kwargs)
-    return CISPOLoss(loss_type='sum', **kwargs)
+    try:
+        if loss_fn == 'ppo':
+            return PPOLoss(loss_type='sum', **kwargs)
+        if loss_fn == 'dro':
+            return DROLoss(**kwargs)
+        if loss_fn == 'gspo':
+            return GSPOLoss(**kwargs)
+        return CISPOLoss(loss_type='sum', **kwargs)
+    except ValueError as exc:
+        raise BadRequest(f'loss_fn_config for {loss_fn!r}: {exc}') from None
 
 
 def tensor(msg: Any, what: str, max_elements: int) -> np.ndarray:
@@ -136,8 +158,7 @@ def tensor(msg: Any, what: str, max_elements: int) -> np.ndarray:
 
 def datum_rows(msg: Any, loss_fn: str, max_tokens: int) -> List[Dict[str, np.ndarray]]:
     """Validated per-datum arrays: 'tokens' (int64 [N]) and the loss inputs (each [N])."""
-    if loss_fn not in LOSSES:
-        raise BadRequest(f'loss_fn {loss_fn!r} is not supported by this server; supported: {sorted(LOSSES)}')
+    check_loss_fn(loss_fn)
     required, optional, _ = LOSSES[loss_fn]
     if not msg.data:
         raise BadRequest('forward_backward needs at least one datum')
@@ -184,7 +205,7 @@ def build_batch(rows: List[Dict[str, np.ndarray]], pad_id: int) -> Dict[str, Any
     labels = torch.full((b, width), IGNORE, dtype=torch.long)
     mask = torch.zeros((b, width), dtype=torch.long)
     floats = {'weights': torch.zeros((b, width)), 'old_logps': torch.zeros((b, width)),
-              'advantages': torch.zeros((b, width))}
+              'advantages': torch.zeros((b, width)), 'sequence_ratio_mask': torch.zeros((b, width))}
     present = set()
     for i, row in enumerate(rows):
         n = row['tokens'].size
@@ -193,13 +214,17 @@ def build_batch(rows: List[Dict[str, np.ndarray]], pad_id: int) -> Dict[str, Any
         ids[i, n] = target[-1]
         labels[i, 1:n + 1] = target
         mask[i, :n + 1] = 1
-        for src, dst in (('weights', 'weights'), ('logprobs', 'old_logps'), ('advantages', 'advantages')):
+        for src, dst in (('weights', 'weights'), ('logprobs', 'old_logps'), ('advantages', 'advantages'),
+                         ('sequence_ratio_mask', 'sequence_ratio_mask')):
             if src in row:
                 floats[dst][i, 1:n + 1] = torch.as_tensor(row[src].astype(np.float32))
                 present.add(dst)
             elif src == 'weights':
                 floats[dst][i, 1:n + 1] = 1.0
                 present.add(dst)
+            elif src == 'sequence_ratio_mask':
+                # A datum without a mask takes its sequence ratio over all its targets.
+                floats[dst][i, 1:n + 1] = 1.0
     batch = {'input_ids': ids, 'labels': labels, 'attention_mask': mask}
     batch.update({k: v for k, v in floats.items() if k in present})
     return batch
