@@ -86,3 +86,46 @@ def test_gspo_ratio_mask_changes_the_sequence_ratio():
 def test_bad_loss_configs_are_bad_requests(loss_fn, config, match):
     with pytest.raises(BadRequest, match=match):
         make_loss(loss_fn, config)
+
+
+def test_stable_reinforce_is_truncated_reinforce_plus_sampler_kl():
+    inputs, logps, mask = _case(3)
+    sampled = torch.tensor([[0.0, 0.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0, 0.0]])
+    inputs['sampled_mask'] = sampled
+    k = 0.25
+    out = make_loss('stable_reinforce', {'kl_coeff': k})(inputs, {'logps': logps})
+    out.loss.backward()
+    expected, expected_grad = 0.0, torch.zeros(2, 5)
+    for b in range(2):
+        for t in range(5):
+            if not sampled[b, t]:
+                continue
+            lp, q, a = float(logps.detach()[b, t]), float(inputs['old_logps'][b, t]), float(inputs['advantages'][b, t])
+            r = math.exp(lp - q)
+            expected += -min(r, 1.0) * a * lp + k * (r - 1 - math.log(r))
+            expected_grad[b, t] = -min(r, 1.0) * a + k * (r - 1)
+    assert float(out.loss) == pytest.approx(expected, rel=1e-5)
+    torch.testing.assert_close(logps.grad, expected_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_provenance_is_checked_against_the_records():
+    import numpy as np
+
+    from twinkle.server.stability import StabilityStore, resolve
+    store = StabilityStore()
+    store.record('a', ['s1'], [1, 2, 3], [([7, 8, 9], [-0.5, -1.0, -1.5])])
+    tokens, targets = np.array([1, 2, 3, 7, 8]), np.array([2, 3, 7, 8, 9])
+    ins = [('prompt', 's1', 0, 3), ('sampled', 's1', 0, 2)]
+    outs = [('prompt', 's1', 1, 2), ('sampled', 's1', 0, 3)]
+    old, sampled = resolve(store, 'a', 'data[0]', tokens, targets, ins, outs)
+    assert old.tolist() == [0.0, 0.0, -0.5, -1.0, -1.5] and sampled.tolist() == [0, 0, 1, 1, 1]
+    with pytest.raises(BadRequest, match='differ'):
+        resolve(store, 'a', 'data[0]', tokens, np.array([2, 3, 7, 8, 4]), ins, outs)
+    with pytest.raises(BadRequest, match='names no recorded sample'):
+        resolve(store, 'b', 'data[0]', tokens, targets, ins, outs)  # another tenant's sequence
+    with pytest.raises(BadRequest, match='tile'):
+        resolve(store, 'a', 'data[0]', tokens, targets, ins[:1], outs)
+    with pytest.raises(BadRequest, match='past'):
+        resolve(store, 'a', 'data[0]', tokens, targets, ins, [('prompt', 's1', 1, 2), ('sampled', 's1', 1, 3)])
+    with pytest.raises(BadRequest, match='provenance'):
+        resolve(store, 'a', 'data[0]', tokens, targets, [], [])

@@ -241,6 +241,73 @@ def test_forward_backward_custom_runs_the_loss_on_the_client(service):
     assert norm == pytest.approx(_same_gradient_by_cross_entropy(tc, [(PROMPT + COMPLETION,)], [2 * lp]), rel=1e-3)
 
 
+def _provenance_datum(seq, adv: float, prompt=PROMPT) -> types.Datum:
+    tokens = prompt + list(seq.tokens)
+    n = len(prompt) - 1
+    datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={
+        'target_tokens': np.array(tokens[1:], dtype=np.int64),
+        'logprobs': np.array([0.0] * n + list(seq.logprobs), dtype=np.float32),
+        'advantages': np.array([0.0] * n + [adv] * len(seq.tokens), dtype=np.float32)})
+    sid = seq.sequence_id
+    return datum.with_provenance(
+        model_input=[types.PromptProvenanceSpan(sequence_id=sid, offset=0, length=len(prompt)),
+                     types.SampledProvenanceSpan(sequence_id=sid, offset=0, length=len(seq.tokens) - 1)],
+        loss_fn_inputs=[types.PromptProvenanceSpan(sequence_id=sid, offset=1, length=n),
+                        types.SampledProvenanceSpan(sequence_id=sid, offset=0, length=len(seq.tokens))])
+
+
+def test_stable_reinforce_trains_on_recorded_samples_by_the_formula(service):
+    tc = service.create_lora_training_client(base_model=MODEL, rank=4, seed=8).result()
+    sampler = tc.save_weights_and_get_sampling_client(record_stability_info=True).result()
+    res = sampler.sample(types.ModelInput.from_ints(PROMPT), 2, types.SamplingParams(max_tokens=4, seed=0)).result()
+    assert all(s.sequence_id for s in res.sequences) and len({s.sequence_id for s in res.sequences}) == 2
+    # One SFT step moves the weights, so the trainer is off-policy with respect to the recorded sampler.
+    tc.forward_backward([sft_datum()], 'cross_entropy').result()
+    tc.optim_step(types.AdamParams(learning_rate=5e-2)).result()
+    advs, k = [1.0, -0.5], 0.3
+    data = [_provenance_datum(seq, adv) for seq, adv in zip(res.sequences, advs)]
+    current = [o['logprobs'].to_numpy().astype(np.float64) for o in tc.forward(
+        [types.Datum(model_input=d.model_input, loss_fn_inputs={'target_tokens': d.loss_fn_inputs['target_tokens'],
+                                                                 'weights': np.ones(d.model_input.length,
+                                                                                    dtype=np.float32)})
+         for d in data], 'cross_entropy').result().loss_fn_outputs]
+    out = tc.forward_backward(data, 'stable_reinforce', {'kl_coeff': k}).result()
+    expected, dloss, cases = 0.0, [], []
+    for seq, adv, lp, d in zip(res.sequences, advs, current, data):
+        n = len(PROMPT) - 1
+        q = np.array(seq.logprobs, dtype=np.float64)
+        r = np.exp(lp[n:] - q)
+        assert not np.allclose(r, 1.0, atol=1e-4)
+        expected += float((-np.minimum(r, 1.0) * adv * lp[n:] + k * (r - 1 - np.log(r))).sum())
+        dloss.append(np.concatenate([np.zeros(n), -np.minimum(r, 1.0) * adv + k * (r - 1)]))
+        cases.append((PROMPT + list(seq.tokens),))
+    assert out.metrics['loss:sum'] == pytest.approx(expected, rel=1e-4, abs=1e-4)
+    norm = _grad_norm(tc)
+    assert norm > 0 and norm == pytest.approx(_same_gradient_by_cross_entropy(tc, cases, dloss), rel=1e-3)
+
+
+def test_stable_reinforce_refuses_unrecorded_or_altered_provenance(service):
+    tc = service.create_lora_training_client(base_model=MODEL, rank=4, seed=9).result()
+    plain = tc.save_weights_and_get_sampling_client().result()
+    seq = plain.sample(types.ModelInput.from_ints(PROMPT), 1, types.SamplingParams(max_tokens=3, seed=0)).result() \
+        .sequences[0]
+    with pytest.raises(Exception, match='names no recorded sample'):
+        tc.forward_backward([_provenance_datum(seq, 1.0)], 'stable_reinforce').result()
+    recording = tc.save_weights_and_get_sampling_client(record_stability_info=True).result()
+    seq = recording.sample(types.ModelInput.from_ints(PROMPT), 1, types.SamplingParams(max_tokens=3, seed=0)).result() \
+        .sequences[0]
+    tc2 = service.create_lora_training_client(base_model=MODEL, rank=4, seed=9).result()
+    with pytest.raises(Exception, match='differ'):
+        tc2.forward_backward([_provenance_datum(seq, 1.0, prompt=[5, 6, 7, 9])], 'stable_reinforce').result()
+    tc3 = service.create_lora_training_client(base_model=MODEL, rank=4, seed=9).result()
+    bare = _provenance_datum(seq, 1.0)
+    with pytest.raises(Exception, match='provenance'):
+        tc3.forward_backward([types.Datum(model_input=bare.model_input, loss_fn_inputs=bare.loss_fn_inputs)],
+                             'stable_reinforce').result()
+    tc4 = service.create_lora_training_client(base_model=MODEL, rank=4, seed=9).result()
+    tc4.forward_backward([_provenance_datum(seq, 1.0)], 'stable_reinforce').result()
+
+
 def test_unsupported_loss_and_config_are_clear_errors(service, trained):
     tc = service.create_lora_training_client(base_model=MODEL, rank=4, seed=2).result()
     with pytest.raises(Exception, match='custom'):

@@ -182,6 +182,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
         def prepare() -> Callable[[], Any]:
             tinker_data.make_loss(msg.loss_fn, tinker_data.loss_config(msg))  # unsupported loss / config: 400 now
             rows = tinker_data.datum_rows(msg, msg.loss_fn, ctx.settings.limits.max_tokens_per_request)
+            tinker_data.apply_provenance(rows, state.stability, t)
             ctx.engine.check_tokens([r['tokens'].tolist() + r['target_tokens'].astype('int64').tolist()
                                      for r in rows], 'data')
             forward_only = bool(msg.forward_only)
@@ -337,8 +338,12 @@ def build_router(ctx: ServerContext) -> APIRouter:
                                f'request; each request needs a new seq_id')
             return accepted(fut, sample_sequence_ids=fut.extra['sequence_ids'])
         req = sample_request(ctx, body)
+        # Named before the job is queued: a recording sampler stores its sequences under these ids.
+        sequence_ids = [f'seq-{uuid.uuid4().hex}' for _ in range(body.num_samples)]
+        if body.record_stability_info:
+            req['record_ids'] = sequence_ids
         fut = ctx.submit(t, lambda: state.op_sample(s, req))
-        fut.extra['sequence_ids'] = [f'{fut.request_id}-{i}' for i in range(body.num_samples)]
+        fut.extra['sequence_ids'] = sequence_ids
         if body.seq_id is not None:
             s.seen[body.seq_id] = (key, fut)
         return accepted(fut, sample_sequence_ids=fut.extra['sequence_ids'])
@@ -421,8 +426,7 @@ def sample_request(ctx: ServerContext, body: B.Sample) -> Dict[str, Any]:
     unsupported = [name for name, on in (('topk_prompt_logprobs', body.topk_prompt_logprobs),
                                          ('topk_sample_logprobs', body.topk_sample_logprobs),
                                          ('target_prompt_logprobs', body.target_prompt_logprobs is not None),
-                                         ('prompt_alt_tokens_k', body.prompt_alt_tokens_k),
-                                         ('record_stability_info', body.record_stability_info)) if on]
+                                         ('prompt_alt_tokens_k', body.prompt_alt_tokens_k)) if on]
     if unsupported:
         raise BadRequest(f'sampling options {unsupported} are not supported by this server')
     tokens: List[int] = []

@@ -25,7 +25,11 @@ LOSSES: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...], Tuple[str, ...]]] = {
     'dro': (('target_tokens', 'logprobs', 'advantages'), (), ('beta',)),
     'gspo': (('target_tokens', 'logprobs', 'advantages'), ('sequence_ratio_mask',),
              ('clip_low_threshold', 'clip_high_threshold')),
+    # The sampler logprobs come from the records sampling made; a datum's own 'logprobs' are not used.
+    'stable_reinforce': (('target_tokens', 'advantages'), ('logprobs',), ('kl_coeff',)),
 }
+# Losses whose datums must carry provenance spans (resolved against the sampling records).
+NEEDS_PROVENANCE = ('stable_reinforce',)
 # Losses the SDK can name that this server does not compute, with the reason a client gets.
 REFUSED_LOSSES = {
     'custom': 'custom losses run on the client with forward_backward_custom (this server reports '
@@ -97,7 +101,7 @@ def check_loss_fn(loss_fn: str) -> None:
 
 def make_loss(loss_fn: str, config: Mapping[str, Any]) -> Any:
     from ..loss import CISPOLoss, CrossEntropyLoss, ImportanceSamplingLoss, PPOLoss
-    from .tinker_losses import DROLoss, GSPOLoss
+    from .tinker_losses import DROLoss, GSPOLoss, StableReinforceLoss
     check_loss_fn(loss_fn)
     allowed = LOSSES[loss_fn][2]
     unknown = sorted(set(config) - set(allowed))
@@ -119,6 +123,8 @@ def make_loss(loss_fn: str, config: Mapping[str, Any]) -> Any:
             return DROLoss(**kwargs)
         if loss_fn == 'gspo':
             return GSPOLoss(**kwargs)
+        if loss_fn == 'stable_reinforce':
+            return StableReinforceLoss(**kwargs)
         return CISPOLoss(loss_type='sum', **kwargs)
     except ValueError as exc:
         raise BadRequest(f'loss_fn_config for {loss_fn!r}: {exc}') from None
@@ -181,6 +187,10 @@ def datum_rows(msg: Any, loss_fn: str, max_tokens: int) -> List[Dict[str, np.nda
                              f'{" (optional " + str(list(optional)) + ")" if optional else ""}; '
                              f'missing {missing}, unexpected {extra}')
         row = {'tokens': tokens}
+        if loss_fn in NEEDS_PROVENANCE:
+            from .stability import spans_of
+            row['input_spans'] = spans_of(datum.model_input_spans)
+            row['target_spans'] = spans_of(datum.loss_fn_input_spans)
         for name in names:
             arr = tensor(datum.loss_fn_inputs[name], f'data[{i}].loss_fn_inputs[{name!r}]', tokens.size)
             if arr.ndim != 1 or arr.shape[0] != tokens.size:
@@ -197,6 +207,17 @@ def datum_rows(msg: Any, loss_fn: str, max_tokens: int) -> List[Dict[str, np.nda
     return rows
 
 
+def apply_provenance(rows: List[Dict[str, Any]], lookup: Any, tenant: str) -> None:
+    """Replace each row's sampler logprobs by the recorded ones and mark its sampled targets."""
+    from .stability import resolve
+    for i, row in enumerate(rows):
+        if 'target_spans' not in row or 'sampled_mask' in row:
+            continue
+        old, sampled = resolve(lookup, tenant, f'data[{i}]', row['tokens'], row['target_tokens'].astype(np.int64),
+                               row['input_spans'], row['target_spans'])
+        row['logprobs'], row['sampled_mask'] = old, sampled
+
+
 def build_batch(rows: List[Dict[str, np.ndarray]], pad_id: int) -> Dict[str, Any]:
     import torch
     width = max(r['tokens'].size for r in rows) + 1
@@ -205,7 +226,8 @@ def build_batch(rows: List[Dict[str, np.ndarray]], pad_id: int) -> Dict[str, Any
     labels = torch.full((b, width), IGNORE, dtype=torch.long)
     mask = torch.zeros((b, width), dtype=torch.long)
     floats = {'weights': torch.zeros((b, width)), 'old_logps': torch.zeros((b, width)),
-              'advantages': torch.zeros((b, width)), 'sequence_ratio_mask': torch.zeros((b, width))}
+              'advantages': torch.zeros((b, width)), 'sequence_ratio_mask': torch.zeros((b, width)),
+              'sampled_mask': torch.zeros((b, width))}
     present = set()
     for i, row in enumerate(rows):
         n = row['tokens'].size
@@ -215,7 +237,7 @@ def build_batch(rows: List[Dict[str, np.ndarray]], pad_id: int) -> Dict[str, Any
         labels[i, 1:n + 1] = target
         mask[i, :n + 1] = 1
         for src, dst in (('weights', 'weights'), ('logprobs', 'old_logps'), ('advantages', 'advantages'),
-                         ('sequence_ratio_mask', 'sequence_ratio_mask')):
+                         ('sequence_ratio_mask', 'sequence_ratio_mask'), ('sampled_mask', 'sampled_mask')):
             if src in row:
                 floats[dst][i, 1:n + 1] = torch.as_tensor(row[src].astype(np.float32))
                 present.add(dst)

@@ -74,3 +74,37 @@ class GSPOLoss:
         metrics = {'num_tokens': float(mask.sum()), 'clip_frac': float(clipped.sum() / mask.sum().clamp(min=1.0)),
                    'sequence_ratio_mean': float(seq_ratio.mean())}
         return LossOutput(loss=loss, num_items=1, metrics=metrics)
+
+
+class StableReinforceLoss:
+    """This server's ``stable_reinforce``: REINFORCE on the sampled tokens with a truncated importance weight
+    against the logprobs recorded at sampling time, plus a KL penalty towards the sampler.
+
+    Per sampled target position ``t`` (provenance ``sampled`` span; other positions carry no loss), with
+    ``r_t = exp(logp_t - q_t)`` and ``q_t`` the recorded sampler logprob::
+
+        loss = sum_t [ -sg(min(r_t, 1)) * A_t * logp_t + kl_coeff * (r_t - 1 - log r_t) ]
+
+    On policy (``r = 1``) this is plain REINFORCE, ``-sum(A * logp)``; the weight never exceeds 1, so a token
+    the trainer now favours far more than the sampler did cannot blow the update up; the KL term (the
+    ``k3`` estimator of KL(sampler || policy)) pulls the policy back towards the sampler.
+    """
+
+    def __init__(self, kl_coeff: float = 0.0) -> None:
+        if kl_coeff < 0:
+            raise ValueError(f'loss_fn_config["kl_coeff"] for stable_reinforce must be >= 0; got {kl_coeff}')
+        self.kl_coeff = kl_coeff
+
+    def __call__(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> LossOutput:
+        logps, mask, old, adv = _tensors(inputs, outputs)
+        sampled = inputs['sampled_mask'].to(logps.device, logps.dtype) * mask
+        log_ratio = torch.where(sampled > 0, logps - old, torch.zeros_like(logps))
+        ratio = torch.exp(log_ratio)
+        token = -ratio.detach().clamp(max=1.0) * adv * logps + self.kl_coeff * (ratio - 1 - log_ratio)
+        loss = (token * sampled).sum()
+        count = sampled.sum().clamp(min=1.0)
+        with torch.no_grad():
+            kl = float(((ratio - 1 - log_ratio) * sampled).sum() / count)
+            truncated = float(((ratio > 1).to(logps.dtype) * sampled).sum() / count)
+        return LossOutput(loss=loss, num_items=1, metrics={'num_tokens': float(sampled.sum()), 'kl_sampler': kl,
+                                                           'truncated_frac': truncated})

@@ -14,6 +14,7 @@ from .engine import TINKER_TARGETS, Adapter
 from .errors import BadRequest, Gone, NotFound
 from .futures import ServerFuture, SeqGate
 from .sampling import sample
+from .stability import StabilityStore
 from .store import TenantStore, check_name, format_path
 
 
@@ -57,6 +58,7 @@ class TinkerState:
         self.sessions: Dict[str, TinkerSession] = {}
         self.models: Dict[str, TinkerModel] = {}
         self.samplers: Dict[str, Sampler] = {}
+        self.stability = StabilityStore()
 
     # -- lookups (404 for what is missing or belongs to someone else) ----------------------------------------
     def session(self, tenant: str, session_id: Any) -> TinkerSession:
@@ -128,6 +130,7 @@ class TinkerState:
         engine, limits = self.ctx.engine, self.ctx.settings.limits
         adapter = self._adapter(model)
         rows = tinker_data.datum_rows(msg, msg.loss_fn, limits.max_tokens_per_request)
+        tinker_data.apply_provenance(rows, self.stability, model.tenant)
         loss_fn = tinker_data.make_loss(msg.loss_fn, tinker_data.loss_config(msg))
         batch = tinker_data.build_batch(rows, engine.model.template.pad_token_id)
         with engine.using(adapter):
@@ -217,6 +220,9 @@ class TinkerState:
                         params['temperature'], params['top_k'], params['top_p'], params.get('seed'),
                         params['stop_tokens'], params['stop_strings'], req['prompt_logprobs'],
                         req.get('prompt_logprobs_last_n'))
+        if req.get('record_ids'):
+            self.stability.record(s.tenant, req['record_ids'], req['prompt_tokens'],
+                                  [(seq.tokens, seq.logprobs) for seq in result.sequences])
         return tinker_data.sample_proto(result)
 
     def expire_sessions(self, timeout_s: float) -> None:
