@@ -423,12 +423,6 @@ def tokenizer_id(ctx: ServerContext) -> str:
 def sample_request(ctx: ServerContext, body: B.Sample) -> Dict[str, Any]:
     """Validate a SampleRequest and turn it into plain arguments for the sampler."""
     limits = ctx.settings.limits
-    unsupported = [name for name, on in (('topk_prompt_logprobs', body.topk_prompt_logprobs),
-                                         ('topk_sample_logprobs', body.topk_sample_logprobs),
-                                         ('target_prompt_logprobs', body.target_prompt_logprobs is not None),
-                                         ('prompt_alt_tokens_k', body.prompt_alt_tokens_k)) if on]
-    if unsupported:
-        raise BadRequest(f'sampling options {unsupported} are not supported by this server')
     tokens: List[int] = []
     for i, chunk in enumerate(body.prompt.chunks):
         if chunk.type != 'encoded_text' or chunk.tokens is None:
@@ -446,12 +440,25 @@ def sample_request(ctx: ServerContext, body: B.Sample) -> Dict[str, Any]:
     if total > limits.max_tokens_per_request:
         raise TooLarge(f'this sample request needs {total} tokens ((prompt + max_tokens) x num_samples); the limit is '
                        f'{limits.max_tokens_per_request} (limits.max_tokens_per_request)')
-    if body.prompt_logprobs_last_n is not None and not body.prompt_logprobs:
-        raise BadRequest('prompt_logprobs_last_n needs prompt_logprobs=true')
+    if body.prompt_logprobs_last_n is not None:
+        if not (body.prompt_logprobs or body.topk_prompt_logprobs):
+            raise BadRequest('prompt_logprobs_last_n needs prompt_logprobs=true (or topk_prompt_logprobs)')
+        if body.prompt_logprobs_last_n > len(tokens) - 1:
+            raise BadRequest(f'prompt_logprobs_last_n={body.prompt_logprobs_last_n} must be between 1 and '
+                             f'len(prompt) - 1 = {len(tokens) - 1}')
+    target = None
+    if body.target_prompt_logprobs is not None:
+        target = tinker_data.target_cells(body.target_prompt_logprobs, len(tokens))
+        ctx.engine.check_tokens([target[0][target[0] >= 0].tolist()], 'target_prompt_logprobs')
+    for name in ('topk_prompt_logprobs', 'topk_sample_logprobs', 'prompt_alt_tokens_k'):
+        if getattr(body, name) * max(len(tokens), max_tokens) > limits.max_tokens_per_request * 64:
+            raise TooLarge(f'{name}={getattr(body, name)} asks for too many scores for this prompt; lower it')
     stop = params.stop
     stop_list = [stop] if isinstance(stop, str) else list(stop or [])
     return {'prompt_tokens': tokens, 'num_samples': body.num_samples, 'prompt_logprobs': bool(body.prompt_logprobs),
             'prompt_logprobs_last_n': body.prompt_logprobs_last_n,
+            'scores': {'topk': body.topk_prompt_logprobs, 'topk_sample': body.topk_sample_logprobs,
+                       'target': target, 'alt_k': body.prompt_alt_tokens_k},
             'sampling_params': {'max_tokens': max_tokens, 'temperature': params.temperature, 'top_k': params.top_k,
                                 'top_p': params.top_p, 'seed': params.seed,
                                 'stop_tokens': [s for s in stop_list if isinstance(s, int)],

@@ -122,6 +122,18 @@ class SamplingParams(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
 
 
+MAX_TOPK = 1024  # top-k entries, target columns or alternative draws per position
+
+
+class TensorData(Strict):
+    """The JSON form of a tensor: dense ``data`` in row-major order, or sparse CSR (``data`` are the values)."""
+    data: List[Union[int, float]]
+    dtype: str
+    shape: Optional[List[int]] = None
+    sparse_crow_indices: Optional[List[int]] = None
+    sparse_col_indices: Optional[List[int]] = None
+
+
 class Sample(Body):
     num_samples: int = Field(1, ge=1, le=256)
     prompt: ModelInput
@@ -131,10 +143,10 @@ class Sample(Body):
     sampling_session_id: Optional[str] = None
     seq_id: Optional[int] = None
     prompt_logprobs: Optional[bool] = None
-    topk_prompt_logprobs: int = 0
-    topk_sample_logprobs: int = 0
-    target_prompt_logprobs: Optional[Any] = None
-    prompt_alt_tokens_k: int = 0
+    topk_prompt_logprobs: int = Field(0, ge=0, le=MAX_TOPK)
+    topk_sample_logprobs: int = Field(0, ge=0, le=MAX_TOPK)
+    target_prompt_logprobs: Optional[TensorData] = None
+    prompt_alt_tokens_k: int = Field(0, ge=0, le=MAX_TOPK)
     prompt_logprobs_last_n: Optional[int] = Field(None, ge=1)
     record_stability_info: Optional[bool] = None
 

@@ -280,7 +280,53 @@ def output_proto(rows: List[Dict[str, np.ndarray]], logps: Any, weights: Any, lo
     return out.SerializeToString()
 
 
-def sample_proto(result: Any) -> bytes:
+TargetCells = Tuple[np.ndarray, Any]  # (int64 [len(prompt) - 1, K] with -1 for no request, CSR (crow, col) or None)
+
+
+def target_cells(td: Any, prompt_len: int) -> TargetCells:
+    """The cells of a request's ``target_prompt_logprobs`` (a JSON TensorData), validated."""
+    what = 'target_prompt_logprobs'
+    if td.dtype != 'int64':
+        raise BadRequest(f'{what} must be an int64 tensor of token ids; got dtype {td.dtype!r}')
+    shape = td.shape or [len(td.data)]
+    if len(shape) != 2 or shape[0] != prompt_len - 1 or not 1 <= shape[1] <= 1024:
+        raise BadRequest(f'{what} has shape {shape}; expected [len(prompt) - 1, K] = [{prompt_len - 1}, K] '
+                         f'with 1 <= K <= 1024')
+    rows, k = shape
+    if any(not isinstance(v, int) or isinstance(v, bool) for v in td.data):
+        raise BadRequest(f'{what} holds non-integer values')
+    values = np.asarray(td.data, dtype=np.int64)
+    if (values < -1).any():
+        raise BadRequest(f'{what} holds ids below -1 (-1 marks a cell that asks nothing)')
+    if td.sparse_crow_indices is None and td.sparse_col_indices is None:
+        if values.size != rows * k:
+            raise BadRequest(f'{what} has {values.size} values but shape {shape}')
+        return values.reshape(rows, k), None
+    crow = np.asarray(td.sparse_crow_indices or [], dtype=np.int64)
+    col = np.asarray(td.sparse_col_indices or [], dtype=np.int64)
+    if (len(crow) != rows + 1 or len(col) != values.size or crow[0] != 0 or crow[-1] != values.size
+            or (np.diff(crow) < 0).any() or (col.size and (col.min() < 0 or col.max() >= k))):
+        raise BadRequest(f'{what} is a malformed sparse CSR tensor')
+    dense = np.full((rows, k), -1, dtype=np.int64)
+    for r in range(rows):
+        dense[r, col[crow[r]:crow[r + 1]]] = values[crow[r]:crow[r + 1]]
+    return dense, (crow, col)
+
+
+def _tensor_proto(msg: Any, arr: np.ndarray, dtype: int) -> None:
+    msg.dtype = dtype
+    msg.shape.extend(arr.shape)
+    msg.dense = np.ascontiguousarray(arr).tobytes()
+
+
+def _topk_proto(msg: Any, topk: Tuple[np.ndarray, np.ndarray]) -> None:
+    ids, lps = topk
+    msg.length, msg.k = int(ids.shape[0]), int(ids.shape[1]) if ids.ndim == 2 else 0
+    msg.token_ids = np.ascontiguousarray(ids, dtype=np.int32).tobytes()
+    msg.logprobs = np.ascontiguousarray(lps, dtype=np.float32).tobytes()
+
+
+def sample_proto(result: Any, target_layout: Any = None) -> bytes:
     p = pb()
     out = p.SampleResponse()
     for seq in result.sequences:
@@ -288,6 +334,27 @@ def sample_proto(result: Any) -> bytes:
         s.stop_reason = p.STOP_REASON_STOP if seq.stop_reason == 'stop' else p.STOP_REASON_LENGTH
         s.tokens = np.asarray(seq.tokens, dtype=np.int32).tobytes()
         s.logprobs = np.asarray(seq.logprobs, dtype=np.float32).tobytes()
+        if getattr(seq, 'topk', None) is not None:
+            _topk_proto(s.topk_sampled_logprobs, seq.topk)
     if result.prompt_logprobs is not None:
         out.prompt_logprobs = np.asarray(result.prompt_logprobs, dtype=np.float32).tobytes()
+    if getattr(result, 'topk_prompt', None) is not None:
+        _topk_proto(out.topk_prompt_logprobs, result.topk_prompt)
+    if getattr(result, 'target_prompt', None) is not None:
+        scores = result.target_prompt
+        if target_layout is None:
+            _tensor_proto(out.target_prompt_logprobs, scores, p.DTYPE_FLOAT32)
+        else:
+            # The request's sparse layout, with the scores of exactly its listed cells.
+            crow, col = target_layout
+            msg = out.target_prompt_logprobs
+            msg.dtype = p.DTYPE_FLOAT32
+            msg.shape.extend(scores.shape)
+            rows = np.repeat(np.arange(scores.shape[0]), np.diff(crow))
+            msg.sparse_csr.values = scores[rows, col].astype(np.float32).tobytes()
+            msg.sparse_csr.crow_indices = crow.astype(np.int64).tobytes()
+            msg.sparse_csr.col_indices = col.astype(np.int64).tobytes()
+    if getattr(result, 'alt_tokens', None) is not None:
+        _tensor_proto(out.prompt_alt_tokens.tokens, result.alt_tokens[0], p.DTYPE_INT32)
+        _tensor_proto(out.prompt_alt_tokens.logprobs, result.alt_tokens[1], p.DTYPE_FLOAT32)
     return out.SerializeToString()

@@ -13,7 +13,7 @@ from .context import ServerContext
 from .engine import TINKER_TARGETS, Adapter
 from .errors import BadRequest, Gone, NotFound
 from .futures import ServerFuture, SeqGate
-from .sampling import sample
+from .sampling import PromptScores, sample
 from .stability import StabilityStore
 from .store import TenantStore, check_name, format_path
 
@@ -216,14 +216,17 @@ class TinkerState:
         adapter = self.ensure_sampler(s)
         engine.check_finite(adapter)
         params = req['sampling_params']
+        sc = dict(req.get('scores') or {})
+        target = sc.pop('target', None)
+        scores = PromptScores(target=None if target is None else target[0], **sc)
         result = sample(engine, adapter, req['prompt_tokens'], req['num_samples'], params['max_tokens'],
                         params['temperature'], params['top_k'], params['top_p'], params.get('seed'),
                         params['stop_tokens'], params['stop_strings'], req['prompt_logprobs'],
-                        req.get('prompt_logprobs_last_n'))
+                        req.get('prompt_logprobs_last_n'), scores)
         if req.get('record_ids'):
             self.stability.record(s.tenant, req['record_ids'], req['prompt_tokens'],
                                   [(seq.tokens, seq.logprobs) for seq in result.sequences])
-        return tinker_data.sample_proto(result)
+        return tinker_data.sample_proto(result, None if target is None else target[1])
 
     def expire_sessions(self, timeout_s: float) -> None:
         """Finish sessions whose client stopped sending heartbeats (it crashed or lost the network)."""
