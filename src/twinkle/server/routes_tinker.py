@@ -53,7 +53,9 @@ def build_router(ctx: ServerContext) -> APIRouter:
     @r.post('/client/config')
     async def client_config(request: Request) -> Dict[str, Any]:
         tenant(request)
-        config: Dict[str, Any] = {'parallel_fwdbwd_chunks': True, 'proto_compress_fwdbwd': False}
+        config: Dict[str, Any] = {'parallel_fwdbwd_chunks': True, 'proto_compress_fwdbwd': False,
+                                  'sample_join_sampling_session': True, 'custom_loss_server_side': False,
+                                  'sample_use_retrieve_futures': False}
         if ctx.settings.fwdbwd_chunk_len:
             config['fwdbwd_max_chunk_len'] = ctx.settings.fwdbwd_chunk_len
         return config
@@ -366,7 +368,28 @@ def build_router(ctx: ServerContext) -> APIRouter:
         tenant(request)
         return {}
 
-    from .routes_tinker_rest import add_rest_routes
+    # -- sessions --------------------------------------------------------------------------------------------
+    @r.post('/join_sampling_session')
+    async def join_sampling_session(body: B.JoinSamplingSession, request: Request) -> Dict[str, Any]:
+        s = state.sampler(tenant(request), body.sampling_session_id)
+        s.clients += 1   # the original client is 0; each clone numbers its seq_ids in its own range
+        return {'type': 'join_sampling_session', 'client_counter': s.clients}
+
+    @r.get('/sessions/{session_id}')
+    async def get_session(session_id: str, request: Request) -> Dict[str, Any]:
+        session = state.session(tenant(request), session_id)
+        return {'training_run_ids': list(session.models.values()), 'sampler_ids': list(session.samplers.values())}
+
+    @r.get('/sessions')
+    async def list_sessions(request: Request, limit: int = 20, offset: int = 0) -> Dict[str, Any]:
+        t = tenant(request)
+        if limit < 1 or offset < 0:
+            raise BadRequest('limit must be >= 1 and offset >= 0')
+        ids = [s.session_id for s in list(state.sessions.values()) if s.tenant == t]
+        return {'sessions': ids[offset:offset + limit]}
+
+    from .routes_tinker_rest import add_not_applicable_routes, add_rest_routes
+    add_not_applicable_routes(r, tenant)   # first: the checkpoint routes' {checkpoint_id:path} would take theirs
     add_rest_routes(r, ctx, tenant)
     return r
 

@@ -151,6 +151,10 @@ class Sample(Body):
     record_stability_info: Optional[bool] = None
 
 
+class JoinSamplingSession(Body):
+    sampling_session_id: str
+
+
 class Retrieve(Body):
     request_id: str
     allow_metadata_only: bool = False

@@ -49,6 +49,7 @@ class Sampler:
     checkpoint_id: Optional[str]          # None: the base model
     adapter: Optional[Adapter] = None
     seen: Dict[int, Tuple[Tuple[str, str], ServerFuture]] = field(default_factory=dict)  # seq_id -> (key, future)
+    clients: int = 0                      # clones that joined (join_sampling_session)
 
 
 class TinkerState:
