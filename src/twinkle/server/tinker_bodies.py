@@ -11,12 +11,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class Body(BaseModel):
-    # inf / NaN (Python's JSON reads them) never make sense in a request: refuse them.
-    model_config = ConfigDict(extra='ignore', allow_inf_nan=False)
+    # inf / NaN (Python's JSON reads them) never make sense in a request: refuse them. Strict types: a
+    # string or a boolean is never taken for a number ("8" or true as a rank), nor a number for a string.
+    model_config = ConfigDict(extra='ignore', allow_inf_nan=False, strict=True)
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra='forbid', allow_inf_nan=False)
+    model_config = ConfigDict(extra='forbid', allow_inf_nan=False, strict=True)
 
 
 class SessionId(Body):
