@@ -91,12 +91,17 @@ def sample(engine: Engine, adapter: Adapter, prompt: Sequence[int], num_samples:
             raise BadRequest('top-k, target and alternative-token scores need the full logits, which this '
                              'server does not keep (chunked cross-entropy is on)')
         temp = float(temperature) if temperature > 0 else 1.0
-        # Row r, position t of ``lsm`` is the distribution over token t + 1 of row r.
-        lsm = torch.log_softmax(logits.detach().float().cpu() / temp, dim=-1)
-        _score_prompt(result, lsm[0, :n - 1], n, cut, scores, temperature, seed)
+
+        def dist(row: int, start: int, stop: int) -> torch.Tensor:
+            # Position t of row r is the distribution over token t + 1; only the rows asked for are
+            # normalised, so a long prompt with a large vocabulary never holds a full [B, T, V] copy.
+            return torch.log_softmax(logits[row, start:stop].detach().float().cpu() / temp, dim=-1)
+
+        if scores.topk or scores.target is not None or scores.alt_k:
+            _score_prompt(result, dist(0, 0, n - 1), n, cut, scores, temperature, seed)
         if scores.topk_sample:
             for row, seq in enumerate(sequences):
-                seq.topk = _topk(lsm[row, n - 1:n - 1 + len(seq.tokens)], scores.topk_sample)
+                seq.topk = _topk(dist(row, n - 1, n - 1 + len(seq.tokens)), scores.topk_sample)
     return result
 
 
