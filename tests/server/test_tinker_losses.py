@@ -129,3 +129,17 @@ def test_provenance_is_checked_against_the_records():
         resolve(store, 'a', 'data[0]', tokens, targets, ins, [('prompt', 's1', 1, 2), ('sampled', 's1', 1, 3)])
     with pytest.raises(BadRequest, match='provenance'):
         resolve(store, 'a', 'data[0]', tokens, targets, [], [])
+
+
+def test_sampling_records_are_capped_in_tokens_per_tenant():
+    from twinkle.server.stability import StabilityStore
+    store = StabilityStore(max_tokens_per_tenant=100)
+    for i in range(10):
+        # 20 prompt tokens counted once, plus 5 per sequence: 30 tokens per request.
+        store.record('a', [f'r{i}-0', f'r{i}-1'], list(range(20)), [([1] * 5, [-1.0] * 5)] * 2)
+    store.record('b', ['b0'], [1], [([2], [-0.5])])
+    with pytest.raises(BadRequest, match='names no recorded sample'):
+        store.get('a', 'r0-0')   # evicted: only the newest ~100 tokens stay
+    assert store.get('a', 'r9-1').tokens == [1] * 5
+    assert store.get('b', 'b0').logprobs == [-0.5]   # another tenant's records are untouched
+    assert store._tokens['a'] <= 100

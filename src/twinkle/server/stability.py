@@ -6,8 +6,9 @@ through provenance spans: ``loss_fn_input_spans`` tile its targets, ``model_inpu
 Resolving a datum checks every claimed token against the record and yields, per target position, the
 recorded sampler logprob and whether that position was sampled (only sampled positions carry the loss).
 
-Records belong to the tenant that sampled them, live a day from their last use, and are capped per tenant
-(the oldest go first), so a client that never trains on its samples cannot grow the server's memory.
+Records belong to the tenant that sampled them, live a day from their last use, and are capped per tenant in
+count and in stored tokens (the oldest go first), so a client that never trains on its samples cannot grow
+the server's memory.
 """
 from __future__ import annotations
 
@@ -23,13 +24,15 @@ from .errors import BadRequest
 
 RECORD_TTL_S = 24 * 3600.0
 MAX_RECORDS_PER_TENANT = 20000
+MAX_TOKENS_PER_TENANT = 4_000_000   # stored tokens (a request's prompt counted once), about 32 MB
 
 
 @dataclass
 class SequenceRecord:
-    prompt: List[int]
+    prompt: List[int]          # shared by the sequences of one request
     tokens: List[int]
     logprobs: List[float]
+    cost: int = 0
     used: float = field(default_factory=time.time)
 
 
@@ -38,22 +41,31 @@ Span = Tuple[str, str, int, int]  # (kind 'prompt'|'sampled', sequence_id, offse
 
 class StabilityStore:
 
-    def __init__(self, ttl_s: float = RECORD_TTL_S, max_per_tenant: int = MAX_RECORDS_PER_TENANT) -> None:
+    def __init__(self, ttl_s: float = RECORD_TTL_S, max_per_tenant: int = MAX_RECORDS_PER_TENANT,
+                 max_tokens_per_tenant: int = MAX_TOKENS_PER_TENANT) -> None:
         self.ttl_s = ttl_s
         self.max_per_tenant = max_per_tenant
+        self.max_tokens_per_tenant = max_tokens_per_tenant
         self._records: Dict[str, 'OrderedDict[str, SequenceRecord]'] = {}
+        self._tokens: Dict[str, int] = {}
         self._lock = threading.Lock()
 
     def record(self, tenant: str, sequence_ids: Sequence[str], prompt: Sequence[int],
                sequences: Sequence[Tuple[Sequence[int], Sequence[float]]]) -> None:
+        shared = [int(t) for t in prompt]
         with self._lock:
             records = self._records.setdefault(tenant, OrderedDict())
-            for sid, (tokens, logprobs) in zip(sequence_ids, sequences):
-                records[sid] = SequenceRecord([int(t) for t in prompt], [int(t) for t in tokens],
-                                              [float(x) for x in logprobs])
-                records.move_to_end(sid)
-            while len(records) > self.max_per_tenant:
-                records.popitem(last=False)
+            for i, (sid, (tokens, logprobs)) in enumerate(zip(sequence_ids, sequences)):
+                cost = len(tokens) + (len(shared) if i == 0 else 0)
+                old = records.pop(sid, None)
+                if old is not None:
+                    self._tokens[tenant] -= old.cost
+                records[sid] = SequenceRecord(shared, [int(t) for t in tokens], [float(x) for x in logprobs], cost)
+                self._tokens[tenant] = self._tokens.get(tenant, 0) + cost
+            while records and (len(records) > self.max_per_tenant
+                               or self._tokens[tenant] > self.max_tokens_per_tenant):
+                _, gone = records.popitem(last=False)
+                self._tokens[tenant] -= gone.cost
 
     def get(self, tenant: str, sequence_id: str) -> SequenceRecord:
         now = time.time()
@@ -62,6 +74,7 @@ class StabilityStore:
             rec = records.get(sequence_id)
             if rec is not None and now - rec.used > self.ttl_s:
                 del records[sequence_id]
+                self._tokens[tenant] -= rec.cost
                 rec = None
             if rec is None:
                 raise BadRequest(f'sequence_id {sequence_id!r} names no recorded sample: sample with '
