@@ -73,9 +73,10 @@ def test_sessions_are_listed_and_described_through_the_sdk(server, service):
 
 def test_a_pickled_sampling_client_joins_its_session_and_samples(server, service):
     sampler = service.create_sampling_client(base_model=MODEL)
-    first = sampler.sample(types.ModelInput.from_ints([5, 6, 7]), 1, types.SamplingParams(max_tokens=2, seed=1)).result()
+    prompt, params = types.ModelInput.from_ints([5, 6, 7]), types.SamplingParams(max_tokens=2, seed=1)
+    first = sampler.sample(prompt, 1, params).result()
     clone = pickle.loads(pickle.dumps(sampler))
-    again = clone.sample(types.ModelInput.from_ints([5, 6, 7]), 1, types.SamplingParams(max_tokens=2, seed=1)).result()
+    again = clone.sample(prompt, 1, params).result()
     assert again.sequences[0].tokens == first.sequences[0].tokens
     joined = [s for s in server.ctx.tinker.samplers.values() if s.clients]
     assert joined, 'the clone did not ask for its own client number'
