@@ -125,7 +125,7 @@ def test_bad_requests_get_4xx_without_internals(server):
             c.post('/api/v1/forward_backward', content=fb_body(model, 4, tokens=[1, 2, 999999]), headers=PROTO),
             c.post('/api/v1/forward_backward', content=fb_body(model, 5, loss_fn='gspo'), headers=PROTO),
             c.post('/api/v1/asample', json={'base_model': MODEL, 'prompt': {'chunks': [{'tokens': [1, 2]}]},
-                                            'sampling_params': {'max_tokens': 2}, 'topk_prompt_logprobs': 3}),
+                                            'sampling_params': {'max_tokens': 2}, 'topk_prompt_logprobs': 10**6}),
         ]
         statuses = [r.status_code for r in checks]
         assert statuses == [415, 400, 400, 400, 400, 400, 400, 400, 400], [r.text for r in checks]

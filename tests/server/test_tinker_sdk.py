@@ -146,10 +146,172 @@ def test_rl_losses_run_and_match_the_formula_on_policy(service, loss_fn, config)
     tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
 
 
+def _off_policy_case(tc, seed: int):
+    """RL datums whose sampler logprobs differ from the current ones, and the current logprobs."""
+    rng = np.random.default_rng(seed)
+    seqs = [PROMPT + COMPLETION, [20, 21, 22, 23, 24, 25]]
+    ce = [types.Datum(model_input=types.ModelInput.from_ints(t[:-1]),
+                      loss_fn_inputs={'target_tokens': np.array(t[1:], dtype=np.int64),
+                                      'weights': np.ones(len(t) - 1, dtype=np.float32)}) for t in seqs]
+    current = [o['logprobs'].to_numpy().astype(np.float64) for o in tc.forward(ce, 'cross_entropy').result()
+               .loss_fn_outputs]
+    cases = []
+    for t, lp, adv in zip(seqs, current, (1.5, -0.7)):
+        n = len(t) - 1
+        prompt_len = 2
+        q = np.where(np.arange(n) >= prompt_len, lp + rng.normal(0, 0.05, n), 0.0)
+        a = np.where(np.arange(n) >= prompt_len, adv, 0.0)
+        m = (np.arange(n) >= prompt_len + 1).astype(np.float64)
+        cases.append((t, lp, q, a, m))
+    return cases
+
+
+def _rl_data(cases, with_mask: bool):
+    data = []
+    for t, _, q, a, m in cases:
+        inputs = {'target_tokens': np.array(t[1:], dtype=np.int64), 'logprobs': q.astype(np.float32),
+                  'advantages': a.astype(np.float32)}
+        if with_mask:
+            inputs['sequence_ratio_mask'] = m.astype(np.float32)
+        data.append(types.Datum(model_input=types.ModelInput.from_ints(t[:-1]), loss_fn_inputs=inputs))
+    return data
+
+
+def _grad_norm(tc) -> float:
+    # Learning rate 0 leaves the weights as they are; the huge clip only reports the gradient norm.
+    out = tc.optim_step(types.AdamParams(learning_rate=0.0, grad_clip_norm=1e9)).result()
+    return out.metrics['grad_norm']
+
+
+def _same_gradient_by_cross_entropy(tc, cases, dloss) -> float:
+    """The gradient norm of a cross_entropy step weighted by -dL/dlogp, which has L's parameter gradient."""
+    data = [types.Datum(model_input=types.ModelInput.from_ints(t[:-1]),
+                        loss_fn_inputs={'target_tokens': np.array(t[1:], dtype=np.int64),
+                                        'weights': (-g).astype(np.float32)}) for (t, *_), g in zip(cases, dloss)]
+    tc.forward_backward(data, 'cross_entropy').result()
+    return _grad_norm(tc)
+
+
+def test_dro_loss_and_gradient_match_the_documented_formula(service):
+    tc = service.create_lora_training_client(base_model=MODEL, rank=4, seed=5).result()
+    cases = _off_policy_case(tc, 0)
+    beta = 0.4
+    out = tc.forward_backward(_rl_data(cases, False), 'dro', {'beta': beta}).result()
+    expected = sum(float(-(lp * a - 0.5 * beta * (lp - q) ** 2).sum()) for _, lp, q, a, _ in cases)
+    assert out.metrics['loss:sum'] == pytest.approx(expected, rel=1e-4, abs=1e-4)
+    norm = _grad_norm(tc)
+    dloss = [-(a - beta * (lp - q)) for _, lp, q, a, _ in cases]
+    assert norm > 0 and norm == pytest.approx(_same_gradient_by_cross_entropy(tc, cases, dloss), rel=1e-3)
+
+
+@pytest.mark.parametrize('with_mask', [False, True])
+def test_gspo_loss_and_gradient_match_the_formula(service, with_mask):
+    tc = service.create_lora_training_client(base_model=MODEL, rank=4, seed=6).result()
+    cases = _off_policy_case(tc, 1)
+    low, high = 0.97, 1.02
+    out = tc.forward_backward(_rl_data(cases, with_mask), 'gspo',
+                              {'clip_low_threshold': low, 'clip_high_threshold': high}).result()
+    expected, dloss = 0.0, []
+    for _, lp, q, a, m in cases:
+        m = m if with_mask else np.ones_like(lp)
+        s = float(np.exp(((lp - q) * m).sum() / m.sum()))
+        unclipped, clipped = s * a, min(max(s, low), high) * a
+        expected += float(-np.minimum(unclipped, clipped).sum())
+        live = (unclipped <= clipped) | (low <= s <= high)
+        dloss.append(np.where(live, -s * a, 0.0))
+    assert out.metrics['loss:sum'] == pytest.approx(expected, rel=1e-4, abs=1e-4)
+    norm = _grad_norm(tc)
+    assert norm > 0 and norm == pytest.approx(_same_gradient_by_cross_entropy(tc, cases, dloss), rel=1e-3)
+
+
+def test_forward_backward_custom_runs_the_loss_on_the_client(service):
+    tc = service.create_lora_training_client(base_model=MODEL, rank=4, seed=7).result()
+    data = [sft_datum()]
+
+    def loss_fn(batch, logprobs_list):
+        # A squared objective, so the gradient depends on the logprobs themselves.
+        loss = sum((lp ** 2).sum() for lp in logprobs_list)
+        return loss, {'custom_loss': float(loss.detach())}
+
+    out = tc.forward_backward_custom(data, loss_fn).result()
+    lp = tc.forward(data, 'cross_entropy').result().loss_fn_outputs[0]['logprobs'].to_numpy().astype(np.float64)
+    assert out.metrics['custom_loss'] == pytest.approx(float((lp ** 2).sum()), rel=1e-4)
+    norm = _grad_norm(tc)
+    assert norm > 0
+    assert norm == pytest.approx(_same_gradient_by_cross_entropy(tc, [(PROMPT + COMPLETION,)], [2 * lp]), rel=1e-3)
+
+
+def _provenance_datum(seq, adv: float, prompt=PROMPT) -> types.Datum:
+    tokens = prompt + list(seq.tokens)
+    n = len(prompt) - 1
+    datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={
+        'target_tokens': np.array(tokens[1:], dtype=np.int64),
+        'logprobs': np.array([0.0] * n + list(seq.logprobs), dtype=np.float32),
+        'advantages': np.array([0.0] * n + [adv] * len(seq.tokens), dtype=np.float32)})
+    sid = seq.sequence_id
+    return datum.with_provenance(
+        model_input=[types.PromptProvenanceSpan(sequence_id=sid, offset=0, length=len(prompt)),
+                     types.SampledProvenanceSpan(sequence_id=sid, offset=0, length=len(seq.tokens) - 1)],
+        loss_fn_inputs=[types.PromptProvenanceSpan(sequence_id=sid, offset=1, length=n),
+                        types.SampledProvenanceSpan(sequence_id=sid, offset=0, length=len(seq.tokens))])
+
+
+def test_stable_reinforce_trains_on_recorded_samples_by_the_formula(service):
+    tc = service.create_lora_training_client(base_model=MODEL, rank=4, seed=8).result()
+    sampler = tc.save_weights_and_get_sampling_client(record_stability_info=True).result()
+    res = sampler.sample(types.ModelInput.from_ints(PROMPT), 2, types.SamplingParams(max_tokens=4, seed=0)).result()
+    assert all(s.sequence_id for s in res.sequences) and len({s.sequence_id for s in res.sequences}) == 2
+    # One SFT step moves the weights, so the trainer is off-policy with respect to the recorded sampler.
+    tc.forward_backward([sft_datum()], 'cross_entropy').result()
+    tc.optim_step(types.AdamParams(learning_rate=5e-2)).result()
+    advs, k = [1.0, -0.5], 0.3
+    data = [_provenance_datum(seq, adv) for seq, adv in zip(res.sequences, advs)]
+    current = [o['logprobs'].to_numpy().astype(np.float64) for o in tc.forward(
+        [types.Datum(model_input=d.model_input, loss_fn_inputs={'target_tokens': d.loss_fn_inputs['target_tokens'],
+                                                                 'weights': np.ones(d.model_input.length,
+                                                                                    dtype=np.float32)})
+         for d in data], 'cross_entropy').result().loss_fn_outputs]
+    out = tc.forward_backward(data, 'stable_reinforce', {'kl_coeff': k}).result()
+    expected, dloss, cases = 0.0, [], []
+    for seq, adv, lp, d in zip(res.sequences, advs, current, data):
+        n = len(PROMPT) - 1
+        q = np.array(seq.logprobs, dtype=np.float64)
+        r = np.exp(lp[n:] - q)
+        assert not np.allclose(r, 1.0, atol=1e-4)
+        expected += float((-np.minimum(r, 1.0) * adv * lp[n:] + k * (r - 1 - np.log(r))).sum())
+        dloss.append(np.concatenate([np.zeros(n), -np.minimum(r, 1.0) * adv + k * (r - 1)]))
+        cases.append((PROMPT + list(seq.tokens),))
+    assert out.metrics['loss:sum'] == pytest.approx(expected, rel=1e-4, abs=1e-4)
+    norm = _grad_norm(tc)
+    assert norm > 0 and norm == pytest.approx(_same_gradient_by_cross_entropy(tc, cases, dloss), rel=1e-3)
+
+
+def test_stable_reinforce_refuses_unrecorded_or_altered_provenance(service):
+    tc = service.create_lora_training_client(base_model=MODEL, rank=4, seed=9).result()
+    plain = tc.save_weights_and_get_sampling_client().result()
+    seq = plain.sample(types.ModelInput.from_ints(PROMPT), 1, types.SamplingParams(max_tokens=3, seed=0)).result() \
+        .sequences[0]
+    with pytest.raises(Exception, match='names no recorded sample'):
+        tc.forward_backward([_provenance_datum(seq, 1.0)], 'stable_reinforce').result()
+    recording = tc.save_weights_and_get_sampling_client(record_stability_info=True).result()
+    seq = recording.sample(types.ModelInput.from_ints(PROMPT), 1, types.SamplingParams(max_tokens=3, seed=0)).result() \
+        .sequences[0]
+    tc2 = service.create_lora_training_client(base_model=MODEL, rank=4, seed=9).result()
+    with pytest.raises(Exception, match='differ'):
+        tc2.forward_backward([_provenance_datum(seq, 1.0, prompt=[5, 6, 7, 9])], 'stable_reinforce').result()
+    tc3 = service.create_lora_training_client(base_model=MODEL, rank=4, seed=9).result()
+    bare = _provenance_datum(seq, 1.0)
+    with pytest.raises(Exception, match='provenance'):
+        tc3.forward_backward([types.Datum(model_input=bare.model_input, loss_fn_inputs=bare.loss_fn_inputs)],
+                             'stable_reinforce').result()
+    tc4 = service.create_lora_training_client(base_model=MODEL, rank=4, seed=9).result()
+    tc4.forward_backward([_provenance_datum(seq, 1.0)], 'stable_reinforce').result()
+
+
 def test_unsupported_loss_and_config_are_clear_errors(service, trained):
     tc = service.create_lora_training_client(base_model=MODEL, rank=4, seed=2).result()
-    with pytest.raises(Exception, match='dro'):
-        tc.forward_backward([sft_datum()], 'dro').result()
+    with pytest.raises(Exception, match='custom'):
+        tc.forward_backward([sft_datum()], 'custom').result()
     tc2 = service.create_lora_training_client(base_model=MODEL, rank=4, seed=2).result()
     with pytest.raises(Exception, match='kl_coeff'):
         tc2.forward_backward([sft_datum()], 'ppo', {'kl_coeff': 0.1}).result()

@@ -33,8 +33,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
             housekeeping.cancel()
             ctx.stop()
 
-    app = FastAPI(title='Twinkle training server', lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = FastAPI(title='Twinkle training server', lifespan=lifespan, docs_url='/docs', redoc_url=None,
+                  openapi_url='/openapi.json',
+                  description='Tinker-compatible routes under /api/v1 and the native Twinkle routes. Every route '
+                              'except healthz needs the X-API-Key header; every error answers {"detail": ...}.')
     app.state.ctx = ctx
 
     @app.exception_handler(ApiError)
@@ -71,6 +73,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     from .routes_twinkle import build_router as twinkle_router
     app.include_router(twinkle_router(ctx))
     app.include_router(tinker_router(ctx))
+    from .openapi import install
+    install(app)
     return app
 
 

@@ -53,7 +53,9 @@ def build_router(ctx: ServerContext) -> APIRouter:
     @r.post('/client/config')
     async def client_config(request: Request) -> Dict[str, Any]:
         tenant(request)
-        config: Dict[str, Any] = {'parallel_fwdbwd_chunks': True, 'proto_compress_fwdbwd': False}
+        config: Dict[str, Any] = {'parallel_fwdbwd_chunks': True, 'proto_compress_fwdbwd': False,
+                                  'sample_join_sampling_session': True, 'custom_loss_server_side': False,
+                                  'sample_use_retrieve_futures': False}
         if ctx.settings.fwdbwd_chunk_len:
             config['fwdbwd_max_chunk_len'] = ctx.settings.fwdbwd_chunk_len
         return config
@@ -182,6 +184,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
         def prepare() -> Callable[[], Any]:
             tinker_data.make_loss(msg.loss_fn, tinker_data.loss_config(msg))  # unsupported loss / config: 400 now
             rows = tinker_data.datum_rows(msg, msg.loss_fn, ctx.settings.limits.max_tokens_per_request)
+            tinker_data.apply_provenance(rows, state.stability, t)
             ctx.engine.check_tokens([r['tokens'].tolist() + r['target_tokens'].astype('int64').tolist()
                                      for r in rows], 'data')
             forward_only = bool(msg.forward_only)
@@ -337,8 +340,12 @@ def build_router(ctx: ServerContext) -> APIRouter:
                                f'request; each request needs a new seq_id')
             return accepted(fut, sample_sequence_ids=fut.extra['sequence_ids'])
         req = sample_request(ctx, body)
+        # Named before the job is queued: a recording sampler stores its sequences under these ids.
+        sequence_ids = [f'seq-{uuid.uuid4().hex}' for _ in range(body.num_samples)]
+        if body.record_stability_info:
+            req['record_ids'] = sequence_ids
         fut = ctx.submit(t, lambda: state.op_sample(s, req))
-        fut.extra['sequence_ids'] = [f'{fut.request_id}-{i}' for i in range(body.num_samples)]
+        fut.extra['sequence_ids'] = sequence_ids
         if body.seq_id is not None:
             s.seen[body.seq_id] = (key, fut)
         return accepted(fut, sample_sequence_ids=fut.extra['sequence_ids'])
@@ -361,7 +368,28 @@ def build_router(ctx: ServerContext) -> APIRouter:
         tenant(request)
         return {}
 
-    from .routes_tinker_rest import add_rest_routes
+    # -- sessions --------------------------------------------------------------------------------------------
+    @r.post('/join_sampling_session')
+    async def join_sampling_session(body: B.JoinSamplingSession, request: Request) -> Dict[str, Any]:
+        s = state.sampler(tenant(request), body.sampling_session_id)
+        s.clients += 1   # the original client is 0; each clone numbers its seq_ids in its own range
+        return {'type': 'join_sampling_session', 'client_counter': s.clients}
+
+    @r.get('/sessions/{session_id}')
+    async def get_session(session_id: str, request: Request) -> Dict[str, Any]:
+        session = state.session(tenant(request), session_id)
+        return {'training_run_ids': list(session.models.values()), 'sampler_ids': list(session.samplers.values())}
+
+    @r.get('/sessions')
+    async def list_sessions(request: Request, limit: int = 20, offset: int = 0) -> Dict[str, Any]:
+        t = tenant(request)
+        if limit < 1 or offset < 0:
+            raise BadRequest('limit must be >= 1 and offset >= 0')
+        ids = [s.session_id for s in list(state.sessions.values()) if s.tenant == t]
+        return {'sessions': ids[offset:offset + limit]}
+
+    from .routes_tinker_rest import add_not_applicable_routes, add_rest_routes
+    add_not_applicable_routes(r, tenant)   # first: the checkpoint routes' {checkpoint_id:path} would take theirs
     add_rest_routes(r, ctx, tenant)
     return r
 
@@ -418,13 +446,6 @@ def tokenizer_id(ctx: ServerContext) -> str:
 def sample_request(ctx: ServerContext, body: B.Sample) -> Dict[str, Any]:
     """Validate a SampleRequest and turn it into plain arguments for the sampler."""
     limits = ctx.settings.limits
-    unsupported = [name for name, on in (('topk_prompt_logprobs', body.topk_prompt_logprobs),
-                                         ('topk_sample_logprobs', body.topk_sample_logprobs),
-                                         ('target_prompt_logprobs', body.target_prompt_logprobs is not None),
-                                         ('prompt_alt_tokens_k', body.prompt_alt_tokens_k),
-                                         ('record_stability_info', body.record_stability_info)) if on]
-    if unsupported:
-        raise BadRequest(f'sampling options {unsupported} are not supported by this server')
     tokens: List[int] = []
     for i, chunk in enumerate(body.prompt.chunks):
         if chunk.type != 'encoded_text' or chunk.tokens is None:
@@ -442,12 +463,25 @@ def sample_request(ctx: ServerContext, body: B.Sample) -> Dict[str, Any]:
     if total > limits.max_tokens_per_request:
         raise TooLarge(f'this sample request needs {total} tokens ((prompt + max_tokens) x num_samples); the limit is '
                        f'{limits.max_tokens_per_request} (limits.max_tokens_per_request)')
-    if body.prompt_logprobs_last_n is not None and not body.prompt_logprobs:
-        raise BadRequest('prompt_logprobs_last_n needs prompt_logprobs=true')
+    if body.prompt_logprobs_last_n is not None:
+        if not (body.prompt_logprobs or body.topk_prompt_logprobs):
+            raise BadRequest('prompt_logprobs_last_n needs prompt_logprobs=true (or topk_prompt_logprobs)')
+        if body.prompt_logprobs_last_n > len(tokens) - 1:
+            raise BadRequest(f'prompt_logprobs_last_n={body.prompt_logprobs_last_n} must be between 1 and '
+                             f'len(prompt) - 1 = {len(tokens) - 1}')
+    target = None
+    if body.target_prompt_logprobs is not None:
+        target = tinker_data.target_cells(body.target_prompt_logprobs, len(tokens))
+        ctx.engine.check_tokens([target[0][target[0] >= 0].tolist()], 'target_prompt_logprobs')
+    for name in ('topk_prompt_logprobs', 'topk_sample_logprobs', 'prompt_alt_tokens_k'):
+        if getattr(body, name) * max(len(tokens), max_tokens) > limits.max_tokens_per_request * 64:
+            raise TooLarge(f'{name}={getattr(body, name)} asks for too many scores for this prompt; lower it')
     stop = params.stop
     stop_list = [stop] if isinstance(stop, str) else list(stop or [])
     return {'prompt_tokens': tokens, 'num_samples': body.num_samples, 'prompt_logprobs': bool(body.prompt_logprobs),
             'prompt_logprobs_last_n': body.prompt_logprobs_last_n,
+            'scores': {'topk': body.topk_prompt_logprobs, 'topk_sample': body.topk_sample_logprobs,
+                       'target': target, 'alt_k': body.prompt_alt_tokens_k},
             'sampling_params': {'max_tokens': max_tokens, 'temperature': params.temperature, 'top_k': params.top_k,
                                 'top_p': params.top_p, 'seed': params.seed,
                                 'stop_tokens': [s for s in stop_list if isinstance(s, int)],

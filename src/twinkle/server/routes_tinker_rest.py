@@ -85,3 +85,45 @@ def add_rest_routes(r: APIRouter, ctx: ServerContext, tenant: Callable[..., str]
                 'train_attn': any(t in targets for t in ('q_proj', 'k_proj', 'v_proj', 'o_proj')),
                 'train_mlp': any(t in targets for t in ('gate_proj', 'up_proj', 'down_proj')),
                 'train_unembed': 'lm_head' in targets}
+
+
+# Routes the 0.38 SDK can call that belong to the hosted service and have no meaning on a self-hosted
+# server: each answers 404 saying why, so the SDK stops at once (it retries only 408, 429 and 5xx).
+NOT_APPLICABLE = {
+    ('POST', '/auth/token'): 'this server authenticates with its API keys only (no JWT exchange)',
+    ('GET', '/audit'): 'there is no audit log on a self-hosted server',
+    ('GET', '/billing/usage/events'): 'a self-hosted server does no billing',
+    ('GET', '/billing/usage/checkpoints/current'): 'a self-hosted server does no billing',
+    ('POST', '/create_custom_loss'): 'custom losses run on the client (client/config reports '
+                                     'custom_loss_server_side=false)',
+    ('POST', '/save_weights_external'): 'weights are not exported to external storage; save_weights_for_sampler '
+                                        'writes them to the server\'s data folder',
+    ('POST', '/copy_weights'): 'copying weights between runs is not supported; load a checkpoint with load_weights',
+    ('GET', '/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/external_weights_urls'):
+        'there are no download URLs; the checkpoint lies in the server\'s data folder',
+    ('POST', '/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/publish'):
+        'checkpoints are private to their API key; nothing is published',
+    ('DELETE', '/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/publish'):
+        'checkpoints are private to their API key; nothing is published',
+    ('PUT', '/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/ttl'):
+        'checkpoints do not expire; delete one with DELETE /api/v1/training_runs/{run_id}/checkpoints/{id}',
+    ('PUT', '/sessions/{session_id}/project'): 'sessions have no projects here',
+    ('GET', '/sessions/{session_id}/trace_export'): 'this server keeps no request traces',
+    ('POST', '/sessions/search'): 'session search is not offered; GET /api/v1/sessions lists this key\'s sessions',
+    ('POST', '/retrieve_futures'): 'use retrieve_future per request (client/config reports '
+                                   'sample_use_retrieve_futures=false)',
+}
+
+
+def _refusal(method: str, reason: str, tenant: Callable[..., str]) -> Callable[..., Any]:
+    async def handler(request: Request) -> Dict[str, Any]:
+        tenant(request)
+        raise NotFound(f'{method} {request.url.path} is not available on this self-hosted server: {reason}')
+    return handler
+
+
+def add_not_applicable_routes(r: APIRouter, tenant: Callable[..., str]) -> None:
+    for (method, path), reason in NOT_APPLICABLE.items():
+        r.add_api_route(path, _refusal(method, reason, tenant), methods=[method],
+                        responses={404: {'description': f'Not available on a self-hosted server: {reason}'}},
+                        name=f'not_applicable_{method.lower()}{path}')

@@ -11,12 +11,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class Body(BaseModel):
-    # inf / NaN (Python's JSON reads them) never make sense in a request: refuse them.
-    model_config = ConfigDict(extra='ignore', allow_inf_nan=False)
+    # inf / NaN (Python's JSON reads them) never make sense in a request: refuse them. Strict types: a
+    # string or a boolean is never taken for a number ("8" or true as a rank), nor a number for a string.
+    model_config = ConfigDict(extra='ignore', allow_inf_nan=False, strict=True)
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra='forbid', allow_inf_nan=False)
+    model_config = ConfigDict(extra='forbid', allow_inf_nan=False, strict=True)
 
 
 class SessionId(Body):
@@ -122,6 +123,18 @@ class SamplingParams(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
 
 
+MAX_TOPK = 1024  # top-k entries, target columns or alternative draws per position
+
+
+class TensorData(Strict):
+    """The JSON form of a tensor: dense ``data`` in row-major order, or sparse CSR (``data`` are the values)."""
+    data: List[Union[int, float]]
+    dtype: str
+    shape: Optional[List[int]] = None
+    sparse_crow_indices: Optional[List[int]] = None
+    sparse_col_indices: Optional[List[int]] = None
+
+
 class Sample(Body):
     num_samples: int = Field(1, ge=1, le=256)
     prompt: ModelInput
@@ -131,12 +144,16 @@ class Sample(Body):
     sampling_session_id: Optional[str] = None
     seq_id: Optional[int] = None
     prompt_logprobs: Optional[bool] = None
-    topk_prompt_logprobs: int = 0
-    topk_sample_logprobs: int = 0
-    target_prompt_logprobs: Optional[Any] = None
-    prompt_alt_tokens_k: int = 0
+    topk_prompt_logprobs: int = Field(0, ge=0, le=MAX_TOPK)
+    topk_sample_logprobs: int = Field(0, ge=0, le=MAX_TOPK)
+    target_prompt_logprobs: Optional[TensorData] = None
+    prompt_alt_tokens_k: int = Field(0, ge=0, le=MAX_TOPK)
     prompt_logprobs_last_n: Optional[int] = Field(None, ge=1)
     record_stability_info: Optional[bool] = None
+
+
+class JoinSamplingSession(Body):
+    sampling_session_id: str
 
 
 class Retrieve(Body):

@@ -22,6 +22,18 @@ LOSSES: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...], Tuple[str, ...]]] = {
     'importance_sampling': (('target_tokens', 'logprobs', 'advantages'), (), ()),
     'ppo': (('target_tokens', 'logprobs', 'advantages'), (), ('clip_low_threshold', 'clip_high_threshold')),
     'cispo': (('target_tokens', 'logprobs', 'advantages'), (), ('clip_low_threshold', 'clip_high_threshold')),
+    'dro': (('target_tokens', 'logprobs', 'advantages'), (), ('beta',)),
+    'gspo': (('target_tokens', 'logprobs', 'advantages'), ('sequence_ratio_mask',),
+             ('clip_low_threshold', 'clip_high_threshold')),
+    # The sampler logprobs come from the records sampling made; a datum's own 'logprobs' are not used.
+    'stable_reinforce': (('target_tokens', 'advantages'), ('logprobs',), ('kl_coeff',)),
+}
+# Losses whose datums must carry provenance spans (resolved against the sampling records).
+NEEDS_PROVENANCE = ('stable_reinforce',)
+# Losses the SDK can name that this server does not compute, with the reason a client gets.
+REFUSED_LOSSES = {
+    'custom': 'custom losses run on the client with forward_backward_custom (this server reports '
+              'custom_loss_server_side=false, so the SDK never uploads them)',
 }
 
 
@@ -80,10 +92,17 @@ def loss_config(msg: Any) -> Dict[str, Any]:
     return config
 
 
-def make_loss(loss_fn: str, config: Mapping[str, Any]) -> Any:
-    from ..loss import CISPOLoss, CrossEntropyLoss, ImportanceSamplingLoss, PPOLoss
+def check_loss_fn(loss_fn: str) -> None:
+    if loss_fn in REFUSED_LOSSES:
+        raise BadRequest(f'loss_fn {loss_fn!r} is not computed by this server: {REFUSED_LOSSES[loss_fn]}')
     if loss_fn not in LOSSES:
         raise BadRequest(f'loss_fn {loss_fn!r} is not supported by this server; supported: {sorted(LOSSES)}')
+
+
+def make_loss(loss_fn: str, config: Mapping[str, Any]) -> Any:
+    from ..loss import CISPOLoss, CrossEntropyLoss, ImportanceSamplingLoss, PPOLoss
+    from .tinker_losses import DROLoss, GSPOLoss, StableReinforceLoss
+    check_loss_fn(loss_fn)
     allowed = LOSSES[loss_fn][2]
     unknown = sorted(set(config) - set(allowed))
     if unknown:
@@ -97,9 +116,18 @@ def make_loss(loss_fn: str, config: Mapping[str, Any]) -> Any:
         return CrossEntropyLoss(reduction='sum')
     if loss_fn == 'importance_sampling':
         return ImportanceSamplingLoss(loss_type='sum')
-    if loss_fn == 'ppo':
-        return PPOLoss(loss_type='sum', **kwargs)
-    return CISPOLoss(loss_type='sum', **kwargs)
+    try:
+        if loss_fn == 'ppo':
+            return PPOLoss(loss_type='sum', **kwargs)
+        if loss_fn == 'dro':
+            return DROLoss(**kwargs)
+        if loss_fn == 'gspo':
+            return GSPOLoss(**kwargs)
+        if loss_fn == 'stable_reinforce':
+            return StableReinforceLoss(**kwargs)
+        return CISPOLoss(loss_type='sum', **kwargs)
+    except ValueError as exc:
+        raise BadRequest(f'loss_fn_config for {loss_fn!r}: {exc}') from None
 
 
 def tensor(msg: Any, what: str, max_elements: int) -> np.ndarray:
@@ -136,8 +164,7 @@ def tensor(msg: Any, what: str, max_elements: int) -> np.ndarray:
 
 def datum_rows(msg: Any, loss_fn: str, max_tokens: int) -> List[Dict[str, np.ndarray]]:
     """Validated per-datum arrays: 'tokens' (int64 [N]) and the loss inputs (each [N])."""
-    if loss_fn not in LOSSES:
-        raise BadRequest(f'loss_fn {loss_fn!r} is not supported by this server; supported: {sorted(LOSSES)}')
+    check_loss_fn(loss_fn)
     required, optional, _ = LOSSES[loss_fn]
     if not msg.data:
         raise BadRequest('forward_backward needs at least one datum')
@@ -160,6 +187,10 @@ def datum_rows(msg: Any, loss_fn: str, max_tokens: int) -> List[Dict[str, np.nda
                              f'{" (optional " + str(list(optional)) + ")" if optional else ""}; '
                              f'missing {missing}, unexpected {extra}')
         row = {'tokens': tokens}
+        if loss_fn in NEEDS_PROVENANCE:
+            from .stability import spans_of
+            row['input_spans'] = spans_of(datum.model_input_spans)
+            row['target_spans'] = spans_of(datum.loss_fn_input_spans)
         for name in names:
             arr = tensor(datum.loss_fn_inputs[name], f'data[{i}].loss_fn_inputs[{name!r}]', tokens.size)
             if arr.ndim != 1 or arr.shape[0] != tokens.size:
@@ -176,6 +207,17 @@ def datum_rows(msg: Any, loss_fn: str, max_tokens: int) -> List[Dict[str, np.nda
     return rows
 
 
+def apply_provenance(rows: List[Dict[str, Any]], lookup: Any, tenant: str) -> None:
+    """Replace each row's sampler logprobs by the recorded ones and mark its sampled targets."""
+    from .stability import resolve
+    for i, row in enumerate(rows):
+        if 'target_spans' not in row or 'sampled_mask' in row:
+            continue
+        old, sampled = resolve(lookup, tenant, f'data[{i}]', row['tokens'], row['target_tokens'].astype(np.int64),
+                               row['input_spans'], row['target_spans'])
+        row['logprobs'], row['sampled_mask'] = old, sampled
+
+
 def build_batch(rows: List[Dict[str, np.ndarray]], pad_id: int) -> Dict[str, Any]:
     import torch
     width = max(r['tokens'].size for r in rows) + 1
@@ -184,7 +226,8 @@ def build_batch(rows: List[Dict[str, np.ndarray]], pad_id: int) -> Dict[str, Any
     labels = torch.full((b, width), IGNORE, dtype=torch.long)
     mask = torch.zeros((b, width), dtype=torch.long)
     floats = {'weights': torch.zeros((b, width)), 'old_logps': torch.zeros((b, width)),
-              'advantages': torch.zeros((b, width))}
+              'advantages': torch.zeros((b, width)), 'sequence_ratio_mask': torch.zeros((b, width)),
+              'sampled_mask': torch.zeros((b, width))}
     present = set()
     for i, row in enumerate(rows):
         n = row['tokens'].size
@@ -193,13 +236,17 @@ def build_batch(rows: List[Dict[str, np.ndarray]], pad_id: int) -> Dict[str, Any
         ids[i, n] = target[-1]
         labels[i, 1:n + 1] = target
         mask[i, :n + 1] = 1
-        for src, dst in (('weights', 'weights'), ('logprobs', 'old_logps'), ('advantages', 'advantages')):
+        for src, dst in (('weights', 'weights'), ('logprobs', 'old_logps'), ('advantages', 'advantages'),
+                         ('sequence_ratio_mask', 'sequence_ratio_mask'), ('sampled_mask', 'sampled_mask')):
             if src in row:
                 floats[dst][i, 1:n + 1] = torch.as_tensor(row[src].astype(np.float32))
                 present.add(dst)
             elif src == 'weights':
                 floats[dst][i, 1:n + 1] = 1.0
                 present.add(dst)
+            elif src == 'sequence_ratio_mask':
+                # A datum without a mask takes its sequence ratio over all its targets.
+                floats[dst][i, 1:n + 1] = 1.0
     batch = {'input_ids': ids, 'labels': labels, 'attention_mask': mask}
     batch.update({k: v for k, v in floats.items() if k in present})
     return batch
@@ -233,7 +280,53 @@ def output_proto(rows: List[Dict[str, np.ndarray]], logps: Any, weights: Any, lo
     return out.SerializeToString()
 
 
-def sample_proto(result: Any) -> bytes:
+TargetCells = Tuple[np.ndarray, Any]  # (int64 [len(prompt) - 1, K] with -1 for no request, CSR (crow, col) or None)
+
+
+def target_cells(td: Any, prompt_len: int) -> TargetCells:
+    """The cells of a request's ``target_prompt_logprobs`` (a JSON TensorData), validated."""
+    what = 'target_prompt_logprobs'
+    if td.dtype != 'int64':
+        raise BadRequest(f'{what} must be an int64 tensor of token ids; got dtype {td.dtype!r}')
+    shape = td.shape or [len(td.data)]
+    if len(shape) != 2 or shape[0] != prompt_len - 1 or not 1 <= shape[1] <= 1024:
+        raise BadRequest(f'{what} has shape {shape}; expected [len(prompt) - 1, K] = [{prompt_len - 1}, K] '
+                         f'with 1 <= K <= 1024')
+    rows, k = shape
+    if any(not isinstance(v, int) or isinstance(v, bool) for v in td.data):
+        raise BadRequest(f'{what} holds non-integer values')
+    values = np.asarray(td.data, dtype=np.int64)
+    if (values < -1).any():
+        raise BadRequest(f'{what} holds ids below -1 (-1 marks a cell that asks nothing)')
+    if td.sparse_crow_indices is None and td.sparse_col_indices is None:
+        if values.size != rows * k:
+            raise BadRequest(f'{what} has {values.size} values but shape {shape}')
+        return values.reshape(rows, k), None
+    crow = np.asarray(td.sparse_crow_indices or [], dtype=np.int64)
+    col = np.asarray(td.sparse_col_indices or [], dtype=np.int64)
+    if (len(crow) != rows + 1 or len(col) != values.size or crow[0] != 0 or crow[-1] != values.size
+            or (np.diff(crow) < 0).any() or (col.size and (col.min() < 0 or col.max() >= k))):
+        raise BadRequest(f'{what} is a malformed sparse CSR tensor')
+    dense = np.full((rows, k), -1, dtype=np.int64)
+    for r in range(rows):
+        dense[r, col[crow[r]:crow[r + 1]]] = values[crow[r]:crow[r + 1]]
+    return dense, (crow, col)
+
+
+def _tensor_proto(msg: Any, arr: np.ndarray, dtype: int) -> None:
+    msg.dtype = dtype
+    msg.shape.extend(arr.shape)
+    msg.dense = np.ascontiguousarray(arr).tobytes()
+
+
+def _topk_proto(msg: Any, topk: Tuple[np.ndarray, np.ndarray]) -> None:
+    ids, lps = topk
+    msg.length, msg.k = int(ids.shape[0]), int(ids.shape[1]) if ids.ndim == 2 else 0
+    msg.token_ids = np.ascontiguousarray(ids, dtype=np.int32).tobytes()
+    msg.logprobs = np.ascontiguousarray(lps, dtype=np.float32).tobytes()
+
+
+def sample_proto(result: Any, target_layout: Any = None) -> bytes:
     p = pb()
     out = p.SampleResponse()
     for seq in result.sequences:
@@ -241,6 +334,27 @@ def sample_proto(result: Any) -> bytes:
         s.stop_reason = p.STOP_REASON_STOP if seq.stop_reason == 'stop' else p.STOP_REASON_LENGTH
         s.tokens = np.asarray(seq.tokens, dtype=np.int32).tobytes()
         s.logprobs = np.asarray(seq.logprobs, dtype=np.float32).tobytes()
+        if getattr(seq, 'topk', None) is not None:
+            _topk_proto(s.topk_sampled_logprobs, seq.topk)
     if result.prompt_logprobs is not None:
         out.prompt_logprobs = np.asarray(result.prompt_logprobs, dtype=np.float32).tobytes()
+    if getattr(result, 'topk_prompt', None) is not None:
+        _topk_proto(out.topk_prompt_logprobs, result.topk_prompt)
+    if getattr(result, 'target_prompt', None) is not None:
+        scores = result.target_prompt
+        if target_layout is None:
+            _tensor_proto(out.target_prompt_logprobs, scores, p.DTYPE_FLOAT32)
+        else:
+            # The request's sparse layout, with the scores of exactly its listed cells.
+            crow, col = target_layout
+            msg = out.target_prompt_logprobs
+            msg.dtype = p.DTYPE_FLOAT32
+            msg.shape.extend(scores.shape)
+            rows = np.repeat(np.arange(scores.shape[0]), np.diff(crow))
+            msg.sparse_csr.values = scores[rows, col].astype(np.float32).tobytes()
+            msg.sparse_csr.crow_indices = crow.astype(np.int64).tobytes()
+            msg.sparse_csr.col_indices = col.astype(np.int64).tobytes()
+    if getattr(result, 'alt_tokens', None) is not None:
+        _tensor_proto(out.prompt_alt_tokens.tokens, result.alt_tokens[0], p.DTYPE_INT32)
+        _tensor_proto(out.prompt_alt_tokens.logprobs, result.alt_tokens[1], p.DTYPE_FLOAT32)
     return out.SerializeToString()

@@ -13,7 +13,8 @@ from .context import ServerContext
 from .engine import TINKER_TARGETS, Adapter
 from .errors import BadRequest, Gone, NotFound
 from .futures import ServerFuture, SeqGate
-from .sampling import sample
+from .sampling import PromptScores, sample
+from .stability import StabilityStore
 from .store import TenantStore, check_name, format_path
 
 
@@ -48,6 +49,7 @@ class Sampler:
     checkpoint_id: Optional[str]          # None: the base model
     adapter: Optional[Adapter] = None
     seen: Dict[int, Tuple[Tuple[str, str], ServerFuture]] = field(default_factory=dict)  # seq_id -> (key, future)
+    clients: int = 0                      # clones that joined (join_sampling_session)
 
 
 class TinkerState:
@@ -57,6 +59,7 @@ class TinkerState:
         self.sessions: Dict[str, TinkerSession] = {}
         self.models: Dict[str, TinkerModel] = {}
         self.samplers: Dict[str, Sampler] = {}
+        self.stability = StabilityStore()
 
     # -- lookups (404 for what is missing or belongs to someone else) ----------------------------------------
     def session(self, tenant: str, session_id: Any) -> TinkerSession:
@@ -128,6 +131,7 @@ class TinkerState:
         engine, limits = self.ctx.engine, self.ctx.settings.limits
         adapter = self._adapter(model)
         rows = tinker_data.datum_rows(msg, msg.loss_fn, limits.max_tokens_per_request)
+        tinker_data.apply_provenance(rows, self.stability, model.tenant)
         loss_fn = tinker_data.make_loss(msg.loss_fn, tinker_data.loss_config(msg))
         batch = tinker_data.build_batch(rows, engine.model.template.pad_token_id)
         with engine.using(adapter):
@@ -213,11 +217,17 @@ class TinkerState:
         adapter = self.ensure_sampler(s)
         engine.check_finite(adapter)
         params = req['sampling_params']
+        sc = dict(req.get('scores') or {})
+        target = sc.pop('target', None)
+        scores = PromptScores(target=None if target is None else target[0], **sc)
         result = sample(engine, adapter, req['prompt_tokens'], req['num_samples'], params['max_tokens'],
                         params['temperature'], params['top_k'], params['top_p'], params.get('seed'),
                         params['stop_tokens'], params['stop_strings'], req['prompt_logprobs'],
-                        req.get('prompt_logprobs_last_n'))
-        return tinker_data.sample_proto(result)
+                        req.get('prompt_logprobs_last_n'), scores)
+        if req.get('record_ids'):
+            self.stability.record(s.tenant, req['record_ids'], req['prompt_tokens'],
+                                  [(seq.tokens, seq.logprobs) for seq in result.sequences])
+        return tinker_data.sample_proto(result, None if target is None else target[1])
 
     def expire_sessions(self, timeout_s: float) -> None:
         """Finish sessions whose client stopped sending heartbeats (it crashed or lost the network)."""
