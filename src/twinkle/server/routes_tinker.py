@@ -337,7 +337,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
                                f'request; each request needs a new seq_id')
             return accepted(fut, sample_sequence_ids=fut.extra['sequence_ids'])
         req = sample_request(ctx, body)
-        fut = ctx.submit(t, lambda: state.op_sample(s, req))
+        fut = ctx.submit(t, lambda: state.op_sample(s, req), sliced=True)
         fut.extra['sequence_ids'] = [f'{fut.request_id}-{i}' for i in range(body.num_samples)]
         if body.seq_id is not None:
             s.seen[body.seq_id] = (key, fut)
