@@ -11,11 +11,18 @@ tokens:
   loops (and over the processes' whole lifetimes, loading included), and N x the peak RSS of one process
   (what N tenants would need side by side).
 
+* fairness: one tenant samples long completions without pause while another sends one-datum
+  forward_backward requests; reported: the p50 / p99 latency of those requests with sampling jobs run in
+  one piece (``job_slice_s: null``, how the server behaved before slicing) and sliced (the default), each
+  against a fresh server, next to their latency on an idle server.
+
     python benchmarks/server_tenants.py [--model builtin://tiny-qwen3] [--tenants 1 2 4] [--steps 8]
+    python benchmarks/server_tenants.py --fairness-only [--sample-rows 8] [--sample-tokens 512] [--probes 20]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -25,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 LORA = dict(r=8, lora_alpha=32, lora_dropout=0.0, target_modules='all-linear')
 
@@ -98,16 +105,20 @@ def _peak_rss_mb(pid: int) -> float:
     return float('nan')
 
 
-def run_server(args: argparse.Namespace, n: int) -> Dict[str, float]:
+@contextlib.contextmanager
+def serve(args: argparse.Namespace, keys: List[str], config: str = '') -> Iterator[Tuple[str, subprocess.Popen]]:
+    """A ``twinkle serve`` process on a free loopback port (``config``: YAML settings), until the block ends."""
     import httpx
-
-    from twinkle.client import LoraConfig, TransformersModel, TwinkleClient
-    keys = [f'tml-bench-tenant-{i:04d}' for i in range(n)]
     port = _free_port()
     url = f'http://127.0.0.1:{port}'
     with tempfile.TemporaryDirectory() as data_dir:
         cmd = [sys.executable, '-m', 'twinkle.cli', 'serve', '--model', args.model, '--port', str(port),
                '--data-dir', data_dir, '--log-level', 'warning'] + [a for k in keys for a in ('--api-key', k)]
+        if config:
+            path = os.path.join(data_dir, 'bench-config.yaml')
+            with open(path, 'w') as f:
+                f.write(config)
+            cmd += ['--config', path]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             while True:
@@ -118,26 +129,80 @@ def run_server(args: argparse.Namespace, n: int) -> Dict[str, float]:
                     time.sleep(0.5)
                 if proc.poll() is not None:
                     raise RuntimeError('twinkle serve exited during startup')
-            models = []
-            for i, key in enumerate(keys):
-                model = TransformersModel(model_id=args.model, client=TwinkleClient(url, key))
-                model.add_adapter_to_model('default', LoraConfig(**LORA), seed=i)
-                model.set_optimizer('AdamW', lr=1e-4)
-                models.append(model)
-            data = [batches(i, args.steps, args.batch, args.seq_len) for i in range(n)]
-            threads = [threading.Thread(target=train, args=(m, d)) for m, d in zip(models, data)]
-            start = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            wall = time.perf_counter() - start
-            memory = _peak_rss_mb(proc.pid)
+            yield url, proc
         finally:
             proc.terminate()
             proc.wait(60)
+
+
+def run_server(args: argparse.Namespace, n: int) -> Dict[str, float]:
+    from twinkle.client import LoraConfig, TransformersModel, TwinkleClient
+    keys = [f'tml-bench-tenant-{i:04d}' for i in range(n)]
+    with serve(args, keys) as (url, proc):
+        models = []
+        for i, key in enumerate(keys):
+            model = TransformersModel(model_id=args.model, client=TwinkleClient(url, key))
+            model.add_adapter_to_model('default', LoraConfig(**LORA), seed=i)
+            model.set_optimizer('AdamW', lr=1e-4)
+            models.append(model)
+        data = [batches(i, args.steps, args.batch, args.seq_len) for i in range(n)]
+        threads = [threading.Thread(target=train, args=(m, d)) for m, d in zip(models, data)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - start
+        memory = _peak_rss_mb(proc.pid)
     tokens = n * args.steps * args.batch * args.seq_len
     return {'tok_s': tokens / wall, 'memory_mb': memory}
+
+
+# ---------------------------------------------------------------------------------------------- fairness
+def _percentile(values: List[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(round(q / 100 * len(ordered) + 0.5)) - 1))]
+
+
+def run_fairness(args: argparse.Namespace, slice_s: Optional[float]) -> Dict[str, float]:
+    """Latency of one tenant's one-datum forward_backward while another samples long completions."""
+    from twinkle.client import LoraConfig, TransformersModel, TwinkleClient
+    keys = ['tml-bench-sampler-0000', 'tml-bench-trainer-0000']
+    config = f'job_slice_s: {"null" if slice_s is None else slice_s}\nlimits:\n  max_new_tokens: {args.sample_tokens}\n'
+    with serve(args, keys, config) as (url, _):
+        sampler, trainer = (TransformersModel(model_id=args.model, client=TwinkleClient(url, k)) for k in keys)
+        for i, model in enumerate((sampler, trainer)):
+            model.add_adapter_to_model('default', LoraConfig(**LORA), seed=i)
+            model.set_optimizer('AdamW', lr=1e-4)
+        datum = batches(7, 1, 1, args.seq_len)[0]
+
+        def probe(count: int) -> List[float]:
+            out = []
+            for _ in range(count):
+                t0 = time.perf_counter()
+                trainer.forward_backward(inputs=datum)
+                out.append(time.perf_counter() - t0)
+                time.sleep(0.1)
+            return out
+
+        idle = probe(max(3, args.probes // 4))
+        prompts = [[11 + r, 300 + 7 * r, 45, 900 + r] for r in range(args.sample_rows)]
+        stop, samples = threading.Event(), []
+
+        def keep_sampling() -> None:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                sampler.generate(prompts, max_new_tokens=args.sample_tokens, do_sample=True, temperature=1.0)
+                samples.append(time.perf_counter() - t0)
+
+        thread = threading.Thread(target=keep_sampling, daemon=True)
+        thread.start()
+        time.sleep(1.0)
+        busy = probe(args.probes)
+        stop.set()
+        thread.join()
+    return {'idle_p50': _percentile(idle, 50), 'p50': _percentile(busy, 50), 'p99': _percentile(busy, 99),
+            'max': max(busy), 'sample_s': sum(samples) / max(1, len(samples))}
 
 
 def main() -> None:
@@ -148,11 +213,29 @@ def main() -> None:
     parser.add_argument('--batch', type=int, default=4)
     parser.add_argument('--seq-len', type=int, default=128)
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--sample-rows', type=int, default=8, help='completions per sample call (fairness)')
+    parser.add_argument('--sample-tokens', type=int, default=512, help='tokens per completion (fairness)')
+    parser.add_argument('--probes', type=int, default=20, help='forward_backward requests measured (fairness)')
+    parser.add_argument('--slice-s', type=float, default=1.0, help='job_slice_s of the sliced run (fairness)')
+    parser.add_argument('--fairness-only', action='store_true', help='run only the fairness measurement')
     parser.add_argument('--local-worker', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.local_worker:
         return local_worker(args)
     os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+    if not args.fairness_only:
+        throughput(args)
+    print(f'\nfairness: one tenant samples {args.sample_rows} x {args.sample_tokens} tokens per call without '
+          f'pause; another sends one-datum ({args.seq_len} tokens) forward_backward requests\n')
+    print('| sampling jobs | fwd_bwd p50 s | fwd_bwd p99 s | fwd_bwd max s | idle p50 s | one sample call s |')
+    print('|---|---|---|---|---|---|')
+    for label, slice_s in (('one piece (before)', None), (f'sliced, job_slice_s={args.slice_s}', args.slice_s)):
+        r = run_fairness(args, slice_s)
+        print(f"| {label} | {r['p50']:.2f} | {r['p99']:.2f} | {r['max']:.2f} | {r['idle_p50']:.2f} | "
+              f"{r['sample_s']:.1f} |", flush=True)
+
+
+def throughput(args: argparse.Namespace) -> None:
     print(f'model {args.model}, {args.steps} steps x {args.batch} x {args.seq_len} tokens per tenant\n')
     print('| tenants | server tok/s (concurrent) | separate tok/s (training loops) | separate tok/s (whole '
           'processes) | server peak RSS MB | N x one process RSS MB |')

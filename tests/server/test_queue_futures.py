@@ -112,3 +112,68 @@ def test_seq_gate_refusals_use_up_seq_ids_and_replays_must_match():
     gate.submit(5, make('5'), ('optim_step', '5'))
     assert released[-2:] == ['5', None] and gate.next_seq == 7
     loop.close()
+
+
+def _sliced_worker(slice_s):
+    from twinkle.server.queue import pause_point
+    q = FairQueue()
+    worker = Worker(q, slice_s=slice_s)
+    saved, restored = [], []
+
+    def save_state():
+        saved.append(1)
+        return lambda: restored.append(1)
+
+    worker.save_state = save_state
+    return q, worker, pause_point, saved, restored
+
+
+def test_sliced_job_yields_to_other_tenants_and_resumes_before_its_tenants_next_job():
+    q, worker, pause_point, saved, restored = _sliced_worker(slice_s=0.05)
+    log, lock = [], threading.Lock()
+    started, done = threading.Event(), threading.Event()
+
+    def long_job():
+        started.set()
+        for step in range(40):
+            with lock:
+                log.append(('long', step))
+            threading.Event().wait(0.01)   # 10 ms of "compute" per decoding step
+            pause_point()
+
+    worker.put('a', long_job, sliced=True)
+    worker.put('a', lambda: log.append(('a-next', 0)))
+    worker.start()
+    assert started.wait(10)
+    worker.put('b', lambda: log.append(('b', 0)))
+    worker.put('b', lambda: (log.append(('b', 1)), done.set()))
+    assert done.wait(10)
+    while worker.busy or q.depth():
+        threading.Event().wait(0.01)
+    worker.stop()
+    names = [name for name, _ in log]
+    steps = [s for name, s in log if name == 'long']
+    assert steps == list(range(40))                        # resumed where it paused, nothing lost or repeated
+    last_long = max(i for i, n in enumerate(names) if n == 'long')
+    assert names.index('b') < last_long and names.index('b', names.index('b') + 1) < last_long  # b ran meanwhile
+    assert names.index('a-next') > last_long                # a's next job still waits for a's long job
+    assert len(saved) == len(restored) >= 1                # model state saved at each pause, put back at resume
+
+
+def test_sliced_job_runs_through_when_nobody_waits_or_slicing_is_off():
+    for slice_s in (0.01, None):
+        q, worker, pause_point, saved, _ = _sliced_worker(slice_s)
+        done = threading.Event()
+
+        def job():
+            for _ in range(10):
+                threading.Event().wait(0.005)
+                pause_point()
+            done.set()
+
+        worker.start()
+        worker.put('a', job, sliced=True)
+        assert done.wait(10)
+        worker.stop()
+        assert saved == []
+    pause_point()  # outside a sliced job: nothing happens

@@ -3,7 +3,8 @@
 ``init_twinkle_client(base_url, api_key)`` connects; afterwards ``TransformersModel(...,
 remote_group=...)`` from ``twinkle.model`` builds a proxy of a server-side model, and the classes here
 (``TransformersModel``, ``Dataset``, ``DataLoader``) are proxies whatever the arguments. Works without
-torch or transformers installed (``pip install 'twinkle[client]'``).
+torch or transformers installed: ``pip install ./clients/python`` installs the ``twinkle-client``
+distribution (these modules and httpx only); keep this package's imports free of torch.
 """
 from __future__ import annotations
 

@@ -66,6 +66,9 @@ class ServerSettings(BaseModel):
     fwdbwd_chunk_len: Optional[int] = Field(None, ge=1)
     """Datums per forward_backward request the Tinker SDK is told to send (None: the SDK's default); the SDK
     sends the chunks of one call in parallel and the server runs them in seq_id order."""
+    job_slice_s: Optional[float] = Field(1.0, gt=0)
+    """How long a sampling job computes before it lets other tenants' waiting jobs run (it resumes afterwards
+    where it stopped, so one tenant's long sample cannot hold the model for everyone); None: never."""
     session_timeout_s: float = Field(300.0, gt=0)
     """A Tinker session without a heartbeat for this long is finished and its adapters unloaded (the SDK beats
     every 10 s); its runs and checkpoints stay."""

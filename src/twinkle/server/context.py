@@ -46,7 +46,7 @@ class ServerContext:
         self.limiter = RateLimiter(settings.limits.requests_per_minute)
         self.futures = FutureTable()
         self.queue = FairQueue()
-        self.worker = Worker(self.queue)
+        self.worker = Worker(self.queue, slice_s=settings.job_slice_s)
         self.engine: Any = None
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.ready = False
@@ -64,6 +64,7 @@ class ServerContext:
             scrub.add(str(self.engine.model_dir))
         from ..settings import get_settings
         scrub.add(str(get_settings().cache_dir))
+        self.worker.save_state = self.engine.save_state
         self.worker.start()
         self.ready = True
 
@@ -87,13 +88,16 @@ class ServerContext:
     def enqueue(self, tenant: str) -> Callable[[Callable], None]:
         return lambda job: self.queue.put(tenant, job)
 
-    def submit(self, tenant: str, fn: Callable[[], Any], model_id: Optional[str] = None) -> ServerFuture:
+    def submit(self, tenant: str, fn: Callable[[], Any], model_id: Optional[str] = None,
+               sliced: bool = False) -> ServerFuture:
+        """Queue ``fn`` on the model worker. ``sliced``: a long job (sampling) that yields the model to other
+        tenants every ``job_slice_s`` (see queue.py)."""
         fut, run = self.job(tenant, fn, model_id)
-        self.queue.put(tenant, run)
+        self.worker.put(tenant, run, sliced=sliced)
         return fut
 
-    async def run_model(self, tenant: str, fn: Callable[[], Any]) -> Any:
-        fut = self.submit(tenant, fn)
+    async def run_model(self, tenant: str, fn: Callable[[], Any], sliced: bool = False) -> Any:
+        fut = self.submit(tenant, fn, sliced=sliced)
         await fut.wait()
         return unwrap(fut)
 

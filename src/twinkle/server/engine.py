@@ -12,12 +12,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 
 from .config import ServerSettings
 from .errors import BadRequest, TooMany
+from .queue import pause_point
 
 # Tinker's three switches -> the projection names of Llama/Qwen-style decoders.
 TINKER_TARGETS = {
@@ -67,6 +68,30 @@ class Engine:
             torch.manual_seed(0)
             self.model.add_adapter_to_model('anchor', self.lora_config({'r': 1, 'target_modules':
                                                                         self.linear_names[:1]}))
+        # Every forward pass (each decoding step of a sample) starts with the input embeddings: there a sliced
+        # job may hand the model to other tenants (queue.pause_point is a no-op for every other job).
+        self.model.hf_model.get_input_embeddings().register_forward_pre_hook(lambda module, args: pause_point())
+
+    def save_state(self) -> Callable[[], None]:
+        """What a paused job left in the shared model (active adapter, train/eval mode, RNG streams), and the
+        function that puts it back before the job resumes; other jobs run in between."""
+        from ..model.transformers import adapters
+        model = self.model
+        active, training = model._active_adapter, model.module.training
+        devices = self._devices()
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if devices else None
+
+        def restore() -> None:
+            if active is not None and model._active_adapter != active:
+                adapters.activate(model.module, active)
+                model._active_adapter = active
+            model.module.train(training)
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+
+        return restore
 
     # -- adapters ------------------------------------------------------------------------------------------
     def count(self, tenant: str, role: str) -> int:

@@ -3,12 +3,24 @@
 Compute never runs on the event loop. Within a tenant, jobs run in arrival order (which the seq_id
 gate has already made the request order); across tenants, one job each in turn, so a tenant with a long
 backlog cannot starve the others.
+
+Taking turns per job is not enough when one job is long: a sample of 32 x 1024 tokens would hold the model
+for minutes while another tenant's one-datum forward waits. Such jobs run *sliced*: each on a thread of its
+own, of which at most one (or the worker's inline job) computes at a time. At every ``pause_point()`` (the
+model calls one before each forward pass, i.e. every decoding step) a sliced job that has computed for
+``slice_s`` while another tenant has work waiting hands the model back: it goes to the front of its tenant's
+queue (its tenant's later jobs still wait for it) and its tenant to the back of the turns, and it resumes,
+with its KV cache and everything else still on its stack, when its turn comes again. This was chosen over a
+second worker for sampling: PEFT's active adapter, the module's train/eval mode and the RNG are state of the
+one shared model, so two threads cannot compute on it at once; instead the engine's ``save_state`` captures
+that state when a job pauses and puts it back when the job resumes.
 """
 from __future__ import annotations
 
 import collections
 import logging
 import threading
+import time
 from typing import Callable, Deque, Dict, Optional
 
 logger = logging.getLogger('twinkle.server')
@@ -32,6 +44,20 @@ class FairQueue:
                 self._turns.append(tenant)
             queue.append(job)
             self._cv.notify()
+
+    def put_front(self, tenant: str, job: Job) -> None:
+        """Requeue a paused job ahead of its tenant's other jobs; the tenant waits for its next turn."""
+        with self._cv:
+            queue = self._jobs.setdefault(tenant, collections.deque())
+            if not queue:
+                self._turns.append(tenant)
+            queue.appendleft(job)
+            self._cv.notify()
+
+    def others_waiting(self, tenant: str) -> bool:
+        """True if a tenant other than ``tenant`` has a job queued."""
+        with self._cv:
+            return any(t != tenant for t in self._turns)
 
     def get(self) -> Optional[Job]:
         """The next job in round-robin order; None once closed and drained."""
@@ -59,13 +85,86 @@ class FairQueue:
             self._cv.notify_all()
 
 
-class Worker:
-    """The thread that runs every model job."""
+SaveState = Callable[[], Callable[[], None]]
+_current = threading.local()
 
-    def __init__(self, queue: FairQueue, name: str = 'twinkle-model-worker') -> None:
+
+def pause_point() -> None:
+    """Where a sliced job may hand the model to other tenants; a no-op anywhere else (inline jobs included)."""
+    job = getattr(_current, 'job', None)
+    if job is not None:
+        job.maybe_pause()
+
+
+class SlicedJob:
+    """A job that runs on its own thread and can pause at ``pause_point()`` (see the module docstring).
+
+    The worker calls it like any job; the call returns when the job has finished or paused. Paused, it sits at
+    the front of its tenant's queue, and the worker's next call of it resumes it."""
+
+    def __init__(self, worker: 'Worker', tenant: str, fn: Job) -> None:
+        self.worker = worker
+        self.tenant = tenant
+        self.fn = fn
+        self.thread: Optional[threading.Thread] = None
+        self._turn = threading.Event()      # set: this job may compute
+        self._handed = threading.Event()    # set: it finished or paused; the worker goes on
+        self._slice_start = 0.0
+        self.slices = 0
+
+    def __call__(self) -> None:
+        self._handed.clear()
+        self._slice_start = time.monotonic()
+        self.slices += 1
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name=f'twinkle-sliced-{self.tenant[:8]}', daemon=True)
+            self.thread.start()
+        else:
+            self._turn.set()
+        self._handed.wait()
+
+    def _run(self) -> None:
+        _current.job = self
+        try:
+            self.fn()
+        except BaseException:  # jobs report their own errors; this only guards the thread
+            logger.exception('sliced model job raised outside its error handling')
+        finally:
+            _current.job = None
+            self._handed.set()
+
+    def maybe_pause(self) -> None:
+        slice_s = self.worker.slice_s
+        if slice_s is None or time.monotonic() - self._slice_start < slice_s:
+            return
+        if not self.worker.queue.others_waiting(self.tenant):
+            self._slice_start = time.monotonic()  # nobody waits: go on, and look again after another slice
+            return
+        restore = self.worker.save_state() if self.worker.save_state is not None else None
+        self._turn.clear()
+        self.worker.queue.put_front(self.tenant, self)
+        self._handed.set()
+        self._turn.wait()
+        if restore is not None:
+            restore()
+
+
+class Worker:
+    """The thread that runs every model job.
+
+    ``slice_s``: how long a sliced job computes before it yields to other tenants' waiting jobs (None: sliced
+    jobs run to the end like any other). ``save_state``: captures the shared model's state when a sliced job
+    pauses and returns the function that puts it back when the job resumes."""
+
+    def __init__(self, queue: FairQueue, name: str = 'twinkle-model-worker', slice_s: Optional[float] = 1.0) -> None:
         self.queue = queue
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.busy = False
+        self.slice_s = slice_s
+        self.save_state: Optional[SaveState] = None
+
+    def put(self, tenant: str, job: Job, sliced: bool = False) -> None:
+        self.queue.put(tenant, SlicedJob(self, tenant, job) if sliced else job)
 
     def start(self) -> None:
         self.thread.start()

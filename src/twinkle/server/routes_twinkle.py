@@ -95,7 +95,8 @@ def build_router(ctx: ServerContext) -> APIRouter:
             raise NotFound(f'{entry.class_name} has no remote method {method!r}; available: {sorted(spec.methods)}')
         args, kwargs = decoded(t, body)
         if spec.executor == 'model':
-            result = await ctx.run_model(t, lambda: entry.obj.call(method, args, kwargs))
+            # generate is the one long job a single call can ask for: it runs sliced (queue.py).
+            result = await ctx.run_model(t, lambda: entry.obj.call(method, args, kwargs), sliced=method == 'generate')
         else:
             result = await asyncio.to_thread(_call_data, entry.obj, method, args, kwargs)
             if result is _STOP:
