@@ -25,7 +25,7 @@ from .forward import ForwardCore
 from .inputs import prepare_batch
 from .precision import Precision
 from .router_loss import add_router_aux_loss
-from .strategy import trainable_named_params
+from .strategy import scale_, trainable_named_params
 from .strategy_factory import build_strategy
 
 logger = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
         self.precision.unscale(session)
         grads = [p.grad for p in self._trainable(session) if p.grad is not None]
         if grads:
-            torch._foreach_mul_(grads, self.strategy.grad_reduce_world / total)
+            scale_(grads, self.strategy.grad_reduce_world / total)
         return True
 
     def step(self, *, adapter_name: Optional[str] = None) -> None:
