@@ -55,7 +55,17 @@ def tp_grads():
 
 
 def tp_lora():
-    return {'error': _error(lambda: S.build(TP, lora=True))}
+    from torch.distributed.tensor import DTensor
+    model = S.build(TP, lora=True, output_dir=str(OUT / 'tp_lora'))
+    result = S.train(model, S.loader(TP), S.STEPS, save_at=S.SAVE_AT)
+    attn = model.hf_model.model.layers[0].self_attn
+    result['sharded'] = {name: [type(w).__name__, list(w.to_local().shape) if isinstance(w, DTensor) else None]
+                         for name, w in (('q_B', attn.q_proj.lora_B['default'].weight),
+                                         ('q_A', attn.q_proj.lora_A['default'].weight),
+                                         ('o_A', attn.o_proj.lora_A['default'].weight),
+                                         ('o_B', attn.o_proj.lora_B['default'].weight))}
+    model.shutdown()
+    return result
 
 
 def tp_bad_heads():

@@ -6,6 +6,7 @@ layers (o_proj, down_proj) a slice of the input features and all-reduce their ou
 the MLP run on each rank's share of heads and intermediate features. Embeddings, norms and the output
 projection stay replicated. Parameters a plan marks ``replicated_with_grad_allreduce`` (per-head norms
 such as Qwen3's q_norm / k_norm) see only the rank's heads, so their gradients are summed over ``tp``.
+LoRA layers on sharded linears are sharded to match (see ``_parallelize``).
 
 Every ``tp`` rank of a data-parallel group reads the same batch (the DataLoader slices by data rank).
 Saving gathers full tensors, so checkpoints are plain Hugging Face folders.
@@ -13,7 +14,7 @@ Saving gathers full tensors, so checkpoints are plain Hugging Face folders.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 import torch.distributed as dist
@@ -55,7 +56,8 @@ def tp_plan(config: Any, tp_size: int) -> Dict[str, str]:
 
 
 class TensorParallelStrategy(FSDP2Strategy):
-    """Shard the decoder over ``tp``; data parallelism (dp / fsdp) is not combined with it yet."""
+    """Shard the decoder (and the LoRA layers on it) over ``tp``; data parallelism (dp / fsdp) is not
+    combined with it yet."""
     name = 'tensor_parallel'
     parallel_dims = ('tp_size',)
 
@@ -72,6 +74,7 @@ class TensorParallelStrategy(FSDP2Strategy):
         self.meta_init = self.memory_efficient_init = False
         self.handles_mixed_precision = False  # no FSDP wrapper: autocast does the low-precision compute
         self._tp_group: Any = None
+        self._hooked: Set[int] = set()  # parameters whose gradients are summed over tp
 
     @property
     def tp_group(self) -> Any:
@@ -86,20 +89,20 @@ class TensorParallelStrategy(FSDP2Strategy):
 
     # ------------------------------------------------------------------ wrapping
     def wrap(self, module: nn.Module) -> nn.Module:
-        from torch.distributed.tensor.parallel import parallelize_module
-        if getattr(module, '_twinkle_tensor_parallel', False):
-            return module
-        _refuse_adapters(module)
-        base = module.base_model  # the decoder the plan's names are relative to (``model`` of *ForCausalLM)
-        plan = tp_plan(module.config, self.mesh.tp_size)
-        styles = _styles()
-        layout = {name: styles[style]() for name, style in plan.items() if style in styles}
-        parallelize_module(base, self.torch_mesh['tp'], layout)
-        for name, style in plan.items():
-            if style == 'replicated_with_grad_allreduce':
-                for param in _matching_params(base, name):
-                    param.register_hook(self._sum_over_tp)
-        module._twinkle_tensor_parallel = True
+        """Shard the plan's layers in place. Idempotent: layers already sharded are kept, so adapters
+        added after a first wrap get their LoRA layers sharded on the next one."""
+        plan = tp_plan(_hf_model(module).config, self.mesh.tp_size)
+        base = _hf_model(module).base_model  # the decoder the plan's names are relative to
+        mesh = self.torch_mesh['tp']
+        for pattern, style in plan.items():
+            for name, sub in _matching_modules(base, pattern):
+                if style == 'replicated_with_grad_allreduce':
+                    for param in sub.parameters():
+                        if param.requires_grad and id(param) not in self._hooked:
+                            param.register_hook(self._sum_over_tp)
+                            self._hooked.add(id(param))
+                else:
+                    _parallelize(sub, style, mesh, name)
         return module
 
     def _sum_over_tp(self, grad: torch.Tensor) -> torch.Tensor:
@@ -139,17 +142,45 @@ class TensorParallelStrategy(FSDP2Strategy):
         return total
 
 
-def _matching_params(base: nn.Module, pattern: str) -> List[nn.Parameter]:
+def _hf_model(module: nn.Module) -> nn.Module:
+    get_base = getattr(module, 'get_base_model', None)  # a PeftModel around the Hugging Face model
+    return get_base() if callable(get_base) else module
+
+
+def _matching_modules(base: nn.Module, pattern: str) -> Iterator[Tuple[str, nn.Module]]:
     import fnmatch
-    return [p for name, sub in base.named_modules() if fnmatch.fnmatchcase(name, pattern)
-            for p in sub.parameters(recurse=True)]
+    return ((name, sub) for name, sub in base.named_modules() if fnmatch.fnmatchcase(name, pattern))
 
 
-def _refuse_adapters(module: nn.Module) -> None:
-    try:
-        from peft import PeftModel
-    except ImportError:  # without PEFT there can be no adapter
+def _is_sharded(linear: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+    return isinstance(linear.weight, DTensor)
+
+
+def _parallelize(sub: nn.Module, style: str, mesh: Any, name: str) -> None:
+    """Shard one plan entry: a plain Linear, or a LoRA layer around one.
+
+    A LoRA layer computes ``base(x) + B(A(x)) * scale``. Column-parallel: the base and ``B`` keep the
+    same slice of output features and ``A`` stays whole (its input is replicated; ``B``'s column-parallel
+    input all-reduces the gradient flowing back into ``A``). Row-parallel: the base and ``A`` keep the same
+    slice of input features, ``A``'s partial outputs are summed, and ``B`` stays whole.
+    """
+    from torch.distributed.tensor.parallel import parallelize_module
+    make = _styles()[style]
+    if isinstance(sub, nn.Linear):
+        if not _is_sharded(sub):
+            parallelize_module(sub, mesh, make())
         return
-    if isinstance(module, PeftModel):
-        raise NotImplementedError('LoRA adapters are not supported with tp_size > 1 yet: train the full model '
-                                  'under tensor parallelism, or use fsdp_size / dp_size for LoRA')
+    base_layer = getattr(sub, 'base_layer', None)
+    if not isinstance(base_layer, nn.Linear) or not hasattr(sub, 'lora_A'):
+        raise NotImplementedError(f'tensor parallelism: {name} is a {type(sub).__name__}, not a Linear or a '
+                                  f'LoRA layer around one; it cannot be sharded {style}')
+    if any(len(getattr(sub, attr, {})) for attr in ('lora_magnitude_vector', 'lora_embedding_A')):
+        raise NotImplementedError(f'tensor parallelism: {name} has DoRA / embedding LoRA weights, which are '
+                                  f'not sharded; use plain LoRA (use_dora=False) with tp_size > 1')
+    if not _is_sharded(base_layer):
+        parallelize_module(base_layer, mesh, make())
+    sharded = sub.lora_B if style == 'colwise' else sub.lora_A
+    for adapter in sharded:
+        if not _is_sharded(sharded[adapter]):
+            parallelize_module(sharded[adapter], mesh, make())
