@@ -61,5 +61,23 @@ def build_optimizer(optimizer_cls: Union[str, Type[torch.optim.Optimizer]],
     default_wd = inspect.signature(cls.__init__).parameters.get('weight_decay')
     weight_decay = kwargs.pop('weight_decay', default_wd.default if default_wd is not None else None)
     if weight_decay is None or weight_decay is inspect.Parameter.empty:
-        return cls([p for _, p in named_params], **kwargs)
-    return cls(param_groups_without_decay(named_params, float(weight_decay)), **kwargs)
+        groups = [{'params': [p for _, p in named_params]}]
+    else:
+        groups = param_groups_without_decay(named_params, float(weight_decay))
+    return cls(split_by_tensor_kind(groups), **kwargs)
+
+
+def split_by_tensor_kind(groups: List[dict]) -> List[dict]:
+    """Put DTensor and plain parameters of a group into two groups with the same options: foreach and
+    fused optimizer kernels (the default on GPUs) refuse a list mixing both, which tensor parallelism
+    produces (sharded linears next to replicated norms and embeddings)."""
+    from torch.distributed.tensor import DTensor
+    out = []
+    for group in groups:
+        sharded = [p for p in group['params'] if isinstance(p, DTensor)]
+        plain = [p for p in group['params'] if not isinstance(p, DTensor)]
+        if sharded and plain:
+            out += [{**group, 'params': plain}, {**group, 'params': sharded}]
+        else:
+            out.append(group)
+    return out
