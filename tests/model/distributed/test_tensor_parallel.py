@@ -53,6 +53,9 @@ def test_tp_shards_the_plan_layers(tp_runs):
     # tiny-qwen3: 4 query heads of 64 -> 2 per rank; the LoRA factors follow their base layer.
     assert tp_runs['tp'][0]['strategy_cls'] == 'TensorParallelStrategy'
     assert tp_runs['tp'][0]['q_proj_local_shape'] == [128, 256]
+    # Sharded and replicated parameters step per tensor: foreach kernels refuse the mix.
+    assert tp_runs['tp'][0]['foreach_off']
+    assert 'foreach=True cannot step a mix of DTensor' in tp_runs['tp'][0]['foreach_error']
     sharded = tp_runs['tp_lora'][0]['sharded']
     assert sharded['q_B'] == ['DTensor', [128, 4]] and sharded['o_A'] == ['DTensor', [4, 128]]
     assert sharded['q_A'][0] == sharded['o_B'][0] == 'Parameter'

@@ -33,12 +33,15 @@ def tp():
     from torch.distributed.tensor import DTensor
     model = S.build(TP, output_dir=str(OUT / 'tp'))
     # foreach kernels (the GPU default) take no list mixing sharded and replicated parameters.
-    model.set_optimizer('AdamW', lr=5e-4, weight_decay=0.01, foreach=True)
+    result_foreach = _error(lambda: model.set_optimizer('AdamW', lr=5e-4, foreach=True))
+    model.set_optimizer('AdamW', lr=5e-4, weight_decay=0.01)
+    foreach_off = all(g['foreach'] is False for g in model._session(None).optimizer.param_groups)
     model.set_lr_scheduler('CosineWarmupScheduler', num_warmup_steps=1, num_training_steps=S.STEPS)
     result = S.train(model, S.loader(TP), S.STEPS, save_at=S.SAVE_AT)
     q_proj = model.hf_model.model.layers[0].self_attn.q_proj.weight
     result['q_proj_local_shape'] = list(q_proj.to_local().shape) if isinstance(q_proj, DTensor) else None
     result['strategy_cls'] = type(model.strategy).__name__
+    result['foreach_error'], result['foreach_off'] = result_foreach, foreach_off
     model.shutdown()
     return result
 
