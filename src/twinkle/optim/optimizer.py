@@ -60,6 +60,25 @@ def build_optimizer(optimizer_cls: Union[str, Type[torch.optim.Optimizer]],
     import inspect
     default_wd = inspect.signature(cls.__init__).parameters.get('weight_decay')
     weight_decay = kwargs.pop('weight_decay', default_wd.default if default_wd is not None else None)
+    _no_foreach_over_mixed_tensors(cls, [p for _, p in named_params], kwargs)
     if weight_decay is None or weight_decay is inspect.Parameter.empty:
         return cls([p for _, p in named_params], **kwargs)
     return cls(param_groups_without_decay(named_params, float(weight_decay)), **kwargs)
+
+
+def _no_foreach_over_mixed_tensors(cls: Type[torch.optim.Optimizer], params: List[nn.Parameter],
+                                   kwargs: dict) -> None:
+    """Tensor parallelism leaves replicated parameters plain next to sharded DTensors; foreach and fused
+    kernels (the GPU default) refuse a list mixing both, so such optimizers step per tensor. The param
+    groups stay as in any other layout, so checkpoints resume across layouts."""
+    from torch.distributed.tensor import DTensor
+    kinds = {isinstance(p, DTensor) for p in params}
+    if len(kinds) < 2:
+        return
+    for option in ('foreach', 'fused'):
+        if kwargs.get(option):
+            raise ValueError(f'{option}=True cannot step a mix of DTensor (tensor-parallel) and plain parameters; '
+                             f'leave {option} unset under tensor parallelism')
+    import inspect
+    if 'foreach' in inspect.signature(cls.__init__).parameters:
+        kwargs['foreach'] = False

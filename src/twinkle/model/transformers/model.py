@@ -27,7 +27,7 @@ from .forward import ForwardCore
 from .inputs import prepare_batch
 from .precision import Precision
 from .router_loss import add_router_aux_loss
-from .strategy import trainable_named_params
+from .strategy import scale_, trainable_named_params
 from .strategy_factory import build_strategy
 
 logger = logging.getLogger(__name__)
@@ -215,7 +215,7 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
         # The wrapper averaged over the data-parallel ranks; multiplying back by their number gives the sum.
         factor = self.strategy.grad_reduce_world * scale
         if grads and factor != 1.0:
-            torch._foreach_mul_(grads, factor)
+            scale_(grads, factor)
         return True
 
     def step(self, *, adapter_name: Optional[str] = None) -> None:

@@ -12,6 +12,15 @@ from torch import nn
 from ..checkpoint import atomic_folder
 
 
+def scale_(tensors: List[torch.Tensor], factor: float) -> None:
+    """Multiply in place; DTensors through their local shards, as foreach ops take no mix of both kinds
+    (tensor parallelism leaves replicated parameters plain next to sharded DTensors)."""
+    from torch.distributed.tensor import DTensor
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    if local:
+        torch._foreach_mul_(local, factor)
+
+
 @runtime_checkable
 class Strategy(Protocol):
     name: str

@@ -7,7 +7,7 @@ import gc
 import logging
 import weakref
 from pathlib import Path
-from typing import Any, Iterator, List, Optional
+from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -23,8 +23,8 @@ logger = logging.getLogger(__name__)
 _UNSUPPORTED = ('tp_size', 'pp_size', 'ep_size', 'ulysses_size')
 
 
-def check_mesh(mesh: DeviceMesh, strategy: str) -> None:
-    bad = {name: getattr(mesh, name) for name in _UNSUPPORTED if getattr(mesh, name) > 1}
+def check_mesh(mesh: DeviceMesh, strategy: str, supported: Tuple[str, ...] = ()) -> None:
+    bad = {name: getattr(mesh, name) for name in _UNSUPPORTED if name not in supported and getattr(mesh, name) > 1}
     if bad:
         sizes = ', '.join(f'{k}={v}' for k, v in bad.items())
         raise NotImplementedError(
@@ -44,9 +44,10 @@ class TorchDistributedStrategy:
     """Base for strategies whose wrapper averages gradients over the mesh's data-parallel ranks."""
     name = 'distributed'
     handles_mixed_precision = False
+    parallel_dims: Tuple[str, ...] = ()  # mesh sizes beyond dp / fsdp this strategy lays out
 
     def __init__(self, mesh: DeviceMesh, device: torch.device, mixed_precision: str = 'no') -> None:
-        check_mesh(mesh, self.name)
+        check_mesh(mesh, self.name, self.parallel_dims)
         self.mesh = mesh
         self.device = device
         self.mixed_precision = mixed_precision
