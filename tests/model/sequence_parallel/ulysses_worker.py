@@ -1,0 +1,46 @@
+"""Run under torchrun (gloo) by test_ulysses_model.py: ``ulysses_worker.py OUT_DIR LAYOUT``.
+
+``sp``: 2 processes, ``DeviceMesh.from_sizes(dp_size=2, ulysses_size=2)``: one ulysses group, both ranks
+get the whole global batch and each runs its half of every sequence. ``fsdp_sp``: 4 processes,
+``fsdp_size=4, ulysses_size=2``: two halves of the batch, each split over a ulysses pair, weights sharded
+over all four. Writes ``OUT_DIR/<scenario>.rank<r>.json``.
+"""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'distributed'))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _scenarios as S  # noqa: E402
+import _rl  # noqa: E402
+
+import twinkle  # noqa: E402
+from twinkle import DeviceMesh  # noqa: E402
+from twinkle.runtime import rank as get_rank  # noqa: E402
+
+OUT = Path(sys.argv[1])
+LAYOUT = sys.argv[2]
+MESH = DeviceMesh.from_sizes(dp_size=2, ulysses_size=2) if LAYOUT == 'sp' \
+    else DeviceMesh.from_sizes(fsdp_size=4, ulysses_size=2)
+twinkle.initialize(mode='local', global_device_mesh=MESH, seed=S.SEED)
+
+
+def run(name, grpo=False, **kwargs):
+    model = S.build(MESH, output_dir=str(OUT / name), **kwargs)
+    if grpo:
+        _rl.use_grpo(model)
+    result = S.train(model, _rl.loader(MESH) if grpo else S.loader(MESH), S.STEPS)
+    result['strategy_cls'] = type(model.strategy).__name__
+    result['sp_forward'] = type(model._cp_forward).__name__
+    model.shutdown()
+    (OUT / f'{name}.rank{get_rank()}.json').write_text(json.dumps(result))
+
+
+if LAYOUT == 'sp':
+    run('sp_fsdp', strategy='native_fsdp')
+    run('sp_fsdp_lora', strategy='native_fsdp', lora=True)
+    run('sp_ddp_grpo', strategy='accelerate', grpo=True)
+    run('sp_fsdp_lora_grpo', strategy='native_fsdp', lora=True, grpo=True)
+else:
+    run('fsdp4_sp2', strategy='native_fsdp')
+twinkle.runtime.shutdown()
