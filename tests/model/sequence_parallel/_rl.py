@@ -20,3 +20,9 @@ def loader(mesh: Any = None) -> Any:
 def use_grpo(model: Any) -> None:
     from twinkle import loss as L
     model.set_loss(L.GRPOLoss(loss_type='grpo'))
+
+
+def use_padding_free(model: Any) -> None:
+    """Batches as one row of concatenated samples (position ids restart at every sample)."""
+    from twinkle.processor import InputProcessor
+    model.set_processor(InputProcessor(pad_token_id=0, padding_free=True))

@@ -23,6 +23,8 @@ TORCHRUN_ENV = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_
 SCENARIOS = {'sp_fsdp': ('full', 'FSDP2Strategy', 2), 'sp_fsdp_lora': ('lora', 'FSDP2Strategy', 2),
              'sp_ddp_grpo': ('full_grpo', 'AccelerateDDPStrategy', 2),
              'sp_fsdp_lora_grpo': ('lora_grpo', 'FSDP2Strategy', 2),
+             'sp_fsdp_packed': ('full_packed', 'FSDP2Strategy', 2),
+             'sp_fsdp_ckpt': ('full', 'FSDP2Strategy', 2),
              'fsdp4_sp2': ('full', 'FSDP2Strategy', 4)}
 PROCESSES = {'sp': 2, 'fsdp_sp': 4}
 
@@ -37,11 +39,14 @@ def _free_port() -> int:
 def single(tmp_path_factory):
     out = tmp_path_factory.mktemp('single')
     runs = {}
-    for name, lora, grpo in (('full', False, False), ('lora', True, False), ('full_grpo', False, True),
-                             ('lora_grpo', True, True)):
+    for name, lora, grpo, packed in (('full', False, False, False), ('lora', True, False, False),
+                                     ('full_grpo', False, True, False), ('lora_grpo', True, True, False),
+                                     ('full_packed', False, False, True)):
         model = S.build(None, lora=lora, output_dir=str(out))
         if grpo:
             _rl.use_grpo(model)
+        if packed:
+            _rl.use_padding_free(model)
         runs[name] = S.train(model, _rl.loader(None) if grpo else S.loader(None), S.STEPS)
         model.shutdown()
     return runs
@@ -69,6 +74,7 @@ def test_ulysses2_losses_equal_one_process(runs, single, scenario):
     ranks = runs[scenario]
     assert ranks[0]['strategy_cls'] == strategy_cls
     assert ranks[0]['sp_forward'] == 'UlyssesForward'
+    assert ranks[0]['block_mask'] == (reference == 'full_packed')  # right-padded rows need no mask
     for other in ranks[1:]:
         assert other['losses'] == ranks[0]['losses']  # global figures, counted once per ulysses group
     expected = single[reference]['losses']

@@ -1,7 +1,7 @@
 """Run under torchrun (gloo) by test_ulysses_model.py: ``ulysses_worker.py OUT_DIR LAYOUT``.
 
 ``sp``: 2 processes, ``DeviceMesh.from_sizes(dp_size=2, ulysses_size=2)``: one ulysses group, both ranks
-get the whole global batch and each runs its half of every sequence. ``fsdp_sp``: 4 processes,
+get the whole global batch and each runs its half of every sequence (also with padding-free rows). ``fsdp_sp``: 4 processes,
 ``fsdp_size=4, ulysses_size=2``: two halves of the batch, each split over a ulysses pair, weights sharded
 over all four. Writes ``OUT_DIR/<scenario>.rank<r>.json``.
 """
@@ -25,13 +25,16 @@ MESH = DeviceMesh.from_sizes(dp_size=2, ulysses_size=2) if LAYOUT == 'sp' \
 twinkle.initialize(mode='local', global_device_mesh=MESH, seed=S.SEED)
 
 
-def run(name, grpo=False, **kwargs):
+def run(name, grpo=False, packed=False, **kwargs):
     model = S.build(MESH, output_dir=str(OUT / name), **kwargs)
     if grpo:
         _rl.use_grpo(model)
+    if packed:
+        _rl.use_padding_free(model)
     result = S.train(model, _rl.loader(MESH) if grpo else S.loader(MESH), S.STEPS)
     result['strategy_cls'] = type(model.strategy).__name__
     result['sp_forward'] = type(model._cp_forward).__name__
+    result['block_mask'] = model._cp_forward._segments is not None  # of the last batch
     model.shutdown()
     (OUT / f'{name}.rank{get_rank()}.json').write_text(json.dumps(result))
 
@@ -41,6 +44,8 @@ if LAYOUT == 'sp':
     run('sp_fsdp_lora', strategy='native_fsdp', lora=True)
     run('sp_ddp_grpo', strategy='accelerate', grpo=True)
     run('sp_fsdp_lora_grpo', strategy='native_fsdp', lora=True, grpo=True)
+    run('sp_fsdp_packed', strategy='native_fsdp', packed=True)
+    run('sp_fsdp_ckpt', strategy='native_fsdp', gradient_checkpointing=True)
 else:
     run('fsdp4_sp2', strategy='native_fsdp')
 twinkle.runtime.shutdown()

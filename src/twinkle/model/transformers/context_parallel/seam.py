@@ -180,6 +180,13 @@ class ContextParallelForward:
     def _multiple(self) -> int:
         return 2 * self.size  # zig-zag: two chunks per rank
 
+    def _check(self, batch: Mapping[str, Any]) -> None:
+        _check_batch(batch, self.feature, self.switch)
+
+    def _positions(self, batch: Mapping[str, Any], ids: torch.Tensor, length: int) -> torch.Tensor:
+        """Global positions of the padded batch ``ids`` (``length`` tokens before the padding)."""
+        return torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+
     def _shard(self, x: torch.Tensor) -> torch.Tensor:
         return shard(x, 1, self.rank, self.size)
 
@@ -193,7 +200,7 @@ class ContextParallelForward:
                  temperature: float = 1.0) -> Dict[str, Any]:
         if temperature <= 0:
             raise ValueError(f'temperature must be > 0 to compute log-probabilities; got {temperature}')
-        _check_batch(batch, self.feature, self.switch)
+        self._check(batch)
         ids, labels = batch['input_ids'], batch['labels']
         length = ids.shape[1]
         pad = (-length) % self._multiple()
@@ -201,8 +208,9 @@ class ContextParallelForward:
         if pad:
             ids = torch.cat([ids, ids.new_zeros((ids.shape[0], pad))], dim=1)
             targets = torch.cat([targets, targets.new_full((targets.shape[0], pad), IGNORE_INDEX)], dim=1)
-        positions = torch.arange(length + pad, device=ids.device).expand_as(ids)
-        local = {'input_ids': self._shard(ids), 'position_ids': self._shard(positions)}
+        positions = self._positions(batch, ids, length)
+        # The pieces are laid out already: the forward core must not re-lay them as packed rows.
+        local = {'input_ids': self._shard(ids), 'position_ids': self._shard(positions), 'sequence_split': True}
         with _ring_attention_for(self._attention_state(hf_model)):
             logits = self.core(module, hf_model, local)['logits']
         local_logps = _next_token_logps(logits, self._shard(targets), temperature)

@@ -12,6 +12,10 @@ shift and log-probability gather are :class:`..context_parallel.seam.ContextPara
    output back. Attention sees the whole sequence, so a contiguous split is balanced;
 3. the log-probabilities of the pieces are gathered, so every loss is computed as without Ulysses.
 
+Rows that are not one right-padded sequence (padding-free packing, left padding) keep their own
+``position_ids`` and attend through a block-causal mask over the whole sequence, one sequence per
+block, as the one-process forward lays them out (see :mod:`..packed`).
+
 Heads: the query heads must divide by ``N`` (checked when the model is built). Key/value heads that do
 not (fewer than ``N`` under grouped-query attention, say) are replicated to one per query head before
 the exchange, which costs more communication but keeps each query head with its own key/value head.
@@ -23,13 +27,14 @@ counts) are summed over one rank per group (``TorchDistributedStrategy.data_grou
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .. import packed
 from ..context_parallel import seam
 
 ATTENTION_NAME = 'twinkle_ulysses'
@@ -103,10 +108,23 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
-                                         dropout_p=dropout if module.training else 0.0)
+    dropout_p = dropout if module.training else 0.0
+    if state.get('segments') is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, dropout_p=dropout_p)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=_block_causal(state), scale=scaling,
+                                             dropout_p=dropout_p)
     out = all_to_all(out, 2, 1, group)  # back to [B, H, L/N, D]
     return out.transpose(1, 2).contiguous(), None
+
+
+def _block_causal(state: Dict[str, Any]) -> torch.Tensor:
+    """Bool [B, 1, L, L]: causal within each sequence of a row (built once per forward, for every layer)."""
+    if 'mask' not in state:
+        seq = state['segments']
+        causal = torch.ones(seq.shape[1], seq.shape[1], dtype=torch.bool, device=seq.device).tril()
+        state['mask'] = ((seq[:, :, None] == seq[:, None, :]) & causal)[:, None]
+    return state['mask']
 
 
 class _GatherContiguous(torch.autograd.Function):
@@ -132,11 +150,34 @@ class UlyssesForward(seam.ContextParallelForward):
 
     def __init__(self, core: Callable[..., Dict[str, Any]], group: Any, rank: int, size: int) -> None:
         super().__init__(core, group, rank, size)
+        self._segments: Optional[torch.Tensor] = None
         from transformers import AttentionInterface
         AttentionInterface.register(ATTENTION_NAME, _attention)
 
     def _multiple(self) -> int:
         return self.size
+
+    def _check(self, batch: Mapping[str, Any]) -> None:
+        pass  # every layout is laid out by ``_positions``: packed rows and left padding included
+
+    def _positions(self, batch: Mapping[str, Any], ids: torch.Tensor, length: int) -> torch.Tensor:
+        """The batch's own positions (restarting in packed rows), and, for rows that are not one
+        right-padded sequence, the sequence of every token (``self._segments``), from which attention
+        builds a block-causal mask on the whole sequence."""
+        self._segments = None
+        pad = ids.shape[1] - length
+        given, mask = batch.get('position_ids'), batch.get('attention_mask')
+        base = torch.arange(length, device=ids.device).expand(ids.shape[0], length)
+        positions = given if given is not None and given.dim() == 2 else base
+        real = mask.bool() if mask is not None and mask.dim() == 2 else torch.ones_like(base, dtype=torch.bool)
+        starts = packed.sequence_starts(positions, real)
+        positions = positions.masked_fill(~real, 0)
+        if not bool(((starts.sum(dim=1) <= 1) & ~starts[:, 1:].any(dim=1)).all()):
+            # Every padding token is a sequence of its own: it attends to itself, so no row is empty.
+            seq = (starts | ~real).long().cumsum(dim=1)
+            extra = seq[:, -1:] + torch.arange(1, pad + 1, device=ids.device)
+            self._segments = torch.cat([seq, extra], dim=1)
+        return torch.cat([positions, positions.new_zeros((ids.shape[0], pad))], dim=1)
 
     def _shard(self, x: torch.Tensor) -> torch.Tensor:
         piece = x.shape[1] // self.size
@@ -146,7 +187,8 @@ class UlyssesForward(seam.ContextParallelForward):
         return _GatherContiguous.apply(local, self.group, self.rank, self.size)
 
     def _attention_state(self, hf_model: nn.Module) -> Dict[str, Any]:
-        return {'config': hf_model.config, 'group': self.group, 'size': self.size, 'attention': ATTENTION_NAME}
+        return {'config': hf_model.config, 'group': self.group, 'size': self.size, 'attention': ATTENTION_NAME,
+                'segments': self._segments}
 
 
 def build(strategy: Any, core: Callable[..., Dict[str, Any]], hf_model: nn.Module) -> Optional[UlyssesForward]:
