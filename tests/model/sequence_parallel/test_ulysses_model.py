@@ -1,5 +1,5 @@
 """TransformersModel with ulysses_size=2 (torchrun, gloo: 2 processes, and 4 with fsdp_size=4) against
-one process on the same global batches."""
+one process on the same global batches; with ulysses_size=4 the model's 2 key/value heads are replicated."""
 from __future__ import annotations
 
 import json
@@ -25,7 +25,7 @@ SCENARIOS = {'sp_fsdp': ('full', 'FSDP2Strategy', 2), 'sp_fsdp_lora': ('lora', '
              'sp_fsdp_lora_grpo': ('lora_grpo', 'FSDP2Strategy', 2),
              'sp_fsdp_packed': ('full_packed', 'FSDP2Strategy', 2),
              'sp_fsdp_ckpt': ('full', 'FSDP2Strategy', 2),
-             'fsdp4_sp2': ('full', 'FSDP2Strategy', 4)}
+             'fsdp4_sp2': ('full', 'FSDP2Strategy', 4), 'fsdp4_sp4': ('full', 'FSDP2Strategy', 4)}
 PROCESSES = {'sp': 2, 'fsdp_sp': 4}
 
 

@@ -1,9 +1,10 @@
 """Run under torchrun (gloo) by test_ulysses_model.py: ``ulysses_worker.py OUT_DIR LAYOUT``.
 
 ``sp``: 2 processes, ``DeviceMesh.from_sizes(dp_size=2, ulysses_size=2)``: one ulysses group, both ranks
-get the whole global batch and each runs its half of every sequence (also with padding-free rows). ``fsdp_sp``: 4 processes,
-``fsdp_size=4, ulysses_size=2``: two halves of the batch, each split over a ulysses pair, weights sharded
-over all four. Writes ``OUT_DIR/<scenario>.rank<r>.json``.
+get the whole global batch and each runs its half of every sequence (also with padding-free rows).
+``fsdp_sp``: 4 processes, ``fsdp_size=4, ulysses_size=2``: two halves of the batch, each split over a
+ulysses pair, weights sharded over all four; then ``ulysses_size=4``. Writes
+``OUT_DIR/<scenario>.rank<r>.json``.
 """
 import json
 import sys
@@ -25,13 +26,13 @@ MESH = DeviceMesh.from_sizes(dp_size=2, ulysses_size=2) if LAYOUT == 'sp' \
 twinkle.initialize(mode='local', global_device_mesh=MESH, seed=S.SEED)
 
 
-def run(name, grpo=False, packed=False, **kwargs):
-    model = S.build(MESH, output_dir=str(OUT / name), **kwargs)
+def run(name, grpo=False, packed=False, mesh=MESH, **kwargs):
+    model = S.build(mesh, output_dir=str(OUT / name), **kwargs)
     if grpo:
         _rl.use_grpo(model)
     if packed:
         _rl.use_padding_free(model)
-    result = S.train(model, _rl.loader(MESH) if grpo else S.loader(MESH), S.STEPS)
+    result = S.train(model, _rl.loader(mesh) if grpo else S.loader(mesh), S.STEPS)
     result['strategy_cls'] = type(model.strategy).__name__
     result['sp_forward'] = type(model._cp_forward).__name__
     result['block_mask'] = model._cp_forward._segments is not None  # of the last batch
@@ -48,4 +49,6 @@ if LAYOUT == 'sp':
     run('sp_fsdp_ckpt', strategy='native_fsdp', gradient_checkpointing=True)
 else:
     run('fsdp4_sp2', strategy='native_fsdp')
+    # 4 ranks > 2 key/value heads of the model: they are replicated before the exchange.
+    run('fsdp4_sp4', strategy='native_fsdp', mesh=DeviceMesh.from_sizes(fsdp_size=4, ulysses_size=4))
 twinkle.runtime.shutdown()
