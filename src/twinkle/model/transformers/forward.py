@@ -42,7 +42,8 @@ class ForwardCore:
         model_inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if batch.get(k) is not None}
         labels = batch.get('labels')
         # Rows holding several sequences: lay them out so that no sequence attends to another.
-        layout = packed.plan(hf_model, model_inputs)
+        # (Not for the pieces of a sequence split over ranks: their forward lays the sequences out itself.)
+        layout = None if batch.get('sequence_split') else packed.plan(hf_model, model_inputs)
         if layout is not None:
             model_inputs = layout.inputs
         restore = layout.restore if layout is not None else _same

@@ -23,6 +23,7 @@ from ..components import TemplateProcessorMixin
 from ..session import TrainingSession
 from . import adapters, checkpointing, generation, io
 from .context_parallel import seam as context_parallel_seam
+from .sequence_parallel import ulysses as ulysses_seam
 from .forward import ForwardCore
 from .inputs import prepare_batch
 from .precision import Precision
@@ -68,8 +69,9 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
         self.module: nn.Module = hf_model          # becomes the PeftModel once an adapter is added
         self._wrapped: Optional[nn.Module] = None  # the strategy's wrapper, built lazily
         self.forward_core = ForwardCore()
-        # None unless the mesh has cp_size > 1: then it shards the sequence around the forward core.
-        self._cp_forward = context_parallel_seam.build(self.strategy, self.forward_core)
+        # None unless the mesh has cp_size or ulysses_size > 1: then it shards the sequence around the forward core.
+        self._cp_forward = (context_parallel_seam.build(self.strategy, self.forward_core)
+                            or ulysses_seam.build(self.strategy, self.forward_core, hf_model))
         self.sessions: Dict[Optional[str], TrainingSession] = {}
         self._active_adapter: Optional[str] = None
         self._template: Any = None

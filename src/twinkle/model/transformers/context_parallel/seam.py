@@ -91,7 +91,8 @@ def _ring_attention_for(state: Dict[str, Any]) -> Iterator[None]:
     """Route the model's attention (``state['config']``) to the ring of ``state['group']`` for a while."""
     config = state['config']
     previous, previous_state = config._attn_implementation, dict(_ACTIVE)
-    config._attn_implementation = ATTENTION_NAME
+    # The sequence-parallel (Ulysses) forward routes through here too, with its own attention function.
+    config._attn_implementation = state.get('attention', ATTENTION_NAME)
     _ACTIVE.clear()
     _ACTIVE.update(state)
     try:
@@ -145,22 +146,26 @@ def _next_token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: 
     return torch.cat(pieces).masked_fill(~valid, 0.0).view(batch, length)
 
 
-def _check_batch(batch: Mapping[str, Any]) -> None:
+def _check_batch(batch: Mapping[str, Any], feature: str = 'context parallel', switch: str = 'cp_size') -> None:
     mask = batch.get('attention_mask')
     if mask is not None and mask.dim() == 2 and bool((mask.long().diff(dim=1) > 0).any()):
-        raise ValueError('context parallel: attention_mask has padding before real tokens (left padding or several '
-                         'sequences per row); pad on the right (the default processor does) with cp_size > 1')
+        raise ValueError(f'{feature}: attention_mask has padding before real tokens (left padding or several '
+                         f'sequences per row); pad on the right (the default processor does) with {switch} > 1')
     positions = batch.get('position_ids')
     if positions is not None:
         expected = torch.arange(positions.shape[-1], device=positions.device).expand_as(positions)
         real = mask.bool() if mask is not None else torch.ones_like(positions, dtype=torch.bool)
         if not torch.equal(positions[real], expected[real]):
-            raise ValueError('context parallel: position_ids restart inside a row (padding-free packing); the ring '
-                             'attention handles one sequence per row, so use padded batches with cp_size > 1')
+            raise ValueError(f'{feature}: position_ids restart inside a row (padding-free packing); its attention '
+                             f'handles one sequence per row, so use padded batches with {switch} > 1')
 
 
 class ContextParallelForward:
-    """Wraps the forward core: shard, run with ring attention, gather log-probabilities."""
+    """Wraps the forward core: shard, run with ring attention, gather log-probabilities.
+
+    Subclasses change the layout (``_multiple``, ``_shard``, ``_gather``) and the attention
+    (``_attention_state``); the padding, label shift and log-probability gather stay here."""
+    feature, switch = 'context parallel', 'cp_size'
 
     def __init__(self, core: Callable[..., Dict[str, Any]], group: Any, rank: int, size: int,
                  mesh: Any = None) -> None:
@@ -172,26 +177,45 @@ class ContextParallelForward:
         full = self.mesh.to_torch('cuda')
         return full if full.ndim == 1 else full['cp']
 
+    def _multiple(self) -> int:
+        return 2 * self.size  # zig-zag: two chunks per rank
+
+    def _check(self, batch: Mapping[str, Any]) -> None:
+        _check_batch(batch, self.feature, self.switch)
+
+    def _positions(self, batch: Mapping[str, Any], ids: torch.Tensor, length: int) -> torch.Tensor:
+        """Global positions of the padded batch ``ids`` (``length`` tokens before the padding)."""
+        return torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+
+    def _shard(self, x: torch.Tensor) -> torch.Tensor:
+        return shard(x, 1, self.rank, self.size)
+
+    def _gather(self, local: torch.Tensor) -> torch.Tensor:
+        return _GatherSequence.apply(local, self.group, self.rank, self.size)
+
+    def _attention_state(self, hf_model: nn.Module) -> Dict[str, Any]:
+        return {'config': hf_model.config, 'group': self.group, 'torch_mesh': self.torch_mesh}
+
     def __call__(self, module: nn.Module, hf_model: nn.Module, batch: Mapping[str, Any],
                  temperature: float = 1.0) -> Dict[str, Any]:
         if temperature <= 0:
             raise ValueError(f'temperature must be > 0 to compute log-probabilities; got {temperature}')
-        _check_batch(batch)
+        self._check(batch)
         ids, labels = batch['input_ids'], batch['labels']
         length = ids.shape[1]
-        pad = (-length) % (2 * self.size)
+        pad = (-length) % self._multiple()
         targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
         if pad:
             ids = torch.cat([ids, ids.new_zeros((ids.shape[0], pad))], dim=1)
             targets = torch.cat([targets, targets.new_full((targets.shape[0], pad), IGNORE_INDEX)], dim=1)
-        positions = torch.arange(length + pad, device=ids.device).expand_as(ids)
-        local = {'input_ids': shard(ids, 1, self.rank, self.size),
-                 'position_ids': shard(positions, 1, self.rank, self.size)}
-        with _ring_attention_for({'config': hf_model.config, 'group': self.group, 'torch_mesh': self.torch_mesh}):
+        positions = self._positions(batch, ids, length)
+        # The pieces are laid out already: the forward core must not re-lay them as packed rows.
+        local = {'input_ids': self._shard(ids), 'position_ids': self._shard(positions), 'sequence_split': True}
+        with _ring_attention_for(self._attention_state(hf_model)):
             logits = self.core(module, hf_model, local)['logits']
-        local_logps = _next_token_logps(logits, shard(targets, 1, self.rank, self.size), temperature)
+        local_logps = _next_token_logps(logits, self._shard(targets), temperature)
         del logits
-        predicted = _GatherSequence.apply(local_logps, self.group, self.rank, self.size)[:, :length]
+        predicted = self._gather(local_logps)[:, :length]
         # Position t of ``logps`` is the prediction of labels[t], made at position t - 1.
         logps = torch.cat([predicted.new_zeros((predicted.shape[0], 1)), predicted[:, :-1]], dim=1)
         mask = labels != IGNORE_INDEX

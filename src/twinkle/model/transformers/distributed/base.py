@@ -19,8 +19,9 @@ from ...checkpoint import atomic_folder
 logger = logging.getLogger(__name__)
 
 # Mesh dimensions a TransformersModel cannot lay out (they need MegatronModel or sequence parallelism).
-# cp_size is laid out by the context-parallel forward (context_parallel/seam.py) on top of any strategy.
-_UNSUPPORTED = ('tp_size', 'pp_size', 'ep_size', 'ulysses_size')
+# cp_size and ulysses_size are laid out by the sequence-splitting forwards (context_parallel/seam.py,
+# sequence_parallel/ulysses.py) on top of any strategy.
+_UNSUPPORTED = ('tp_size', 'pp_size', 'ep_size')
 
 
 def check_mesh(mesh: DeviceMesh, strategy: str, supported: Tuple[str, ...] = ()) -> None:
@@ -29,7 +30,7 @@ def check_mesh(mesh: DeviceMesh, strategy: str, supported: Tuple[str, ...] = ())
         sizes = ', '.join(f'{k}={v}' for k, v in bad.items())
         raise NotImplementedError(
             f'TransformersModel(strategy={strategy!r}) parallelises over data (dp_size x fsdp_size) and sequence '
-            f'(cp_size) only; the mesh '
+            f'(cp_size, ulysses_size) only; the mesh '
             f'{mesh!r} also has {sizes}. Use MegatronModel for tensor/pipeline/context/expert parallelism, or set '
             f'those sizes to 1')
     if not dist.is_available() or not dist.is_initialized():
@@ -86,16 +87,19 @@ class TorchDistributedStrategy:
 
     @property
     def data_group(self) -> Any:
-        """The ranks that hold different samples (dp x fsdp), sharing this rank's cp coordinate: the
-        ranks of a cp group hold the same figures (loss, token counts) and must count them once."""
-        if self.mesh.cp_size == 1:
+        """The ranks that hold different samples (dp x fsdp), sharing this rank's cp and ulysses
+        coordinates: the ranks of a cp or ulysses group hold the same figures (loss, token counts) and
+        must count them once."""
+        if self.mesh.cp_size == 1 and self.mesh.ulysses_size == 1:
             return self.group
         if self._data_group is None:
             own = dist.get_rank()
-            for ranks in self.mesh.all_groups(('dp', 'fsdp')):  # collective: every rank creates every group
-                made = dist.new_group(ranks)
-                if own in ranks:
-                    self._data_group = made
+            for block in self.mesh.all_groups(('dp', 'fsdp')):  # collective: every rank creates every group
+                for u in range(self.mesh.ulysses_size):
+                    ranks = [r for r in block if self.mesh.ulysses_rank_of(r) == u]
+                    made = dist.new_group(ranks)
+                    if own in ranks:
+                        self._data_group = made
         return self._data_group
 
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,85 @@
+"""TransformersModel with ulysses_size=2 (torchrun, gloo: 2 processes, and 4 with fsdp_size=4) against
+one process on the same global batches; with ulysses_size=4 the model's 2 key/value heads are replicated."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'distributed'))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _scenarios as S  # noqa: E402
+import _rl  # noqa: E402
+
+WORKER = Path(__file__).with_name('ulysses_worker.py')
+TORCHRUN_ENV = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT',
+                'GROUP_RANK', 'ROLE_RANK', 'TORCHELASTIC_RUN_ID')
+# scenario: (reference run in one process, strategy class, processes)
+SCENARIOS = {'sp_fsdp': ('full', 'FSDP2Strategy', 2), 'sp_fsdp_lora': ('lora', 'FSDP2Strategy', 2),
+             'sp_ddp_grpo': ('full_grpo', 'AccelerateDDPStrategy', 2),
+             'sp_fsdp_lora_grpo': ('lora_grpo', 'FSDP2Strategy', 2),
+             'sp_fsdp_packed': ('full_packed', 'FSDP2Strategy', 2),
+             'sp_fsdp_ckpt': ('full', 'FSDP2Strategy', 2),
+             'fsdp4_sp2': ('full', 'FSDP2Strategy', 4), 'fsdp4_sp4': ('full', 'FSDP2Strategy', 4)}
+PROCESSES = {'sp': 2, 'fsdp_sp': 4}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp('single')
+    runs = {}
+    for name, lora, grpo, packed in (('full', False, False, False), ('lora', True, False, False),
+                                     ('full_grpo', False, True, False), ('lora_grpo', True, True, False),
+                                     ('full_packed', False, False, True)):
+        model = S.build(None, lora=lora, output_dir=str(out))
+        if grpo:
+            _rl.use_grpo(model)
+        if packed:
+            _rl.use_padding_free(model)
+        runs[name] = S.train(model, _rl.loader(None) if grpo else S.loader(None), S.STEPS)
+        model.shutdown()
+    return runs
+
+
+@pytest.fixture(scope='module')
+def runs(single, tmp_path_factory):  # after single: the embedded model is then materialised once
+    out = tmp_path_factory.mktemp('sp')
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    for name in TORCHRUN_ENV:
+        env.pop(name, None)
+    for layout, processes in PROCESSES.items():
+        proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(processes),
+                               '--master_addr', '127.0.0.1', '--master_port', str(_free_port()), str(WORKER),
+                               str(out), layout], capture_output=True, text=True, timeout=540, env=env)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return {name: [json.loads((out / f'{name}.rank{r}.json').read_text()) for r in range(processes)]
+            for name, (_, _, processes) in SCENARIOS.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('scenario', list(SCENARIOS))
+def test_ulysses2_losses_equal_one_process(runs, single, scenario):
+    reference, strategy_cls, _ = SCENARIOS[scenario]
+    ranks = runs[scenario]
+    assert ranks[0]['strategy_cls'] == strategy_cls
+    assert ranks[0]['sp_forward'] == 'UlyssesForward'
+    assert ranks[0]['block_mask'] == (reference == 'full_packed')  # right-padded rows need no mask
+    for other in ranks[1:]:
+        assert other['losses'] == ranks[0]['losses']  # global figures, counted once per ulysses group
+    expected = single[reference]['losses']
+    assert len(ranks[0]['losses']) == len(expected) == S.STEPS
+    for step, (got, want) in enumerate(zip(ranks[0]['losses'], expected), 1):
+        assert abs(got - want) <= 1e-5 * max(abs(want), 1e-3), f'step {step}: {got} vs {want}'
+    for got, want in zip(ranks[0]['grad_norms'], single[reference]['grad_norms']):
+        assert abs(got - want) <= 1e-4 * abs(want)
