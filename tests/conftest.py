@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import tempfile
 from types import ModuleType
 
 import pytest
+
+# Shared test helpers (launch.py) import by name from any test folder.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 _ROOT = tempfile.mkdtemp(prefix='twinkle-tests-')
 # Set before any twinkle module reads its settings; child processes (torchrun, Ray) inherit them.

@@ -3,31 +3,21 @@ process on the same global batches."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from launch import assert_ok, torchrun
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'distributed'))
 import _scenarios as S  # noqa: E402
 
 WORKER = Path(__file__).with_name('cp_worker.py')
-TORCHRUN_ENV = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT',
-                'GROUP_RANK', 'ROLE_RANK', 'TORCHELASTIC_RUN_ID')
 SCENARIOS = {'cp_fsdp': ('full', 'FSDP2Strategy'), 'cp_fsdp_lora': ('lora', 'FSDP2Strategy'),
              'cp_ddp': ('full', 'AccelerateDDPStrategy'), 'cp_fsdp_ckpt': ('full', 'FSDP2Strategy'),
              'fsdp2_cp2': ('full', 'FSDP2Strategy')}
 PROCESSES = {'cp': 2, 'fsdp_cp': 4}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope='module')
@@ -44,14 +34,8 @@ def single(tmp_path_factory):
 @pytest.fixture(scope='module')
 def runs(single, tmp_path_factory):  # after single: the embedded model is then materialised once
     out = tmp_path_factory.mktemp('cp')
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    for name in TORCHRUN_ENV:
-        env.pop(name, None)
     for layout, processes in PROCESSES.items():
-        proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(processes),
-                               '--master_addr', '127.0.0.1', '--master_port', str(_free_port()), str(WORKER),
-                               str(out), layout], capture_output=True, text=True, timeout=540, env=env)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        assert_ok(torchrun([WORKER, out, layout], nproc=processes))
     return {name: [json.loads((out / f'{name}.rank{r}.json').read_text()) for r in (0, 1)] for name in SCENARIOS}
 
 

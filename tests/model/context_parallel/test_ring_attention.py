@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from launch import assert_ok, torchrun
 import torch
 import torch.nn.functional as F
 
@@ -16,8 +13,6 @@ from twinkle.model.transformers.context_parallel import chunk_ids, positions, ri
 from twinkle.model.transformers.context_parallel.ring import _pairs
 
 WORKER = Path(__file__).with_name('ring_worker.py')
-TORCHRUN_ENV = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT',
-                'GROUP_RANK', 'ROLE_RANK', 'TORCHELASTIC_RUN_ID')
 
 
 def _full_attention(q, k, v):
@@ -80,21 +75,9 @@ def test_bad_shapes_are_rejected():
         ring_attention(*(torch.zeros(1, 2, 3, 8) for _ in range(3)))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_ring_over_gloo_ranks_equals_full_attention(tmp_path):
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    for name in TORCHRUN_ENV:
-        env.pop(name, None)
-    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '4',
-                           '--master_addr', '127.0.0.1', '--master_port', str(_free_port()), str(WORKER),
-                           str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert_ok(torchrun([WORKER, tmp_path], nproc=4, timeout=300))
     for rank in range(4):
         result = json.loads((tmp_path / f'rank{rank}.json').read_text())
         assert 'not divisible by 2 x cp_size = 8' in result.pop('uneven_error')

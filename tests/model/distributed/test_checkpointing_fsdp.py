@@ -3,36 +3,19 @@ as without, each layer recomputed once in the backward."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from launch import assert_ok, torchrun
 
 pytestmark = pytest.mark.slow
 WORKER = Path(__file__).with_name('ckpt_worker.py')
-TORCHRUN_ENV = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT',
-                'GROUP_RANK', 'ROLE_RANK', 'TORCHELASTIC_RUN_ID')
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope='module')
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp('ckpt')
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    for name in TORCHRUN_ENV:
-        env.pop(name, None)
-    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
-                           '--master_addr', '127.0.0.1', '--master_port', str(_free_port()), str(WORKER), str(out)],
-                          capture_output=True, text=True, timeout=540, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert_ok(torchrun([WORKER, out]))
     return [json.loads((out / f'rank{r}.json').read_text()) for r in (0, 1)]
 
 

@@ -7,9 +7,6 @@ ends the job.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,28 +16,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _scenarios as S  # noqa: E402
+from launch import torchrun  # noqa: E402,F401  (other test modules import it from here)
 
 pytestmark = pytest.mark.slow
 WORKER = Path(__file__).with_name('dist_worker.py')
-TORCHRUN_ENV = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT',
-                'GROUP_RANK', 'ROLE_RANK', 'TORCHELASTIC_RUN_ID')
 SCENARIOS = ['meminit_big', 'meminit', 'ddp', 'fsdp', 'fsdp_lora', 'fsdp_accum', 'ddp_accum', 'accelerate_fsdp',
              'resume_full', 'resume_lora', 'resume_ddp']
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def torchrun(args: List[str], env: Dict[str, str], timeout: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', **env}
-    for name in TORCHRUN_ENV:
-        env.pop(name, None)
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_addr', '127.0.0.1',
-           '--master_port', str(_free_port()), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def assert_close(actual: List[float], expected: List[float], rel: float = 1e-5) -> None:

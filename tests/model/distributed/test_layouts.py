@@ -5,18 +5,13 @@ becomes FSDP2's MixedPrecisionPolicy (bf16 compute, fp32 gradient reduction), an
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from launch import assert_ok, torchrun
 
 pytestmark = pytest.mark.slow
 WORKER = Path(__file__).with_name('layouts_worker.py')
-TORCHRUN_ENV = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT',
-                'GROUP_RANK', 'ROLE_RANK', 'TORCHELASTIC_RUN_ID')
 WORLD = 4
 
 
@@ -25,15 +20,7 @@ def ranks(tmp_path_factory):
     from twinkle.hub import resolve
     resolve('builtin://tiny-qwen3')  # materialise the embedded model once, before four ranks look for it
     out = tmp_path_factory.mktemp('layouts')
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
-    env['OMP_NUM_THREADS'] = '1'
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(WORLD), '--master_addr',
-           '127.0.0.1', '--master_port', str(port), str(WORKER), str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert_ok(torchrun([WORKER, out], nproc=WORLD, timeout=600))
     return [json.loads((out / f'rank{r}.json').read_text()) for r in range(WORLD)]
 
 

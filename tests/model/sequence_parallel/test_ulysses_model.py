@@ -3,13 +3,11 @@ one process on the same global batches; with ulysses_size=4 the model's 2 key/va
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from launch import assert_ok, torchrun
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'distributed'))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -17,8 +15,6 @@ import _scenarios as S  # noqa: E402
 import _rl  # noqa: E402
 
 WORKER = Path(__file__).with_name('ulysses_worker.py')
-TORCHRUN_ENV = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT',
-                'GROUP_RANK', 'ROLE_RANK', 'TORCHELASTIC_RUN_ID')
 # scenario: (reference run in one process, strategy class, processes)
 SCENARIOS = {'sp_fsdp': ('full', 'FSDP2Strategy', 2), 'sp_fsdp_lora': ('lora', 'FSDP2Strategy', 2),
              'sp_ddp_grpo': ('full_grpo', 'AccelerateDDPStrategy', 2),
@@ -27,12 +23,6 @@ SCENARIOS = {'sp_fsdp': ('full', 'FSDP2Strategy', 2), 'sp_fsdp_lora': ('lora', '
              'sp_fsdp_ckpt': ('full', 'FSDP2Strategy', 2),
              'fsdp4_sp2': ('full', 'FSDP2Strategy', 4), 'fsdp4_sp4': ('full', 'FSDP2Strategy', 4)}
 PROCESSES = {'sp': 2, 'fsdp_sp': 4}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope='module')
@@ -55,14 +45,8 @@ def single(tmp_path_factory):
 @pytest.fixture(scope='module')
 def runs(single, tmp_path_factory):  # after single: the embedded model is then materialised once
     out = tmp_path_factory.mktemp('sp')
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    for name in TORCHRUN_ENV:
-        env.pop(name, None)
     for layout, processes in PROCESSES.items():
-        proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(processes),
-                               '--master_addr', '127.0.0.1', '--master_port', str(_free_port()), str(WORKER),
-                               str(out), layout], capture_output=True, text=True, timeout=540, env=env)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        assert_ok(torchrun([WORKER, out, layout], nproc=processes))
     return {name: [json.loads((out / f'{name}.rank{r}.json').read_text()) for r in range(processes)]
             for name, (_, _, processes) in SCENARIOS.items()}
 
