@@ -32,19 +32,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--model-id', default='builtin://tiny-qwen3')
     p.add_argument('--data', default=str(DATA))
-    p.add_argument('--warmup-steps', type=int, default=20, help='supervised steps before RL (0 to skip)')
+    p.add_argument('--warmup-steps', type=int, default=100, help='supervised steps before RL (0 to skip)')
     p.add_argument('--warmup-lr', type=float, default=1e-2)
     p.add_argument('--rl-tasks', type=int, default=12,
                    help='tasks held out of the warm-up and trained with RL (the warm-up sees the others)')
-    p.add_argument('--steps', type=int, default=40, help='GRPO steps')
-    p.add_argument('--prompts-per-step', type=int, default=16)
-    p.add_argument('--group-size', type=int, default=8, help='completions sampled per prompt')
+    p.add_argument('--steps', type=int, default=30, help='GRPO steps')
+    p.add_argument('--prompts-per-step', type=int, default=12)
+    p.add_argument('--group-size', type=int, default=16, help='completions sampled per prompt')
     p.add_argument('--updates-per-step', type=int, default=2, help='gradient steps on each rollout batch')
     p.add_argument('--lr', type=float, default=5e-3)
     p.add_argument('--lora-rank', type=int, default=16)
-    p.add_argument('--beta', type=float, default=0.1, help='KL penalty towards the warm-up model')
+    p.add_argument('--beta', type=float, default=0.01, help='KL penalty towards the warm-up model')
     p.add_argument('--format-weight', type=float, default=0.0, help='reward for answering with just a number')
-    p.add_argument('--closeness-weight', type=float, default=1.0, help='partial credit for near misses')
+    p.add_argument('--closeness-weight', type=float, default=0.0, help='partial credit for near misses')
     p.add_argument('--temperature', type=float, default=1.0)
     p.add_argument('--max-tokens', type=int, default=4)
     p.add_argument('--seed', type=int, default=0)
@@ -101,6 +101,12 @@ def build(args: argparse.Namespace, model_dir: str):
     return model, sampler, engine
 
 
+def exact_match(trajectory: Dict[str, Any]) -> float:
+    """1 when the completion is exactly the sum (nothing before or after it), else 0."""
+    from twinkle.reward import completion_text
+    return float(completion_text(trajectory) == str(trajectory['ground_truth']))
+
+
 def closeness(trajectory: Dict[str, Any]) -> float:
     """Partial credit for near misses: 1 - |answer - sum| / 5, floored at 0 (0 when no number)."""
     from twinkle.reward import completion_text, extract_answer
@@ -114,8 +120,9 @@ def closeness(trajectory: Dict[str, Any]) -> float:
 
 def build_reward(args: argparse.Namespace) -> Any:
     """1 for the right sum, plus weighted credit for answering with just a number and for near misses."""
-    from twinkle.reward import CombinedReward, FormatReward, FunctionReward, MathAccuracyReward
-    return CombinedReward([MathAccuracyReward(), FormatReward(r'\d{1,2}'), FunctionReward(closeness)],
+    from twinkle.reward import CombinedReward, FormatReward, FunctionReward
+    return CombinedReward([FunctionReward(exact_match, name='exact_match'), FormatReward(r'\d{1,2}'),
+                           FunctionReward(closeness)],
                           weights=[1.0, args.format_weight, args.closeness_weight])
 
 
@@ -124,7 +131,9 @@ def rl_step(step: int, args: argparse.Namespace, tasks: List[Dict[str, Any]], mo
     from twinkle.reward import rl_batch_metrics
     from twinkle.sampler import SamplingParams, to_train_samples, to_trajectories
 
-    prompts = [rng.choice(tasks) for _ in range(args.prompts_per_step)]
+    # Without replacement, so a step with as many prompts as tasks sees every task once.
+    prompts = (rng.sample(tasks, args.prompts_per_step) if args.prompts_per_step <= len(tasks)
+               else [rng.choice(tasks) for _ in range(args.prompts_per_step)])
     params = SamplingParams(n=args.group_size, max_tokens=args.max_tokens, temperature=args.temperature,
                             seed=args.seed * 100003 + step)
     results = sampler.sample(prompts, params, adapter_name='default')
@@ -136,6 +145,10 @@ def rl_step(step: int, args: argparse.Namespace, tasks: List[Dict[str, Any]], mo
     samples = to_train_samples(results, advantages, ref_logps=ref_logps)
     lengths = [len(s.token_ids) for r in results for s in r.sequences]
     metrics = rl_batch_metrics(rewards, lengths, num_generations=args.group_size)
+    metrics['accuracy'] = sum(exact_match(t) for t in trajectories) / len(trajectories)
+    import os, collections
+    if os.environ.get('DEBUG_TEXTS'):
+        print(step, collections.Counter(repr(s.text) for r in results for s in r.sequences).most_common(6), flush=True)
     order = list(range(len(samples)))
     rng.shuffle(order)
     chunk = -(-len(samples) // args.updates_per_step)
@@ -183,6 +196,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
     first = history[:max(1, len(history) // 4)]
     last = history[-max(1, len(history) // 4):]
     mean = lambda rows: sum(r['reward_mean'] for r in rows) / len(rows)  # noqa: E731
+    (output_dir / 'history.json').write_text(json.dumps(history))
+    print('accuracy per step: ' + ' '.join(f"{m['accuracy']:.2f}" for m in history))
     print('reward per step: ' + ' '.join(f"{m['reward_mean']:.2f}" for m in history))
     print(f'reward: first steps {mean(first):.3f} -> last steps {mean(last):.3f}')
     return history
