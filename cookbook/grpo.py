@@ -196,6 +196,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
     first = history[:max(1, len(history) // 4)]
     last = history[-max(1, len(history) // 4):]
     mean = lambda rows: sum(r['reward_mean'] for r in rows) / len(rows)  # noqa: E731
+    output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / 'history.json').write_text(json.dumps(history))
     print('accuracy per step: ' + ' '.join(f"{m['accuracy']:.2f}" for m in history))
     print('reward per step: ' + ' '.join(f"{m['reward_mean']:.2f}" for m in history))
