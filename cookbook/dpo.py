@@ -1,12 +1,17 @@
 """DPO on a small preference set with the tiny model and a LoRA adapter, in one process, on CPU.
 
     python cookbook/dpo.py
-    python cookbook/dpo.py --steps 10 --batch-pairs 4
+    python cookbook/dpo.py --steps 10 --batch-pairs 4 --seed 1 --output-dir out   # out/history.json
 
-Each row of the data holds a prompt (``messages``) and a ``chosen`` and a ``rejected`` reply. The
-reference policy is a frozen copy of the starting model (a TorchSampler holding its weights, scoring
-sequences with ``compute_logprobs``); the policy is a LoRA adapter trained with ``DPOLoss``. The
-preference margin ``beta * ((logp_c - ref_c) - (logp_r - ref_r))`` starts at 0 and rises.
+Each row of the data holds a prompt (``messages``) and a ``chosen`` and a ``rejected`` reply; the
+preference is a helpful answer over a dismissive one ("5+2=7" over "No idea."). That is a preference a
+4M-parameter model can pick up from a few dozen pairs, whereas which of two sums is right is not (it
+cannot add). ``--eval-pairs`` rows are held out of training. The reference policy is a frozen copy of
+the starting model (a TorchSampler holding its weights, scoring sequences with ``compute_logprobs``);
+the policy is a LoRA adapter trained with ``DPOLoss``. The training margin ``beta * ((logp_c - ref_c) -
+(logp_r - ref_r))`` starts at 0 and rises; after every step the script measures the preference accuracy
+on the held-out pairs (the share whose implicit reward ranks chosen above rejected): 0.5 before
+training, when every pair ties, and close to 1 once the preference generalises.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 DATA = Path(__file__).with_name('data') / 'preferences.jsonl'
+TIE = 1e-6  # margins this close to 0 are float rounding between policy and reference: a tie
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -89,7 +95,7 @@ def held_out_accuracy(model: Any, pairs: List[Dict[str, Any]]) -> Dict[str, floa
     mean margin. One pair per forward pass, so each pair's margin is seen on its own."""
     margins = [model.forward_only(inputs=pairs[i:i + 2])['loss'].metrics['reward_margin']
                for i in range(0, len(pairs), 2)]
-    wins = sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins)
+    wins = sum(0.5 if abs(m) <= TIE else float(m > 0) for m in margins)
     return {'accuracy': wins / len(margins), 'margin': sum(margins) / len(margins)}
 
 

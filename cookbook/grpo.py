@@ -1,14 +1,38 @@
 """GRPO on one-digit addition ("3+4=" -> "7") with the tiny model, in one process, on CPU.
 
-    python cookbook/grpo.py                       # warm-up SFT, then GRPO
-    python cookbook/grpo.py --warmup-steps 20 --steps 10
+    python cookbook/grpo.py                       # warm-up SFT, then GRPO (about a minute on 2 idle cores)
+    python cookbook/grpo.py --seed 2 --output-dir out   # per-step metrics also land in out/history.json
 
 The tiny model starts from random weights, so a short supervised warm-up first teaches it the answer
-format (and some sums); GRPO then trains a LoRA adapter on top with rewards from checking the sum. The
-loop, per step: sample ``--group-size`` completions per prompt from the sampler (which returns the
-sampling logprobs), score them, turn rewards into group-normalised advantages, compute reference
-logprobs (the warm-up model: the sampler's base with the adapter disabled), take gradient steps with
-the clipped GRPO loss, and push the new adapter weights to the sampler.
+format on most of the sums; GRPO then trains a LoRA adapter on the ``--rl-tasks`` sums the warm-up never
+saw, rewarded 1 only for exactly the right answer. The loop, per step: sample ``--group-size``
+completions per prompt from the sampler (which returns the sampling logprobs), score them, turn rewards
+into group-normalised advantages, compute reference logprobs (the warm-up model: the sampler's base with
+the adapter disabled), take gradient steps with the clipped GRPO loss, and push the new adapter weights
+to the sampler. ``accuracy`` per step is the share of sampled completions that are exactly the sum.
+
+Why the defaults (each measured; smaller or larger values learned less or collapsed):
+
+- Warm-up of 100 steps. RL can only reinforce answers the policy sometimes samples. After 20 steps
+  the model has learned the format but answers at chance, and GRPO with an exact-match reward then
+  drifts to the most common answer ("7") and collapses. After 100 steps it gets about a quarter of the
+  unseen sums right at temperature 1 and most of them within 16 tries (pass@16 near 0.75): the regime
+  where RL turns pass@k into pass@1.
+- Exact-match reward, no partial credit. Credit for near misses rewards the wrong answer next to the
+  right one, which flattened the curve; a 0/1 reward with group baselines is clean enough here.
+- Group size 16 and every task in every step (12 prompts, drawn without replacement). A group with
+  all-equal rewards has zero advantage and teaches nothing; at a starting accuracy of ~0.25, 16
+  samples give most groups both a right and a wrong answer.
+- Learning rate 5e-3 on a rank-16 LoRA. The adapter starts at zero and the task is small, so a large
+  rate is needed to move within 30 steps; 1e-2 overshoots (the answer-then-stop format breaks), 3e-3
+  learns about a third slower.
+- KL weight 0.01 (k3, towards the warm-up model). With a verifiable reward the KL term mainly guards the
+  format; 0.1 held the policy near the warm-up model's guesses and the reward stayed flat.
+- Temperature 1.0: sampling from the policy itself keeps the logprobs the loss sees equal to the
+  sampler's and keeps enough exploration for groups to disagree.
+- Two updates per rollout batch (halves of it), each one micro-batch and one optimizer step: the second
+  update is slightly off-policy, so the clipped ratio is active, while the loss ('grpo': token mean per
+  sequence, mean over sequences) never depends on how a step is split into micro-batches.
 
 Swapping in separate device groups only changes ``build()``: the model, sampler and checkpoint engine
 are the only objects the loop talks to.
@@ -146,9 +170,6 @@ def rl_step(step: int, args: argparse.Namespace, tasks: List[Dict[str, Any]], mo
     lengths = [len(s.token_ids) for r in results for s in r.sequences]
     metrics = rl_batch_metrics(rewards, lengths, num_generations=args.group_size)
     metrics['accuracy'] = sum(exact_match(t) for t in trajectories) / len(trajectories)
-    import os, collections
-    if os.environ.get('DEBUG_TEXTS'):
-        print(step, collections.Counter(repr(s.text) for r in results for s in r.sequences).most_common(6), flush=True)
     order = list(range(len(samples)))
     rng.shuffle(order)
     chunk = -(-len(samples) // args.updates_per_step)
