@@ -20,7 +20,7 @@ def _mean(rows, key='reward_mean'):
 
 def test_grpo_accuracy_rises(tmp_path, capsys):
     history = grpo.main(['--seed', '1', '--quiet', '--output-dir', str(tmp_path)])
-    assert len(history) == 30
+    assert len(history) == 40
     accuracy = [h['accuracy'] for h in history]
     first, last = sum(accuracy[:5]) / 5, sum(accuracy[-5:]) / 5
     assert last >= first + 0.3, [round(a, 2) for a in accuracy]
