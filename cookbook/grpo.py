@@ -1,6 +1,6 @@
 """GRPO on one-digit addition ("3+4=" -> "7") with the tiny model, in one process, on CPU.
 
-    python cookbook/grpo.py                       # warm-up SFT, then GRPO (about a minute on 2 idle cores)
+    python cookbook/grpo.py                       # warm-up SFT, then GRPO (one to two minutes on 2 idle cores)
     python cookbook/grpo.py --seed 2 --output-dir out   # per-step metrics also land in out/history.json
 
 The tiny model starts from random weights, so a short supervised warm-up first teaches it the answer
