@@ -1,14 +1,41 @@
 """GRPO on one-digit addition ("3+4=" -> "7") with the tiny model, in one process, on CPU.
 
-    python cookbook/grpo.py                       # warm-up SFT, then GRPO
-    python cookbook/grpo.py --warmup-steps 20 --steps 10
+    python cookbook/grpo.py                       # warm-up SFT, then GRPO (one to two minutes on 2 idle cores)
+    python cookbook/grpo.py --seed 2 --output-dir out   # per-step metrics also land in out/history.json
 
 The tiny model starts from random weights, so a short supervised warm-up first teaches it the answer
-format (and some sums); GRPO then trains a LoRA adapter on top with rewards from checking the sum. The
-loop, per step: sample ``--group-size`` completions per prompt from the sampler (which returns the
-sampling logprobs), score them, turn rewards into group-normalised advantages, compute reference
-logprobs (the warm-up model: the sampler's base with the adapter disabled), take gradient steps with
-the clipped GRPO loss, and push the new adapter weights to the sampler.
+format on most of the sums; GRPO then trains a LoRA adapter on the ``--rl-tasks`` sums the warm-up never
+saw, rewarded 1 only for exactly the right answer. The loop, per step: sample ``--group-size``
+completions per prompt from the sampler (which returns the sampling logprobs), score them, turn rewards
+into group-normalised advantages, compute reference logprobs (the warm-up model: the sampler's base with
+the adapter disabled), take gradient steps with the clipped GRPO loss, and push the new adapter weights
+to the sampler. ``accuracy`` per step is the share of sampled completions that are exactly the sum.
+
+Why the defaults (as tried on 2 CPU cores):
+
+- Warm-up of 100 steps. RL can only reinforce answers the policy sometimes samples. After 20 steps
+  the model has learned the format but answers at chance, and GRPO with an exact-match reward (tried
+  at lr 1e-2, no KL) drifted to the most common answer ("7") and then collapsed. After 100 steps it gets about a quarter of the
+  unseen sums right at temperature 1 and most of them within 16 tries (pass@16 near 0.75): the regime
+  where RL turns pass@k into pass@1.
+- Exact-match reward, no partial credit. Credit for near misses also pays the wrong answers next to the
+  right one, so it does not single out the sum; with group baselines a 0/1 reward is signal enough here.
+- Group size 16 and every task in every step (12 prompts, drawn without replacement). A group with
+  all-equal rewards has zero advantage and teaches nothing; at a starting accuracy of ~0.25, 16
+  samples give most groups both a right and a wrong answer.
+- Learning rate 6e-3 on a rank-16 LoRA, 40 steps. The adapter starts at zero and the task is small, so
+  a large rate is needed to move in a few minutes of CPU. At 1e-2 (tried after the short warm-up) Adam's
+  full-size steps on near-zero gradients broke the answer-then-stop format within 20 steps; 3e-3 and
+  5e-3 learn steadily but slower. Measured (first 5 -> last 5 steps): seed 0 0.27 -> 0.72, seed 1
+  0.42 -> 0.83, seed 2 0.12 -> 0.40 (its held-out sums start almost never right, and it plateaus).
+- KL weight 0.01 (k3, towards the warm-up model). With a verifiable reward the KL term mainly guards the
+  format; a large weight would hold the policy near the warm-up model's guesses, which RL is meant to
+  improve on. The KL is still reported each step, so drift shows.
+- Temperature 1.0: sampling from the policy itself keeps the logprobs the loss sees equal to the
+  sampler's and keeps enough exploration for groups to disagree.
+- Two updates per rollout batch (halves of it), each one micro-batch and one optimizer step: the second
+  update is slightly off-policy, so the clipped ratio is active, while the loss ('grpo': token mean per
+  sequence, mean over sequences) never depends on how a step is split into micro-batches.
 
 Swapping in separate device groups only changes ``build()``: the model, sampler and checkpoint engine
 are the only objects the loop talks to.
@@ -32,19 +59,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--model-id', default='builtin://tiny-qwen3')
     p.add_argument('--data', default=str(DATA))
-    p.add_argument('--warmup-steps', type=int, default=20, help='supervised steps before RL (0 to skip)')
+    p.add_argument('--warmup-steps', type=int, default=100, help='supervised steps before RL (0 to skip)')
     p.add_argument('--warmup-lr', type=float, default=1e-2)
     p.add_argument('--rl-tasks', type=int, default=12,
                    help='tasks held out of the warm-up and trained with RL (the warm-up sees the others)')
     p.add_argument('--steps', type=int, default=40, help='GRPO steps')
-    p.add_argument('--prompts-per-step', type=int, default=16)
-    p.add_argument('--group-size', type=int, default=8, help='completions sampled per prompt')
+    p.add_argument('--prompts-per-step', type=int, default=12)
+    p.add_argument('--group-size', type=int, default=16, help='completions sampled per prompt')
     p.add_argument('--updates-per-step', type=int, default=2, help='gradient steps on each rollout batch')
-    p.add_argument('--lr', type=float, default=5e-3)
+    p.add_argument('--lr', type=float, default=6e-3)
     p.add_argument('--lora-rank', type=int, default=16)
-    p.add_argument('--beta', type=float, default=0.1, help='KL penalty towards the warm-up model')
+    p.add_argument('--beta', type=float, default=0.01, help='KL penalty towards the warm-up model')
     p.add_argument('--format-weight', type=float, default=0.0, help='reward for answering with just a number')
-    p.add_argument('--closeness-weight', type=float, default=1.0, help='partial credit for near misses')
+    p.add_argument('--closeness-weight', type=float, default=0.0, help='partial credit for near misses')
     p.add_argument('--temperature', type=float, default=1.0)
     p.add_argument('--max-tokens', type=int, default=4)
     p.add_argument('--seed', type=int, default=0)
@@ -101,6 +128,12 @@ def build(args: argparse.Namespace, model_dir: str):
     return model, sampler, engine
 
 
+def exact_match(trajectory: Dict[str, Any]) -> float:
+    """1 when the completion is exactly the sum (nothing before or after it), else 0."""
+    from twinkle.reward import completion_text
+    return float(completion_text(trajectory) == str(trajectory['ground_truth']))
+
+
 def closeness(trajectory: Dict[str, Any]) -> float:
     """Partial credit for near misses: 1 - |answer - sum| / 5, floored at 0 (0 when no number)."""
     from twinkle.reward import completion_text, extract_answer
@@ -114,8 +147,9 @@ def closeness(trajectory: Dict[str, Any]) -> float:
 
 def build_reward(args: argparse.Namespace) -> Any:
     """1 for the right sum, plus weighted credit for answering with just a number and for near misses."""
-    from twinkle.reward import CombinedReward, FormatReward, FunctionReward, MathAccuracyReward
-    return CombinedReward([MathAccuracyReward(), FormatReward(r'\d{1,2}'), FunctionReward(closeness)],
+    from twinkle.reward import CombinedReward, FormatReward, FunctionReward
+    return CombinedReward([FunctionReward(exact_match, name='exact_match'), FormatReward(r'\d{1,2}'),
+                           FunctionReward(closeness)],
                           weights=[1.0, args.format_weight, args.closeness_weight])
 
 
@@ -124,7 +158,9 @@ def rl_step(step: int, args: argparse.Namespace, tasks: List[Dict[str, Any]], mo
     from twinkle.reward import rl_batch_metrics
     from twinkle.sampler import SamplingParams, to_train_samples, to_trajectories
 
-    prompts = [rng.choice(tasks) for _ in range(args.prompts_per_step)]
+    # Without replacement, so a step with as many prompts as tasks sees every task once.
+    prompts = (rng.sample(tasks, args.prompts_per_step) if args.prompts_per_step <= len(tasks)
+               else [rng.choice(tasks) for _ in range(args.prompts_per_step)])
     params = SamplingParams(n=args.group_size, max_tokens=args.max_tokens, temperature=args.temperature,
                             seed=args.seed * 100003 + step)
     results = sampler.sample(prompts, params, adapter_name='default')
@@ -136,6 +172,7 @@ def rl_step(step: int, args: argparse.Namespace, tasks: List[Dict[str, Any]], mo
     samples = to_train_samples(results, advantages, ref_logps=ref_logps)
     lengths = [len(s.token_ids) for r in results for s in r.sequences]
     metrics = rl_batch_metrics(rewards, lengths, num_generations=args.group_size)
+    metrics['accuracy'] = sum(exact_match(t) for t in trajectories) / len(trajectories)
     order = list(range(len(samples)))
     rng.shuffle(order)
     chunk = -(-len(samples) // args.updates_per_step)
@@ -180,11 +217,15 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
         bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", kl=f"{metrics.get('kl', 0):.3f}",
                         clip=f"{metrics.get('clip_frac', 0):.2f}", ent=f"{metrics.get('entropy', 0):.2f}",
                         len=f"{metrics['response_length_mean']:.1f}")
-    first = history[:max(1, len(history) // 4)]
-    last = history[-max(1, len(history) // 4):]
-    mean = lambda rows: sum(r['reward_mean'] for r in rows) / len(rows)  # noqa: E731
-    print('reward per step: ' + ' '.join(f"{m['reward_mean']:.2f}" for m in history))
-    print(f'reward: first steps {mean(first):.3f} -> last steps {mean(last):.3f}')
+    window = min(5, len(history))
+    first, last = history[:window], history[-window:]
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / 'history.json').write_text(json.dumps(history))
+    print('accuracy per step: ' + ' '.join(f"{m['accuracy']:.2f}" for m in history))
+    print(f"exact-match accuracy: first {window} steps {mean(first, 'accuracy'):.3f} -> "
+          f"last {window} steps {mean(last, 'accuracy'):.3f}")
+    print(f"reward: first steps {mean(first, 'reward_mean'):.3f} -> last steps {mean(last, 'reward_mean'):.3f}")
     return history
 
 

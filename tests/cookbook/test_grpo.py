@@ -1,7 +1,8 @@
-"""cookbook/grpo.py learns: with a fixed seed the mean reward of the last steps is clearly above the first."""
+"""cookbook/grpo.py learns: with a fixed seed the exact-match accuracy of the last steps is far above the first."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import random
 from pathlib import Path
 
@@ -17,16 +18,34 @@ def _mean(rows, key='reward_mean'):
     return sum(r[key] for r in rows) / len(rows)
 
 
-def test_grpo_reward_rises(tmp_path, capsys):
-    history = grpo.main(['--steps', '30', '--seed', '1', '--quiet', '--output-dir', str(tmp_path)])
-    assert len(history) == 30
-    first, last = _mean(history[:5]), _mean(history[-5:])
-    assert last > first + 0.15, [round(h['reward_mean'], 2) for h in history]
+def test_grpo_accuracy_rises(tmp_path, capsys):
+    history = grpo.main(['--seed', '0', '--quiet', '--output-dir', str(tmp_path)])
+    assert len(history) == 40
+    accuracy = [h['accuracy'] for h in history]
+    first, last = sum(accuracy[:5]) / 5, sum(accuracy[-5:]) / 5
+    assert last >= first + 0.3, [round(a, 2) for a in accuracy]
+    assert _mean(history[-5:]) > _mean(history[:5]) + 0.15
+    assert [h['accuracy'] for h in json.loads((tmp_path / 'history.json').read_text())] == accuracy
     for key in ('reward_std', 'kl', 'clip_frac', 'entropy', 'response_length_mean', 'ratio_mean'):
         assert all(key in h for h in history), key
     assert max(h['clip_frac'] for h in history) > 0  # the second update of a batch is off-policy
     assert all(h['sync_full'] == 0.0 for h in history)  # only the adapter travels after the first sync
     assert 'reward: first steps' in capsys.readouterr().out
+
+
+def test_same_seed_same_run(tmp_path):
+    small = ['--warmup-steps', '3', '--steps', '2', '--prompts-per-step', '3', '--group-size', '4', '--quiet']
+    runs = [grpo.main(small + ['--seed', str(seed), '--output-dir', str(tmp_path / str(i))])
+            for i, seed in enumerate((3, 3, 4))]
+    keys = ('accuracy', 'reward_mean', 'loss', 'kl', 'entropy')
+    same, other = [[[h[k] for k in keys] for h in run] for run in runs[:2]], [[h[k] for k in keys] for h in runs[2]]
+    assert same[0] == same[1]
+    assert other != same[0]
+
+
+def test_exact_match_reward():
+    traj = lambda text: {'messages': [{'role': 'assistant', 'content': text}], 'ground_truth': '7'}  # noqa: E731
+    assert [grpo.exact_match(traj(t)) for t in ('7', '07', '7 ', '17', '7=7', '')] == [1.0, 0, 0, 0, 0, 0]
 
 
 @pytest.fixture(scope='module')
