@@ -162,6 +162,23 @@ def test_set_loss_by_name_class_and_callable():
         model.set_loss('CrossEntropyLos')
 
 
+def test_a_plain_function_loss_may_return_a_dict():
+    from twinkle.loss import CrossEntropyLoss
+    batch = make_samples(4)
+    model = _model(True)
+    reference = model.forward_only(inputs=batch)['loss']  # the default: token-mean cross-entropy
+
+    def dict_loss(inputs, outputs, **kwargs):
+        mask = inputs['labels'][:, 1:] != -100
+        return {'loss': -outputs['logps'].sum(), 'num_tokens': int(mask.sum())}
+
+    model.set_loss(dict_loss)
+    got = model.forward_only(inputs=batch)['loss']
+    assert float(got.num_items) == float(reference.num_items)
+    assert float(got.loss) == pytest.approx(float(reference.loss), rel=1e-6)
+    assert not isinstance(model._session(None).loss, CrossEntropyLoss)
+
+
 def test_metrics_are_numbers_and_written_to_tensorboard(tmp_path):
     model = _model(True, log_dir=str(tmp_path / 'tb'))
     batch = make_samples(4)

@@ -184,6 +184,18 @@ def _shared_call(call: Callable[..., Any], owner: str) -> Callable[..., LossOutp
     return wrapped
 
 
+class FunctionLoss(Loss):
+    """A plain function ``fn(inputs, outputs, **kwargs)`` used as a loss, under the same conventions as
+    every :class:`Loss` (call keywords as batch fields; a dict, pair or scalar result as a LossOutput)."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.__name__ = getattr(fn, '__name__', type(fn).__name__)
+
+    def __call__(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any], **kwargs: Any) -> LossOutput:
+        return self.fn(inputs, outputs, **kwargs)
+
+
 def bind_loss_template(loss: Any, template: Any) -> None:
     """Let a loss that takes constants from the model's template (Dr. GRPO's length) see it."""
     bind = getattr(loss, 'bind_template', None)

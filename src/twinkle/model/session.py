@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..loss import CrossEntropyLoss, Loss
-from ..loss.base import window_reduction
+from ..loss.base import FunctionLoss, window_reduction
 from ..metric import LossMetric, Metric, TokenAccuracyMetric
 
 
@@ -40,8 +40,9 @@ class TrainingSession:
     report_started: float = field(default_factory=time.perf_counter)
     optimizer_kwargs: Dict[str, Any] = field(default_factory=dict)
 
-    def set_loss(self, loss: Loss) -> None:
-        self.loss = loss
+    def set_loss(self, loss: Any) -> None:
+        # A plain function gets the Loss conventions too, so it may return a dict or a (loss, count) pair.
+        self.loss = loss if isinstance(loss, Loss) else FunctionLoss(loss)
 
     def start_window(self) -> None:
         self.grads_unscaled = False
