@@ -30,13 +30,14 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+from .device_group import DEVICE_TYPES, DeviceGroup  # noqa: F401  (re-exported: twinkle.mesh.DeviceGroup)
+
 if TYPE_CHECKING:
     import numpy as np
 
 DIM_NAMES: Tuple[str, ...] = ('pp', 'dp', 'fsdp', 'cp', 'tp')
 # Groups that are not mesh axes but folds over them (see the module docstring).
 FOLDED_GROUPS: Tuple[str, ...] = ('ep', 'edp', 'ulysses', 'data')
-DEVICE_TYPES: Tuple[str, ...] = ('auto', 'cpu', 'cuda')
 
 # torch DeviceMeshes already built, keyed by (mesh, device_type). Module level rather than on the
 # instance so that meshes stay immutable, hashable and picklable; cleared by the runtime on teardown.
@@ -252,30 +253,6 @@ class DeviceMesh:
         return self.dp_size
 
     @property
-    def fsdp_world_size(self) -> int:
-        return self.fsdp_size
-
-    @property
-    def tp_world_size(self) -> int:
-        return self.tp_size
-
-    @property
-    def pp_world_size(self) -> int:
-        return self.pp_size
-
-    @property
-    def cp_world_size(self) -> int:
-        return self.cp_size
-
-    @property
-    def ep_world_size(self) -> int:
-        return self.ep_size
-
-    @property
-    def ulysses_world_size(self) -> int:
-        return self.ulysses_size
-
-    @property
     def dp_fsdp_world_size(self) -> int:
         """Ranks that hold the same weights and average their gradients: ``dp x fsdp``."""
         return self.dp_size * self.fsdp_size
@@ -297,26 +274,6 @@ class DeviceMesh:
         """This process's coordinate along ``dim``; ``None`` when this process is not in the mesh."""
         c = self._own_coords()
         return None if c is None else c[dim]
-
-    @property
-    def dp_rank(self) -> Optional[int]:
-        return self._own('dp')
-
-    @property
-    def fsdp_rank(self) -> Optional[int]:
-        return self._own('fsdp')
-
-    @property
-    def tp_rank(self) -> Optional[int]:
-        return self._own('tp')
-
-    @property
-    def pp_rank(self) -> Optional[int]:
-        return self._own('pp')
-
-    @property
-    def cp_rank(self) -> Optional[int]:
-        return self._own('cp')
 
     @property
     def ep_rank(self) -> Optional[int]:
@@ -531,36 +488,19 @@ class DeviceMesh:
         return f'DeviceMesh({", ".join(parts)} | {tail})'
 
 
-@dataclass
-class DeviceGroup:
-    """A named set of ranks (processes/devices) that components are placed on.
+def _size_property(dim: str) -> property:
+    return property(lambda self: getattr(self, f'{dim}_size'), doc=f'The size of the ``{dim}`` dimension alone.')
 
-    ``ranks`` is a count or an explicit list of device indices. ``device_type='auto'`` means CUDA
-    when it is available, else CPU.
-    """
 
-    name: str
-    ranks: Union[int, List[int]]
-    device_type: str = 'auto'
+def _rank_property(dim: str) -> property:
+    return property(lambda self: self._own(dim),
+                    doc=f"This process's ``{dim}`` coordinate; None when it is not in the mesh.")
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f'DeviceGroup: name={self.name!r} must be a non-empty string')
-        if isinstance(self.ranks, bool) or not isinstance(self.ranks, (int, list, tuple, range)):
-            raise ValueError(f'DeviceGroup {self.name!r}: ranks={self.ranks!r} must be a count or a list of ints')
-        if isinstance(self.ranks, int):
-            if self.ranks < 1:
-                raise ValueError(f'DeviceGroup {self.name!r}: ranks={self.ranks} must be at least 1')
-        else:
-            ranks = list(self.ranks)
-            if not ranks or len(set(ranks)) != len(ranks) or any(
-                    isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in ranks):
-                raise ValueError(f'DeviceGroup {self.name!r}: ranks={ranks} must be distinct non-negative ints')
-            self.ranks = ranks
-        if self.device_type not in DEVICE_TYPES:
-            raise ValueError(f'DeviceGroup {self.name!r}: device_type={self.device_type!r} must be one of '
-                             f'{DEVICE_TYPES}')
 
-    @property
-    def num_ranks(self) -> int:
-        return self.ranks if isinstance(self.ranks, int) else len(self.ranks)
+# The seed API's per-dimension spellings (``tp_world_size``, ``tp_rank``, ...), one per axis; dp's size is
+# written out above for its docstring, and ep / ulysses / data ranks fold several axes.
+for _dim in ('fsdp', 'tp', 'pp', 'cp', 'ep', 'ulysses'):
+    setattr(DeviceMesh, f'{_dim}_world_size', _size_property(_dim))
+for _dim in DIM_NAMES:
+    setattr(DeviceMesh, f'{_dim}_rank', _rank_property(_dim))
+del _dim
