@@ -11,6 +11,8 @@ from typing import Any, Dict, List
 
 import torch
 
+from twinkle import loss as L
+
 MODEL_ID = 'builtin://tiny-qwen3'
 RANK_PARTS = [[(0, 2), (2, 6)], [(6, 10), (10, 12)]]
 ALL_PARTS = [part for parts in RANK_PARTS for part in parts]
@@ -31,27 +33,26 @@ def samples(n: int = 12, seed: int = 21) -> List[Dict[str, Any]]:
     return out
 
 
+LOSSES = {
+    'ce_mean': lambda: L.CrossEntropyLoss(),
+    'ce_sum': lambda: L.CrossEntropyLoss(reduction='sum'),
+    'grpo': lambda: L.GRPOLoss(loss_type='grpo', beta=0.04),
+    'dapo': lambda: L.GRPOLoss(loss_type='dapo'),
+    'dr_grpo': lambda: L.GRPOLoss(loss_type='dr_grpo', max_length=64),
+    'bnpo': lambda: L.GRPOLoss(loss_type='bnpo'),
+    'grpo_sum': lambda: L.GRPOLoss(loss_type='sum'),
+    'gspo': lambda: L.GSPOLoss(),
+    'ppo': lambda: L.PPOLoss(),
+    'cispo': lambda: L.CISPOLoss(),
+    'importance_sampling': lambda: L.ImportanceSamplingLoss(),
+    'dpo': lambda: L.DPOLoss(),
+    'simpo': lambda: L.SimPOLoss(),
+}
+LOSS_NAMES = tuple(LOSSES)
+
+
 def make_loss(name: str) -> Any:
-    from twinkle import loss as L
-    return {
-        'ce_mean': lambda: L.CrossEntropyLoss(),
-        'ce_sum': lambda: L.CrossEntropyLoss(reduction='sum'),
-        'grpo': lambda: L.GRPOLoss(loss_type='grpo', beta=0.04),
-        'dapo': lambda: L.GRPOLoss(loss_type='dapo'),
-        'dr_grpo': lambda: L.GRPOLoss(loss_type='dr_grpo', max_length=64),
-        'bnpo': lambda: L.GRPOLoss(loss_type='bnpo'),
-        'grpo_sum': lambda: L.GRPOLoss(loss_type='sum'),
-        'gspo': lambda: L.GSPOLoss(),
-        'ppo': lambda: L.PPOLoss(),
-        'cispo': lambda: L.CISPOLoss(),
-        'importance_sampling': lambda: L.ImportanceSamplingLoss(),
-        'dpo': lambda: L.DPOLoss(),
-        'simpo': lambda: L.SimPOLoss(),
-    }[name]()
-
-
-LOSS_NAMES = ['ce_mean', 'ce_sum', 'grpo', 'dapo', 'dr_grpo', 'bnpo', 'grpo_sum', 'gspo', 'ppo', 'cispo',
-              'importance_sampling', 'dpo', 'simpo']
+    return LOSSES[name]()
 
 
 def build(mesh: Any = None, strategy: str = 'native_fsdp') -> Any:
