@@ -231,13 +231,19 @@ def build(strategy: Any, core: Callable[..., Dict[str, Any]]) -> Optional[Contex
     mesh = getattr(strategy, 'mesh', None)
     if mesh is None or mesh.cp_size == 1:
         return None
+    return ContextParallelForward(core, own_group(mesh, 'cp'), mesh.cp_rank, mesh.cp_size, mesh)
+
+
+def own_group(mesh: Any, dim: str) -> Any:
+    """Create the process group of every ``dim`` group of the mesh (collective: each rank creates them
+    all) and return the one this rank belongs to."""
     own = dist.get_rank()
     group = None
-    for ranks in mesh.all_groups('cp'):
+    for ranks in mesh.all_groups(dim):
         made = dist.new_group(ranks)
         if own in ranks:
             group = made
-    return ContextParallelForward(core, group, mesh.cp_rank, mesh.cp_size, mesh)
+    return group
 
 
 __all__ = ['ATTENTION_NAME', 'ContextParallelForward', 'build', 'register_attention',

@@ -201,10 +201,4 @@ def build(strategy: Any, core: Callable[..., Dict[str, Any]], hf_model: nn.Modul
         raise NotImplementedError(f'{mesh!r}: ulysses_size and cp_size cannot both exceed 1 on TransformersModel; '
                                   f'choose one way to split the sequence')
     check_heads(hf_model.config, mesh.ulysses_size)
-    own = dist.get_rank()
-    group = None
-    for ranks in mesh.all_groups('ulysses'):
-        made = dist.new_group(ranks)
-        if own in ranks:
-            group = made
-    return UlyssesForward(core, group, mesh.ulysses_rank, mesh.ulysses_size)
+    return UlyssesForward(core, seam.own_group(mesh, 'ulysses'), mesh.ulysses_rank, mesh.ulysses_size)
