@@ -41,7 +41,7 @@ FOLDED_GROUPS: Tuple[str, ...] = ('ep', 'edp', 'ulysses', 'data')
 
 # torch DeviceMeshes already built, keyed by (mesh, device_type). Module level rather than on the
 # instance so that meshes stay immutable, hashable and picklable; cleared by the runtime on teardown.
-_TORCH_MESHES: Dict[Tuple['DeviceMesh', str], Any] = {}
+_TORCH_MESHES: Dict[Tuple['DeviceMesh', Tuple[str, ...], str], Any] = {}
 
 
 def _check_size(name: str, value: Any) -> int:
@@ -178,10 +178,8 @@ class DeviceMesh:
                    world_size: Optional[int] = None, sequence_parallel: bool = False,
                    device_type: str = 'auto', etp_size: Optional[int] = None,
                    vpp_size: Optional[int] = None) -> 'DeviceMesh':
-        """``dp_size=None`` fills the ranks left over by the other sizes (1 without ``world_size``).
-
-        Sizes given as ``None`` count as 1.
-        """
+        """``dp_size=None`` fills the ranks the other sizes leave (without ``world_size``: the fewest that
+        hold whole Ulysses groups, e.g. 2 for ``ulysses_size=2`` alone). ``None`` sizes count as 1."""
         fsdp_size, tp_size, pp_size, cp_size, ep_size, ulysses_size = (
             1 if v is None else v for v in (fsdp_size, tp_size, pp_size, cp_size, ep_size, ulysses_size))
         for name, value in (('fsdp_size', fsdp_size), ('tp_size', tp_size), ('pp_size', pp_size),
@@ -193,7 +191,7 @@ class DeviceMesh:
             _check_size('world_size', world_size)
         if dp_size is None:
             if world_size is None:
-                dp_size = 1
+                dp_size = ulysses_size // math.gcd(ulysses_size, fsdp_size)
             elif world_size % others:
                 raise ValueError(f'DeviceMesh: world_size={world_size} is not divisible by '
                                  f'fsdp_size*tp_size*pp_size*cp_size={others} {detail}')
@@ -422,13 +420,15 @@ class DeviceMesh:
 
     # ---------------------------------------------------------------- torch
     def to_torch(self, device_type: str = 'cpu') -> Any:
-        """The ``torch.distributed.device_mesh.DeviceMesh`` over the dimensions larger than 1.
+        """The ``torch.distributed.device_mesh.DeviceMesh`` over :attr:`mesh_dim_names`, in that order (the
+        axes a rank array was given with, else the dimensions larger than 1 in the canonical order).
 
         Built on first call and cached. Collective: every rank of the process group must call it.
         With every size 1 the torch mesh has one dimension ``'dp'`` of size 1. In a single process
         with no process group, a one-rank group is created first (FSDP2 and DTensor need one).
         """
-        cached = _TORCH_MESHES.get((self, device_type))
+        key = (self, self.mesh_dim_names, device_type)  # equal layouts may differ in axis order
+        cached = _TORCH_MESHES.get(key)
         if cached is not None:
             return cached
         import torch
@@ -445,13 +445,14 @@ class DeviceMesh:
         if max(self.global_ranks) >= world:
             raise ValueError(f'{self!r} names rank {max(self.global_ranks)} but the process group has '
                              f'{world} ranks')
-        names = tuple(n for n, s in zip(DIM_NAMES, self.mesh_shape) if s > 1) or ('dp',)
-        shape = tuple(s for s in self.mesh_shape if s > 1) or (1,)
-        if self.ranks is None and self.world_size == world:
+        names = self.mesh_dim_names
+        if self.dim_order is None and self.ranks is None and self.world_size == world:
+            shape = tuple(s for s in self.mesh_shape if s > 1) or (1,)
             mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
         else:
-            mesh = TorchMesh(device_type, torch.tensor(self.global_ranks).reshape(shape), mesh_dim_names=names)
-        _TORCH_MESHES[(self, device_type)] = mesh
+            mesh = TorchMesh(device_type, torch.as_tensor(self.mesh.reshape(-1)).reshape(self.mesh.shape),
+                             mesh_dim_names=names)
+        _TORCH_MESHES[key] = mesh
         return mesh
 
     # ---------------------------------------------------------------- serialisation / display

@@ -60,3 +60,42 @@ def test_platform():
     assert Platform.visible_device_env().endswith('VISIBLE_DEVICES')
     assert Platform.get_platform() is Platform
     assert Platform.is_master() == (Platform.get_rank() == 0)
+
+
+def test_from_sizes_with_ulysses_alone_infers_the_data_parallel_ranks():
+    mesh = DeviceMesh.from_sizes(ulysses_size=2)
+    # one Ulysses group of two ranks sharing each sample: two replicas, one batch slice
+    assert (mesh.world_size, mesh.dp_world_size, mesh.ulysses_world_size, mesh.data_world_size) == (2, 2, 2, 1)
+    assert DeviceMesh.from_sizes(ulysses_size=4, fsdp_size=2).mesh_shape == (1, 2, 2, 1, 1)
+    assert DeviceMesh.from_sizes(ulysses_size=2, world_size=8).dp_world_size == 8
+    assert DeviceMesh.from_sizes().world_size == 1
+
+
+@pytest.fixture
+def fake_world():
+    """A four-rank process group in this one process (torch's fake backend): enough to build meshes."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from twinkle import mesh as mesh_module
+    dist.init_process_group('fake', store=FakeStore(), rank=0, world_size=4)
+    try:
+        yield
+    finally:
+        mesh_module._TORCH_MESHES.clear()
+        dist.destroy_process_group()
+
+
+def test_to_torch_keeps_a_custom_axis_order(fake_world):
+    array = np.array([[0, 2], [1, 3]])  # tp outermost: ranks 0 and 1 differ in tp
+    mesh = DeviceMesh(mesh=array, mesh_dim_names=('tp', 'dp'))
+    tmesh = mesh.to_torch('cpu')
+    assert tmesh.mesh_dim_names == ('tp', 'dp')
+    assert tmesh.mesh.tolist() == array.tolist()
+    # the same layout given in the canonical order is a distinct torch mesh with the canonical axes
+    canonical = DeviceMesh(mesh=array.T, mesh_dim_names=('dp', 'tp'))
+    assert canonical == mesh
+    tcanonical = canonical.to_torch('cpu')
+    assert tcanonical is not tmesh and tcanonical.mesh_dim_names == ('dp', 'tp')
+    assert tcanonical.mesh.tolist() == array.T.tolist()
+    assert mesh.to_torch('cpu') is tmesh
