@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional
 from ..client import codec
 from ..client.methods import TAG_COMPONENT, TAG_REF
 from .config import Limits
-from .errors import BadRequest, NotFound, TooMany
+from .errors import BadRequest, Forbidden, NotFound, TooMany
 
 HUB_SCHEMES = ('builtin://', 'hf://', 'ms://')
 # Component kinds a client may build by name on the server (all resolve through twinkle.registry).
@@ -158,6 +158,20 @@ class DatasetObject:
     def stats(self) -> Dict[str, int]:
         return dict(self.dataset.stats)
 
+    def add_dataset(self, dataset_meta: Any, **kwargs: Any) -> None:
+        self.dataset.add_dataset(_meta(dataset_meta), **kwargs)
+
+    def mix_dataset(self, interleave: bool = True, ratios: Any = None, seed: Optional[int] = None,
+                    stopping_strategy: Optional[str] = None) -> None:
+        self.dataset.mix_dataset(interleave=interleave, ratios=ratios, seed=seed, stopping_strategy=stopping_strategy)
+
+    def save_as(self, *args: Any, **kwargs: Any) -> None:
+        raise Forbidden('save_as is refused on a shared server: it would write files on the server. Read the rows '
+                        '(dataset[i]) and save them on the client')
+
+    def flush_save(self) -> None:
+        self.save_as()
+
 
 def _named(component: Any, kind: str) -> Any:
     if isinstance(component, str):
@@ -194,6 +208,14 @@ class DataLoaderObject:
 
     def resume_from_checkpoint(self, consumed_train_samples: Any) -> None:
         self.loader.resume_from_checkpoint(consumed_train_samples)
+
+    def skip_consumed_samples(self, consumed_train_samples: int) -> None:
+        self.loader.skip_consumed_samples(consumed_train_samples)
+
+    def set_processor(self, processor: Any, **kwargs: Any) -> None:
+        if not isinstance(processor, str):
+            raise BadRequest('set_processor takes a registered processor name (e.g. "InputProcessor")')
+        self.loader.set_processor(processor, **kwargs)
 
 
 class BatchIterator:
