@@ -2,6 +2,6 @@
 from .apply import apply_patch
 from .base import Patch
 from .chunked_ce import ChunkedCrossEntropyPatch
-from .qwen3_template import Qwen3ChatTemplatePatch
+from .qwen3_template import Qwen3AllowToolTailPatch, Qwen3ChatTemplatePatch
 
-__all__ = ['Patch', 'ChunkedCrossEntropyPatch', 'Qwen3ChatTemplatePatch', 'apply_patch']
+__all__ = ['Patch', 'ChunkedCrossEntropyPatch', 'Qwen3ChatTemplatePatch', 'Qwen3AllowToolTailPatch', 'apply_patch']

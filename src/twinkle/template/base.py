@@ -178,8 +178,7 @@ class Template:
                 return start, end
         # The template renders this turn differently once later turns exist (e.g. reasoning dropped
         # from history): find the assistant's own text, then the end-of-turn marker after it.
-        content = messages[i]['content'].strip()
-        start = full.find(content, cursor) if content else -1
+        content, start = _locate_answer(full, messages[i]['content'], cursor)
         if start < 0:
             raise ValueError(
                 f'cannot locate assistant message {i} in the text rendered by the chat template of '
@@ -255,6 +254,22 @@ class Template:
     def __repr__(self) -> str:
         return (f'{type(self).__name__}(model_id={self.model_id!r}, max_length={self.max_length}, '
                 f'truncation_strategy={self.truncation_strategy!r}, loss_on={self.loss_on!r})')
+
+
+def _locate_answer(full: str, content: str, cursor: int) -> Tuple[str, int]:
+    """The assistant text as rendered in ``full`` from ``cursor`` on, and where it starts (-1: not found).
+
+    History turns may be rendered without their reasoning: a content holding a think block is then
+    found by what follows its first or its last ``</think>`` (templates parse it either way).
+    """
+    candidates = [content.strip()]
+    if '</think>' in content:
+        candidates += [content.split('</think>', 1)[1].strip(), content.split('</think>')[-1].strip()]
+    for text in candidates:
+        start = full.find(text, cursor) if text else -1
+        if start >= 0:
+            return text, start
+    return candidates[0], -1
 
 
 def _feature(input_ids: List[int], labels: List[int]) -> InputFeature:
