@@ -72,3 +72,20 @@ def test_react_tool_calls_and_selection():
     assert parse_tool_call(text, parser='hermes_qwen') == []
     with pytest.raises(ValueError, match='no tool-call parser named'):
         parse_tool_call(text, parser='nope')
+
+
+def test_deepseek_v4_template_as_a_seed_script_builds_it(tmp_path):
+    from twinkle.template import DeepseekV4Template, load_tokenizer
+    from twinkle.template.deepseek import CHAT_TOKENS
+    tokenizer = load_tokenizer(MODEL)
+    tokenizer.add_special_tokens({'additional_special_tokens': list(CHAT_TOKENS)})
+    tokenizer.save_pretrained(tmp_path)  # a model folder whose tokenizer knows DeepSeek's markers
+    template = DeepseekV4Template(str(tmp_path), max_length=8192, truncation_strategy='raise', default_system=None,
+                                  enable_thinking=True)
+    dataset = Dataset(data=[CHAT])
+    dataset.set_template('DeepseekV4Template', model_id=str(tmp_path), enable_thinking=True)
+    dataset.encode()
+    row = dataset[0]
+    assert row['input_ids'] == template.encode(CHAT)['input_ids']
+    answer = [i for i, lab in zip(row['input_ids'], row['labels']) if lab != -100]
+    assert template.decode(answer) == '</think>' + CHAT['messages'][1]['content'] + CHAT_TOKENS[1]
