@@ -3,6 +3,7 @@ from twinkle.loss.base import Loss, LossOutput
 from twinkle.loss.chunked_cross_entropy import ChunkedCrossEntropyLoss
 from twinkle.loss.cross_entropy import CrossEntropyLoss
 from twinkle.loss.gkd import GKDLoss, generalized_jsd
+from twinkle.loss.liger_fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 from twinkle.loss.mapping import torch_loss_mapping
 from twinkle.loss.mse import MSELoss
 from twinkle.loss.odds_preference import CPOLoss, ORPOLoss
@@ -16,5 +17,5 @@ __all__ = [
     'Loss', 'LossOutput', 'CrossEntropyLoss', 'PolicyLoss', 'GRPOLoss', 'GSPOLoss', 'CISPOLoss',
     'ImportanceSamplingLoss', 'PPOLoss', 'DPOLoss', 'SimPOLoss', 'token_logprobs', 'entropy_from_logits',
     'loss_mask', 'kl_penalty', 'aggregate', 'MSELoss', 'CPOLoss', 'ORPOLoss', 'SAPOLoss', 'BNPOLoss',
-    'DRGRPOLoss', 'GKDLoss', 'generalized_jsd', 'ChunkedCrossEntropyLoss', 'torch_loss_mapping'
+    'DRGRPOLoss', 'GKDLoss', 'generalized_jsd', 'ChunkedCrossEntropyLoss', 'LigerFusedLinearCrossEntropyLoss', 'torch_loss_mapping'
 ]

@@ -7,6 +7,7 @@ from twinkle.loss.base import Loss
 from twinkle.loss.chunked_cross_entropy import ChunkedCrossEntropyLoss
 from twinkle.loss.cross_entropy import CrossEntropyLoss
 from twinkle.loss.gkd import GKDLoss
+from twinkle.loss.liger_fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 from twinkle.loss.mse import MSELoss
 from twinkle.loss.odds_preference import CPOLoss, ORPOLoss
 from twinkle.loss.policy import CISPOLoss, GRPOLoss, GSPOLoss, ImportanceSamplingLoss, PPOLoss
@@ -16,6 +17,7 @@ from twinkle.loss.preference import DPOLoss, SimPOLoss
 torch_loss_mapping: Dict[str, Type[Loss]] = {
     'cross_entropy': CrossEntropyLoss,
     'chunked_cross_entropy': ChunkedCrossEntropyLoss,
+    'liger_fused_linear_cross_entropy': LigerFusedLinearCrossEntropyLoss,
     'mse': MSELoss,
     'dpo': DPOLoss,
     'simpo': SimPOLoss,

@@ -47,6 +47,20 @@ def logit_transform(hf_model: nn.Module) -> Optional[LogitTransform]:
     return apply
 
 
+def final_softcap(hf_model: nn.Module) -> Optional[float]:
+    """The soft-cap ``hf_model``'s forward applies to its logits (Gemma2/3), or None."""
+    cap = _config_value(getattr(hf_model, 'config', None), 'final_logit_softcapping')
+    return float(cap) if cap else None
+
+
+def scales_logits(hf_model: nn.Module) -> bool:
+    """Whether ``hf_model``'s forward multiplies or divides its logits after the projection (Cohere, Granite)."""
+    scale = getattr(hf_model, 'logit_scale', None)
+    scaling = _config_value(getattr(hf_model, 'config', None), 'logits_scaling')
+    return (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale != 1) or (
+        isinstance(scaling, (int, float)) and scaling != 1)
+
+
 class LogitHead(nn.Module):
     """``hidden -> logits`` exactly as the model's forward computes them."""
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from ...loss.utils import loss_mask, token_logprobs
 from ...patch.chunked_ce import chunked_logps
-from ...patch.logit_head import LogitHead, logit_transform, owner_of
+from ...patch.logit_head import LogitHead, final_softcap, logit_transform, owner_of
 from . import packed
 
 MODEL_INPUT_KEYS = ('input_ids', 'attention_mask', 'position_ids')
@@ -30,8 +30,10 @@ class _Capture(nn.Module):
 class ForwardCore:
     """Runs the (wrapped) module and adds ``logps`` aligned with ``labels``.
 
-    ``logits_mode`` is ``('full', None)`` (logits materialised) or ``('chunked', chunk_size)``, which
-    a patch sets on this instance only.
+    ``logits_mode`` is ``('full', None)`` (logits materialised), ``('chunked', chunk_size)`` or
+    ``('hidden', None)`` (no logits nor logps: the final hidden states and the output projection are
+    handed to a loss that fuses the two, ``outputs['hidden_states']`` / ``outputs['lm_head']``); a patch
+    sets it on this instance only.
     """
 
     def __init__(self) -> None:
@@ -48,10 +50,12 @@ class ForwardCore:
             model_inputs = layout.inputs
         restore = layout.restore if layout is not None else _same
         mode, chunk = self.logits_mode
-        if mode == 'chunked' and labels is not None:
+        if mode in ('chunked', 'hidden') and labels is not None:
             if temperature != 1.0:
-                raise ValueError(f'temperature={temperature} is not supported while ChunkedCrossEntropyPatch is '
-                                 f'applied; revert the patch for temperature-scaled log-probabilities')
+                raise ValueError(f'temperature={temperature} is not supported while a {mode} output head is patched '
+                                 f'in; revert the patch for temperature-scaled log-probabilities')
+            if mode == 'hidden':
+                return self._hidden(module, hf_model, model_inputs, labels, restore)
             return self._chunked(module, hf_model, model_inputs, labels, chunk or 1024, restore)
         out = module(**model_inputs, use_cache=False)
         logits = restore(out.logits)
@@ -62,10 +66,10 @@ class ForwardCore:
         return result
 
     @staticmethod
-    def _chunked(module: nn.Module, hf_model: nn.Module, model_inputs: Dict[str, Any], labels: torch.Tensor,
-                 chunk: int, restore: Callable[[torch.Tensor], torch.Tensor]) -> Dict[str, Any]:
+    def _without_head(module: nn.Module, hf_model: nn.Module, model_inputs: Dict[str, Any]) -> Tuple[Any, Any, Any]:
+        """(model output, final hidden states, output projection) of a forward that skips the projection."""
         # The wrapper (DDP) must still see the call, so the output projection is swapped for a
-        # pass-through for the duration of this forward, and applied chunk by chunk afterwards.
+        # pass-through for the duration of this forward.
         lm_head = hf_model.get_output_embeddings()
         owner, attr = owner_of(hf_model, lm_head)
         capture = _Capture()
@@ -74,8 +78,24 @@ class ForwardCore:
             out = module(**model_inputs, use_cache=False)
         finally:
             setattr(owner, attr, lm_head)
-        hidden = restore(capture.hidden)
-        # The model's own forward would also soft-cap / scale the projected logits: do the same.
+        return out, capture.hidden, lm_head
+
+    @classmethod
+    def _hidden(cls, module: nn.Module, hf_model: nn.Module, model_inputs: Dict[str, Any], labels: torch.Tensor,
+                restore: Callable[[torch.Tensor], torch.Tensor]) -> Dict[str, Any]:
+        out, hidden, lm_head = cls._without_head(module, hf_model, model_inputs)
+        result = {'logits': None, 'logps': None, 'mask': loss_mask(labels), 'hidden_states': restore(hidden),
+                  'lm_head': lm_head, 'logit_softcap': final_softcap(hf_model)}
+        _keep_aux_loss(out, result)
+        return result
+
+    @classmethod
+    def _chunked(cls, module: nn.Module, hf_model: nn.Module, model_inputs: Dict[str, Any], labels: torch.Tensor,
+                 chunk: int, restore: Callable[[torch.Tensor], torch.Tensor]) -> Dict[str, Any]:
+        out, hidden, lm_head = cls._without_head(module, hf_model, model_inputs)
+        hidden = restore(hidden)
+        # Applied chunk by chunk; the model's own forward would also soft-cap / scale the projected
+        # logits: do the same.
         logps = chunked_logps(LogitHead(lm_head, logit_transform(hf_model)), hidden, labels, chunk)
         result = {'logits': None, 'logps': logps, 'mask': loss_mask(labels)}
         _keep_aux_loss(out, result)
