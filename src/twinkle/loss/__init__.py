@@ -17,5 +17,6 @@ __all__ = [
     'Loss', 'LossOutput', 'CrossEntropyLoss', 'PolicyLoss', 'GRPOLoss', 'GSPOLoss', 'CISPOLoss',
     'ImportanceSamplingLoss', 'PPOLoss', 'DPOLoss', 'SimPOLoss', 'token_logprobs', 'entropy_from_logits',
     'loss_mask', 'kl_penalty', 'aggregate', 'MSELoss', 'CPOLoss', 'ORPOLoss', 'SAPOLoss', 'BNPOLoss',
-    'DRGRPOLoss', 'GKDLoss', 'generalized_jsd', 'ChunkedCrossEntropyLoss', 'LigerFusedLinearCrossEntropyLoss', 'torch_loss_mapping'
+    'DRGRPOLoss', 'GKDLoss', 'generalized_jsd', 'ChunkedCrossEntropyLoss', 'LigerFusedLinearCrossEntropyLoss',
+    'torch_loss_mapping'
 ]
