@@ -56,3 +56,16 @@ def test_mse_and_mapping():
     for name in ('mse', 'cpo', 'orpo', 'sapo', 'bnpo', 'dr_grpo', 'gkd', 'chunked_cross_entropy', 'cross_entropy'):
         assert name in torch_loss_mapping
         assert resolve('loss', name) is torch_loss_mapping[name]
+
+
+def test_liger_fused_linear_cross_entropy_as_the_seed_names_it():
+    import importlib.util
+
+    from twinkle.loss import LigerFusedLinearCrossEntropyLoss
+    assert torch_loss_mapping['liger_fused_linear_cross_entropy'] is LigerFusedLinearCrossEntropyLoss
+    kwargs = dict(ignore_index=-100, reduction='mean', label_smoothing=0.0, softcap=None)
+    if importlib.util.find_spec('liger_kernel') is not None and torch.cuda.is_available():
+        assert LigerFusedLinearCrossEntropyLoss(**kwargs).reduction == 'mean'
+    else:  # the seed's arguments are accepted; what is missing is said at construction
+        with pytest.raises((ImportError, RuntimeError), match='liger-kernel|CUDA'):
+            LigerFusedLinearCrossEntropyLoss(**kwargs)

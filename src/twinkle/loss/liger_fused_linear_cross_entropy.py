@@ -73,11 +73,13 @@ class LigerFusedLinearCrossEntropyLoss(Loss):
     reduction='mean' (default): ``num_items`` is the number of scored tokens; 'sum': 1 per micro-batch
     (see :class:`CrossEntropyLoss`). ``ignore_index``: a label value taking no loss besides -100.
     ``label_smoothing`` is passed to the kernel (0 reproduces ``CrossEntropyLoss``). A model whose head
-    soft-caps its logits (Gemma2) has the cap applied by the kernel.
+    soft-caps its logits (Gemma2) has its cap applied by the kernel; ``softcap`` sets another one.
     """
 
     def __init__(self, reduction: Literal['mean', 'sum'] = 'mean', ignore_index: int = IGNORE_INDEX,
-                 label_smoothing: float = 0.0) -> None:
+                 label_smoothing: float = 0.0, softcap: Optional[float] = None) -> None:
+        if softcap is not None and not float(softcap) > 0:
+            raise ValueError(f'LigerFusedLinearCrossEntropyLoss softcap must be positive or None; got {softcap!r}')
         if reduction not in ('mean', 'sum'):
             raise ValueError(f"LigerFusedLinearCrossEntropyLoss reduction must be 'mean' or 'sum'; got {reduction!r}")
         if not 0.0 <= float(label_smoothing) <= 1.0:
@@ -87,6 +89,7 @@ class LigerFusedLinearCrossEntropyLoss(Loss):
         self.reduction = reduction
         self.ignore_index = ignore_index
         self.label_smoothing = float(label_smoothing)
+        self.softcap = None if softcap is None else float(softcap)
         self._kernels: dict = {}
 
     def _kernel(self, softcap: Optional[float]) -> Any:
@@ -104,6 +107,7 @@ class LigerFusedLinearCrossEntropyLoss(Loss):
                                  'apply FusedLinearCrossEntropyPatch to the model')
             return CrossEntropyLoss(reduction=self.reduction)(inputs, outputs, **kwargs)
         fused = fused_inputs(inputs, outputs, type(self).__name__)
-        loss = self._kernel(outputs.get('logit_softcap'))(fused.weight, fused.hidden, fused.target, fused.bias)
+        softcap = self.softcap if self.softcap is not None else outputs.get('logit_softcap')
+        loss = self._kernel(softcap)(fused.weight, fused.hidden, fused.target, fused.bias)
         num_items: Any = fused.num_tokens if self.reduction == 'mean' else 1
         return LossOutput(loss=loss.float(), num_items=num_items, reduction=self.reduction)
