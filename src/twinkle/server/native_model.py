@@ -3,7 +3,7 @@
 A session is one client's view of the shared base model. Each adapter it adds is a training run with a
 server-generated internal name; the client's adapter names are only labels. Templates and processors
 set through it belong to the session, not to the shared model. Every ``do_<method>`` runs on the model
-worker; the set of methods is exactly ``twinkle.client.methods.MODEL``.
+worker; the set of methods is exactly ``twinkle.wire.methods.MODEL``.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import torch
 
 from ..model.transformers.generation import as_prompts
 
-from ..client import codec
-from ..client.methods import MODEL
+from ..wire import codec
+from ..wire.methods import MODEL
 from .context import ServerContext
 from .engine import Adapter
 from .errors import BadRequest, Forbidden, TooLarge
@@ -434,4 +434,4 @@ class ModelSession:
 
 _missing = [m for m in MODEL.methods if not hasattr(ModelSession, f'do_{m}')]
 if _missing:  # the table and the server must not drift
-    raise RuntimeError(f'ModelSession lacks methods declared in twinkle.client.methods.MODEL: {_missing}')
+    raise RuntimeError(f'ModelSession lacks methods declared in twinkle.wire.methods.MODEL: {_missing}')

@@ -13,7 +13,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
-from ..client.methods import API_PREFIX
+from ..wire.methods import API_PREFIX
 
 
 class ErrorBody(BaseModel):

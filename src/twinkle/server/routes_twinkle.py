@@ -1,4 +1,4 @@
-"""Routes of the native API (``/api/v1/twinkle``), generated from ``twinkle.client.methods``."""
+"""Routes of the native API (``/api/v1/twinkle``), generated from ``twinkle.wire.methods``."""
 from __future__ import annotations
 
 import asyncio
@@ -8,8 +8,8 @@ from typing import Any, Dict, List
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..client import codec
-from ..client.methods import API_PREFIX, CLASSES, CONSTRUCTIBLE, TAG_REF
+from ..wire import codec
+from ..wire.methods import API_PREFIX, CLASSES, CONSTRUCTIBLE, TAG_REF
 from .auth import key_from_headers
 from .context import ServerContext
 from .errors import BadRequest, Conflict, NotFound
