@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from .config import ServerSettings, load_settings
 from .context import ServerContext
 from .errors import ApiError, BadRequest, describe, scrub
+from .responses import Status, answers
 
 logger = logging.getLogger('twinkle.server')
 
@@ -63,7 +64,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     # so the server closes the connection: the client's next request on it fails. Answer here instead.
     app.add_middleware(AnswerErrors)
 
-    @app.get('/api/v1/healthz')
+    @app.get('/api/v1/healthz', **answers(Status))
     async def healthz() -> Any:
         if not ctx.ready:
             return JSONResponse({'status': 'starting'}, status_code=503)

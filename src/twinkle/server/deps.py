@@ -1,9 +1,10 @@
 """FastAPI dependencies shared by the routes: the server context, the caller's tenant, and the objects a
 request names, each looked up once and only among the caller's own (404 for anyone else's).
 
-Written without postponed annotations: ``owned_model`` builds dependencies whose body type is a variable,
-which FastAPI reads from the live annotation.
+Written without postponed annotations: ``model_request`` and ``session_request`` build dependencies whose
+body type is a variable, which FastAPI reads from the live annotation.
 """
+from dataclasses import dataclass
 from typing import Any, Callable, Type
 
 from fastapi import Depends, Request
@@ -53,18 +54,36 @@ async def sampler_in_path(sampler_id: str, t: str = Depends(tenant),
     return state.sampler(t, sampler_id)
 
 
-def owned_model(body_cls: Type[Any]) -> Callable[..., Any]:
-    """A dependency that reads ``body_cls`` (the route's own body, parsed once) and returns the caller's model
-    its ``model_id`` names."""
-    async def model_of(body: body_cls, t: str = Depends(tenant),  # type: ignore[valid-type]
-                       state: TinkerState = Depends(tinker_state)) -> TinkerModel:
-        return state.model(t, body.model_id)
-    return model_of
+@dataclass
+class ModelRequest:
+    """A request body, parsed once, with its caller and the caller's model its ``model_id`` names."""
+    body: Any
+    tenant: str
+    model: TinkerModel
 
 
-def owned_session(body_cls: Type[Any]) -> Callable[..., Any]:
-    """A dependency that returns the caller's open session named by ``body_cls.session_id``."""
-    async def session_of(body: body_cls, t: str = Depends(tenant),  # type: ignore[valid-type]
-                         state: TinkerState = Depends(tinker_state)) -> TinkerSession:
-        return state.session(t, body.session_id)
-    return session_of
+@dataclass
+class SessionRequest:
+    """A request body, parsed once, with its caller and the caller's open session its ``session_id`` names."""
+    body: Any
+    tenant: str
+    session: TinkerSession
+
+
+def model_request(body_cls: Type[Any], compute: bool = True) -> Callable[..., Any]:
+    """The dependency that parses ``body_cls`` for a route (the route declares no body of its own, so the body is
+    validated once) and looks up the model. ``compute``: the request is counted against the rate limit."""
+    caller = compute_tenant if compute else tenant
+
+    async def parsed(body: body_cls, t: str = Depends(caller),  # type: ignore[valid-type]
+                     state: TinkerState = Depends(tinker_state)) -> ModelRequest:
+        return ModelRequest(body, t, state.model(t, body.model_id))
+    return parsed
+
+
+def session_request(body_cls: Type[Any]) -> Callable[..., Any]:
+    """Like ``model_request``, for a compute request that names a session."""
+    async def parsed(body: body_cls, t: str = Depends(compute_tenant),  # type: ignore[valid-type]
+                     state: TinkerState = Depends(tinker_state)) -> SessionRequest:
+        return SessionRequest(body, t, state.session(t, body.session_id))
+    return parsed

@@ -97,6 +97,11 @@ class Engine:
 
         return restore
 
+    def prompt_tokens(self, inputs: Any) -> List[List[int]]:
+        """One list of token ids per prompt, from token ids, conversations or trajectories (TypeError if not)."""
+        from ..model.transformers.generation import as_prompts
+        return as_prompts(self.model, inputs)
+
     # -- adapters ------------------------------------------------------------------------------------------
     def count(self, tenant: str, role: str) -> int:
         # Read from the event loop while the worker may add adapters: iterate over a snapshot.

@@ -16,21 +16,24 @@ from typing import Any, Callable, Dict
 
 from fastapi import APIRouter, Depends, Request
 
+from . import responses as R
 from . import tinker_bodies as B
 from . import tinker_data
 from .context import ServerContext
-from .deps import compute_tenant, context, owned_model, owned_session, session_in_path, tenant, tinker_state
+from .deps import (ModelRequest, SessionRequest, compute_tenant, context, model_request, session_in_path,
+                   session_request, tenant, tinker_state)
 from .errors import BadRequest, Gone, TooMany
+from .responses import answers
 from .store import check_name, parse_path
 from .tinker_checks import (accepted, check_base, check_capacity, check_metadata, gated, json_key,
                             replayed_creation, tokenizer_id)
-from .tinker_ops import Sampler, TinkerModel, TinkerSession, TinkerState
+from .tinker_ops import Sampler, TinkerSession, TinkerState
 
 router = APIRouter(prefix='/api/v1')
 
 
 # -- bootstrap -------------------------------------------------------------------------------------------------
-@router.post('/client/config')
+@router.post('/client/config', **answers(R.ClientConfig))
 async def client_config(t: str = Depends(tenant), ctx: ServerContext = Depends(context)) -> Dict[str, Any]:
     config: Dict[str, Any] = {'parallel_fwdbwd_chunks': True, 'proto_compress_fwdbwd': False,
                               'sample_join_sampling_session': True, 'custom_loss_server_side': False,
@@ -40,23 +43,23 @@ async def client_config(t: str = Depends(tenant), ctx: ServerContext = Depends(c
     return config
 
 
-@router.post('/client/dynamic_config')
+@router.post('/client/dynamic_config', **answers(R.Empty))
 async def dynamic_config(t: str = Depends(tenant)) -> Dict[str, Any]:
     return {}
 
 
-@router.post('/telemetry')
+@router.post('/telemetry', **answers(R.Status))
 async def telemetry(t: str = Depends(tenant)) -> Dict[str, Any]:
     return {'status': 'accepted'}
 
 
-@router.get('/get_server_capabilities')
+@router.get('/get_server_capabilities', **answers(R.Capabilities))
 async def capabilities(t: str = Depends(tenant), ctx: ServerContext = Depends(context)) -> Dict[str, Any]:
     return {'supported_models': [{'model_name': ctx.settings.served_name, 'trainable': True, 'sampleable': True,
                                   'max_context_length': ctx.engine.max_context_length}]}
 
 
-@router.post('/create_session')
+@router.post('/create_session', **answers(R.SessionCreated))
 async def create_session(t: str = Depends(compute_tenant), ctx: ServerContext = Depends(context),
                          state: TinkerState = Depends(tinker_state)) -> Dict[str, Any]:
     limit = ctx.settings.limits.max_sessions_per_tenant
@@ -69,7 +72,7 @@ async def create_session(t: str = Depends(compute_tenant), ctx: ServerContext = 
     return {'type': 'create_session', 'session_id': session.session_id}
 
 
-@router.post('/session_heartbeat')
+@router.post('/session_heartbeat', **answers(R.Heartbeat))
 async def heartbeat(body: B.SessionId, t: str = Depends(tenant),
                     state: TinkerState = Depends(tinker_state)) -> Dict[str, Any]:
     s = state.sessions.get(body.session_id)
@@ -79,7 +82,7 @@ async def heartbeat(body: B.SessionId, t: str = Depends(tenant),
     return {'type': 'session_heartbeat'}
 
 
-@router.post('/sessions/{session_id}/finish')
+@router.post('/sessions/{session_id}/finish', **answers(R.Empty))
 async def finish_session(s: TinkerSession = Depends(session_in_path), ctx: ServerContext = Depends(context),
                          state: TinkerState = Depends(tinker_state)) -> Dict[str, Any]:
     s.finished = True
@@ -88,11 +91,12 @@ async def finish_session(s: TinkerSession = Depends(session_in_path), ctx: Serve
 
 
 # -- training --------------------------------------------------------------------------------------------------
-@router.post('/create_model')
-async def create_model(body: B.CreateModel, request: Request, t: str = Depends(compute_tenant),
-                       session: TinkerSession = Depends(owned_session(B.CreateModel)),
+@router.post('/create_model', **answers(R.Accepted))
+async def create_model(request: Request, req: SessionRequest = Depends(session_request(B.CreateModel)),
                        ctx: ServerContext = Depends(context),
                        state: TinkerState = Depends(tinker_state)) -> Dict[str, Any]:
+    body: B.CreateModel = req.body
+    t, session = req.tenant, req.session
     key = await json_key('create_model', request)
     if replayed_creation(session, body.model_seq_id, key):
         return accepted(session.creations[body.model_seq_id], session.models.get(body.model_seq_id))
@@ -126,16 +130,17 @@ async def create_model(body: B.CreateModel, request: Request, t: str = Depends(c
     return accepted(fut, model.model_id)
 
 
-@router.post('/get_info')
-async def get_info(model: TinkerModel = Depends(owned_model(B.ModelId)),
+@router.post('/get_info', **answers(R.ModelInfo))
+async def get_info(req: ModelRequest = Depends(model_request(B.ModelId, compute=False)),
                    ctx: ServerContext = Depends(context)) -> Dict[str, Any]:
+    model = req.model
     return {'type': 'get_info', 'model_id': model.model_id, 'is_lora': True, 'lora_rank': model.lora['r'],
             'model_name': ctx.settings.served_name, 'optimizer_config': {'type': 'adamw'},
             'model_data': {'arch': ctx.engine.architecture, 'model_name': ctx.settings.served_name,
                            'tokenizer_id': tokenizer_id(ctx)}}
 
 
-@router.post('/forward_backward')
+@router.post('/forward_backward', **answers(R.Accepted))
 async def forward_backward(request: Request, t: str = Depends(compute_tenant), ctx: ServerContext = Depends(context),
                            state: TinkerState = Depends(tinker_state)) -> Dict[str, Any]:
     raw = await request.body()
@@ -156,10 +161,13 @@ async def forward_backward(request: Request, t: str = Depends(compute_tenant), c
     return accepted(gated(ctx, state, t, model, msg.seq_id, key, prepare), model.model_id)
 
 
-@router.post('/optim_step')
-async def optim_step(body: B.OptimStep, request: Request, t: str = Depends(compute_tenant),
-                     model: TinkerModel = Depends(owned_model(B.OptimStep)), ctx: ServerContext = Depends(context),
+@router.post('/optim_step', **answers(R.Accepted))
+async def optim_step(request: Request, req: ModelRequest = Depends(model_request(B.OptimStep)),
+                     ctx: ServerContext = Depends(context),
                      state: TinkerState = Depends(tinker_state)) -> Dict[str, Any]:
+    body: B.OptimStep = req.body
+    t, model = req.tenant, req.model
+
     def prepare() -> Callable[[], Any]:
         params = body.adam_params or body.optim_params
         if params is None:
@@ -173,10 +181,13 @@ async def optim_step(body: B.OptimStep, request: Request, t: str = Depends(compu
     return accepted(fut, model.model_id)
 
 
-@router.post('/save_weights')
-async def save_weights(body: B.SaveWeights, request: Request, t: str = Depends(compute_tenant),
-                       model: TinkerModel = Depends(owned_model(B.SaveWeights)), ctx: ServerContext = Depends(context),
+@router.post('/save_weights', **answers(R.Accepted))
+async def save_weights(request: Request, req: ModelRequest = Depends(model_request(B.SaveWeights)),
+                       ctx: ServerContext = Depends(context),
                        state: TinkerState = Depends(tinker_state)) -> Dict[str, Any]:
+    body: B.SaveWeights = req.body
+    t, model = req.tenant, req.model
+
     def prepare() -> Callable[[], Any]:
         check_metadata(ctx, body.user_metadata)
         name = check_name(body.path or f'ckpt-{uuid.uuid4().hex[:8]}')
@@ -187,11 +198,13 @@ async def save_weights(body: B.SaveWeights, request: Request, t: str = Depends(c
     return accepted(fut, model.model_id)
 
 
-@router.post('/save_weights_for_sampler')
-async def save_for_sampler(body: B.SaveForSampler, request: Request, t: str = Depends(compute_tenant),
-                           model: TinkerModel = Depends(owned_model(B.SaveForSampler)),
+@router.post('/save_weights_for_sampler', **answers(R.Accepted))
+async def save_for_sampler(request: Request, req: ModelRequest = Depends(model_request(B.SaveForSampler)),
                            ctx: ServerContext = Depends(context),
                            state: TinkerState = Depends(tinker_state)) -> Dict[str, Any]:
+    body: B.SaveForSampler = req.body
+    t, model = req.tenant, req.model
+
     def prepare() -> Callable[[], Any]:
         if body.kind != 'snapshot':
             raise BadRequest(f"sampling client kind {body.kind!r} is not supported; use 'snapshot'")
@@ -218,7 +231,7 @@ async def save_for_sampler(body: B.SaveForSampler, request: Request, t: str = De
     return accepted(gated(ctx, state, t, model, body.seq_id, key, prepare), model.model_id)
 
 
-@router.post('/load_weights')
+@router.post('/load_weights', **answers(R.Accepted))
 async def load_weights(body: B.LoadWeights, request: Request, t: str = Depends(compute_tenant),
                        ctx: ServerContext = Depends(context),
                        state: TinkerState = Depends(tinker_state)) -> Dict[str, Any]:

@@ -5,10 +5,12 @@ from typing import Any, Callable, Dict, Optional
 
 from fastapi import APIRouter, Depends, Request
 
+from . import responses as R
 from . import tinker_bodies as B
 from .context import ServerContext
 from .deps import context, tenant, tenant_store
 from .errors import BadRequest, NotFound
+from .responses import answers
 from .store import KINDS, TenantStore, format_path
 
 
@@ -41,26 +43,26 @@ def _page(items: list, limit: int, offset: int) -> tuple:
 rest_router = APIRouter(prefix='/api/v1')
 
 
-@rest_router.get('/training_runs')
+@rest_router.get('/training_runs', **answers(R.TrainingRuns))
 async def training_runs(limit: int = 20, offset: int = 0, t: str = Depends(tenant),
                         store: TenantStore = Depends(tenant_store)) -> Dict[str, Any]:
     runs, cursor = _page(store.list_runs(), limit, offset)
     return {'training_runs': [run_json(store, run, t) for run in runs], 'cursor': cursor}
 
 
-@rest_router.get('/training_runs/{run_id}')
+@rest_router.get('/training_runs/{run_id}', **answers(R.TrainingRunInfo))
 async def training_run(run_id: str, t: str = Depends(tenant),
                        store: TenantStore = Depends(tenant_store)) -> Dict[str, Any]:
     return run_json(store, store.get_run(run_id), t)
 
 
-@rest_router.get('/training_runs/{run_id}/checkpoints')
+@rest_router.get('/training_runs/{run_id}/checkpoints', **answers(R.RunCheckpoints))
 async def run_checkpoints(run_id: str, store: TenantStore = Depends(tenant_store)) -> Dict[str, Any]:
     store.get_run(run_id)
     return {'checkpoints': [checkpoint_json(c) for c in store.list_checkpoints(run_id)]}
 
 
-@rest_router.delete('/training_runs/{run_id}/checkpoints/{checkpoint_id:path}')
+@rest_router.delete('/training_runs/{run_id}/checkpoints/{checkpoint_id:path}', **answers(R.Empty))
 async def delete_checkpoint(run_id: str, checkpoint_id: str,
                             store: TenantStore = Depends(tenant_store)) -> Dict[str, Any]:
     kind, _, name = checkpoint_id.partition('/')
@@ -71,14 +73,14 @@ async def delete_checkpoint(run_id: str, checkpoint_id: str,
     return {}
 
 
-@rest_router.get('/checkpoints')
+@rest_router.get('/checkpoints', **answers(R.CheckpointPage))
 async def checkpoints(limit: int = 100, offset: int = 0,
                       store: TenantStore = Depends(tenant_store)) -> Dict[str, Any]:
     items, cursor = _page(store.list_checkpoints(), limit, offset)
     return {'checkpoints': [checkpoint_json(c) for c in items], 'cursor': cursor}
 
 
-@rest_router.post('/weights_info')
+@rest_router.post('/weights_info', **answers(R.WeightsInfo))
 async def weights_info(body: B.WeightsInfo, store: TenantStore = Depends(tenant_store),
                        ctx: ServerContext = Depends(context)) -> Dict[str, Any]:
     ckpt = store.resolve(body.tinker_path)

@@ -6,10 +6,13 @@ from typing import Any, Dict, Optional
 
 from fastapi import APIRouter, Depends, Request, Response
 
+from . import responses as R
 from . import tinker_bodies as B
 from .context import ServerContext
-from .deps import compute_tenant, context, owned_session, sampler_in_path, session_in_path, tenant, tinker_state
+from .deps import (SessionRequest, compute_tenant, context, sampler_in_path, session_in_path, session_request, tenant,
+                   tinker_state)
 from .errors import BadRequest, Conflict
+from .responses import answers
 from .tinker_checks import accepted, check_base, json_key, sample_request
 from .tinker_ops import Sampler, TinkerSession, TinkerState
 
@@ -27,11 +30,12 @@ def new_sampler(ctx: ServerContext, t: str, sampler_id: str, model_path: Optiona
     return Sampler(sampler_id, t, None, None)
 
 
-@router.post('/create_sampling_session')
-async def create_sampling_session(body: B.CreateSamplingSession, t: str = Depends(compute_tenant),
-                                  session: TinkerSession = Depends(owned_session(B.CreateSamplingSession)),
+@router.post('/create_sampling_session', **answers(R.SamplingSessionCreated))
+async def create_sampling_session(req: SessionRequest = Depends(session_request(B.CreateSamplingSession)),
                                   ctx: ServerContext = Depends(context),
                                   state: TinkerState = Depends(tinker_state)) -> Dict[str, Any]:
+    body: B.CreateSamplingSession = req.body
+    t, session = req.tenant, req.session
     sampler_id = session.samplers.get(body.sampling_session_seq_id)
     if sampler_id is None:
         sampler_id = f'{session.session_id}:sample:{body.sampling_session_seq_id}'
@@ -40,12 +44,12 @@ async def create_sampling_session(body: B.CreateSamplingSession, t: str = Depend
     return {'type': 'create_sampling_session', 'sampling_session_id': sampler_id}
 
 
-@router.get('/samplers/{sampler_id}')
+@router.get('/samplers/{sampler_id}', **answers(R.SamplerInfo))
 async def get_sampler(s: Sampler = Depends(sampler_in_path), ctx: ServerContext = Depends(context)) -> Dict[str, Any]:
     return {'sampler_id': s.sampler_id, 'base_model': ctx.settings.served_name, 'model_path': s.model_path}
 
 
-@router.post('/asample')
+@router.post('/asample', **answers(R.SampleAccepted))
 async def asample(body: B.Sample, request: Request, t: str = Depends(compute_tenant),
                   ctx: ServerContext = Depends(context), state: TinkerState = Depends(tinker_state)) -> Dict[str, Any]:
     if body.sampling_session_id is not None:
@@ -87,13 +91,13 @@ async def retrieve_future(body: B.Retrieve, t: str = Depends(tenant), ctx: Serve
     return fut.result
 
 
-@router.post('/cancel_future')
+@router.post('/cancel_future', **answers(R.Empty))
 async def cancel_future(t: str = Depends(tenant)) -> Dict[str, Any]:
     return {}
 
 
 # -- sessions --------------------------------------------------------------------------------------------------
-@router.post('/join_sampling_session')
+@router.post('/join_sampling_session', **answers(R.SamplingSessionJoined))
 async def join_sampling_session(body: B.JoinSamplingSession, t: str = Depends(tenant),
                                 state: TinkerState = Depends(tinker_state)) -> Dict[str, Any]:
     s = state.sampler(t, body.sampling_session_id)
@@ -101,12 +105,12 @@ async def join_sampling_session(body: B.JoinSamplingSession, t: str = Depends(te
     return {'type': 'join_sampling_session', 'client_counter': s.clients}
 
 
-@router.get('/sessions/{session_id}')
+@router.get('/sessions/{session_id}', **answers(R.SessionInfo))
 async def get_session(session: TinkerSession = Depends(session_in_path)) -> Dict[str, Any]:
     return {'training_run_ids': list(session.models.values()), 'sampler_ids': list(session.samplers.values())}
 
 
-@router.get('/sessions')
+@router.get('/sessions', **answers(R.Sessions))
 async def list_sessions(limit: int = 20, offset: int = 0, t: str = Depends(tenant),
                         state: TinkerState = Depends(tinker_state)) -> Dict[str, Any]:
     if limit < 1 or offset < 0:

@@ -10,9 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..wire import codec
 from ..wire.methods import API_PREFIX, CLASSES, CONSTRUCTIBLE, TAG_REF
+from . import responses as R
 from .context import ServerContext
 from .deps import compute_tenant, context, object_table, tenant, tenant_store
 from .errors import BadRequest, Conflict, NotFound
+from .responses import answers
 from .native_model import ModelSession, Ref
 from .native_objects import DataLoaderObject, DatasetObject, ObjectTable, decode_args
 from .store import TenantStore, format_path
@@ -51,13 +53,13 @@ def _decoded(table: ObjectTable, t: str, body: Any) -> tuple:
     return args, kwargs
 
 
-@router.get('/methods')
+@router.get('/methods', **answers(Dict[str, R.RemoteClassInfo]))
 async def methods() -> Dict[str, Any]:
     return {name: {'executor': c.executor, 'methods': {m.name: m.returns for m in c.methods.values()}}
             for name, c in CLASSES.items()}
 
 
-@router.post('/objects')
+@router.post('/objects', **answers(R.ObjectCreated))
 async def create(body: CreateBody, t: str = Depends(compute_tenant), ctx: ServerContext = Depends(context),
                  table: ObjectTable = Depends(object_table)) -> Dict[str, Any]:
     if body.class_name not in CONSTRUCTIBLE:
@@ -77,7 +79,7 @@ async def create(body: CreateBody, t: str = Depends(compute_tenant), ctx: Server
     return {'object_id': entry.object_id, 'class_name': body.class_name, 'info': info}
 
 
-@router.post('/objects/{object_id}/call/{method}')
+@router.post('/objects/{object_id}/call/{method}', **answers(R.CallResult))
 async def call(object_id: str, method: str, body: CallBody, t: str = Depends(compute_tenant),
                ctx: ServerContext = Depends(context), table: ObjectTable = Depends(object_table)) -> Dict[str, Any]:
     entry = table.get(t, object_id)
@@ -109,7 +111,7 @@ async def call(object_id: str, method: str, body: CallBody, t: str = Depends(com
     return {'result': codec.encode(result)}
 
 
-@router.get('/objects')
+@router.get('/objects', **answers(R.Objects))
 async def list_objects(t: str = Depends(tenant), table: ObjectTable = Depends(object_table)) -> Dict[str, Any]:
     now = time.monotonic()
     return {'objects': [{'object_id': e.object_id, 'class_name': e.class_name, 'transient': e.transient,
@@ -117,7 +119,7 @@ async def list_objects(t: str = Depends(tenant), table: ObjectTable = Depends(ob
                         for e in sorted(table.mine(t), key=lambda e: e.created)]}
 
 
-@router.delete('/objects/{object_id}')
+@router.delete('/objects/{object_id}', **answers(R.Empty))
 async def release(object_id: str, t: str = Depends(tenant), ctx: ServerContext = Depends(context),
                   table: ObjectTable = Depends(object_table)) -> Dict[str, Any]:
     entry = table.get(t, object_id)
@@ -127,7 +129,7 @@ async def release(object_id: str, t: str = Depends(tenant), ctx: ServerContext =
     return {}
 
 
-@router.get('/runs')
+@router.get('/runs', **answers(R.NativeRuns))
 async def runs(store: TenantStore = Depends(tenant_store)) -> Dict[str, Any]:
     return {'runs': [{'run_id': run['run_id'], 'kind': run.get('kind'), 'adapter_name': run.get('adapter_name'),
                       'lora_rank': run.get('lora_rank'), 'base_model': run.get('base_model'),
@@ -137,7 +139,7 @@ async def runs(store: TenantStore = Depends(tenant_store)) -> Dict[str, Any]:
                      for run in store.list_runs()]}
 
 
-@router.delete('/runs/{run_id:path}')
+@router.delete('/runs/{run_id:path}', **answers(R.RunDeleted))
 async def delete_run(run_id: str, t: str = Depends(tenant), ctx: ServerContext = Depends(context),
                      store: TenantStore = Depends(tenant_store)) -> Dict[str, Any]:
     def run() -> int:  # on the worker: no save of this run can be halfway
@@ -149,7 +151,7 @@ async def delete_run(run_id: str, t: str = Depends(tenant), ctx: ServerContext =
     return {'deleted_checkpoints': await ctx.run_model(t, run)}
 
 
-@router.get('/checkpoints')
+@router.get('/checkpoints', **answers(R.NativeCheckpoints))
 async def checkpoints(store: TenantStore = Depends(tenant_store)) -> Dict[str, Any]:
     return {'checkpoints': [{'path': format_path(c['run_id'], c['kind'], c['name'], 'twinkle'),
                              'run_id': c['run_id'], 'kind': c['kind'], 'name': c['name'], 'time': c['time'],
@@ -158,7 +160,7 @@ async def checkpoints(store: TenantStore = Depends(tenant_store)) -> Dict[str, A
                             for c in store.list_checkpoints()]}
 
 
-@router.delete('/checkpoints')
+@router.delete('/checkpoints', **answers(R.Empty))
 async def delete_checkpoint(path: str, store: TenantStore = Depends(tenant_store)) -> Dict[str, Any]:
     store.delete_checkpoint(store.resolve(path))
     return {}
