@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 
-from ..model.transformers.model import TransformersModel as SharedModel
+from ..model import TransformersModel as SharedModel
 from ..wire import codec
 from ..wire.methods import MODEL
 from .context import ServerContext

@@ -1,8 +1,9 @@
 """The server's OpenAPI document: request bodies, the error body and the 4xx codes of every route.
 
-FastAPI derives the request models from the route signatures; this module adds what it cannot see:
-which 4xx answers each route gives (all errors share one body, ``{"detail": "..."}``), the protobuf
-bodies of the Tinker training and sampling results, and the ``X-API-Key`` header every route needs.
+FastAPI derives the request models from the route signatures and the 200 answers from their response
+models (``responses``); this module adds what it cannot see: which 4xx answers each route gives (all
+errors share one body, ``{"detail": "..."}``), the answers of retrieve_future (JSON or the protobuf bodies
+of the Tinker training and sampling results), and the ``X-API-Key`` header every route needs.
 """
 from __future__ import annotations
 
