@@ -25,7 +25,7 @@ from .deps import (ModelRequest, SessionRequest, compute_tenant, context, model_
 from .errors import BadRequest, Gone, TooMany
 from .responses import answers
 from .store import check_name, parse_path
-from .tinker_checks import (accepted, check_base, check_capacity, check_metadata, gated, json_key,
+from .tinker_checks import (accepted, body_key, check_base, check_capacity, check_metadata, gated,
                             replayed_creation, tokenizer_id)
 from .tinker_ops import Sampler, TinkerSession, TinkerState
 
@@ -92,12 +92,12 @@ async def finish_session(s: TinkerSession = Depends(session_in_path), ctx: Serve
 
 # -- training --------------------------------------------------------------------------------------------------
 @router.post('/create_model', **answers(R.Accepted))
-async def create_model(request: Request, req: SessionRequest = Depends(session_request(B.CreateModel)),
+async def create_model(req: SessionRequest = Depends(session_request(B.CreateModel)),
                        ctx: ServerContext = Depends(context),
                        state: TinkerState = Depends(tinker_state)) -> Dict[str, Any]:
     body: B.CreateModel = req.body
     t, session = req.tenant, req.session
-    key = await json_key('create_model', request)
+    key = body_key('create_model', body)
     if replayed_creation(session, body.model_seq_id, key):
         return accepted(session.creations[body.model_seq_id], session.models.get(body.model_seq_id))
     check_base(ctx, body.base_model)
@@ -162,7 +162,7 @@ async def forward_backward(request: Request, t: str = Depends(compute_tenant), c
 
 
 @router.post('/optim_step', **answers(R.Accepted))
-async def optim_step(request: Request, req: ModelRequest = Depends(model_request(B.OptimStep)),
+async def optim_step(req: ModelRequest = Depends(model_request(B.OptimStep)),
                      ctx: ServerContext = Depends(context),
                      state: TinkerState = Depends(tinker_state)) -> Dict[str, Any]:
     body: B.OptimStep = req.body
@@ -177,12 +177,12 @@ async def optim_step(request: Request, req: ModelRequest = Depends(model_request
         values = params.model_dump(exclude={'type'})
         return lambda: state.op_optim_step(model, values)
 
-    fut = gated(ctx, state, t, model, body.seq_id, await json_key('optim_step', request), prepare)
+    fut = gated(ctx, state, t, model, body.seq_id, body_key('optim_step', body), prepare)
     return accepted(fut, model.model_id)
 
 
 @router.post('/save_weights', **answers(R.Accepted))
-async def save_weights(request: Request, req: ModelRequest = Depends(model_request(B.SaveWeights)),
+async def save_weights(req: ModelRequest = Depends(model_request(B.SaveWeights)),
                        ctx: ServerContext = Depends(context),
                        state: TinkerState = Depends(tinker_state)) -> Dict[str, Any]:
     body: B.SaveWeights = req.body
@@ -194,12 +194,12 @@ async def save_weights(request: Request, req: ModelRequest = Depends(model_reque
         return lambda: {'path': state.op_save(model, name, 'weights', body.overwrite, body.user_metadata),
                         'type': 'save_weights'}
 
-    fut = gated(ctx, state, t, model, body.seq_id, await json_key('save_weights', request), prepare)
+    fut = gated(ctx, state, t, model, body.seq_id, body_key('save_weights', body), prepare)
     return accepted(fut, model.model_id)
 
 
 @router.post('/save_weights_for_sampler', **answers(R.Accepted))
-async def save_for_sampler(request: Request, req: ModelRequest = Depends(model_request(B.SaveForSampler)),
+async def save_for_sampler(req: ModelRequest = Depends(model_request(B.SaveForSampler)),
                            ctx: ServerContext = Depends(context),
                            state: TinkerState = Depends(tinker_state)) -> Dict[str, Any]:
     body: B.SaveForSampler = req.body
@@ -227,12 +227,12 @@ async def save_for_sampler(request: Request, req: ModelRequest = Depends(model_r
             return {'sampling_session_id': sampler_id, 'type': 'save_weights_for_sampler'}
         return run
 
-    key = await json_key('save_weights_for_sampler', request)
+    key = body_key('save_weights_for_sampler', body)
     return accepted(gated(ctx, state, t, model, body.seq_id, key, prepare), model.model_id)
 
 
 @router.post('/load_weights', **answers(R.Accepted))
-async def load_weights(body: B.LoadWeights, request: Request, t: str = Depends(compute_tenant),
+async def load_weights(body: B.LoadWeights, t: str = Depends(compute_tenant),
                        ctx: ServerContext = Depends(context),
                        state: TinkerState = Depends(tinker_state)) -> Dict[str, Any]:
     # Two requests in one: into an existing model (model_id), or a new model from a checkpoint.
@@ -244,12 +244,12 @@ async def load_weights(body: B.LoadWeights, request: Request, t: str = Depends(c
             parse_path(body.path)
             return lambda: state.op_load(model, body.path, body.optimizer)
 
-        fut = gated(ctx, state, t, model, body.seq_id, await json_key('load_weights', request), prepare)
+        fut = gated(ctx, state, t, model, body.seq_id, body_key('load_weights', body), prepare)
         return accepted(fut, model.model_id)
     if body.session_id is None or body.model_seq_id is None:
         raise BadRequest('load_weights needs model_id, or session_id and model_seq_id to create a model from it')
     session = state.session(t, body.session_id)
-    key = await json_key('load_weights', request)
+    key = body_key('load_weights', body)
     if replayed_creation(session, body.model_seq_id, key):
         return accepted(session.creations[body.model_seq_id], session.models.get(body.model_seq_id))
     check_base(ctx, body.base_model)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import uuid
 from typing import Any, Dict, Optional
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Response
 
 from . import responses as R
 from . import tinker_bodies as B
@@ -13,7 +13,7 @@ from .deps import (SessionRequest, compute_tenant, context, sampler_in_path, ses
                    tinker_state)
 from .errors import BadRequest, Conflict
 from .responses import answers
-from .tinker_checks import accepted, check_base, json_key, sample_request
+from .tinker_checks import accepted, body_key, check_base, sample_request
 from .tinker_ops import Sampler, TinkerSession, TinkerState
 
 router = APIRouter(prefix='/api/v1')
@@ -50,7 +50,7 @@ async def get_sampler(s: Sampler = Depends(sampler_in_path), ctx: ServerContext 
 
 
 @router.post('/asample', **answers(R.SampleAccepted))
-async def asample(body: B.Sample, request: Request, t: str = Depends(compute_tenant),
+async def asample(body: B.Sample, t: str = Depends(compute_tenant),
                   ctx: ServerContext = Depends(context), state: TinkerState = Depends(tinker_state)) -> Dict[str, Any]:
     if body.sampling_session_id is not None:
         s = state.sampler(t, body.sampling_session_id)
@@ -58,7 +58,7 @@ async def asample(body: B.Sample, request: Request, t: str = Depends(compute_ten
         direct = f'{t}:direct:{body.model_path or body.base_model}'
         s = state.samplers.get(direct) or new_sampler(ctx, t, direct, body.model_path, body.base_model)
         state.samplers[direct] = s
-    key = await json_key('asample', request)
+    key = body_key('asample', body)
     if body.seq_id is not None and body.seq_id in s.seen:
         seen_key, fut = s.seen[body.seq_id]
         if seen_key != key:

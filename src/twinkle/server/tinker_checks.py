@@ -10,6 +10,7 @@ import json
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from fastapi import Request
+from pydantic import BaseModel
 
 from . import tinker_bodies as B
 from . import tinker_data
@@ -64,9 +65,9 @@ def gated(ctx: ServerContext, state: TinkerState, t: str, model: TinkerModel, se
     return model.gate.submit(seq_id, lambda: ctx.job(t, prepare(), model.model_id), key)
 
 
-async def json_key(kind: str, request: Request) -> RequestKey:
-    # The raw JSON, not the parsed body: a replay must match what the client sent, defaults aside.
-    return request_key(kind, json.loads(await request.body()))
+def body_key(kind: str, body: BaseModel) -> RequestKey:
+    """The replay key of a parsed body: the fields the client sent (bookkeeping the models ignore left out)."""
+    return request_key(kind, body.model_dump(mode='json', exclude_unset=True))
 
 
 def request_key(kind: str, body: Any) -> RequestKey:
