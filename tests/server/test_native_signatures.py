@@ -27,6 +27,8 @@ def test_a_drifted_method_is_reported(monkeypatch):
     monkeypatch.setattr(ModelSession, 'do_clip_grad_norm', do_clip_grad_norm)
     drift = signature_drift()
     assert len(drift) == 1 and drift[0].startswith('clip_grad_norm:') and 'max_norm' in drift[0]
+    monkeypatch.setitem(PASS_THROUGH, 'reset_everything', False)
+    assert 'reset_everything: passed through but not declared' in signature_drift()
 
 
 def test_pass_through_methods_are_generated_and_check_their_arguments():

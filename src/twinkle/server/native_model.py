@@ -459,7 +459,7 @@ def signature_drift() -> List[str]:
         return [(p.name, p.kind, p.default) for p in list(inspect.signature(fn).parameters.values())[1:]
                 if p.name not in skip]
 
-    drift = []
+    drift = [f'{name}: passed through but not declared' for name in PASS_THROUGH if name not in MODEL.methods]
     for name in MODEL.methods:
         mine = getattr(ModelSession, f'do_{name}', None)
         if mine is None:
