@@ -12,6 +12,7 @@ CLIENT_MODULES = {
     'twinkle': ('__init__', 'device_group', 'mesh', 'platform'),
     'twinkle.runtime': ('__init__', 'context', 'remote'),
     'twinkle.client': ('__init__', 'codec', 'http', 'methods', 'proxy'),
+    'twinkle.wire': ('__init__', 'codec', 'methods'),
 }
 
 

@@ -6,7 +6,6 @@ starts the multi-tenant training server (options may also come from ``--config s
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import List, Optional
 
@@ -24,7 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument('--api-key', action='append', default=[], dest='api_keys',
                        help='an accepted API key (repeat for several tenants); also TWINKLE_SERVER_API_KEYS '
                             '(comma-separated)')
-    serve.add_argument('--config', help='YAML file with the same options plus limits (validated)')
+    serve.add_argument('--config', help='YAML file with the same options plus limits (validated); every option '
+                                        'can also be a TWINKLE_SERVER_<NAME> environment variable')
     serve.add_argument('--mixed-precision', choices=('auto', 'no', 'bf16', 'fp16'))
     serve.add_argument('--log-level', choices=('debug', 'info', 'warning', 'error'))
     return parser
@@ -34,14 +34,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == 'serve':
         from .server.config import ConfigError, load_settings
-        keys = list(args.api_keys)
-        env_keys = os.environ.get('TWINKLE_SERVER_API_KEYS', '')
-        keys += [k.strip() for k in env_keys.split(',') if k.strip()]
-        try:
+        try:  # flags over TWINKLE_SERVER_* variables over the file: pydantic-settings merges them
             settings = load_settings(args.config, model=args.model, model_name=args.model_name,
                                      tokenizer_id=args.tokenizer_id, host=args.host, port=args.port,
-                                     data_dir=args.data_dir, api_keys=keys, mixed_precision=args.mixed_precision,
-                                     log_level=args.log_level)
+                                     data_dir=args.data_dir, api_keys=args.api_keys,
+                                     mixed_precision=args.mixed_precision, log_level=args.log_level)
         except ConfigError as exc:
             print(f'twinkle serve: {exc}', file=sys.stderr)
             return 2

@@ -1,4 +1,5 @@
-"""The OpenAPI document, strict request validation, and a bounded schemathesis run that must see no 5xx."""
+"""The OpenAPI document, strict request validation, and a bounded schemathesis run that must see no 5xx and
+only answers that fit their documented response models."""
 from __future__ import annotations
 
 import time
@@ -76,12 +77,14 @@ TIME_BUDGET_S = 300.0
 def test_schemathesis_finds_no_server_error(fuzz_server):
     schemathesis = pytest.importorskip('schemathesis')
     from hypothesis import HealthCheck, Phase, given, settings
+    from schemathesis.core.failures import FailureGroup
+    from schemathesis.specs.openapi.checks import response_schema_conformance
 
     # forward_backward takes raw protobuf bytes: generate them as the binary bodies they are.
     schemathesis.serializer.alias('application/x-protobuf', 'application/octet-stream')
     schema_doc = httpx.get(fuzz_server.url + '/openapi.json').json()
     schema = schemathesis.openapi.from_dict(schema_doc)
-    failures, calls, started, statuses = [], 0, time.monotonic(), Counter()
+    failures, calls, started, statuses, nonconforming = [], 0, time.monotonic(), Counter(), []
     headers = {'X-API-Key': FUZZ_KEY}
     for result in schema.get_all_operations():
         operation = result.ok()
@@ -98,11 +101,39 @@ def test_schemathesis_finds_no_server_error(fuzz_server):
             statuses[resp.status_code // 100 * 100] += 1
             if resp.status_code >= 500:
                 failures.append(f'{case.method} {case.formatted_path} -> {resp.status_code}: {resp.text[:300]}')
+                return
+            try:  # every other answer has the body its response model documents
+                case.validate_response(resp, checks=[response_schema_conformance], headers=headers)
+            except FailureGroup as exc:
+                nonconforming.append(f'{case.method} {case.formatted_path} -> {resp.status_code}: {str(exc)[:500]}')
 
         check()
     assert calls >= 100
     # The key was taken (not every answer a 401) and valid bodies reached the handlers.
     assert statuses[200] >= 20 and statuses[400] >= 20, statuses
     assert not failures, '\n'.join(failures[:20])
+    assert not nonconforming, '\n'.join(nonconforming[:10])
     # The server still answers normally after the run.
     assert httpx.get(fuzz_server.url + '/api/v1/healthz').json() == {'status': 'ok'}
+
+
+def test_openapi_documents_response_models(server):
+    with server.client(KEY_A) as c:
+        schema = c.get('/openapi.json').json()
+    generic = []
+    for path, ops in schema['paths'].items():
+        for method, op in ops.items():
+            not_found = op['responses'].get('404', {}).get('description', '')
+            if not_found.startswith('Not available on a self-hosted server'):
+                continue   # these only ever answer 404
+            body = op['responses']['200']['content']['application/json']['schema']
+            values = body.get('additionalProperties')   # a JSON object of models (the native method table)
+            if not ('$ref' in body or 'anyOf' in body or (isinstance(values, dict) and '$ref' in values)):
+                generic.append(f'{method.upper()} {path}: {body}')
+    assert not generic, '\n'.join(generic)
+    models = schema['components']['schemas']
+    assert set(models['Accepted']['required']) == {'request_id'}
+    assert models['TrainingRunInfo']['properties']['last_checkpoint']['anyOf'][0]['$ref'].endswith('/CheckpointInfo')
+    future = schema['paths']['/api/v1/retrieve_future']['post']['responses']['200']['content']
+    assert {'$ref': '#/components/schemas/TryAgain'} in future['application/json']['schema']['anyOf']
+    assert 'application/x-protobuf' in future

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from .codec import Component, DatasetMeta, LoraConfig, component
+from ..wire.codec import Component, DatasetMeta, LoraConfig, component
+from ..wire.methods import CONSTRUCTIBLE
 from .http import RemoteError, TwinkleClient
-from .methods import CONSTRUCTIBLE
 from .proxy import (DataLoader, Dataset, RemoteObject, RemoteRef, TransformersModel, get_default_client,
                     set_default_client)
 

@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional
 
 import httpx
 
-from .methods import API_PREFIX
+from ..wire.methods import API_PREFIX
 
 
 class RemoteError(RuntimeError):

@@ -1,14 +1,7 @@
-"""The one declaration of what a remote Twinkle object can do over HTTP.
-
-The server's native routes and the client's proxy classes are both built from these tables, so the
-two cannot drift: the server refuses a method that is not declared here, and the client has no
-method that is not declared here. ``tests/client/test_methods.py`` checks that ``MODEL`` covers every
-``@remote_function`` of ``TransformersModel`` and every method of ``TwinkleModel``.
-
-This module must stay importable without torch or transformers (thin clients read it).
-"""
+"""The remote method table, as the client sees it (declared in ``twinkle.wire.methods``)."""
 from __future__ import annotations
 
+<<<<<<< HEAD
 from dataclasses import dataclass, field
 from typing import Dict, Tuple
 
@@ -125,3 +118,8 @@ TAG_COMPONENT = '__component__'
 TAG_RANGE = '__range__'
 TAG_SLICE = '__slice__'
 TAG_TUPLE = '__tuple__'
+=======
+from ..wire.methods import (API_PREFIX, CLASSES, CONSTRUCTIBLE, DATALOADER, DATASET, EXECUTORS, ITERATOR,  # noqa: F401
+                            MODEL, RETURNS, TAG_ARRAY, TAG_COMPONENT, TAG_DATASET_META, TAG_LORA, TAG_RANGE,
+                            TAG_REF, TAG_SLICE, TAG_TUPLE, Method, RemoteClass)
+>>>>>>> server14

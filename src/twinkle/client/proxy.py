@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Type
 
-from . import codec
+from ..wire import codec
+from ..wire.methods import CLASSES, TAG_REF, Method, RemoteClass
 from .http import TwinkleClient
-from .methods import CLASSES, TAG_REF, Method, RemoteClass
 
 _default_client: Optional[TwinkleClient] = None
 

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from .config import ServerSettings, load_settings
 from .context import ServerContext
 from .errors import ApiError, BadRequest, describe, scrub
+from .responses import Status, answers
 
 logger = logging.getLogger('twinkle.server')
 
@@ -50,7 +51,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             loc = '.'.join(str(p) for p in err.get('loc', ()) if p != 'body')
             problems.append(f"{loc or 'body'}: {err.get('msg')}")
         message = 'invalid request: ' + '; '.join(problems)
-        from .routes_tinker import refuse_invalid
+        from .tinker_checks import refuse_invalid
         refuse_invalid(ctx, request, exc.body, BadRequest(message))
         return JSONResponse({'detail': message}, status_code=400)
 
@@ -63,16 +64,18 @@ def create_app(settings: ServerSettings) -> FastAPI:
     # so the server closes the connection: the client's next request on it fails. Answer here instead.
     app.add_middleware(AnswerErrors)
 
-    @app.get('/api/v1/healthz')
+    @app.get('/api/v1/healthz', **answers(Status))
     async def healthz() -> Any:
         if not ctx.ready:
             return JSONResponse({'status': 'starting'}, status_code=503)
         return {'status': 'ok'}
 
-    from .routes_tinker import build_router as tinker_router
-    from .routes_twinkle import build_router as twinkle_router
-    app.include_router(twinkle_router(ctx))
-    app.include_router(tinker_router(ctx))
+    from . import routes_tinker, routes_tinker_rest, routes_tinker_sampling, routes_twinkle
+    app.include_router(routes_twinkle.router)
+    app.include_router(routes_tinker.router)
+    app.include_router(routes_tinker_sampling.router)
+    app.include_router(routes_tinker_rest.not_applicable_router)
+    app.include_router(routes_tinker_rest.rest_router)
     from .openapi import install
     install(app)
     return app

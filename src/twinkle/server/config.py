@@ -1,10 +1,19 @@
-"""Server settings: command-line options and an optional YAML file, validated by pydantic."""
+"""Server settings: command-line options, ``TWINKLE_SERVER_*`` environment variables and an optional YAML
+file, merged and validated by pydantic-settings (flags over environment over file over defaults).
+
+Environment names: ``TWINKLE_SERVER_PORT=8001``, nested limits with a double underscore
+(``TWINKLE_SERVER_LIMITS__REQUESTS_PER_MINUTE=600``), API keys comma-separated
+(``TWINKLE_SERVER_API_KEYS=key-one,key-two``).
+"""
 from __future__ import annotations
 
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Annotated, Any, Dict, List, Optional, Tuple, Type
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict,
+                               YamlConfigSettingsSource)
 
 
 class Limits(BaseModel):
@@ -41,8 +50,31 @@ class Limits(BaseModel):
     """Largest user_metadata (as JSON) stored with a run or checkpoint."""
 
 
-class ServerSettings(BaseModel):
-    model_config = ConfigDict(extra='forbid')
+# The YAML file of the settings being built (load_settings sets it around one construction).
+_config_file: ContextVar[Optional[Path]] = ContextVar('twinkle_server_config_file', default=None)
+
+
+class _KeysOfEverySource(PydanticBaseSettingsSource):
+    """API keys add up across sources instead of the strongest one winning: a file can list some tenants'
+    keys and the command line or the environment add more."""
+
+    def __init__(self, settings_cls: Type[BaseSettings], sources: Tuple[PydanticBaseSettingsSource, ...]) -> None:
+        super().__init__(settings_cls)
+        self.sources = sources
+
+    def get_field_value(self, field: Any, field_name: str) -> Tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ answers for the one field
+
+    def __call__(self) -> Dict[str, Any]:
+        keys: List[Any] = []
+        for source in self.sources:
+            found = source().get('api_keys')
+            keys += ServerSettings.split_keys(found) if found else []
+        return {'api_keys': keys} if keys else {}
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(extra='forbid', env_prefix='TWINKLE_SERVER_', env_nested_delimiter='__')
 
     model: str = 'builtin://tiny-qwen3'
     """The base model every tenant trains adapters on (hub id or local folder, resolved by twinkle.hub)."""
@@ -54,7 +86,8 @@ class ServerSettings(BaseModel):
     host: str = '127.0.0.1'
     port: int = Field(8000, ge=0, le=65535)
     data_dir: Path = Path('twinkle-server-data')
-    api_keys: List[SecretStr] = Field(default_factory=list)
+    api_keys: Annotated[List[SecretStr], NoDecode] = Field(default_factory=list)
+    """Accepted API keys, one tenant each; keys from the file, the environment and the flags all count."""
     mixed_precision: str = 'auto'
     """'auto' (bf16 on CUDA, none on CPU), 'no', 'bf16' or 'fp16'."""
     lora_alpha: int = Field(32, ge=1)
@@ -74,6 +107,29 @@ class ServerSettings(BaseModel):
     every 10 s); its runs and checkpoints stay."""
     limits: Limits = Field(default_factory=Limits)
     log_level: str = 'info'
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: Type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource
+                                   ) -> Tuple[PydanticBaseSettingsSource, ...]:
+        sources: Tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        config_file = _config_file.get()
+        if config_file is not None:
+            sources += (YamlConfigSettingsSource(settings_cls, yaml_file=config_file),)
+        return (_KeysOfEverySource(settings_cls, sources),) + sources
+
+    @staticmethod
+    def split_keys(value: Any) -> List[Any]:
+        if isinstance(value, str):  # the environment's comma-separated list
+            return [k.strip() for k in value.split(',') if k.strip()]
+        return list(value)
+
+    @field_validator('api_keys', mode='before')
+    @classmethod
+    def _key_list(cls, value: Any) -> List[Any]:
+        return cls.split_keys(value)
 
     @field_validator('api_keys')
     @classmethod
@@ -105,30 +161,26 @@ class ConfigError(ValueError):
     pass
 
 
-def load_settings(config_file: Optional[str] = None, **overrides: Any) -> ServerSettings:
-    """Settings from a YAML file (optional) with command-line values on top (None values are ignored)."""
-    data: Dict[str, Any] = {}
+def load_settings(config_file: Optional[str] = None, **flags: Any) -> ServerSettings:
+    """Settings from ``flags`` (None values are left out), the environment and a YAML file (optional)."""
+    import yaml
+    path = None
     if config_file:
-        import yaml
         path = Path(config_file)
         if not path.is_file():
             raise ConfigError(f'server config {config_file} does not exist')
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f'server config {config_file} is not valid YAML: {exc}') from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f'server config {config_file} must be a mapping of options, got {type(loaded).__name__}')
-        data.update(loaded)
-    for key, value in overrides.items():
-        if value is None or (key == 'api_keys' and not value):
-            continue
-        if key == 'api_keys':
-            value = list(data.get('api_keys') or []) + list(value)
-        data[key] = value
+    token = _config_file.set(path)
     try:
-        return ServerSettings(**data)
+        return ServerSettings(**{k: v for k, v in flags.items() if v is not None and v != []})
     except ValidationError as exc:
         problems = '; '.join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         source = f' in {config_file}' if config_file else ''
         raise ConfigError(f'invalid server settings{source}: {problems}') from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f'server config {config_file} is not valid YAML: {exc}') from None
+    except (TypeError, ValueError) as exc:  # what the YAML source raises for a file that is not a mapping
+        if path is None:
+            raise
+        raise ConfigError(f'server config {config_file} must be a mapping of options ({exc})') from None
+    finally:
+        _config_file.reset(token)

@@ -51,8 +51,10 @@ class ServerContext:
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.ready = False
         self.started = time.time()
-        self.tinker: Any = None   # routes_tinker.TinkerState
-        self.objects: Any = None  # native.ObjectTables
+        from .native_objects import ObjectTable
+        from .tinker_ops import TinkerState
+        self.tinker = TinkerState(self)                # Tinker sessions, training models, samplers
+        self.objects = ObjectTable(settings.limits)   # objects of the native API
         scrub.add(str(self.data_dir))
 
     async def start(self) -> None:

@@ -59,6 +59,10 @@ class Engine:
                                        output_dir=str(log_dir / 'unused-output'))
         self.model_dir = self.model.model_dir
         self.vocab_size = int(self.model.hf_model.get_input_embeddings().weight.shape[0])
+        config = self.model.hf_model.config
+        # What clients are told about the model (capabilities, get_info), read once here.
+        self.max_context_length: Optional[int] = getattr(config, 'max_position_embeddings', None)
+        self.architecture: Optional[str] = (getattr(config, 'architectures', None) or [None])[0]
         self.adapters: Dict[str, Adapter] = {}
         self.linear_names = sorted({n.rsplit('.', 1)[-1] for n, m in self.model.hf_model.named_modules()
                                     if isinstance(m, torch.nn.Linear)})
@@ -92,6 +96,11 @@ class Engine:
                 torch.cuda.set_rng_state_all(cuda_rng)
 
         return restore
+
+    def prompt_tokens(self, inputs: Any) -> List[List[int]]:
+        """One list of token ids per prompt, from token ids, conversations or trajectories (TypeError if not)."""
+        from ..model.transformers.generation import as_prompts
+        return as_prompts(self.model, inputs)
 
     # -- adapters ------------------------------------------------------------------------------------------
     def count(self, tenant: str, role: str) -> int:

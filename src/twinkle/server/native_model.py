@@ -3,20 +3,22 @@
 A session is one client's view of the shared base model. Each adapter it adds is a training run with a
 server-generated internal name; the client's adapter names are only labels. Templates and processors
 set through it belong to the session, not to the shared model. Every ``do_<method>`` runs on the model
-worker; the set of methods is exactly ``twinkle.client.methods.MODEL``.
+worker; the set of methods is exactly ``twinkle.wire.methods.MODEL``, and each takes the parameters of the
+model method it stands for (checked at import: names, kinds and defaults). Methods that only pick the
+caller's adapter are generated from ``PASS_THROUGH``; the others check what a tenant may ask for.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import uuid
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 
-from ..model.transformers.generation import as_prompts
-
-from ..client import codec
-from ..client.methods import MODEL
+from ..model import TransformersModel as SharedModel
+from ..wire import codec
+from ..wire.methods import MODEL
 from .context import ServerContext
 from .engine import Adapter
 from .errors import BadRequest, Forbidden, TooLarge
@@ -257,15 +259,6 @@ class ModelSession:
         _finite_options('clip_grad_norm', {'max_grad_norm': max_grad_norm, 'norm_type': norm_type})
         return self.engine.model.clip_grad_norm(max_grad_norm, norm_type, adapter_name=a.name)
 
-    def do_step(self, *, adapter_name: Optional[str] = None) -> None:
-        self.engine.model.step(adapter_name=self._with_optimizer(self._adapter(adapter_name), 'step').name)
-
-    def do_zero_grad(self, *, adapter_name: Optional[str] = None) -> None:
-        self.engine.model.zero_grad(adapter_name=self._with_optimizer(self._adapter(adapter_name), 'zero_grad').name)
-
-    def do_lr_step(self, *, adapter_name: Optional[str] = None) -> None:
-        self.engine.model.lr_step(adapter_name=self._adapter(adapter_name).name)
-
     def do_clip_grad_and_step(self, max_grad_norm: float = 1.0, norm_type: float = 2.0, *,
                               adapter_name: Optional[str] = None,
                               gradient_accumulation_steps: Optional[int] = None) -> Dict[str, Any]:
@@ -304,9 +297,6 @@ class ModelSession:
             raise BadRequest("add_metric takes a registered metric name or a component")
         self.engine.model.add_metric(metric, adapter_name=self._adapter(adapter_name).name, is_training=is_training,
                                      **kwargs)
-
-    def do_calculate_metric(self, is_training: bool = True, *, adapter_name: Optional[str] = None) -> Dict[str, float]:
-        return self.engine.model.calculate_metric(is_training, adapter_name=self._adapter(adapter_name).name)
 
     # -- adapters and components ---------------------------------------------------------------------------
     def do_add_adapter_to_model(self, adapter_name: str, config_or_dir: Any, *, gradient_accumulation_steps: int = 1,
@@ -417,7 +407,7 @@ class ModelSession:
         config.setdefault('max_new_tokens', min(64, limit))
         config = _generate_options(config, limit)
         try:
-            prompts = as_prompts(self.engine.model, inputs)  # token ids, whatever form they came in
+            prompts = self.engine.prompt_tokens(inputs)  # token ids, whatever form they came in
         except (TypeError, ValueError) as exc:
             raise BadRequest(str(exc)) from None
         self.engine.check_tokens(prompts, 'inputs')
@@ -432,6 +422,55 @@ class ModelSession:
             return self.engine.model.generate(prompts, adapter_name=a.name, **config)
 
 
-_missing = [m for m in MODEL.methods if not hasattr(ModelSession, f'do_{m}')]
-if _missing:  # the table and the server must not drift
-    raise RuntimeError(f'ModelSession lacks methods declared in twinkle.client.methods.MODEL: {_missing}')
+# Methods a session only forwards to the shared model, and whether they need the adapter's optimizer.
+PASS_THROUGH: Dict[str, bool] = {'step': True, 'zero_grad': True, 'lr_step': False, 'calculate_metric': False}
+# Parameters the server takes beyond the model method's own (the LoRA seed, which a local run sets globally).
+SERVER_EXTRAS: Dict[str, tuple] = {'add_adapter_to_model': ('seed',)}
+
+
+def _pass_through(name: str, needs_optimizer: bool) -> Callable[..., Any]:
+    target = getattr(SharedModel, name)
+    signature = inspect.signature(target)
+
+    def do(self: ModelSession, *args: Any, **kwargs: Any) -> Any:
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError as exc:
+            raise BadRequest(f'{name}(): {exc}') from None
+        a = self._adapter(bound.arguments.get('adapter_name'))
+        if needs_optimizer:
+            self._with_optimizer(a, name)
+        kwargs['adapter_name'] = a.name
+        return getattr(self.engine.model, name)(*args, **kwargs)
+
+    do.__name__ = do.__qualname__ = f'do_{name}'
+    do.__doc__ = target.__doc__
+    do.__signature__ = signature  # type: ignore[attr-defined]
+    return do
+
+
+for _name, _needs_optimizer in PASS_THROUGH.items():
+    setattr(ModelSession, f'do_{_name}', _pass_through(_name, _needs_optimizer))
+
+
+def signature_drift() -> List[str]:
+    """How ModelSession's ``do_<method>`` differ from the shared model's methods of MODEL (empty: none)."""
+    def params(fn: Any, skip: tuple = ()) -> List[tuple]:
+        return [(p.name, p.kind, p.default) for p in list(inspect.signature(fn).parameters.values())[1:]
+                if p.name not in skip]
+
+    drift = [f'{name}: passed through but not declared' for name in PASS_THROUGH if name not in MODEL.methods]
+    for name in MODEL.methods:
+        mine = getattr(ModelSession, f'do_{name}', None)
+        if mine is None:
+            drift.append(f'{name}: no do_{name}')
+        elif params(mine, SERVER_EXTRAS.get(name, ())) != params(getattr(SharedModel, name)):
+            theirs = inspect.signature(getattr(SharedModel, name))
+            drift.append(f'{name}: server {inspect.signature(mine)} vs model {theirs}')
+    return drift
+
+
+_drift = signature_drift()
+if _drift:  # the table, the model and the server must not drift
+    raise RuntimeError('ModelSession does not match twinkle.wire.methods.MODEL and the model methods: '
+                       + '; '.join(_drift))

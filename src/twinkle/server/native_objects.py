@@ -10,8 +10,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Mapping, Optional
 
-from ..client import codec
-from ..client.methods import TAG_COMPONENT, TAG_REF
+from ..wire import codec
+from ..wire.methods import TAG_COMPONENT, TAG_REF
 from .config import Limits
 from .errors import BadRequest, Forbidden, NotFound, TooMany
 

@@ -1,8 +1,9 @@
 """The server's OpenAPI document: request bodies, the error body and the 4xx codes of every route.
 
-FastAPI derives the request models from the route signatures; this module adds what it cannot see:
-which 4xx answers each route gives (all errors share one body, ``{"detail": "..."}``), the protobuf
-bodies of the Tinker training and sampling results, and the ``X-API-Key`` header every route needs.
+FastAPI derives the request models from the route signatures and the 200 answers from their response
+models (``responses``); this module adds what it cannot see: which 4xx answers each route gives (all
+errors share one body, ``{"detail": "..."}``), the answers of retrieve_future (JSON or the protobuf bodies
+of the Tinker training and sampling results), and the ``X-API-Key`` header every route needs.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
-from ..client.methods import API_PREFIX
+from ..wire.methods import API_PREFIX
+from .responses import FutureFailed, TryAgain
 
 
 class ErrorBody(BaseModel):
@@ -106,16 +108,23 @@ def install(app: FastAPI) -> None:
                                           '(Content-Encoding: zstd)'}}}}
         rf = paths.get('/api/v1/retrieve_future', {}).get('post')
         if rf is not None:
+            schemas = components.setdefault('schemas', {})
+            for model in (TryAgain, FutureFailed):
+                schemas[model.__name__] = model.model_json_schema(ref_template='#/components/schemas/{model}')
             rf['responses']['200'] = {
-                'description': 'The result: JSON (a pending answer has type "try_again"; a failed one has "error" '
-                               'and "category"), or a protobuf ForwardBackwardOutput / SampleResponse',
-                'content': {'application/json': {'schema': {'type': 'object'}},
-                            **_protobuf('')['content']}}
+                'description': 'The result: JSON (still pending: TryAgain; failed: FutureFailed; done: the result '
+                               'of the queued request), or a protobuf ForwardBackwardOutput / SampleResponse',
+                'content': {'application/json': {'schema': {'anyOf': [
+                    {'$ref': '#/components/schemas/TryAgain'}, {'$ref': '#/components/schemas/FutureFailed'},
+                    {'type': 'object', 'description': 'the result of a finished request (create_model, optim_step, '
+                                                      'save_weights, ... each answers its own fields)'}]}},
+                    **_protobuf('')['content']}}
         health = paths.get('/api/v1/healthz', {}).get('get')
         if health is not None:
             health['security'] = []
             health['responses']['503'] = {'description': 'The model is still loading.',
-                                          'content': {'application/json': {'schema': {'type': 'object'}}}}
+                                          'content': {'application/json': {'schema': {
+                                              '$ref': '#/components/schemas/Status'}}}}
         app.openapi_schema = schema
         return schema
 

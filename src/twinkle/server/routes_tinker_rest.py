@@ -3,11 +3,14 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Optional
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 
+from . import responses as R
 from . import tinker_bodies as B
 from .context import ServerContext
+from .deps import context, tenant, tenant_store
 from .errors import BadRequest, NotFound
+from .responses import answers
 from .store import KINDS, TenantStore, format_path
 
 
@@ -37,54 +40,57 @@ def _page(items: list, limit: int, offset: int) -> tuple:
     return items[offset:offset + limit], {'offset': offset, 'limit': limit, 'total_count': len(items)}
 
 
-def add_rest_routes(r: APIRouter, ctx: ServerContext, tenant: Callable[..., str]) -> None:
+rest_router = APIRouter(prefix='/api/v1')
 
-    @r.get('/training_runs')
-    async def training_runs(request: Request, limit: int = 20, offset: int = 0) -> Dict[str, Any]:
-        t = tenant(request)
-        store = ctx.store.tenant(t)
-        runs, cursor = _page(store.list_runs(), limit, offset)
-        return {'training_runs': [run_json(store, run, t) for run in runs], 'cursor': cursor}
 
-    @r.get('/training_runs/{run_id}')
-    async def training_run(run_id: str, request: Request) -> Dict[str, Any]:
-        t = tenant(request)
-        store = ctx.store.tenant(t)
-        return run_json(store, store.get_run(run_id), t)
+@rest_router.get('/training_runs', **answers(R.TrainingRuns))
+async def training_runs(limit: int = 20, offset: int = 0, t: str = Depends(tenant),
+                        store: TenantStore = Depends(tenant_store)) -> Dict[str, Any]:
+    runs, cursor = _page(store.list_runs(), limit, offset)
+    return {'training_runs': [run_json(store, run, t) for run in runs], 'cursor': cursor}
 
-    @r.get('/training_runs/{run_id}/checkpoints')
-    async def run_checkpoints(run_id: str, request: Request) -> Dict[str, Any]:
-        store = ctx.store.tenant(tenant(request))
-        store.get_run(run_id)
-        return {'checkpoints': [checkpoint_json(c) for c in store.list_checkpoints(run_id)]}
 
-    @r.delete('/training_runs/{run_id}/checkpoints/{checkpoint_id:path}')
-    async def delete_checkpoint(run_id: str, checkpoint_id: str, request: Request) -> Dict[str, Any]:
-        store = ctx.store.tenant(tenant(request))
-        kind, _, name = checkpoint_id.partition('/')
-        ckpt = store.find(run_id, kind, name) if kind in KINDS else None
-        if ckpt is None:
-            raise NotFound(f'checkpoint {checkpoint_id!r} of run {run_id!r} not found')
-        store.delete_checkpoint(ckpt)
-        return {}
+@rest_router.get('/training_runs/{run_id}', **answers(R.TrainingRunInfo))
+async def training_run(run_id: str, t: str = Depends(tenant),
+                       store: TenantStore = Depends(tenant_store)) -> Dict[str, Any]:
+    return run_json(store, store.get_run(run_id), t)
 
-    @r.get('/checkpoints')
-    async def checkpoints(request: Request, limit: int = 100, offset: int = 0) -> Dict[str, Any]:
-        store = ctx.store.tenant(tenant(request))
-        items, cursor = _page(store.list_checkpoints(), limit, offset)
-        return {'checkpoints': [checkpoint_json(c) for c in items], 'cursor': cursor}
 
-    @r.post('/weights_info')
-    async def weights_info(body: B.WeightsInfo, request: Request) -> Dict[str, Any]:
-        store = ctx.store.tenant(tenant(request))
-        ckpt = store.resolve(body.tinker_path)
-        lora = ckpt.get('lora') or {}
-        targets = lora.get('target_modules') or []
-        return {'base_model': ckpt.get('base_model') or ctx.settings.served_name, 'is_lora': True,
-                'lora_rank': lora.get('r'), 'optimizer_config': {'type': 'adamw'},
-                'train_attn': any(t in targets for t in ('q_proj', 'k_proj', 'v_proj', 'o_proj')),
-                'train_mlp': any(t in targets for t in ('gate_proj', 'up_proj', 'down_proj')),
-                'train_unembed': 'lm_head' in targets}
+@rest_router.get('/training_runs/{run_id}/checkpoints', **answers(R.RunCheckpoints))
+async def run_checkpoints(run_id: str, store: TenantStore = Depends(tenant_store)) -> Dict[str, Any]:
+    store.get_run(run_id)
+    return {'checkpoints': [checkpoint_json(c) for c in store.list_checkpoints(run_id)]}
+
+
+@rest_router.delete('/training_runs/{run_id}/checkpoints/{checkpoint_id:path}', **answers(R.Empty))
+async def delete_checkpoint(run_id: str, checkpoint_id: str,
+                            store: TenantStore = Depends(tenant_store)) -> Dict[str, Any]:
+    kind, _, name = checkpoint_id.partition('/')
+    ckpt = store.find(run_id, kind, name) if kind in KINDS else None
+    if ckpt is None:
+        raise NotFound(f'checkpoint {checkpoint_id!r} of run {run_id!r} not found')
+    store.delete_checkpoint(ckpt)
+    return {}
+
+
+@rest_router.get('/checkpoints', **answers(R.CheckpointPage))
+async def checkpoints(limit: int = 100, offset: int = 0,
+                      store: TenantStore = Depends(tenant_store)) -> Dict[str, Any]:
+    items, cursor = _page(store.list_checkpoints(), limit, offset)
+    return {'checkpoints': [checkpoint_json(c) for c in items], 'cursor': cursor}
+
+
+@rest_router.post('/weights_info', **answers(R.WeightsInfo))
+async def weights_info(body: B.WeightsInfo, store: TenantStore = Depends(tenant_store),
+                       ctx: ServerContext = Depends(context)) -> Dict[str, Any]:
+    ckpt = store.resolve(body.tinker_path)
+    lora = ckpt.get('lora') or {}
+    targets = lora.get('target_modules') or []
+    return {'base_model': ckpt.get('base_model') or ctx.settings.served_name, 'is_lora': True,
+            'lora_rank': lora.get('r'), 'optimizer_config': {'type': 'adamw'},
+            'train_attn': any(t in targets for t in ('q_proj', 'k_proj', 'v_proj', 'o_proj')),
+            'train_mlp': any(t in targets for t in ('gate_proj', 'up_proj', 'down_proj')),
+            'train_unembed': 'lm_head' in targets}
 
 
 # Routes the 0.38 SDK can call that belong to the hosted service and have no meaning on a self-hosted
@@ -115,15 +121,20 @@ NOT_APPLICABLE = {
 }
 
 
-def _refusal(method: str, reason: str, tenant: Callable[..., str]) -> Callable[..., Any]:
-    async def handler(request: Request) -> Dict[str, Any]:
-        tenant(request)
+def _refusal(method: str, reason: str) -> Callable[..., Any]:
+    async def handler(request: Request, t: str = Depends(tenant)) -> Dict[str, Any]:
         raise NotFound(f'{method} {request.url.path} is not available on this self-hosted server: {reason}')
     return handler
 
 
-def add_not_applicable_routes(r: APIRouter, tenant: Callable[..., str]) -> None:
+def _not_applicable_router() -> APIRouter:
+    r = APIRouter(prefix='/api/v1')
     for (method, path), reason in NOT_APPLICABLE.items():
-        r.add_api_route(path, _refusal(method, reason, tenant), methods=[method],
+        r.add_api_route(path, _refusal(method, reason), methods=[method],
                         responses={404: {'description': f'Not available on a self-hosted server: {reason}'}},
                         name=f'not_applicable_{method.lower()}{path}')
+    return r
+
+
+# Included before rest_router: the checkpoint routes' {checkpoint_id:path} would take these paths.
+not_applicable_router = _not_applicable_router()

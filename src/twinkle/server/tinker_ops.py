@@ -127,12 +127,11 @@ class TinkerState:
             raise BadRequest(f'model {model.model_id} was not created successfully; create a new one')
         return model.adapter
 
-    def op_forward_backward(self, model: TinkerModel, msg: Any, forward_only: bool) -> bytes:
-        engine, limits = self.ctx.engine, self.ctx.settings.limits
+    def op_forward_backward(self, model: TinkerModel, rows: List[Dict[str, Any]], loss_fn: Any, loss_name: str,
+                            forward_only: bool) -> bytes:
+        """``rows`` and ``loss_fn`` come validated from the route (tinker_data.datum_rows, make_loss)."""
+        engine = self.ctx.engine
         adapter = self._adapter(model)
-        rows = tinker_data.datum_rows(msg, msg.loss_fn, limits.max_tokens_per_request)
-        tinker_data.apply_provenance(rows, self.stability, model.tenant)
-        loss_fn = tinker_data.make_loss(msg.loss_fn, tinker_data.loss_config(msg))
         batch = tinker_data.build_batch(rows, engine.model.template.pad_token_id)
         with engine.using(adapter):
             if forward_only:
@@ -148,7 +147,7 @@ class TinkerState:
             if key in loss.metrics:
                 metrics[f'{key}:sum'] = float(loss.metrics[key])
         weights = outputs['inputs'].get('weights')
-        return tinker_data.output_proto(rows, outputs['logps'], weights, msg.loss_fn, metrics)
+        return tinker_data.output_proto(rows, outputs['logps'], weights, loss_name, metrics)
 
     def op_optim_step(self, model: TinkerModel, params: Dict[str, Any]) -> Dict[str, Any]:
         engine = self.ctx.engine
