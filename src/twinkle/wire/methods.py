@@ -92,6 +92,10 @@ DATASET = RemoteClass('Dataset', 'data', _table(
     Method('__getitem__', 'value'),
     Method('column_names', 'value'),
     Method('stats', 'value'),
+    Method('add_dataset', 'self', 'one more hub source (a DatasetMeta); mix_dataset() mixes the sources'),
+    Method('mix_dataset', 'self', 'interleave (or concatenate) the sources given to add_dataset'),
+    Method('save_as', 'self', 'refused: the server writes no files for clients (read the rows with dataset[i])'),
+    Method('flush_save', 'none', 'refused, as save_as'),
 ), doc='A dataset loaded and prepared on the server (hub ids only, never server paths).')
 
 DATALOADER = RemoteClass('DataLoader', 'data', _table(
@@ -100,6 +104,8 @@ DATALOADER = RemoteClass('DataLoader', 'data', _table(
     Method('set_epoch', 'none'),
     Method('get_state', 'value'),
     Method('resume_from_checkpoint', 'none'),
+    Method('skip_consumed_samples', 'none', 'skip the first n global samples (as resume_from_checkpoint)'),
+    Method('set_processor', 'self', 'a registered input processor name (e.g. InputProcessor) and its arguments'),
 ), doc='Batches of a server-side Dataset; iterating yields the encoded samples.')
 
 ITERATOR = RemoteClass('BatchIterator', 'data', _table(
