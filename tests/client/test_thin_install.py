@@ -87,13 +87,14 @@ SCRIPT = textwrap.dedent(f"""
 @pytest.mark.slow
 def test_pip_installed_client_without_torch_drives_server(server):
     python = _client_venv()
+    clean_env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
     listed = subprocess.run([str(python), '-m', 'pip', 'list', '--format=freeze'], capture_output=True, text=True,
-                            timeout=120)
+                            timeout=120, env=clean_env)
     names = {line.split('==')[0].lower() for line in listed.stdout.splitlines()}
     assert 'twinkle-client' in names, listed.stdout
     assert not names & {'torch', 'transformers', 'peft', 'numpy', 'twinkle'}, sorted(names)
     # Outside the repository, so nothing of the checkout can be imported by accident.
     out = subprocess.run([str(python), '-c', SCRIPT, server.url, KEY], capture_output=True, text=True, timeout=600,
-                         cwd=str(VENV_CACHE), env={k: v for k, v in os.environ.items() if k != 'PYTHONPATH'})
+                         cwd=str(VENV_CACHE), env=clean_env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert out.stdout.startswith('ok'), out.stdout
