@@ -13,8 +13,15 @@ from typing import Any, Optional
 from .codec import Component, DatasetMeta, LoraConfig, component
 from .http import RemoteError, TwinkleClient
 from .methods import CONSTRUCTIBLE
-from .proxy import (DataLoader, Dataset, RemoteObject, RemoteRef, TransformersModel, get_default_client,
-                    set_default_client)
+from .proxy import (
+    DataLoader,
+    Dataset,
+    RemoteObject,
+    RemoteRef,
+    TransformersModel,
+    get_default_client,
+    set_default_client,
+)
 
 __all__ = ['init_twinkle_client', 'TwinkleClient', 'RemoteError', 'TransformersModel', 'Dataset', 'DataLoader',
            'DatasetMeta', 'LoraConfig', 'Component', 'component', 'RemoteObject', 'RemoteRef',

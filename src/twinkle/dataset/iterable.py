@@ -190,9 +190,11 @@ class IterableDataset:
                     if fn(item):
                         out.append(item)
                 else:
-                    for feature, reason in codec.encode_all(fn, item):
+                    for feature, dropped in codec.encode_all(fn, item):
                         if feature is not None:
                             out.append({k: v for k, v in feature.items() if v is not None})
+                        else:  # counted below when no sample of the row survives
+                            reason = dropped or reason
             except Exception as e:
                 raise codec.row_error(source, idx, e, f'{kind} {name}') from e
         if not out:

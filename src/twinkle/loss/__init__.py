@@ -6,8 +6,16 @@ from twinkle.loss.gkd import GKDLoss, generalized_jsd
 from twinkle.loss.mapping import torch_loss_mapping
 from twinkle.loss.mse import MSELoss
 from twinkle.loss.odds_preference import CPOLoss, ORPOLoss
-from twinkle.loss.policy import (CISPOLoss, GRPOLoss, GSPOLoss, ImportanceSamplingLoss, PolicyLoss, PPOLoss,
-                                 aggregate, kl_penalty)
+from twinkle.loss.policy import (
+    CISPOLoss,
+    GRPOLoss,
+    GSPOLoss,
+    ImportanceSamplingLoss,
+    PolicyLoss,
+    PPOLoss,
+    aggregate,
+    kl_penalty,
+)
 from twinkle.loss.policy_variants import BNPOLoss, DRGRPOLoss, SAPOLoss
 from twinkle.loss.preference import DPOLoss, SimPOLoss
 from twinkle.loss.utils import entropy_from_logits, loss_mask, token_logprobs

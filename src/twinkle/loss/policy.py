@@ -35,8 +35,15 @@ from typing import Any, Dict, Literal, Mapping, Optional, Tuple
 import torch
 
 from twinkle.loss.base import Loss, LossOutput
-from twinkle.loss.utils import (Sequences, aligned_tensor, masked_mean, masked_sum, policy_logps, token_entropy,
-                                token_entropy_with_grad)
+from twinkle.loss.utils import (
+    Sequences,
+    aligned_tensor,
+    masked_mean,
+    masked_sum,
+    policy_logps,
+    token_entropy,
+    token_entropy_with_grad,
+)
 from twinkle.registry import register
 
 LossType = Literal['grpo', 'dapo', 'dr_grpo', 'bnpo', 'sum']

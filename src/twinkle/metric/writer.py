@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Mapping, Optional, Union
+from typing import Mapping, Union
 
 
 class MetricWriter:

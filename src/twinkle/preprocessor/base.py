@@ -66,8 +66,8 @@ def get_field(row: Mapping[str, Any], field: str, *, required: bool = True, hint
     value = row.get(field) if isinstance(row, Mapping) else None
     if value is None and required:
         present = ', '.join(repr(k) for k in row) if isinstance(row, Mapping) else type(row).__name__
-        raise ValueError(f"missing field {field!r} (the row has {present or 'no fields'}). "
-                         f"{hint or f'Add {field!r} to every row, or rename the column with DatasetMeta(columns=...).'}")
+        fix = hint or f'Add {field!r} to every row, or rename the column with DatasetMeta(columns=...).'
+        raise ValueError(f"missing field {field!r} (the row has {present or 'no fields'}). {fix}")
     return value
 
 

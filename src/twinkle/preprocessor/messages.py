@@ -79,7 +79,8 @@ class MessagesProcessor(Preprocessor):
             tool_calls = turn.get('tool_calls')
             if content is None and not tool_calls:
                 raise ValueError(f'{where} is missing {content_key!r}; add the text of every turn')
-            msg: Message = {'role': role, 'content': '' if content is None else _text(content, f'{where}.{content_key}')}
+            text = '' if content is None else _text(content, f'{where}.{content_key}')
+            msg: Message = {'role': role, 'content': text}
             if tool_calls:
                 msg['tool_calls'] = list(tool_calls)
             if isinstance(turn.get('name'), str):
