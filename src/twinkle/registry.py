@@ -11,7 +11,7 @@ import difflib
 import importlib
 from typing import Any, Callable, Dict, Iterable, Optional, TypeVar
 
-T = TypeVar('T')
+T = TypeVar('T', bound=Callable[..., Any])  # classes and functions
 
 _TABLES: Dict[str, Dict[str, Any]] = {}
 
