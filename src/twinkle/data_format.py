@@ -3,10 +3,17 @@
 Each type is defined once, in :mod:`twinkle.types` (wire dictionaries) or :mod:`twinkle.sampler.types`
 (sampling requests and results); this module only gathers them.
 """
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from twinkle.types import (IGNORE_INDEX, ROLES, InputFeature, Message, ModelOutput, Role, Tool, ToolCall,
-                           Trajectory)
+from twinkle.types import IGNORE_INDEX, ROLES, InputFeature, Message, ModelOutput, Role, Tool, ToolCall, Trajectory
+
+if TYPE_CHECKING:  # at run time these come from __getattr__ below
+    from twinkle.sampler.types import (
+        SampledSequence,
+        SampleResult,
+        SampleResult as SampleResponse,
+        SamplingParams,
+    )
 
 # Sampler types load on first use: importing the sampler package pulls in torch.
 _SAMPLER_TYPES = {'SamplingParams': 'SamplingParams', 'SampledSequence': 'SampledSequence',

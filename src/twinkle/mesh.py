@@ -410,7 +410,7 @@ class DeviceMesh:
         dims = self._normalize_dims(dims if isinstance(dims, str) else tuple(dims))
         if any(d in FOLDED_GROUPS for d in dims):
             raise ValueError(f'DeviceMesh.sub_mesh: only the axes {DIM_NAMES} can be kept, got {dims}')
-        sizes = {f'{d}_size': (self.size(d) if d in dims else 1) for d in DIM_NAMES}
+        sizes: Dict[str, Any] = {f'{d}_size': (self.size(d) if d in dims else 1) for d in DIM_NAMES}
         keep_ep = all(d in dims for d in ('dp', 'fsdp', 'cp'))
         keep_ulysses = all(d in dims for d in ('dp', 'fsdp'))
         return DeviceMesh(**sizes, ep_size=self.ep_size if keep_ep else 1,

@@ -11,7 +11,7 @@ import difflib
 import importlib
 from typing import Any, Callable, Dict, Iterable, Optional, TypeVar
 
-T = TypeVar('T')
+T = TypeVar('T', bound=Callable[..., Any])  # classes and functions
 
 _TABLES: Dict[str, Dict[str, Any]] = {}
 
@@ -45,7 +45,7 @@ def register(kind: str, name: Optional[str] = None) -> Callable[[T], T]:
     """Decorator: make ``obj`` resolvable as ``name`` (default: its ``__name__``) within ``kind``."""
 
     def deco(obj: T) -> T:
-        key = name or getattr(obj, '__name__')
+        key = name or obj.__name__
         table = _TABLES.setdefault(kind, {})
         if key in table and table[key] is not obj:
             raise ValueError(f'{kind} {key!r} is registered twice ({table[key]!r} and {obj!r}); '

@@ -32,6 +32,11 @@ class Trajectory(TypedDict, total=False):
     """The standard output of preprocessing and the input of a Template."""
     messages: List[Message]
     tools: List[Dict[str, Any]]
+    # What a verifiable task carries for its rewards (read by ``twinkle.reward.ground_truth``):
+    # ``(key, value)`` pairs or dicts, and the reference answer at the top level.
+    user_data: List[Any]
+    ground_truth: Any
+    solution: Any
 
 
 class InputFeature(TypedDict, total=False):

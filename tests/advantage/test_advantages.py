@@ -110,7 +110,8 @@ def test_options_at_call_time_apply_to_that_call_only():
     assert adv.scale == 'group' and adv.eps == 1e-4
     np.testing.assert_allclose(adv(REWARDS, G).numpy(),
                                (centred / (g.std(axis=1, ddof=1, keepdims=True) + 1e-4)).reshape(-1), rtol=1e-6)
-    with pytest.raises(TypeError, match=r"unknown option\(s\) \['scal'\]; it accepts \['scale', 'eps', 'std_unbiased'\]"):
+    with pytest.raises(TypeError,
+                       match=r"unknown option\(s\) \['scal'\]; it accepts \['scale', 'eps', 'std_unbiased'\]"):
         adv(REWARDS, G, scal='batch')
     with pytest.raises(ValueError, match="scale must be one of"):
         adv(REWARDS, G, scale='global')

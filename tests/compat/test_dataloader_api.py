@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import Dataset as TorchDataset
-from torch.utils.data import RandomSampler, SequentialSampler
+from torch.utils.data import Dataset as TorchDataset, RandomSampler, SequentialSampler
 
 from twinkle.dataloader import DataLoader
 from twinkle.dataset import Dataset, DatasetMeta

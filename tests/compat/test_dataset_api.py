@@ -8,8 +8,7 @@ import pandas as pd
 import pytest
 
 from twinkle.data_format import Message
-from twinkle.dataset import (Dataset, DatasetMeta, IterableDataset, IterablePackingDataset, LazyDataset,
-                             PackingDataset)
+from twinkle.dataset import Dataset, DatasetMeta, IterableDataset, IterablePackingDataset, LazyDataset, PackingDataset
 from twinkle.preprocessor import Preprocessor
 from twinkle.settings import reset_settings
 

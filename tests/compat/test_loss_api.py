@@ -83,6 +83,6 @@ def test_qwen3_chat_template_patch():
     traj = {'messages': [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'ok</think>done'}]}
     patch = apply_patch(template, 'Qwen3ChatTemplate')
     ids = template.encode(traj)
-    labelled = [i for i, l in zip(ids['input_ids'], ids['labels']) if l != -100]
+    labelled = [i for i, lab in zip(ids['input_ids'], ids['labels']) if lab != -100]
     assert template.decode(labelled) == 'ok</think>done<|im_end|>'
     patch.revert()

@@ -2,8 +2,17 @@
 import pytest
 import torch
 
-from twinkle.loss import (BNPOLoss, ChunkedCrossEntropyLoss, CPOLoss, DRGRPOLoss, GKDLoss, MSELoss, ORPOLoss,
-                          SAPOLoss, torch_loss_mapping)
+from twinkle.loss import (
+    BNPOLoss,
+    ChunkedCrossEntropyLoss,
+    CPOLoss,
+    DRGRPOLoss,
+    GKDLoss,
+    MSELoss,
+    ORPOLoss,
+    SAPOLoss,
+    torch_loss_mapping,
+)
 from twinkle.registry import resolve
 
 

@@ -4,8 +4,17 @@ import torch
 
 from twinkle import DeviceMesh
 from twinkle.loss import CrossEntropyLoss
-from twinkle.metric import (Accuracy, CISPOMetric, CompletionRewardMetric, DPOMetric, EmbeddingMetric, GRPOMetric,
-                            GSPOMetric, LossMetric, TrainMetric)
+from twinkle.metric import (
+    Accuracy,
+    CISPOMetric,
+    CompletionRewardMetric,
+    DPOMetric,
+    EmbeddingMetric,
+    GRPOMetric,
+    GSPOMetric,
+    LossMetric,
+    TrainMetric,
+)
 
 
 def batch():

@@ -2,8 +2,16 @@
 from __future__ import annotations
 
 from twinkle.dataset import Dataset, DatasetMeta
-from twinkle.preprocessor import (AlpacaProcessor, CompetitionMathGRPOProcessor, CompetitionMathProcessor,
-                                  CountdownProcessor, DataFilter, Filter, GSM8KProcessor, SelfCognitionProcessor)
+from twinkle.preprocessor import (
+    AlpacaProcessor,
+    CompetitionMathGRPOProcessor,
+    CompetitionMathProcessor,
+    CountdownProcessor,
+    DataFilter,
+    Filter,
+    GSM8KProcessor,
+    SelfCognitionProcessor,
+)
 from twinkle.reward.base import ground_truth
 
 MATH = [{'problem': 'What is 2+2?', 'solution': 'The answer is 4.'},

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from twinkle.loss import (CISPOLoss, GRPOLoss, GSPOLoss, ImportanceSamplingLoss, PPOLoss, kl_penalty)
+from twinkle.loss import CISPOLoss, GRPOLoss, GSPOLoss, ImportanceSamplingLoss, PPOLoss, kl_penalty
 from twinkle.loss.utils import token_logprobs
 from twinkle.registry import resolve
 

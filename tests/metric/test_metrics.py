@@ -4,8 +4,19 @@ import pytest
 import torch
 
 from twinkle.loss import LossOutput
-from twinkle.metric import (Accuracy, CISPOMetric, CompletionRewardMetric, DPOMetric, EmbeddingMetric, GRPOMetric,
-                            GSPOMetric, LossMetric, Metric, TokenAccuracyMetric, TrainMetric)
+from twinkle.metric import (
+    Accuracy,
+    CISPOMetric,
+    CompletionRewardMetric,
+    DPOMetric,
+    EmbeddingMetric,
+    GRPOMetric,
+    GSPOMetric,
+    LossMetric,
+    Metric,
+    TokenAccuracyMetric,
+    TrainMetric,
+)
 from twinkle.registry import resolve
 
 # Two sequences; row 0 scores tokens 1, 2 and row 1 scores tokens 1, 2, 3.

@@ -29,7 +29,7 @@ def template():
 def _rendered_and_labelled(template, traj):
     f = template.encode(traj)
     ids, labels = list(f['input_ids']), list(f['labels'])
-    return template.decode(ids), template.decode([i for i, l in zip(ids, labels) if l != IGNORE_INDEX])
+    return template.decode(ids), template.decode([i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX])
 
 
 def test_split_reasoning_modes():

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import pytest
 
-from twinkle.preprocessor import (CompetitionMathGRPOProcessor, CompetitionMathProcessor, CountdownProcessor,
-                                  GSM8KProcessor)
+from twinkle.preprocessor import (
+    CompetitionMathGRPOProcessor,
+    CompetitionMathProcessor,
+    CountdownProcessor,
+    GSM8KProcessor,
+)
 from twinkle.preprocessor.math_tasks import gsm8k_answer
 from twinkle.registry import available
 

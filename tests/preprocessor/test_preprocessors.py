@@ -3,8 +3,15 @@ from __future__ import annotations
 
 import pytest
 
-from twinkle.preprocessor import (AlpacaProcessor, EmptyFilter, Filter, LengthFilter, MessagesProcessor, Preprocessor,
-                                  SelfCognitionProcessor)
+from twinkle.preprocessor import (
+    AlpacaProcessor,
+    EmptyFilter,
+    Filter,
+    LengthFilter,
+    MessagesProcessor,
+    Preprocessor,
+    SelfCognitionProcessor,
+)
 from twinkle.registry import available, resolve
 
 

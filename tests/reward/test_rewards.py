@@ -3,8 +3,16 @@ import re
 import pytest
 
 from twinkle.registry import resolve
-from twinkle.reward import (CombinedReward, FormatReward, FunctionReward, LengthPenaltyReward, MathAccuracyReward,
-                            Reward, extract_answer, rl_batch_metrics)
+from twinkle.reward import (
+    CombinedReward,
+    FormatReward,
+    FunctionReward,
+    LengthPenaltyReward,
+    MathAccuracyReward,
+    Reward,
+    extract_answer,
+    rl_batch_metrics,
+)
 
 
 def traj(completion, gt=None, key='ground_truth'):

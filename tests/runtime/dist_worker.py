@@ -6,8 +6,7 @@ import torch
 import torch.distributed as dist
 
 import twinkle
-from twinkle import DeviceGroup, DeviceMesh
-from twinkle import runtime
+from twinkle import DeviceGroup, DeviceMesh, runtime
 from twinkle.runtime.local import on_shutdown
 
 mode = sys.argv[1]
@@ -42,6 +41,7 @@ dist.all_reduce(t, group=tmesh.get_group('fsdp'))
 assert t.item() == 3.0, t
 # this process's own position, as the per-dimension properties report it
 from twinkle import Platform  # noqa: E402
+
 assert (mesh.fsdp_rank, mesh.dp_rank, mesh.data_rank, mesh.tp_rank) == (r, 0, r, 0)
 assert (mesh.fsdp_world_size, mesh.dp_world_size, mesh.data_world_size) == (2, 1, 2)
 assert Platform.get_rank() == r and Platform.get_world_size() == 2

@@ -10,7 +10,6 @@ import torch.distributed as dist
 
 import twinkle
 from twinkle import DeviceGroup, DeviceMesh, runtime
-from twinkle.runtime import local
 
 TORCHRUN_ENV = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
 

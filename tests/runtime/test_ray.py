@@ -76,6 +76,7 @@ class Toy:
 
     def environment(self):
         import torch.distributed as dist
+
         from twinkle.runtime import context
         on = dist.is_initialized()  # one rank alone needs no process group, as in local mode
         return {'rank': _rank(), 'world': int(os.environ['WORLD_SIZE']), 'port': os.environ['MASTER_PORT'],
@@ -216,7 +217,7 @@ def test_all_dispatch_and_collect(toy):
     assert out['y'].device.type == 'cpu' and not out['y'].requires_grad
     torch.testing.assert_close(out['nested'][0], torch.tensor(3.0))
     with pytest.raises(AttributeError, match='no_such_attribute'):
-        toy.no_such_attribute
+        _ = toy.no_such_attribute
     assert not hasattr(toy, 'no_such_attribute')
     assert "Toy on group 'a', 2 rank(s)" in repr(toy)
 

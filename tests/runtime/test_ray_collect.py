@@ -56,7 +56,8 @@ def test_collect_modes():
     dp2 = DeviceMesh.from_sizes(dp_size=2)
     assert collect([{'loss': 1.0, 'n': 2, 'tag': 'a'}, {'loss': 3.0, 'n': 4, 'tag': 'b'}], 'mean', dp2, 'slice') == \
         {'loss': 2.0, 'n': 3.0, 'tag': 'a'}
-    assert collect([{'x': 1, 'y': {'z': 2.0}}, {'x': 2, 'y': {'z': 4.0}}], 'sum', dp2, 'all') == {'x': 3, 'y': {'z': 6.0}}
+    assert collect([{'x': 1, 'y': {'z': 2.0}}, {'x': 2, 'y': {'z': 4.0}}], 'sum', dp2, 'all') == \
+        {'x': 3, 'y': {'z': 6.0}}
     assert collect([[1, 2], [3]], 'flatten', dp2, 'slice') == [1, 2, 3]
     out = collect([{'t': torch.ones(2, 3)}, {'t': torch.zeros(1, 3)}], 'flatten', dp2, 'slice')
     assert out['t'].shape == (3, 3)

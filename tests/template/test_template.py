@@ -49,15 +49,15 @@ def chatml_tokenizer(qwen3_tokenizer):
 
 
 def labelled_text(template, feature) -> str:
-    return template.decode([i for i, l in zip(feature['input_ids'], feature['labels']) if l != IGNORE_INDEX])
+    return template.decode([i for i, lab in zip(feature['input_ids'], feature['labels']) if lab != IGNORE_INDEX])
 
 
 def label_runs(feature) -> list[list[int]]:
     """Maximal runs of labelled tokens."""
     runs, cur = [], []
-    for i, l in zip(feature['input_ids'], feature['labels']):
-        if l != IGNORE_INDEX:
-            assert l == i
+    for i, lab in zip(feature['input_ids'], feature['labels']):
+        if lab != IGNORE_INDEX:
+            assert lab == i
             cur.append(i)
         elif cur:
             runs.append(cur)
@@ -86,7 +86,7 @@ def test_last_turn_only(chatml_tokenizer):
     assert labelled_text(t, f) == '答案是 9。<|im_end|>'
     full = Template(tokenizer=chatml_tokenizer).encode(CONV)
     assert f['input_ids'] == full['input_ids']
-    assert sum(l != IGNORE_INDEX for l in f['labels']) < sum(l != IGNORE_INDEX for l in full['labels'])
+    assert sum(lab != IGNORE_INDEX for lab in f['labels']) < sum(lab != IGNORE_INDEX for lab in full['labels'])
 
 
 def test_default_system(chatml_tokenizer):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime
 import pickle
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -88,11 +88,13 @@ class DistributedCheckpointEngine(CheckpointEngine):
         backend = backend or ('nccl' if torch.cuda.is_available() else 'gloo')
         timeout = datetime.timedelta(seconds=timeout_s)
         store = dist.TCPStore(master_addr, int(master_port), world_size, rank == src, timeout=timeout)
+        group: Union[dist.ProcessGroupGloo, dist.ProcessGroupNCCL]
         if backend == 'gloo':
             group = dist.ProcessGroupGloo(store, rank, world_size, timeout)
             device = torch.device('cpu')
         elif backend == 'nccl':
-            group = dist.ProcessGroupNCCL(store, rank, world_size)
+            # torch's stub lists options as required; the binding defaults it.
+            group = dist.ProcessGroupNCCL(store, rank, world_size)  # type: ignore[call-arg]
             device = torch.device('cuda', torch.cuda.current_device())
         else:
             raise ValueError(f"backend must be 'gloo' (CPU) or 'nccl' (CUDA); got {backend!r}")

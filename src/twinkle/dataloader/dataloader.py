@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Sized, Tuple, Union
 
 import torch
 
@@ -215,8 +215,7 @@ class DataLoader:
         return -(-self._samples_per_epoch(self._epoch_size()) // self.batch_size)
 
     def _epoch_size(self) -> int:
-        return len(self.sampler) if self.sampler is not None and hasattr(self.sampler, '__len__') \
-            else len(self.dataset)
+        return len(self.sampler) if isinstance(self.sampler, Sized) else len(self.dataset)
 
     @property
     def epoch(self) -> int:
@@ -325,17 +324,17 @@ class DataLoader:
         self._positioned = False
         epoch = self._epoch
         order = self._order(epoch, n)
-        plan = []  # (global batch size, this rank's indices)
+        plan: List[Tuple[int, Optional[List[Any]]]] = []  # (global batch size, this rank's indices)
         for start in range(self._offset, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
             if not self._keeps_tail(len(chunk)):
                 plan.append((len(chunk), None))
                 break
             plan.append((len(chunk), self._rank_slice(chunk)))
-        kept = [p for p in plan if p[1] is not None]
+        kept = [idx for _, idx in plan if idx is not None]
         if self.num_workers > 0 and kept:
             fetched = iter(torch.utils.data.DataLoader(
-                _BatchFetch(self.dataset, [idx for _, idx in kept], self.collate_fn, self.max_retries), batch_size=None,
+                _BatchFetch(self.dataset, kept, self.collate_fn, self.max_retries), batch_size=None,
                 shuffle=False, num_workers=self.num_workers, collate_fn=_identity))
         else:
             fetched = None
@@ -364,15 +363,15 @@ class DataLoader:
         self._advance(len(samples))
         return self.collate_fn(mine) if self.collate_fn is not None else mine
 
-    def _abandon_stream(self) -> None:
+    def _abandon_stream(self, live: Iterator[Any]) -> None:
         # A pass ended by `break`: read the rest of its epoch once, to count what it left unread.
-        rest = sum(1 for _ in self._live)
+        rest = sum(1 for _ in live)
         self._live = None
         self._next_epoch_after(self._samples_per_epoch(self._offset + rest))
 
     def _iter_stream(self) -> Iterator[Any]:
         if not self._positioned and self._live is not None:
-            self._abandon_stream()
+            self._abandon_stream(self._live)
         self._positioned, self._live = False, None
         while True:
             epoch, skip = self._epoch, self._offset

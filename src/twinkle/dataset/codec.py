@@ -197,8 +197,8 @@ def encode_all(template: Any, traj: Dict[str, Any],
     if encoded is None:
         return [(None, DROP_TRUNCATED)]
     pieces = encoded if isinstance(encoded, list) else [encoded]
-    out = [(f, None) if any(label != IGNORE_INDEX for label in f['labels']) else (None, DROP_NO_LABELS)
-           for f in pieces]
+    out: List[Tuple[Optional[Dict[str, Any]], Optional[str]]] = [
+        (f, None) if any(label != IGNORE_INDEX for label in f['labels']) else (None, DROP_NO_LABELS) for f in pieces]
     kept = [o for o in out if o[0] is not None]
     return kept or out[:1] or [(None, DROP_NO_LABELS)]
 

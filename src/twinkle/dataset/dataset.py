@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import datasets
 import pyarrow.compute as pc
@@ -24,6 +24,9 @@ from twinkle.dataset.writer import RowWriter
 from twinkle.preprocessor.base import Preprocessor
 from twinkle.registry import resolve
 from twinkle.runtime.remote import remote_class
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +143,7 @@ class Dataset:
         self._states[key] = 'raw'
         return key
 
-    def add_dataset(self, dataset_meta: DatasetMeta, **kwargs: Any) -> 'Dataset':
+    def add_dataset(self, dataset_meta: DatasetMeta, **kwargs: Any) -> Self:
         """Load one more source; ``mix_dataset()`` mixes the sources into one."""
         if not isinstance(dataset_meta, DatasetMeta):
             raise ValueError(f'add_dataset takes a DatasetMeta, got {type(dataset_meta).__name__}')
@@ -162,7 +165,7 @@ class Dataset:
         return self
 
     def mix_dataset(self, interleave: bool = True, ratios: Optional[Sequence[float]] = None,
-                    seed: Optional[int] = None, stopping_strategy: Optional[str] = None) -> 'Dataset':
+                    seed: Optional[int] = None, stopping_strategy: Optional[str] = None) -> Self:
         """Mix the sources given to ``add_dataset``: round-robin (``interleave=True``, stopping when the
         first source runs out, as ``datasets.interleave_datasets``; ``ratios`` weight the sources) or
         one after another (``interleave=False``)."""
@@ -207,7 +210,7 @@ class Dataset:
     # ---- steps -------------------------------------------------------------------------------
     def map(self, preprocessor: Any, dataset_meta: Optional[DatasetMeta] = None,
             init_args: Optional[Dict[str, Any]] = None, num_proc: int = 1, batched: Optional[bool] = None,
-            batch_size: int = MAP_BATCH, load_from_cache_file: Optional[bool] = None, **kwargs: Any) -> 'Dataset':
+            batch_size: int = MAP_BATCH, load_from_cache_file: Optional[bool] = None, **kwargs: Any) -> Self:
         """Turn rows into trajectories (or other rows).
 
         ``preprocessor``: a ``Preprocessor`` (object, class or registered name, built with ``init_args``
@@ -248,7 +251,7 @@ class Dataset:
         return self
 
     def filter(self, filter: Any, dataset_meta: Optional[DatasetMeta] = None,  # noqa: A002 - public API name
-               init_args: Optional[Dict[str, Any]] = None, num_proc: int = 1, **kwargs: Any) -> 'Dataset':
+               init_args: Optional[Dict[str, Any]] = None, num_proc: int = 1, **kwargs: Any) -> Self:
         """Keep the rows for which a ``Filter`` (object, class or registered name, built with ``init_args``
         and/or keyword arguments, or a plain function) is true; it is called once per row."""
         kwargs.pop('batched', None)
@@ -266,7 +269,7 @@ class Dataset:
         self._transform(step, dataset_meta, 'filter')
         return self
 
-    def set_template(self, template: Any, model_id: Optional[str] = None, **template_kwargs: Any) -> 'Dataset':
+    def set_template(self, template: Any, model_id: Optional[str] = None, **template_kwargs: Any) -> Self:
         """Choose the ``Template`` used by ``encode``: a registered name, a class, or an instance."""
         obj = resolve('template', template)
         if isinstance(obj, type):
@@ -280,7 +283,7 @@ class Dataset:
         return self
 
     def encode(self, num_proc: int = 1, cache: bool = True, add_generation_prompt: bool = False,
-               batched: bool = True, load_from_cache_file: Optional[bool] = None) -> 'Dataset':
+               batched: bool = True, load_from_cache_file: Optional[bool] = None) -> Self:
         """Run the template over every trajectory; the result is cached as Arrow under the cache dir.
 
         ``add_generation_prompt`` ends every sample with the prompt of a new assistant turn (for
@@ -321,7 +324,7 @@ class Dataset:
         self._state = 'encoded'
         return self
 
-    def check(self, num_proc: int = 1, **kwargs: Any) -> 'Dataset':
+    def check(self, num_proc: int = 1, **kwargs: Any) -> Self:
         """Drop (and count under ``'check'``) the trajectories the template cannot encode: those that
         raise, or that truncation deletes. The rows stay trajectories; ``encode()`` follows."""
         if self.template is None:
@@ -342,7 +345,7 @@ class Dataset:
         self._count('check', before - len(self.dataset), before, logging.WARNING)
         return self
 
-    def pack(self, max_length: Optional[int] = None) -> 'Dataset':
+    def pack(self, max_length: Optional[int] = None) -> Self:
         """Bin-pack encoded samples into rows of at most ``max_length`` tokens (default: the template's)."""
         self._require(('encoded',), 'pack')
         max_length = max_length or getattr(self.template, 'max_length', None)
@@ -397,7 +400,7 @@ class Dataset:
 
     # ---- saving ------------------------------------------------------------------------------
     def save_as(self, path: str, format: Optional[str] = None, batch_size: int = 1000,  # noqa: A002
-                mode: str = 'immediate') -> 'Dataset':
+                mode: str = 'immediate') -> Self:
         """Write the rows (as ``dataset[i]`` returns them) to a ``jsonl`` / ``csv`` / ``parquet`` file.
 
         ``format`` defaults to the file's extension (``.json`` is written as JSON lines). With

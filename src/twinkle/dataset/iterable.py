@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from twinkle.dataset import codec
 from twinkle.dataset.dataset import Dataset, instantiate, step_name
@@ -18,6 +18,9 @@ from twinkle.dataset.packing import pack_rows, plan_bins
 from twinkle.dataset.sources import stream_source
 from twinkle.dataset.writer import RowWriter
 from twinkle.preprocessor.base import Preprocessor
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 logger = logging.getLogger(__name__)
 Row = Tuple[str, int, Dict[str, Any]]
@@ -65,7 +68,7 @@ class IterableDataset:
     def dataset(self) -> 'IterableDataset':
         return self
 
-    def add_dataset(self, dataset_meta: DatasetMeta, **kwargs: Any) -> 'IterableDataset':
+    def add_dataset(self, dataset_meta: DatasetMeta, **kwargs: Any) -> Self:
         """One more source, read after the others (or interleaved with them: ``mix_dataset()``)."""
         if not isinstance(dataset_meta, DatasetMeta):
             raise ValueError(f'add_dataset takes a DatasetMeta, got {type(dataset_meta).__name__}')
@@ -74,7 +77,7 @@ class IterableDataset:
         self.metas.append(dataset_meta)
         return self
 
-    def mix_dataset(self, interleave: bool = True, ratios: Optional[Sequence[float]] = None) -> 'IterableDataset':
+    def mix_dataset(self, interleave: bool = True, ratios: Optional[Sequence[float]] = None) -> Self:
         """Read the sources round-robin (``interleave=True``, stopping when the first runs out) or one
         after another."""
         self.mix = 'interleave' if interleave else 'concat'
@@ -84,7 +87,7 @@ class IterableDataset:
     # ---- steps (recorded, run on iteration) ---------------------------------------------------
     def map(self, preprocessor: Any, num_proc: int = 1, init_args: Optional[Dict[str, Any]] = None,
             batched: Optional[bool] = None, dataset_meta: Optional[DatasetMeta] = None,
-            **kwargs: Any) -> 'IterableDataset':
+            **kwargs: Any) -> Self:
         """Like ``Dataset.map`` (a plain function gets a batch: here one row as a dict of one-item lists);
         ``num_proc`` is accepted for the same signature and ignored."""
         self._require(('raw', 'trajectory'), 'map')
@@ -102,7 +105,7 @@ class IterableDataset:
         return self
 
     def filter(self, filter: Any, num_proc: int = 1, init_args: Optional[Dict[str, Any]] = None,  # noqa: A002
-               **kwargs: Any) -> 'IterableDataset':
+               **kwargs: Any) -> Self:
         self._require(('raw', 'trajectory', 'encoded'), 'filter')
         kwargs.pop('batched', None)
         fn = instantiate('filter', filter, {**(init_args or {}), **kwargs})
@@ -110,7 +113,7 @@ class IterableDataset:
         return self
 
     def save_as(self, path: str, format: Optional[str] = None, batch_size: int = 1000,  # noqa: A002
-                mode: str = 'immediate') -> 'IterableDataset':
+                mode: str = 'immediate') -> Self:
         """Write one pass of the stream to a ``jsonl`` / ``csv`` / ``parquet`` file, a batch at a time."""
         if mode != 'immediate':
             raise ValueError("save_as(mode='training') records rows read by index; a stream has no index, save "
@@ -124,7 +127,7 @@ class IterableDataset:
     set_template = Dataset.set_template
 
     def encode(self, num_proc: int = 1, cache: bool = True, batched: bool = True,
-               load_from_cache_file: Optional[bool] = None) -> 'IterableDataset':
+               load_from_cache_file: Optional[bool] = None) -> Self:
         """Encode lazily (nothing to cache: each pass re-encodes as it reads). ``batched`` and
         ``load_from_cache_file`` are accepted for the same signature as ``Dataset.encode``."""
         if self.template is None:
@@ -136,7 +139,7 @@ class IterableDataset:
         self._state = 'encoded'
         return self
 
-    def pack(self, max_length: Optional[int] = None, buffer_size: int = 1024) -> 'IterableDataset':
+    def pack(self, max_length: Optional[int] = None, buffer_size: int = 1024) -> Self:
         """Pack each group of ``buffer_size`` encoded samples (the stream is never held whole)."""
         self._require(('encoded',), 'pack')
         max_length = max_length or getattr(self.template, 'max_length', None)
@@ -190,9 +193,11 @@ class IterableDataset:
                     if fn(item):
                         out.append(item)
                 else:
-                    for feature, reason in codec.encode_all(fn, item):
+                    for feature, dropped in codec.encode_all(fn, item):
                         if feature is not None:
                             out.append({k: v for k, v in feature.items() if v is not None})
+                        else:  # counted below when no sample of the row survives
+                            reason = dropped or reason
             except Exception as e:
                 raise codec.row_error(source, idx, e, f'{kind} {name}') from e
         if not out:

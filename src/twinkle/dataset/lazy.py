@@ -8,13 +8,16 @@ kept positions.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from twinkle.dataset import codec
-from twinkle.dataset.dataset import Dataset, instantiate, step_name
+from twinkle.dataset.dataset import MAP_BATCH, Dataset, instantiate, step_name
 from twinkle.dataset.meta import DatasetMeta
 from twinkle.dataset.sources import load_source
 from twinkle.preprocessor.base import Preprocessor
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 logger = logging.getLogger(__name__)
 Step = Tuple[Callable, bool, str]  # (function, batched, name)
@@ -42,7 +45,7 @@ class LazyDataset(Dataset):
             self.mix_dataset(interleave=self.mix == 'interleave')
 
     # ---- recording ---------------------------------------------------------------------------
-    def add_dataset(self, dataset_meta: DatasetMeta, **kwargs: Any) -> 'LazyDataset':
+    def add_dataset(self, dataset_meta: DatasetMeta, **kwargs: Any) -> Self:
         if self._mixed:
             raise ValueError('add_dataset: the sources are mixed already; add every source before mix_dataset()')
         key = self._add_part(dataset_meta.get_id(), load_source(dataset_meta))
@@ -52,7 +55,10 @@ class LazyDataset(Dataset):
             self._reindex()
         return self
 
-    def mix_dataset(self, interleave: bool = True, **kwargs: Any) -> 'LazyDataset':
+    def mix_dataset(self, interleave: bool = True, ratios: Optional[Sequence[float]] = None,
+                    seed: Optional[int] = None, stopping_strategy: Optional[str] = None, **kwargs: Any) -> Self:
+        """Mix the sources (``ratios``, ``seed`` and ``stopping_strategy`` are accepted for the same
+        signature as ``Dataset.mix_dataset`` and ignored: the order is the fixed one described above)."""
         keys = list(self.datasets)
         if len(keys) > 1:
             sizes = [len(self.datasets[k]) for k in keys]
@@ -65,10 +71,10 @@ class LazyDataset(Dataset):
         return self
 
     def map(self, preprocessor: Any, dataset_meta: Optional[DatasetMeta] = None,
-            init_args: Optional[Dict[str, Any]] = None, batched: Optional[bool] = None, **kwargs: Any) -> 'LazyDataset':
-        """Record a step (the same kinds as ``Dataset.map``); it runs on each row as it is read."""
-        for ignored in ('num_proc', 'batch_size', 'load_from_cache_file'):
-            kwargs.pop(ignored, None)
+            init_args: Optional[Dict[str, Any]] = None, num_proc: int = 1, batched: Optional[bool] = None,
+            batch_size: int = MAP_BATCH, load_from_cache_file: Optional[bool] = None, **kwargs: Any) -> Self:
+        """Record a step (the same kinds as ``Dataset.map``); it runs on each row as it is read.
+        ``num_proc``, ``batch_size`` and ``load_from_cache_file`` are accepted for the same signature."""
         fn = instantiate('preprocessor', preprocessor, {**(init_args or {}), **kwargs})
         if batched is None:
             batched = getattr(fn, 'batched', not isinstance(fn, Preprocessor))
@@ -87,10 +93,11 @@ class LazyDataset(Dataset):
                 steps.append(step)
         return self
 
-    def filter(self, filter: Any, init_args: Optional[Dict[str, Any]] = None,  # noqa: A002 - public API name
-               **kwargs: Any) -> 'LazyDataset':
-        """Keep the rows (as the steps so far make them) for which the filter is true; runs now."""
-        for ignored in ('num_proc', 'batched', 'load_from_cache_file', 'dataset_meta'):
+    def filter(self, filter: Any, dataset_meta: Optional[DatasetMeta] = None,  # noqa: A002 - public API name
+               init_args: Optional[Dict[str, Any]] = None, num_proc: int = 1, **kwargs: Any) -> Self:
+        """Keep the rows (as the steps so far make them) for which the filter is true; runs now, over
+        every row (``dataset_meta`` and ``num_proc`` are accepted for the same signature as ``Dataset.filter``)."""
+        for ignored in ('batched', 'load_from_cache_file'):
             kwargs.pop(ignored, None)
         fn = instantiate('filter', filter, {**(init_args or {}), **kwargs})
         name = step_name(fn)
@@ -104,7 +111,8 @@ class LazyDataset(Dataset):
         self._count(f'filter:{name}', before - len(kept), before, logging.INFO)
         return self
 
-    def encode(self, **kwargs: Any) -> 'LazyDataset':
+    def encode(self, num_proc: int = 1, cache: bool = True, add_generation_prompt: bool = False,
+               batched: bool = True, load_from_cache_file: Optional[bool] = None, **kwargs: Any) -> Self:
         """Encode each row with the template when it is read."""
         if self.template is None:
             raise ValueError("encode() needs a template: call dataset.set_template('Template', model_id=...) first")
@@ -114,14 +122,14 @@ class LazyDataset(Dataset):
         self.do_encode = True
         return self
 
-    def check(self, **kwargs: Any) -> 'LazyDataset':
+    def check(self, num_proc: int = 1, **kwargs: Any) -> Self:
         """Check each row with the template when it is read (a row that does not encode reads as None)."""
         if self.template is None:
             raise ValueError("check() needs a template: call dataset.set_template('Template', model_id=...) first")
         self.do_check = True
         return self
 
-    def pack(self, *args: Any, **kwargs: Any) -> 'LazyDataset':
+    def pack(self, *args: Any, **kwargs: Any) -> Self:
         raise ValueError('pack() needs every encoded length up front; use PackingDataset (or Dataset.pack) instead')
 
     # ---- reading -----------------------------------------------------------------------------
@@ -143,14 +151,15 @@ class LazyDataset(Dataset):
     def _compute(self, key: str, row: int, encode: bool = True) -> Optional[Dict[str, Any]]:
         stored = self.datasets[key][row]
         source, number = stored.get(codec.SOURCE, key), stored.get(codec.ROW, row)
-        item: Optional[Dict[str, Any]] = codec.public_row(stored, 'raw')
+        item = codec.public_row(stored, 'raw')
         for step in self._part_steps.get(key, []) + self._steps:
             try:
-                item = self._apply(step, item)
+                out = self._apply(step, item)
             except Exception as e:
                 raise codec.row_error(source, number, e, f'preprocessor {step[2]}') from e
-            if item is None:
+            if out is None:
                 return None
+            item = out
         if not (self.do_encode or self.do_check) or not encode:
             return item
         try:
@@ -184,7 +193,7 @@ class LazyDataset(Dataset):
             yield self[i]
 
     def save_as(self, path: str, format: Optional[str] = None, batch_size: int = 1000,  # noqa: A002
-                mode: str = 'immediate') -> 'LazyDataset':
+                mode: str = 'immediate') -> Self:
         if mode == 'immediate':
             if not self.datasets:
                 raise ValueError('save_as: No dataset to save; give LazyDataset a DatasetMeta first')

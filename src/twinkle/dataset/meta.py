@@ -65,15 +65,16 @@ class DatasetMeta:
             return range(num_rows)
         if isinstance(self.data_slice, slice):
             return range(num_rows)[self.data_slice]
-        if isinstance(self.data_slice, list):
-            if not num_rows:
-                return []
-            for i in self.data_slice:
-                if i < -num_rows:
-                    raise ValueError(f'DatasetMeta({self.name!r}): data_slice row {i} is before the first of '
-                                     f'{num_rows} rows')
-            return [i % num_rows for i in self.data_slice]
-        r = self.data_slice
-        if r.step > 0:
-            return range(max(r.start, 0), min(r.stop, num_rows), r.step) if r.start < num_rows else range(0)
-        return range(num_rows)[slice(r.start, r.stop, r.step)]
+        if isinstance(self.data_slice, range):
+            r = self.data_slice
+            if r.step > 0:
+                return range(max(r.start, 0), min(r.stop, num_rows), r.step) if r.start < num_rows else range(0)
+            return range(num_rows)[slice(r.start, r.stop, r.step)]
+        # __post_init__ turned every other form into a list of row numbers.
+        if not num_rows:
+            return []
+        for i in self.data_slice:
+            if i < -num_rows:
+                raise ValueError(f'DatasetMeta({self.name!r}): data_slice row {i} is before the first of '
+                                 f'{num_rows} rows')
+        return [i % num_rows for i in self.data_slice]

@@ -12,13 +12,13 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union, cast
 
 import datasets
 import numpy as np
 
 from twinkle.dataset.codec import ROW, SOURCE
-from twinkle.dataset.meta import DatasetMeta
+from twinkle.dataset.meta import DatasetMeta, Rows
 from twinkle.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ def _load_folder_as_repo(path: Path, meta: DatasetMeta, streaming: bool) -> Opti
                          f'{str(e.__cause__ or e).splitlines()[0][:300]}. Fix or remove the unreadable file.') from e
 
 
-def _with_meta(ds: datasets.Dataset, source: str, rows: range) -> datasets.Dataset:
+def _with_meta(ds: datasets.Dataset, source: str, rows: Sequence[int]) -> datasets.Dataset:
     ds = ds.add_column(SOURCE, [source] * len(ds))
     return ds.add_column(ROW, np.asarray(rows, dtype=np.int64))
 
@@ -201,27 +201,32 @@ def _select(ds: datasets.Dataset, meta: DatasetMeta, source: str) -> datasets.Da
     return _with_meta(ds, source, rows)
 
 
-def _memory_rows(meta: DatasetMeta) -> List[Dict[str, Any]]:
-    rows = meta.data() if callable(meta.data) else meta.data
-    rows = list(rows)
+def _memory_rows(data: Rows, name: str) -> List[Dict[str, Any]]:
+    rows = list(data() if callable(data) else data)
     if not all(isinstance(r, dict) for r in rows):
         raise ValueError(f'DatasetMeta(data=...) must give dicts, one per row; got {type(rows[0]).__name__} '
-                         f'in {meta.name}' if rows else 'DatasetMeta(data=...) gave no rows')
+                         f'in {name}' if rows else 'DatasetMeta(data=...) gave no rows')
     return rows
+
+
+def _id_of(meta: DatasetMeta) -> str:
+    # Only asked of a meta without rows, and DatasetMeta requires an id of those.
+    return cast(str, meta.dataset_id)
 
 
 def load_source(meta: DatasetMeta) -> datasets.Dataset:
     """One meta -> an Arrow dataset with ``__source__`` and ``__row__`` columns, sliced and renamed."""
     if meta.data is not None:
-        rows = _memory_rows(meta)
+        rows = _memory_rows(meta.data, meta.name)
         if not rows:
             raise ValueError(f'DatasetMeta(data=...) for {meta.name} has no rows; give at least one')
         return _select(_rename(_table(rows), meta), meta, meta.name)
-    path = resolve_local(meta.dataset_id)
+    dataset_id = _id_of(meta)
+    path = resolve_local(dataset_id)
     if path.is_dir():
         repo = _load_folder_as_repo(path, meta, streaming=False)
         if repo is not None:
-            return _select(_rename(repo, meta), meta, meta.dataset_id)
+            return _select(_rename(repo, meta), meta, dataset_id)
     files = data_files(path)
     if len(files) == 1:
         return _select(_rename(_load_file(files[0], meta.split, False), meta), meta, str(files[0]))
@@ -299,11 +304,12 @@ def stream_source(meta: DatasetMeta) -> Iterator[Tuple[str, int, Dict[str, Any]]
 
 
 def _file_streams(meta: DatasetMeta) -> List[Tuple[str, Iterator[Dict[str, Any]]]]:
-    path = resolve_local(meta.dataset_id)
+    dataset_id = _id_of(meta)
+    path = resolve_local(dataset_id)
     repo = _load_folder_as_repo(path, meta, streaming=True) if path.is_dir() else None
     if repo is not None:
-        explain = functools.partial(_explain_stream_failure, meta.dataset_id, data_files(path))
-        streams = [(meta.dataset_id, _rows_of(repo, explain))]
+        explain = functools.partial(_explain_stream_failure, dataset_id, data_files(path))
+        streams = [(dataset_id, _rows_of(repo, explain))]
     else:
         streams = [(str(f), _rows_of(_load_file(f, meta.split, True), functools.partial(_explain_unreadable, f)))
                    for f in data_files(path)]
@@ -312,7 +318,7 @@ def _file_streams(meta: DatasetMeta) -> List[Tuple[str, Iterator[Dict[str, Any]]
 
 def _sliced(meta: DatasetMeta, streams: List[Tuple[str, Iterator[Dict[str, Any]]]]
             ) -> Iterator[Tuple[str, int, Dict[str, Any]]]:
-    sl = meta.data_slice
+    sl = cast(Union[range, slice, None], meta.data_slice)  # stream_source refused a list of row numbers
     start, stop, step = (0, None, 1) if sl is None else (sl.start or 0, sl.stop, sl.step or 1)
     if start < 0 or step < 0 or (stop is not None and stop < 0):
         raise ValueError(f'DatasetMeta({meta.name!r}): a streaming dataset needs a forward data_slice '

@@ -7,8 +7,16 @@ from twinkle.loss.liger_fused_linear_cross_entropy import LigerFusedLinearCrossE
 from twinkle.loss.mapping import torch_loss_mapping
 from twinkle.loss.mse import MSELoss
 from twinkle.loss.odds_preference import CPOLoss, ORPOLoss
-from twinkle.loss.policy import (CISPOLoss, GRPOLoss, GSPOLoss, ImportanceSamplingLoss, PolicyLoss, PPOLoss,
-                                 aggregate, kl_penalty)
+from twinkle.loss.policy import (
+    CISPOLoss,
+    GRPOLoss,
+    GSPOLoss,
+    ImportanceSamplingLoss,
+    PolicyLoss,
+    PPOLoss,
+    aggregate,
+    kl_penalty,
+)
 from twinkle.loss.policy_variants import BNPOLoss, DRGRPOLoss, SAPOLoss
 from twinkle.loss.preference import DPOLoss, SimPOLoss
 from twinkle.loss.utils import entropy_from_logits, loss_mask, token_logprobs

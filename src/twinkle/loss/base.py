@@ -169,7 +169,8 @@ class Loss:
         super().__init_subclass__(**kwargs)
         call = cls.__dict__.get('__call__')
         if call is not None and not getattr(call, '_twinkle_loss_call', False):
-            cls.__call__ = _shared_call(call, cls.__name__)
+            # Replacing the subclass's own __call__ with the wrapped one is the point of this hook.
+            cls.__call__ = _shared_call(call, cls.__name__)  # type: ignore[method-assign]
 
     def __call__(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any], **kwargs: Any) -> LossOutput:
         raise NotImplementedError
@@ -244,4 +245,4 @@ def combine_metrics(outputs: Iterable[Any]) -> Dict[str, float]:
             else:
                 sums[key] = sums.get(key, 0.0) + w * float(value)
                 weights[key] = (weights.get(key) or 0.0) + w
-    return {k: sums[k] if weights[k] is None else (sums[k] / weights[k] if weights[k] else 0.0) for k in sums}
+    return {k: sums[k] if (w := weights[k]) is None else (sums[k] / w if w else 0.0) for k in sums}

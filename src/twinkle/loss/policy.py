@@ -34,9 +34,16 @@ from typing import Any, Dict, Literal, Mapping, Optional, Tuple
 
 import torch
 
-from twinkle.loss.base import Loss, LossOutput
-from twinkle.loss.utils import (Sequences, aligned_tensor, masked_mean, masked_sum, policy_logps, token_entropy,
-                                token_entropy_with_grad)
+from twinkle.loss.base import Loss, LossOutput, Number, Reduction
+from twinkle.loss.utils import (
+    Sequences,
+    aligned_tensor,
+    masked_mean,
+    masked_sum,
+    policy_logps,
+    token_entropy,
+    token_entropy_with_grad,
+)
 from twinkle.registry import register
 
 LossType = Literal['grpo', 'dapo', 'dr_grpo', 'bnpo', 'sum']
@@ -87,7 +94,7 @@ def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str, max_
     raise ValueError(f'loss_type must be one of {LOSS_TYPES}; got {loss_type!r}')
 
 
-def reduction_of(loss_type: str) -> str:
+def reduction_of(loss_type: str) -> Reduction:
     """'sum' for the undivided 'sum' mode, else 'mean' (the window divides by its units)."""
     return 'sum' if loss_type == 'sum' else 'mean'
 
@@ -205,7 +212,8 @@ class PolicyLoss(Loss):
         loss, num_items = aggregate(tok, mask, self.loss_type, self.normaliser_length, batch.sequences)
         metrics = self._metrics(batch, ratio, clipped, kl, outputs)
         # Every figure but the num_tokens count is a token mean: weighted by tokens when micro-batches combine.
-        weights = {key: (None if key == 'num_tokens' else metrics['num_tokens']) for key in metrics}
+        weights: Dict[str, Optional[Number]] = {
+            key: (None if key == 'num_tokens' else metrics['num_tokens']) for key in metrics}
         return LossOutput(loss=loss, num_items=num_items, metrics=metrics, reduction=reduction_of(self.loss_type),
                           metric_weights=weights)
 
@@ -236,7 +244,7 @@ class PolicyLoss(Loss):
                 metrics['clip_frac'] = float(masked_mean(clipped.float(), mask))
             if kl is not None:
                 metrics['kl'] = float(masked_mean(kl.detach(), mask))
-            if 'entropy' in names:
+            if 'entropy' in names and logits is not None:
                 ent = token_entropy(logits.detach() / self.temperature if self.temperature != 1.0
                                     else logits.detach())
                 metrics['entropy'] = float(masked_mean(ent, mask))

@@ -32,7 +32,7 @@ def _pairs(values: torch.Tensor, owner: str) -> Tuple[torch.Tensor, torch.Tensor
 
 
 def _sequence_logps(inputs: Mapping[str, Any], logps: torch.Tensor, mask: torch.Tensor, owner: str,
-                    reference: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    reference: bool) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """(sum of logps, scored tokens, sum of ref_logps or None) per sequence: per row of a padded batch,
     per sequence of a packed one."""
     seqs = Sequences.of(inputs, mask)

@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Mapping, Optional, Union
+from typing import TYPE_CHECKING, Mapping, Optional, Union
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 
 class MetricWriter:
     def __init__(self, log_dir: Union[str, Path], enabled: bool = True):
         self.log_dir = Path(log_dir)
         self.enabled = enabled
-        self._writer = None
+        self._writer: Optional[SummaryWriter] = None
 
     def write(self, metrics: Mapping[str, float], step: int, prefix: str = 'train') -> None:
         if not self.enabled:

@@ -17,7 +17,8 @@ def _is_no_decay(name: str, param: nn.Parameter) -> bool:
 
 def param_groups_without_decay(named_params: Iterable[Tuple[str, nn.Parameter]],
                                weight_decay: float) -> List[dict]:
-    decay, no_decay = [], []
+    decay: List[nn.Parameter] = []
+    no_decay: List[nn.Parameter] = []
     for name, param in named_params:
         if param.requires_grad:
             (no_decay if _is_no_decay(name, param) else decay).append(param)

@@ -12,7 +12,7 @@ that the chunked head reproduces the model's logits and refuses the model otherw
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint

@@ -9,10 +9,13 @@ refused instead of trained on wrong numbers.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 LogitTransform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -74,7 +77,7 @@ class LogitHead(nn.Module):
         return self.transform(logits) if self.transform is not None else logits
 
 
-def verify_head(module: nn.Module, hf_model: nn.Module, *, probe_len: int = 8, tol: float = 1e-4) -> None:
+def verify_head(module: nn.Module, hf_model: PreTrainedModel, *, probe_len: int = 8, tol: float = 1e-4) -> None:
     """Raise if projecting the final hidden states with ``LogitHead`` does not give ``module``'s logits.
 
     Runs one no-grad forward on ``probe_len`` tokens, capturing the projection's input.

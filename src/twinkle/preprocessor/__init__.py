@@ -2,8 +2,12 @@
 from twinkle.preprocessor.alpaca import AlpacaProcessor
 from twinkle.preprocessor.base import Filter, Preprocessor
 from twinkle.preprocessor.filters import EmptyFilter, LengthFilter
-from twinkle.preprocessor.math_tasks import (CompetitionMathGRPOProcessor, CompetitionMathProcessor, CountdownProcessor,
-                                             GSM8KProcessor)
+from twinkle.preprocessor.math_tasks import (
+    CompetitionMathGRPOProcessor,
+    CompetitionMathProcessor,
+    CountdownProcessor,
+    GSM8KProcessor,
+)
 from twinkle.preprocessor.messages import MessagesProcessor
 from twinkle.preprocessor.self_cognition import SelfCognitionProcessor
 

@@ -1,11 +1,11 @@
 """Alpaca-style rows: ``instruction``, optional ``input``, ``output``, optional ``system``."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, List, Mapping
 
 from twinkle.preprocessor.base import Preprocessor, get_str
 from twinkle.registry import register
-from twinkle.types import Trajectory
+from twinkle.types import Message, Trajectory
 
 
 @register('preprocessor')
@@ -21,6 +21,6 @@ class AlpacaProcessor(Preprocessor):
         output = get_str(row, 'output')
         system = get_str(row, 'system', required=False)
         query = instruction + self.separator + extra if extra else instruction
-        messages = [{'role': 'system', 'content': system}] if system else []
+        messages: List[Message] = [{'role': 'system', 'content': system}] if system else []
         messages += [{'role': 'user', 'content': query}, {'role': 'assistant', 'content': output}]
         return {'messages': messages}

@@ -6,7 +6,7 @@ to fix it; the dataset adds the source file and row number around that message.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Literal, Mapping, Optional, Union, overload
 
 from twinkle.types import Trajectory
 
@@ -66,9 +66,19 @@ def get_field(row: Mapping[str, Any], field: str, *, required: bool = True, hint
     value = row.get(field) if isinstance(row, Mapping) else None
     if value is None and required:
         present = ', '.join(repr(k) for k in row) if isinstance(row, Mapping) else type(row).__name__
-        raise ValueError(f"missing field {field!r} (the row has {present or 'no fields'}). "
-                         f"{hint or f'Add {field!r} to every row, or rename the column with DatasetMeta(columns=...).'}")
+        fix = hint or f'Add {field!r} to every row, or rename the column with DatasetMeta(columns=...).'
+        raise ValueError(f"missing field {field!r} (the row has {present or 'no fields'}). {fix}")
     return value
+
+
+@overload
+def get_str(row: Mapping[str, Any], field: str, *, required: Literal[True] = ..., hint: str = '') -> str:
+    ...
+
+
+@overload
+def get_str(row: Mapping[str, Any], field: str, *, required: bool, hint: str = '') -> Optional[str]:
+    ...
 
 
 def get_str(row: Mapping[str, Any], field: str, *, required: bool = True, hint: str = '') -> Optional[str]:

@@ -5,11 +5,11 @@ Both are normalised to roles ``system | user | assistant | tool`` with string co
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, cast
 
 from twinkle.preprocessor.base import Preprocessor, _short, get_field
 from twinkle.registry import register
-from twinkle.types import ROLES, Message, Trajectory
+from twinkle.types import ROLES, Message, Role, Trajectory
 
 # ShareGPT speaker names and the OpenAI aliases seen in public datasets.
 ROLE_ALIASES: Dict[str, str] = {
@@ -47,12 +47,12 @@ class MessagesProcessor(Preprocessor):
         self.roles = dict(ROLE_ALIASES)
         self.roles.update(role_aliases or {})
 
-    def _role(self, value: Any, where: str) -> str:
+    def _role(self, value: Any, where: str) -> Role:
         role = self.roles.get(value) if isinstance(value, str) else None
         if role not in ROLES:
             raise ValueError(f'{where} has unknown role {value!r}; expected one of {sorted(self.roles)}. '
                              f'Map it with MessagesProcessor(role_aliases={{{value!r}: "user"}}) or fix the data.')
-        return role
+        return cast(Role, role)  # one of ROLES, checked above
 
     def __call__(self, row: Mapping[str, Any]) -> Trajectory:
         if row.get('messages') is not None:
@@ -79,7 +79,8 @@ class MessagesProcessor(Preprocessor):
             tool_calls = turn.get('tool_calls')
             if content is None and not tool_calls:
                 raise ValueError(f'{where} is missing {content_key!r}; add the text of every turn')
-            msg: Message = {'role': role, 'content': '' if content is None else _text(content, f'{where}.{content_key}')}
+            text = '' if content is None else _text(content, f'{where}.{content_key}')
+            msg: Message = {'role': role, 'content': text}
             if tool_calls:
                 msg['tool_calls'] = list(tool_calls)
             if isinstance(turn.get('name'), str):

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping, Optional, Tuple, Union
+from typing import Any, List, Mapping, Optional, Tuple, Union
 
 from twinkle.preprocessor.base import Preprocessor, get_str
 from twinkle.registry import register
-from twinkle.types import Trajectory
+from twinkle.types import Message, Trajectory
 
 NameArg = Union[str, Tuple[str, str]]
 _CJK = re.compile(r'[\u4e00-\u9fff]')
@@ -65,6 +65,6 @@ class SelfCognitionProcessor(Preprocessor):
         def fill(text: str) -> str:
             return text.replace('{{NAME}}', name).replace('{{AUTHOR}}', author)
 
-        messages = [{'role': 'system', 'content': self.system}] if self.system is not None else []
+        messages: List[Message] = [{'role': 'system', 'content': self.system}] if self.system is not None else []
         messages += [{'role': 'user', 'content': fill(query)}, {'role': 'assistant', 'content': fill(response)}]
         return {'messages': messages}

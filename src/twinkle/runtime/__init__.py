@@ -9,8 +9,17 @@ import importlib
 from typing import Any, Optional, Sequence
 
 from twinkle.mesh import DeviceGroup, DeviceMesh
-from twinkle.runtime.context import (device, get_device_mesh, get_groups, get_mode, is_initialized, local_rank,
-                                     rank, set_device_mesh, world_size)
+from twinkle.runtime.context import (
+    device,
+    get_device_mesh,
+    get_groups,
+    get_mode,
+    is_initialized,
+    local_rank,
+    rank,
+    set_device_mesh,
+    world_size,
+)
 from twinkle.runtime.remote import RemoteSpec, remote_class, remote_function
 
 __all__ = ['initialize', 'seed_everything', 'shutdown', 'device', 'get_device_mesh', 'get_groups', 'get_mode',

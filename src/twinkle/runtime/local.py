@@ -13,7 +13,7 @@ import random
 import sys
 import threading
 from datetime import timedelta
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from twinkle.mesh import DeviceGroup, DeviceMesh
 from twinkle.runtime import context
@@ -77,7 +77,9 @@ def init_single_process_group(device_type: str = 'cpu') -> None:
     if dist.is_initialized():
         return
     backend = 'nccl' if device_type == 'cuda' else 'gloo'
-    kwargs = {'device_id': torch.device('cuda', torch.cuda.current_device())} if backend == 'nccl' else {}
+    kwargs: Dict[str, Any] = {}
+    if backend == 'nccl':
+        kwargs['device_id'] = torch.device('cuda', torch.cuda.current_device())
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
     context.state().owns_process_group = True
     _register_atexit()
@@ -135,7 +137,7 @@ def init_local(groups: Optional[Sequence[DeviceGroup]] = None, global_device_mes
             from twinkle.settings import get_settings
             backend = backend or ('nccl' if device_type == 'cuda' else 'gloo')
             timeout = timedelta(seconds=timeout_s if timeout_s is not None else get_settings().dist_timeout_s)
-            kwargs = {'device_id': torch.device('cuda', local_rank)} if backend == 'nccl' else {}
+            kwargs: Dict[str, Any] = {'device_id': torch.device('cuda', local_rank)} if backend == 'nccl' else {}
             dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, **kwargs)
             state.owns_process_group = True
     seed_everything(seed)

@@ -90,6 +90,9 @@ def remote_class(cls: C) -> C:
         raise TypeError(f'remote_class decorates classes, got {type(cls).__name__}')
     if vars(cls).get(CLASS_ATTR):
         return cls
+    # The class is patched in place (its __new__ and __init_subclass__ replaced), which static types do
+    # not describe: the patching goes through an untyped name.
+    target: Any = cls
     original_new = cls.__new__
 
     def __new__(klass, *args, **kwargs):
@@ -102,8 +105,9 @@ def remote_class(cls: C) -> C:
             return object.__new__(klass)  # object.__new__ rejects the constructor's arguments
         return original_new(klass, *args, **kwargs)
 
-    __new__.__wrapped__ = cls.__init__  # inspect.signature(cls) keeps showing the real parameters
-    cls.__new__ = staticmethod(__new__)
+    new: Any = __new__
+    new.__wrapped__ = target.__init__  # inspect.signature(cls) keeps showing the real parameters
+    target.__new__ = staticmethod(__new__)
     _accept_remote_group(cls)
     previous = cls.__dict__.get('__init_subclass__')
 
@@ -112,10 +116,10 @@ def remote_class(cls: C) -> C:
         if previous is not None:
             previous.__func__(sub, **kwargs)
         else:
-            super(cls, sub).__init_subclass__(**kwargs)
+            super(target, sub).__init_subclass__(**kwargs)
         _accept_remote_group(sub)
 
-    cls.__init_subclass__ = classmethod(__init_subclass__)
+    target.__init_subclass__ = classmethod(__init_subclass__)
     setattr(cls, CLASS_ATTR, True)
     return cls
 
@@ -131,5 +135,8 @@ def _accept_remote_group(cls: type) -> None:
         kwargs.pop('remote_group', None)
         init(self, *args, **kwargs)
 
-    __init__._twinkle_drops_remote_group = True
-    cls.__init__ = __init__
+    # A marked function replacing a method: patched through untyped names, as in remote_class.
+    wrapper: Any = __init__
+    wrapper._twinkle_drops_remote_group = True
+    target: Any = cls
+    target.__init__ = wrapper

@@ -22,7 +22,9 @@ TruncationStrategy = Literal['raise', 'left', 'right', 'delete', 'split']
 LossOn = Literal['all_turns', 'last_turn']
 Span = Tuple[int, int]
 _TRUNCATION = ('raise', 'left', 'right', 'delete', 'split')
-EncodeResult = Union[InputFeature, List[InputFeature], None]
+Encoded = Union[InputFeature, List[InputFeature], None]
+# With return_numpy the features hold the same keys as int64 arrays.
+EncodeResult = Union[Encoded, Dict[str, Any], List[Dict[str, Any]]]
 _LOSS_ON = ('all_turns', 'last_turn')
 
 
@@ -232,7 +234,7 @@ class Template:
             starts.extend([a] * len(piece))
         return ids, starts
 
-    def _truncate(self, trajectory: Mapping[str, Any], input_ids: List[int], labels: List[int]) -> EncodeResult:
+    def _truncate(self, trajectory: Mapping[str, Any], input_ids: List[int], labels: List[int]) -> Encoded:
         n = len(input_ids)
         limit = self.max_length
         if limit is not None and n > limit:

@@ -83,7 +83,7 @@ def normalize_tool_calls(calls: Any, field: str) -> List[Dict[str, Any]]:
     """
     if not isinstance(calls, (list, tuple)):
         raise ValueError(f'{field} must be a list of tool calls, got {type(calls).__name__}')
-    out = []
+    out: List[Dict[str, Any]] = []
     for k, call in enumerate(calls):
         where_call = f'{field}[{k}]'
         if not isinstance(call, Mapping):
@@ -97,7 +97,7 @@ def normalize_tool_calls(calls: Any, field: str) -> List[Dict[str, Any]]:
         if 'arguments' in fn:
             fn = {**fn, 'arguments': arguments_object(
                 fn['arguments'], f'{where_call}{".function" if nested else ""}.arguments')}
-        out.append({**call, 'function': fn} if nested else fn)
+        out.append({**call, 'function': fn} if nested else fn if isinstance(fn, dict) else dict(fn))
     return out
 
 

@@ -168,8 +168,9 @@ def _mesh_for(group: DeviceGroup, kwargs: Dict[str, Any], cls: type) -> DeviceMe
             raise ValueError(f'{cls.__name__}(device_mesh={mesh!r}) covers {mesh.world_size} ranks but DeviceGroup '
                              f'{group.name!r} has {group.num_ranks}; make them match')
         return mesh
-    if _cluster.mesh is not None and _cluster.mesh.world_size == group.num_ranks:
-        return _cluster.mesh
+    cluster_mesh = _cluster.mesh if _cluster is not None else None
+    if cluster_mesh is not None and cluster_mesh.world_size == group.num_ranks:
+        return cluster_mesh
     return DeviceMesh.from_sizes(world_size=group.num_ranks)  # plain data parallel over the group
 
 

@@ -38,10 +38,10 @@ class HermesQwenParser(ToolCallParser):
             except json.JSONDecodeError:
                 continue  # not a call this parser can read; the text is left to the caller
             if isinstance(obj, dict) and isinstance(obj.get('name'), str):
-                args = obj.get('arguments', obj.get('parameters', {}))
-                if isinstance(args, str):
-                    args = json_value(args)
-                calls.append(tool_call(obj['name'], args if isinstance(args, dict) else {'input': args}))
+                given = obj.get('arguments', obj.get('parameters', {}))
+                if isinstance(given, str):
+                    given = json_value(given)
+                calls.append(tool_call(obj['name'], given if isinstance(given, dict) else {'input': given}))
         return calls
 
     def clean(self, text: str) -> str:
