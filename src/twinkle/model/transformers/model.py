@@ -29,7 +29,7 @@ from .inputs import prepare_batch
 from .precision import Precision
 from .router_loss import add_router_aux_loss
 from .strategy import scale_, trainable_named_params
-from .strategy_factory import build_strategy
+from .strategy_factory import build_strategy, expert_parallel_forward
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +69,11 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
         self.module: nn.Module = hf_model          # becomes the PeftModel once an adapter is added
         self._wrapped: Optional[nn.Module] = None  # the strategy's wrapper, built lazily
         self.forward_core = ForwardCore()
-        # None unless the mesh has cp_size or ulysses_size > 1: then it shards the sequence around the forward core.
+        # None unless the mesh has cp_size or ulysses_size > 1: then it shards the sequence around the forward core
+        # (or ep_size > 1: the router loss then covers the global batch).
         self._cp_forward = (context_parallel_seam.build(self.strategy, self.forward_core)
-                            or ulysses_seam.build(self.strategy, self.forward_core, hf_model))
+                            or ulysses_seam.build(self.strategy, self.forward_core, hf_model)
+                            or expert_parallel_forward(self.strategy, self.forward_core, hf_model))
         self.sessions: Dict[Optional[str], TrainingSession] = {}
         self._active_adapter: Optional[str] = None
         self._template: Any = None
