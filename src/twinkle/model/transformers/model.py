@@ -21,7 +21,7 @@ from ...runtime.remote import remote_class, remote_function
 from ..base import TwinkleModel
 from ..components import TemplateProcessorMixin
 from ..session import TrainingSession
-from . import adapters, checkpointing, generation, io
+from . import adapters, checkpointing, generation, io, quantization
 from .context_parallel import seam as context_parallel_seam
 from .sequence_parallel import ulysses as ulysses_seam
 from .forward import ForwardCore
@@ -62,7 +62,11 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
         self.device = self.strategy.device
         self.precision = Precision(mixed_precision, self.device, grad_scaler_config,
                                    handled_by_wrapper=self.strategy.handles_mixed_precision)
+        quantized = quantization.prepare_load(kwargs, self.strategy)
         self.model_dir, hf_model = io.load_hf_model(model_cls, model_id, config, kwargs, self.strategy)
+        if quantized:
+            quantization.prepare_model(hf_model)
+        self.precision.prepare_module(hf_model)
         self.hf_model: nn.Module = hf_model
         if gradient_checkpointing:  # before any wrapping: FSDP2 then shards layers that already checkpoint
             self.set_gradient_checkpointing(True)
@@ -264,6 +268,7 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
     def set_optimizer(self, optimizer_cls: Any = 'AdamW', *, adapter_name: Optional[str] = None,
                       **kwargs: Any) -> None:
         from ...optim import build_optimizer
+        quantization.check_trainable(self.hf_model, bool(self.adapter_names))
         session = self._session(adapter_name)
         self._use_adapter(session)  # PEFT marks only the active adapter trainable
         module = self._wrapped_module()
