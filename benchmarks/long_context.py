@@ -3,7 +3,7 @@ tokens/s, for one process, Ulysses (``ulysses_size=2``) and ring / context paral
 each with and without activation checkpointing.
 
 A random Qwen3-shaped model trains on one sequence at a time (full-parameter, fp32). For every layout
-the sequence length doubles from ``--start`` until a step's transient memory (activations, logits,
+the sequence length doubles from ``--min-seq`` until a step's transient memory (activations, logits,
 attention buffers: the step's peak above the memory held before it) exceeds ``--budget-mib`` on some
 rank, or ``--max-seq`` is reached. The table gives the longest length that fitted and the tokens/s of
 the whole group at that length; the ratios compare each layout with the one-process run without
@@ -13,7 +13,7 @@ Memory on CPU is the kernel's high-water mark of the resident set (``VmHWM``), r
 with glibc told to map and return large blocks (see benchmarks/activation_checkpointing.py); on CUDA it
 is ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
 
-    python benchmarks/long_context.py                         # small CPU defaults (a few minutes, 2 cores)
+    python benchmarks/long_context.py                         # small CPU defaults (about 6 minutes on 2 shared cores)
     python benchmarks/long_context.py --layers 12 --hidden 768 --budget-mib 2048 --max-seq 65536   # GPUs
 """
 from __future__ import annotations
@@ -108,7 +108,7 @@ def child(args: argparse.Namespace) -> None:
 
     step(64)  # gradients, optimizer state and lazy set-up allocated before any measurement
     results: List[Dict[str, Any]] = []
-    length = args.start
+    length = args.min_seq
     while length <= args.max_seq:
         peak.start()
         started = time.perf_counter()
@@ -142,7 +142,7 @@ def run_layout(args: argparse.Namespace, nproc: int, sizes: Dict[str, int], chec
     env = {**os.environ, 'MALLOC_MMAP_THRESHOLD_': str(256 * 1024), 'MALLOC_TRIM_THRESHOLD_': str(256 * 1024),
            'OMP_NUM_THREADS': str(args.threads)}
     script = [__file__, '--child', '--model-dir', args.model_dir, '--sizes', json.dumps(sizes),
-              '--start', str(args.start), '--max-seq', str(args.max_seq), '--budget-mib', str(args.budget_mib),
+              '--min-seq', str(args.min_seq), '--max-seq', str(args.max_seq), '--budget-mib', str(args.budget_mib),
               '--vocab', str(args.vocab)] + (['--checkpointing'] if checkpointing else [])
     if nproc == 1:
         cmd = [sys.executable, *script]
@@ -174,9 +174,9 @@ def main() -> None:
     parser.add_argument('--hidden', type=int, default=128)
     parser.add_argument('--head-dim', type=int, default=32)
     parser.add_argument('--vocab', type=int, default=1024)
-    parser.add_argument('--start', type=int, default=512)
-    parser.add_argument('--max-seq', type=int, default=16384)
-    parser.add_argument('--budget-mib', type=float, default=256.0, help='per-rank transient memory of one step')
+    parser.add_argument('--min-seq', type=int, default=512)
+    parser.add_argument('--max-seq', type=int, default=8192)
+    parser.add_argument('--budget-mib', type=float, default=128.0, help='per-rank transient memory of one step')
     parser.add_argument('--threads', type=int, default=1, help='intra-op threads per rank')
     parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--checkpointing', action='store_true', help=argparse.SUPPRESS)
@@ -193,7 +193,7 @@ def main() -> None:
         args.model_dir = folder
         print(f'Qwen3-shaped random model: {n_params / 1e6:.1f}M parameters ({args.layers} layers, hidden '
               f'{args.hidden}); full training; budget {args.budget_mib:.0f} MiB transient per rank; lengths '
-              f'{args.start}..{args.max_seq} doubling; {args.threads} thread(s) per rank')
+              f'{args.min_seq}..{args.max_seq} doubling; {args.threads} thread(s) per rank')
         rows = []
         for name, nproc, sizes in LAYOUTS:
             for checkpointing in (False, True):
