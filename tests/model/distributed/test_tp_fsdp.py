@@ -1,6 +1,6 @@
 """Tensor parallelism composed with FSDP2: tp_size=2 x fsdp_size=2 under torchrun (CPU, gloo, 4 processes)
 against one process on the same global batches: losses, saved weights (full and LoRA) and resuming in the
-same layout."""
+same layout. The runs share the 4-process launch of test_layouts.py (layouts_worker.py calls _tp_fsdp.py)."""
 from __future__ import annotations
 
 import json
@@ -9,24 +9,18 @@ from pathlib import Path
 from typing import Any, Dict
 
 import pytest
-from launch import assert_ok, torchrun
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _scenarios as S  # noqa: E402
 from test_distributed import assert_close  # noqa: E402
 
 pytestmark = pytest.mark.slow
-WORKER = Path(__file__).with_name('tp_fsdp_worker.py')
 WORLD = 4
 
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory) -> Dict[str, Any]:
-    from twinkle.hub import resolve
-    resolve(S.MODEL_ID)  # materialise the embedded model once, before four ranks look for it
-    out = tmp_path_factory.mktemp('tp_fsdp')
-    assert_ok(torchrun([WORKER, out], nproc=WORLD, timeout=540))
-    return {name: [json.loads((out / f'{name}.rank{r}.json').read_text()) for r in range(WORLD)]
+def runs(layouts_out) -> Dict[str, Any]:
+    return {name: [json.loads((layouts_out / f'tp_fsdp_{name}.rank{r}.json').read_text()) for r in range(WORLD)]
             for name in ('full', 'lora')}
 
 
