@@ -138,7 +138,8 @@ def _max_over_ranks(value: float) -> float:
     return float(work.item())
 
 
-def run_layout(args: argparse.Namespace, nproc: int, sizes: Dict[str, int], checkpointing: bool) -> List[Dict[str, Any]]:
+def run_layout(args: argparse.Namespace, nproc: int, sizes: Dict[str, int],
+               checkpointing: bool) -> List[Dict[str, Any]]:
     env = {**os.environ, 'MALLOC_MMAP_THRESHOLD_': str(256 * 1024), 'MALLOC_TRIM_THRESHOLD_': str(256 * 1024),
            'OMP_NUM_THREADS': str(args.threads)}
     script = [__file__, '--child', '--model-dir', args.model_dir, '--sizes', json.dumps(sizes),
