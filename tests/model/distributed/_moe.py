@@ -17,7 +17,11 @@ def config() -> Any:
                           mlp_only_layers=[], output_router_logits=True, router_aux_loss_coef=0.1)
 
 
-def build(mesh: Any = None, output_dir: str = 'output') -> Any:
+# LoRA on attention only: adapters on the fused expert weights are refused under expert parallelism.
+LORA_TARGETS = ['q_proj', 'k_proj', 'v_proj', 'o_proj']
+
+
+def build(mesh: Any = None, output_dir: str = 'output', lora: bool = False) -> Any:
     from twinkle.model import TransformersModel
     from twinkle.processor import InputProcessor
     from twinkle.runtime import seed_everything
@@ -25,6 +29,9 @@ def build(mesh: Any = None, output_dir: str = 'output') -> Any:
     model = TransformersModel(config=config(), device_mesh=mesh, strategy='native_fsdp', mixed_precision='no',
                               output_dir=output_dir, report_to_tensorboard=False)
     model.set_processor(InputProcessor(pad_token_id=0))
+    if lora:
+        from peft import LoraConfig
+        model.add_adapter_to_model('default', LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS))
     model.set_optimizer('AdamW', lr=LR, weight_decay=0.01)
     model.set_lr_scheduler('CosineWarmupScheduler', num_warmup_steps=1, num_training_steps=S.STEPS)
     return model

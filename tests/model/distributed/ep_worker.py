@@ -1,7 +1,7 @@
 """Run under torchrun (2 processes) by test_expert_parallel.py: ``ep_worker.py OUT_DIR``.
 
 ep_size=2 over fsdp_size=2 on a tiny Qwen3-MoE: train, save, then a fresh model resumes from the
-checkpoint in the same layout. Every rank writes ``OUT_DIR/ep.rank<r>.json``.
+checkpoint in the same layout; then LoRA on the attention layers. Every rank writes ``OUT_DIR/ep.rank<r>.json``.
 """
 import json
 import os
@@ -40,8 +40,16 @@ def run() -> dict:
     return result
 
 
+def run_lora() -> dict:
+    model = _moe.build(MESH, output_dir=str(OUT / 'ep_lora'), lora=True)
+    result = S.train(model, S.loader(MESH), 4)
+    model.shutdown()
+    return {'losses': result['losses']}
+
+
 try:
     out = run()
+    out['lora'] = run_lora()
 except Exception:
     traceback.print_exc()
     raise

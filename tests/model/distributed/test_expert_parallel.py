@@ -1,6 +1,6 @@
 """Expert parallelism on a tiny Qwen3-MoE: ep_size=2 over fsdp_size=2 under torchrun (CPU, gloo, 2 processes)
 against one process on the same global batches: losses (router loss included), gradient norms, saved weights,
-and resuming in the same layout."""
+resuming in the same layout, and LoRA on the attention layers."""
 from __future__ import annotations
 
 import json
@@ -36,6 +36,15 @@ def single(tmp_path_factory) -> Dict[str, Any]:
         model.shutdown()
 
 
+@pytest.fixture(scope='module')
+def single_lora(tmp_path_factory) -> Dict[str, Any]:
+    model = _moe.build(None, output_dir=str(tmp_path_factory.mktemp('single_lora')), lora=True)
+    try:
+        return S.train(model, S.loader(None), 4)
+    finally:
+        model.shutdown()
+
+
 def test_ep_losses_and_resume_match_one_process(ranks, single):
     rank0, rank1 = ranks
     assert rank0['losses'] == rank1['losses']
@@ -63,3 +72,8 @@ def test_ep_saved_weights_equal_one_process(ranks, single):
     assert 'model.layers.1.mlp.experts.3.down_proj.weight' in saved  # every expert, gathered
     for key, value in reference.items():
         torch.testing.assert_close(saved[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_ep_with_lora_on_attention_matches_one_process(ranks, single_lora):
+    assert ranks[0]['lora']['losses'] == ranks[1]['lora']['losses']
+    assert_close(ranks[0]['lora']['losses'], single_lora['losses'])

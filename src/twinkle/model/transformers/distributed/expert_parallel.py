@@ -43,6 +43,20 @@ def expert_modules(module: nn.Module) -> Dict[str, nn.Module]:
     return found
 
 
+def check_no_adapter_on_experts(module: nn.Module, names: List[str]) -> None:
+    """LoRA on fused expert weights (PEFT's ``target_parameters`` wrappers, which ``'all-linear'`` also adds)
+    would add a whole-tensor delta to this rank's shard of the experts: refused."""
+    for name in names:
+        parts = name.split('.')
+        for depth in range(len(parts) + 1):
+            owner = module.get_submodule('.'.join(parts[:depth])) if depth else module
+            if hasattr(owner, 'lora_A') and depth:
+                raise NotImplementedError(f'expert parallelism: {name} carries a LoRA adapter on its fused expert '
+                                          f'weights, which ep_size > 1 does not shard; leave the experts out of '
+                                          f"LoRA (target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj'] and no "
+                                          f'target_parameters), or use ep_size=1')
+
+
 def _check_experts(name: str, experts: nn.Module, ep_size: int) -> int:
     num = int(experts.gate_up_proj.shape[0])
     if num % ep_size:
@@ -164,6 +178,7 @@ class ExpertParallelStrategy(FSDP2Strategy):
             raise NotImplementedError(f'ep_size={self.mesh.ep_size}: {type(module).__name__} has no fused expert '
                                       f'layers (gate_up_proj / down_proj of shape (experts, ...)); expert '
                                       f'parallelism needs a mixture-of-experts model such as Qwen3-MoE')
+        check_no_adapter_on_experts(module, list(found))
         mesh = self.ep_mesh
         ep_group, ep_rank = mesh.get_group('ep'), mesh.get_local_rank('ep')
         ignored: Set[nn.Parameter] = set()
