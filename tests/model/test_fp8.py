@@ -35,7 +35,7 @@ def _fp8_gpu() -> bool:
 @pytest.mark.gpu
 @pytest.mark.skipif(not _fp8_gpu(), reason='needs a GPU with compute capability >= 8.9 (fp8 tensor cores)')
 def test_fp8_first_losses_follow_bf16():
-    from conftest import require
+    from ..conftest import require
     require('torchao')
     from twinkle.processor import InputProcessor
     samples = make_samples(8, seed=5)

@@ -26,7 +26,7 @@ def test_missing_bitsandbytes_is_a_clear_error():
 
 @pytest.mark.gpu
 def test_qlora_trains_and_saves_a_plain_peft_adapter(tmp_path):
-    from conftest import require
+    from ..conftest import require
     require('bitsandbytes')
     from peft import LoraConfig, PeftModel
     from safetensors.torch import load_file
