@@ -34,7 +34,9 @@ def test_plan_refuses_family_without_plan():
         tp_plan(config, 2)
 
 
-def test_tensor_with_data_parallelism_is_refused():
-    mesh = DeviceMesh.from_sizes(fsdp_size=2, tp_size=2)
-    with pytest.raises(NotImplementedError, match='tensor parallelism together with data parallelism'):
+@pytest.mark.parametrize('sizes', [{'cp_size': 2}, {'fsdp_size': 2, 'ulysses_size': 2}])
+def test_tensor_with_sequence_splitting_is_refused(sizes):
+    # Data parallelism composes with tensor parallelism (test_tp_fsdp.py); splitting sequences does not.
+    mesh = DeviceMesh.from_sizes(tp_size=2, **sizes)
+    with pytest.raises(NotImplementedError, match='tensor parallelism together with sequence splitting'):
         TensorParallelStrategy(mesh, torch.device('cpu'))

@@ -22,17 +22,23 @@ CP = DeviceMesh.from_sizes(cp_size=2) if LAYOUT == 'cp' else DeviceMesh.from_siz
 twinkle.initialize(mode='local', global_device_mesh=CP, seed=S.SEED)
 
 
-def run(name, **kwargs):
+def run(name, resume=False, **kwargs):
+    """With ``resume``: a checkpoint after step SAVE_AT, and a fresh model resumed from it in this layout."""
     model = S.build(CP, output_dir=str(OUT / name), **kwargs)
-    result = S.train(model, S.loader(CP), S.STEPS)
+    result = S.train(model, S.loader(CP), S.STEPS, save_at=S.SAVE_AT if resume else None)
     result['strategy_cls'] = type(model.strategy).__name__
     result['cp_forward'] = model._cp_forward is not None
     model.shutdown()
+    if resume:
+        fresh = S.build(CP, output_dir=str(OUT / f'{name}_resumed'), **kwargs)
+        resumed = S.resume(fresh, result['checkpoint'], mesh=CP)
+        fresh.shutdown()
+        result['resumed'] = {'losses': resumed['losses'], 'step': resumed['resumed_step']}
     (OUT / f'{name}.rank{get_rank()}.json').write_text(json.dumps(result))
 
 
 if LAYOUT == 'cp':
-    run('cp_fsdp', strategy='native_fsdp')
+    run('cp_fsdp', strategy='native_fsdp', resume=True)
     run('cp_fsdp_lora', strategy='native_fsdp', lora=True)
     run('cp_ddp', strategy='accelerate')
     run('cp_fsdp_ckpt', strategy='native_fsdp', gradient_checkpointing=True)

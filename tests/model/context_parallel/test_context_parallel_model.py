@@ -25,8 +25,8 @@ def single(tmp_path_factory):
     out = tmp_path_factory.mktemp('single')
     runs = {}
     for name, lora in (('full', False), ('lora', True)):
-        model = S.build(None, lora=lora, output_dir=str(out))
-        runs[name] = S.train(model, S.loader(None), S.STEPS)
+        model = S.build(None, lora=lora, output_dir=str(out / name))
+        runs[name] = S.train(model, S.loader(None), S.STEPS, save_at=S.SAVE_AT if name == 'full' else None)
         model.shutdown()
     return runs
 
@@ -63,3 +63,9 @@ def test_left_padding_and_packing_are_refused():
         _check_batch({'input_ids': ids, 'position_ids': torch.tensor([[0, 1, 2, 0, 1, 2]])})
     _check_batch({'input_ids': ids, 'attention_mask': torch.tensor([[1, 1, 1, 1, 0, 0]]),
                   'position_ids': torch.tensor([[0, 1, 2, 3, 0, 0]])})  # right padding is fine
+
+
+@pytest.mark.slow
+def test_cp_fsdp_checkpoint_resumes_in_layout_and_in_one_process(runs, single):
+    from _resume_checks import check_layout_checkpoint
+    check_layout_checkpoint(runs['cp_fsdp'], single['full'])

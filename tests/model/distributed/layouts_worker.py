@@ -2,9 +2,11 @@
 
 Builds the layouts the README promises and records, per rank, what the wrapped module really is:
 FSDP2 over ``dp_size`` ranks, HSDP for ``dp_size x fsdp_size``, bf16 as FSDP2's MixedPrecisionPolicy,
-``fsdp_config`` and ``ddp_config`` reaching the wrappers.
+``fsdp_config`` and ``ddp_config`` reaching the wrappers. Then, in the same launch, tensor parallelism
+composed with FSDP2 (``_tp_fsdp.py``, checked by test_tp_fsdp.py).
 """
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -95,6 +97,11 @@ def main():
     }
     model.shutdown()
     (OUT / f'rank{RANK}.json').write_text(json.dumps(result))
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _tp_fsdp
+    for lora in (False, True):
+        _tp_fsdp.run(OUT, RANK, lora)
 
 
 if __name__ == '__main__':

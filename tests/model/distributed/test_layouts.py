@@ -5,23 +5,16 @@ becomes FSDP2's MixedPrecisionPolicy (bf16 compute, fp32 gradient reduction), an
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-from launch import assert_ok, torchrun
 
 pytestmark = pytest.mark.slow
-WORKER = Path(__file__).with_name('layouts_worker.py')
 WORLD = 4
 
 
 @pytest.fixture(scope='module')
-def ranks(tmp_path_factory):
-    from twinkle.hub import resolve
-    resolve('builtin://tiny-qwen3')  # materialise the embedded model once, before four ranks look for it
-    out = tmp_path_factory.mktemp('layouts')
-    assert_ok(torchrun([WORKER, out], nproc=WORLD, timeout=600))
-    return [json.loads((out / f'rank{r}.json').read_text()) for r in range(WORLD)]
+def ranks(layouts_out):  # the launch (conftest.py) also runs the tensor x FSDP2 layouts of test_tp_fsdp.py
+    return [json.loads((layouts_out / f'rank{r}.json').read_text()) for r in range(WORLD)]
 
 
 def _same_loss_everywhere(ranks, scenario):

@@ -110,6 +110,12 @@ def test_resume_tp_checkpoint_in_one_process(tp_runs, single, lora):
     assert_close(resumed['losses'], single['lora' if lora else 'full']['losses'][S.SAVE_AT:], rel=1e-4)
 
 
+def test_resume_tp_checkpoint_in_the_same_layout(tp_runs):
+    rank0 = tp_runs['tp'][0]
+    assert rank0['resumed']['step'] == S.SAVE_AT
+    assert_close(rank0['resumed']['losses'], rank0['losses'][S.SAVE_AT:])
+
+
 def test_tp_refuses_indivisible_heads_and_models_without_plan(tp_runs):
     error = tp_runs['tp_bad_heads'][0]['error']
     assert error.startswith('ValueError') and 'num_key_value_heads=1' in error and 'tp_size=2' in error

@@ -43,6 +43,11 @@ def tp():
     result['strategy_cls'] = type(model.strategy).__name__
     result['foreach_error'], result['foreach_off'] = result_foreach, foreach_off
     model.shutdown()
+    # A fresh tp_size=2 model resumed from the checkpoint continues as the uninterrupted run did.
+    fresh = S.build(TP, output_dir=str(OUT / 'tp_resumed'))
+    resumed = S.resume(fresh, result['checkpoint'], mesh=TP)
+    fresh.shutdown()
+    result['resumed'] = {'losses': resumed['losses'], 'step': resumed['resumed_step']}
     return result
 
 

@@ -57,3 +57,15 @@ def test_two_process_gloo_training_matches_transformers(mode, tmp_path):
                           timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert 'rank 0 ok' in proc.stdout and 'rank 1 ok' in proc.stdout
+
+
+@needs_megatron
+def test_megatron_core_local_attention_has_no_context_parallelism():
+    """Why MegatronModel refuses cp_size > 1: the Transformer-Engine-free attention it builds from asserts it."""
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+    config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=2, context_parallel_size=2,
+                               use_cpu_initialization=True)
+    with pytest.raises(AssertionError, match='only supported by TEDotProductAttention'):
+        DotProductAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type='self')

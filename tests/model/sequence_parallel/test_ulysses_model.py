@@ -32,12 +32,13 @@ def single(tmp_path_factory):
     for name, lora, grpo, packed in (('full', False, False, False), ('lora', True, False, False),
                                      ('full_grpo', False, True, False), ('lora_grpo', True, True, False),
                                      ('full_packed', False, False, True)):
-        model = S.build(None, lora=lora, output_dir=str(out))
+        model = S.build(None, lora=lora, output_dir=str(out / name))
         if grpo:
             _rl.use_grpo(model)
         if packed:
             _rl.use_padding_free(model)
-        runs[name] = S.train(model, _rl.loader(None) if grpo else S.loader(None), S.STEPS)
+        runs[name] = S.train(model, _rl.loader(None) if grpo else S.loader(None), S.STEPS,
+                             save_at=S.SAVE_AT if name == 'full' else None)
         model.shutdown()
     return runs
 
@@ -67,3 +68,9 @@ def test_ulysses2_losses_equal_one_process(runs, single, scenario):
         assert abs(got - want) <= 1e-5 * max(abs(want), 1e-3), f'step {step}: {got} vs {want}'
     for got, want in zip(ranks[0]['grad_norms'], single[reference]['grad_norms']):
         assert abs(got - want) <= 1e-4 * abs(want)
+
+
+@pytest.mark.slow
+def test_sp_fsdp_checkpoint_resumes_in_layout_and_in_one_process(runs, single):
+    from _resume_checks import check_layout_checkpoint
+    check_layout_checkpoint(runs['sp_fsdp'], single['full'])

@@ -26,22 +26,29 @@ MESH = DeviceMesh.from_sizes(dp_size=2, ulysses_size=2) if LAYOUT == 'sp' \
 twinkle.initialize(mode='local', global_device_mesh=MESH, seed=S.SEED)
 
 
-def run(name, grpo=False, packed=False, mesh=MESH, **kwargs):
+def run(name, grpo=False, packed=False, mesh=MESH, resume=False, **kwargs):
+    """With ``resume``: a checkpoint after step SAVE_AT, and a fresh model resumed from it in this layout."""
     model = S.build(mesh, output_dir=str(OUT / name), **kwargs)
     if grpo:
         _rl.use_grpo(model)
     if packed:
         _rl.use_padding_free(model)
-    result = S.train(model, _rl.loader(mesh) if grpo else S.loader(mesh), S.STEPS)
+    result = S.train(model, _rl.loader(mesh) if grpo else S.loader(mesh), S.STEPS,
+                     save_at=S.SAVE_AT if resume else None)
     result['strategy_cls'] = type(model.strategy).__name__
     result['sp_forward'] = type(model._cp_forward).__name__
     result['block_mask'] = model._cp_forward._segments is not None  # of the last batch
     model.shutdown()
+    if resume:
+        fresh = S.build(mesh, output_dir=str(OUT / f'{name}_resumed'), **kwargs)
+        resumed = S.resume(fresh, result['checkpoint'], mesh=mesh)
+        fresh.shutdown()
+        result['resumed'] = {'losses': resumed['losses'], 'step': resumed['resumed_step']}
     (OUT / f'{name}.rank{get_rank()}.json').write_text(json.dumps(result))
 
 
 if LAYOUT == 'sp':
-    run('sp_fsdp', strategy='native_fsdp')
+    run('sp_fsdp', strategy='native_fsdp', resume=True)
     run('sp_fsdp_lora', strategy='native_fsdp', lora=True)
     run('sp_ddp_grpo', strategy='accelerate', grpo=True)
     run('sp_fsdp_lora_grpo', strategy='native_fsdp', lora=True, grpo=True)

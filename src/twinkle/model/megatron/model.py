@@ -130,8 +130,11 @@ class MegatronModel(TemplateProcessorMixin, TwinkleModel):
 
     def _run(self, inputs: Any, session: TrainingSession, forward_only: bool, kwargs: Dict[str, Any]) -> List[Any]:
         if self.mesh.cp_size > 1:
-            raise NotImplementedError('cp_size > 1 needs Transformer Engine attention, which MegatronModel does not '
-                                      'use; split long sequences with sequence_parallel=True instead')
+            raise NotImplementedError('cp_size > 1: megatron-core runs context parallelism only inside Transformer '
+                                      'Engine attention (TEDotProductAttention; its local DotProductAttention asserts '
+                                      'context_parallel_size == 1), and MegatronModel builds layers from the local, '
+                                      'Transformer-Engine-free spec. Use sequence_parallel=True with tp_size > 1, or '
+                                      'TransformersModel with cp_size / ulysses_size for long sequences')
         loss_kwargs = kwargs.pop('loss_kwargs', {})
         microbatches = int(kwargs.pop('num_microbatches', 1))
         temperature = kwargs.pop('temperature', 1.0)

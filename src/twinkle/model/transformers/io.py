@@ -170,6 +170,8 @@ def load_weights(model: 'TransformersModel', checkpoint_dir: str, session: 'Trai
     state: Dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
+    from .moe_weights import fuse_expert_weights
+    state = fuse_expert_weights(state, (name for name, _ in model.module.named_parameters()))
     model.strategy.load_full_state_dict(model.module, state, strict=True)
 
 

@@ -21,7 +21,7 @@ from ...runtime.remote import remote_class, remote_function
 from ..base import TwinkleModel
 from ..components import TemplateProcessorMixin
 from ..session import TrainingSession
-from . import adapters, checkpointing, generation, io
+from . import adapters, checkpointing, generation, io, quantization
 from .context_parallel import seam as context_parallel_seam
 from .sequence_parallel import ulysses as ulysses_seam
 from .forward import ForwardCore
@@ -29,7 +29,7 @@ from .inputs import prepare_batch
 from .precision import Precision
 from .router_loss import add_router_aux_loss
 from .strategy import scale_, trainable_named_params
-from .strategy_factory import build_strategy
+from .strategy_factory import build_strategy, expert_parallel_forward
 
 logger = logging.getLogger(__name__)
 
@@ -62,16 +62,22 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
         self.device = self.strategy.device
         self.precision = Precision(mixed_precision, self.device, grad_scaler_config,
                                    handled_by_wrapper=self.strategy.handles_mixed_precision)
+        quantized = quantization.prepare_load(kwargs, self.strategy)
         self.model_dir, hf_model = io.load_hf_model(model_cls, model_id, config, kwargs, self.strategy)
+        if quantized:
+            quantization.prepare_model(hf_model)
+        self.precision.prepare_module(hf_model)
         self.hf_model: nn.Module = hf_model
         if gradient_checkpointing:  # before any wrapping: FSDP2 then shards layers that already checkpoint
             self.set_gradient_checkpointing(True)
         self.module: nn.Module = hf_model          # becomes the PeftModel once an adapter is added
         self._wrapped: Optional[nn.Module] = None  # the strategy's wrapper, built lazily
         self.forward_core = ForwardCore()
-        # None unless the mesh has cp_size or ulysses_size > 1: then it shards the sequence around the forward core.
+        # None unless the mesh has cp_size or ulysses_size > 1: then it shards the sequence around the forward core
+        # (or ep_size > 1: the router loss then covers the global batch).
         self._cp_forward = (context_parallel_seam.build(self.strategy, self.forward_core)
-                            or ulysses_seam.build(self.strategy, self.forward_core, hf_model))
+                            or ulysses_seam.build(self.strategy, self.forward_core, hf_model)
+                            or expert_parallel_forward(self.strategy, self.forward_core, hf_model))
         self.sessions: Dict[Optional[str], TrainingSession] = {}
         self._active_adapter: Optional[str] = None
         self._template: Any = None
@@ -262,6 +268,7 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
     def set_optimizer(self, optimizer_cls: Any = 'AdamW', *, adapter_name: Optional[str] = None,
                       **kwargs: Any) -> None:
         from ...optim import build_optimizer
+        quantization.check_trainable(self.hf_model, bool(self.adapter_names))
         session = self._session(adapter_name)
         self._use_adapter(session)  # PEFT marks only the active adapter trainable
         module = self._wrapped_module()

@@ -1,4 +1,4 @@
-"""Mixed precision: autocast for the forward, a GradScaler for fp16, and the fp8 hardware check."""
+"""Mixed precision: autocast for the forward, a GradScaler for fp16, and fp8 linear layers (``fp8.py``)."""
 from __future__ import annotations
 
 import contextlib
@@ -15,7 +15,9 @@ class Precision:
         if mode not in MODES:
             raise ValueError(f"mixed_precision={mode!r}: use one of {', '.join(MODES)}")
         if mode == 'fp8':
-            _check_fp8(device)
+            from . import fp8
+            fp8.check_device(device)
+            fp8.require_torchao()
         if mode == 'fp16' and device.type == 'cpu':
             raise ValueError("mixed_precision='fp16' needs a GPU (fp16 autocast with loss scaling is a CUDA "
                              "feature); on CPU use 'bf16' or 'no'")
@@ -26,7 +28,14 @@ class Precision:
 
     @property
     def dtype(self) -> Optional[torch.dtype]:
-        return {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(self.mode)
+        # fp8: the linear layers run in fp8 (torchao), the rest of the forward in bf16.
+        return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp8': torch.bfloat16}.get(self.mode)
+
+    def prepare_module(self, hf_model: torch.nn.Module) -> None:
+        """Before wrapping and adapters: fp8 swaps the linear layers for torchao's Float8Linear."""
+        if self.mode == 'fp8':
+            from . import fp8
+            fp8.convert(hf_model)
 
     def autocast(self) -> ContextManager:
         if self.dtype is None or self.handled_by_wrapper:
@@ -55,15 +64,3 @@ class Precision:
             session.scaler.update()
         else:
             session.optimizer.step()
-
-
-def _check_fp8(device: torch.device) -> None:
-    if device.type != 'cuda' or not torch.cuda.is_available():
-        raise ValueError("mixed_precision='fp8' needs an NVIDIA GPU with fp8 tensor cores (compute capability "
-                         ">= 8.9, e.g. H100 or L40S); this process runs on "
-                         f"{device.type}. Use 'bf16' instead")
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
-        raise ValueError(f"mixed_precision='fp8' needs compute capability >= 8.9; this GPU has {major}.{minor}. "
-                         "Use 'bf16' instead")
-    raise NotImplementedError("mixed_precision='fp8' training is not available in this release; use 'bf16'")

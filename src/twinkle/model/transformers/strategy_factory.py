@@ -1,7 +1,7 @@
 """Choose the Strategy from the mesh and the ``strategy`` argument."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from ...runtime import context
 from .strategy import SingleProcessStrategy, Strategy
@@ -23,3 +23,11 @@ def build_strategy(strategy: str, *, device_mesh: Optional[Any], mixed_precision
     return distributed.build(strategy, mesh=mesh, device=device, mixed_precision=mixed_precision,
                              ddp_config=ddp_config, fsdp_config=fsdp_config,
                              memory_efficient_init=memory_efficient_init)
+
+
+def expert_parallel_forward(strategy: Strategy, core: Callable[..., Dict[str, Any]], hf_model: Any) -> Any:
+    """Under expert parallelism, the forward core whose router loss covers the global batch; else None."""
+    if getattr(strategy, 'name', None) != 'expert_parallel':
+        return None
+    from .distributed import router_balance
+    return router_balance.build(strategy, core, hf_model)

@@ -30,9 +30,9 @@ def check_mesh(mesh: DeviceMesh, strategy: str, supported: Tuple[str, ...] = ())
         sizes = ', '.join(f'{k}={v}' for k, v in bad.items())
         raise NotImplementedError(
             f'TransformersModel(strategy={strategy!r}) parallelises over data (dp_size x fsdp_size) and sequence '
-            f'(cp_size, ulysses_size); tensor parallelism (tp_size) runs on its own, without data parallelism. '
-            f'The mesh {mesh!r} also has {sizes}. Use MegatronModel for pipeline/expert parallelism (or tensor '
-            f'parallelism combined with data parallelism), or set those sizes to 1')
+            f'(cp_size, ulysses_size); tensor parallelism (tp_size) with data parallelism, and expert parallelism '
+            f'(ep_size) for mixture-of-experts models, have strategies of their own. The mesh {mesh!r} also has '
+            f'{sizes}. Use MegatronModel for pipeline parallelism, or set those sizes to 1')
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f'{mesh!r} spans {mesh.world_size} ranks but torch.distributed is not initialised: call '
                            f"twinkle.initialize(mode='local', global_device_mesh=mesh) under torchrun first")

@@ -9,6 +9,11 @@ such as Qwen3's q_norm / k_norm) see only the rank's heads, so their gradients a
 LoRA layers on sharded linears are sharded to match (see ``_parallelize``).
 
 Every ``tp`` rank of a data-parallel group reads the same batch (the DataLoader slices by data rank).
+With ``fsdp_size`` / ``dp_size`` > 1 the torch mesh is ``(dp,) fsdp, tp``: the plan shards over ``tp``
+first, then FSDP2 ``fully_shard`` shards every decoder layer over the data-parallel dimensions (2-D
+DTensors for the plan's layers), as in PyTorch's own TP + FSDP2 recipe. The per-head norms stay out of
+FSDP (``ignored_params``) so that their gradient hook sees every micro-batch: it sums over ``tp`` and
+averages over the data-parallel ranks in one all-reduce.
 Saving gathers full tensors, so checkpoints are plain Hugging Face folders.
 """
 from __future__ import annotations
@@ -56,17 +61,17 @@ def tp_plan(config: Any, tp_size: int) -> Dict[str, str]:
 
 
 class TensorParallelStrategy(FSDP2Strategy):
-    """Shard the decoder (and the LoRA layers on it) over ``tp``; data parallelism (dp / fsdp) is not
-    combined with it yet."""
+    """Shard the decoder (and the LoRA layers on it) over ``tp``, then, with data-parallel ranks, every
+    decoder layer over ``dp x fsdp`` with FSDP2."""
     name = 'tensor_parallel'
     parallel_dims = ('tp_size',)
 
     def __init__(self, mesh: DeviceMesh, device: torch.device, mixed_precision: str = 'no',
                  fsdp_config: Optional[Dict[str, Any]] = None, memory_efficient_init: bool = False) -> None:
-        if mesh.dp_fsdp_world_size > 1:
-            raise NotImplementedError(f'{mesh!r}: tensor parallelism together with data parallelism (dp_size / '
-                                      f'fsdp_size > 1) is not supported by TransformersModel yet; use tp_size alone, '
-                                      f'or fsdp_size / dp_size alone')
+        if mesh.cp_size > 1 or mesh.ulysses_size > 1:
+            raise NotImplementedError(f'{mesh!r}: tensor parallelism together with sequence splitting (cp_size / '
+                                      f'ulysses_size > 1) is not supported by TransformersModel; use tp_size with '
+                                      f'dp_size / fsdp_size, or cp_size / ulysses_size without tp_size')
         super().__init__(mesh, device, mixed_precision, fsdp_config, memory_efficient_init)
         if memory_efficient_init:
             logger.warning('memory_efficient_init is ignored under tensor parallelism: every rank builds the '
@@ -74,6 +79,7 @@ class TensorParallelStrategy(FSDP2Strategy):
         self.meta_init = self.memory_efficient_init = False
         self.handles_mixed_precision = False  # no FSDP wrapper: autocast does the low-precision compute
         self._tp_group: Any = None
+        self._tp_data_group: Any = None
         self._hooked: Set[int] = set()  # parameters whose gradients are summed over tp
 
     @property
@@ -82,64 +88,90 @@ class TensorParallelStrategy(FSDP2Strategy):
             self._tp_group = self.torch_mesh['tp'].get_group()
         return self._tp_group
 
+    @property
+    def data_parallel(self) -> bool:
+        return self.mesh.dp_fsdp_world_size > 1
+
+    @property
+    def data_mesh(self) -> Any:
+        """The torch sub-mesh FSDP2 shards over: ``fsdp``, ``dp`` or ``(dp, fsdp)`` (HSDP)."""
+        names = tuple(n for n in ('dp', 'fsdp') if self.mesh.size(n) > 1)
+        return self.torch_mesh[names if len(names) > 1 else names[0]]
+
+    @property
+    def data_group(self) -> Any:
+        """The ranks holding other samples and this rank's tensor-parallel coordinate."""
+        if self._tp_data_group is None:
+            own = dist.get_rank()
+            for ranks in self.mesh.all_groups(('dp', 'fsdp')):  # collective: every rank creates every group
+                made = dist.new_group(ranks)
+                if own in ranks:
+                    self._tp_data_group = made
+        return self._tp_data_group
+
     # ------------------------------------------------------------------ data-parallel reductions
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        # The tp ranks hold the same batch: the data-parallel sum is one rank's figure.
-        return tensor.detach().clone()
+        if not self.data_parallel:
+            # The tp ranks hold the same batch: the data-parallel sum is one rank's figure.
+            return tensor.detach().clone()
+        return super().reduce_sum(tensor)
+
+    def _shard_kwargs(self) -> Dict[str, Any]:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+        # autocast does the low-precision compute (handles_mixed_precision is False), so FSDP2 keeps the
+        # parameters' own dtype.
+        return {**super()._shard_kwargs(), 'mesh': self.data_mesh, 'mp_policy': MixedPrecisionPolicy()}
 
     # ------------------------------------------------------------------ wrapping
     def wrap(self, module: nn.Module) -> nn.Module:
         """Shard the plan's layers in place. Idempotent: layers already sharded are kept, so adapters
         added after a first wrap get their LoRA layers sharded on the next one."""
+        from torch.distributed.fsdp import FSDPModule
+        if isinstance(module, FSDPModule):
+            return module
         plan = tp_plan(_hf_model(module).config, self.mesh.tp_size)
         base = _hf_model(module).base_model  # the decoder the plan's names are relative to
         mesh = self.torch_mesh['tp']
+        summed: List[nn.Parameter] = []
         for pattern, style in plan.items():
             for name, sub in _matching_modules(base, pattern):
                 if style == 'replicated_with_grad_allreduce':
+                    summed.extend(sub.parameters())
                     for param in sub.parameters():
                         if param.requires_grad and id(param) not in self._hooked:
                             param.register_hook(self._sum_over_tp)
                             self._hooked.add(id(param))
                 else:
                     _parallelize(sub, style, mesh, name)
+        if self.data_parallel:
+            self._shard_data_parallel(module, set(summed))
         return module
+
+    def _shard_data_parallel(self, module: nn.Module, ignored: Set[nn.Parameter]) -> None:
+        from torch.distributed.fsdp import fully_shard
+        from .fsdp2 import decoder_layers
+        kwargs = {**self._shard_kwargs(), 'ignored_params': ignored or None}
+        for layer in decoder_layers(module):
+            fully_shard(layer, **kwargs)
+        fully_shard(module, **kwargs)
 
     def _sum_over_tp(self, grad: torch.Tensor) -> torch.Tensor:
         work = grad.detach().to(self._comm_device, copy=True)
-        dist.all_reduce(work, op=dist.ReduceOp.SUM, group=self.tp_group)
+        if self.data_parallel:
+            # Left out of FSDP: one all-reduce over tp x data ranks sums the heads' parts and the samples'
+            # gradients; dividing by the data ranks gives the average FSDP takes for the other parameters.
+            dist.all_reduce(work, op=dist.ReduceOp.SUM, group=self.group)
+            work /= self.mesh.dp_fsdp_world_size
+        else:
+            dist.all_reduce(work, op=dist.ReduceOp.SUM, group=self.tp_group)
         return work.to(grad.device)
 
     def clip_grad_norm(self, params: List[torch.Tensor], max_norm: float, norm_type: float) -> torch.Tensor:
-        """Norm of the whole gradient: the shards' part summed over ``tp``, the replicated part counted once."""
-        from torch.distributed.tensor import DTensor
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return torch.zeros(())
-        norm_type = float(norm_type)
-        local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-        sharded = [t for g, t in zip(grads, local) if isinstance(g, DTensor)]
-        replicated = [t for g, t in zip(grads, local) if not isinstance(g, DTensor)]
-
-        def part(tensors: List[torch.Tensor]) -> torch.Tensor:
-            if not tensors:
-                return torch.zeros((), dtype=torch.float64)
-            norms = torch.stack([torch.linalg.vector_norm(t, norm_type, dtype=torch.float64).cpu()
-                                 for t in tensors])
-            return norms.max() if norm_type == float('inf') else norms.pow(norm_type).sum()
-
-        shards = part(sharded).to(self._comm_device)
-        op = dist.ReduceOp.MAX if norm_type == float('inf') else dist.ReduceOp.SUM
-        dist.all_reduce(shards, op=op, group=self.tp_group)
-        shards, rest = shards.cpu(), part(replicated)
-        if norm_type == float('inf'):
-            total = torch.maximum(shards, rest)
-        else:
-            total = (shards + rest).pow(1.0 / norm_type)
-        total = total.float()
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        torch._foreach_mul_(local, coef.to(local[0].device))
-        return total
+        """Norm of the whole gradient: shards summed over the dimensions that shard them, replicated
+        parameters counted once."""
+        from .grad_norm import clip_mixed_grad_norm
+        return clip_mixed_grad_norm([p.grad for p in params if p.grad is not None], max_norm, norm_type,
+                                    self._comm_device)
 
 
 def _hf_model(module: nn.Module) -> nn.Module:
