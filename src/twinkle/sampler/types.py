@@ -125,6 +125,8 @@ class SampledSequence:
     logprobs: List[float]
     text: str
     stop_reason: StopReason
+    topk: Optional[List[Any]] = None
+    """When asked for: per position, (token ids, log-probabilities) of the most likely tokens."""
 
     def __len__(self) -> int:
         return len(self.token_ids)
