@@ -344,7 +344,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
         sequence_ids = [f'seq-{uuid.uuid4().hex}' for _ in range(body.num_samples)]
         if body.record_stability_info:
             req['record_ids'] = sequence_ids
-        fut = ctx.submit(t, lambda: state.op_sample(s, req), sliced=True)
+        fut = state.submit_sample(t, s, req)
         fut.extra['sequence_ids'] = sequence_ids
         if body.seq_id is not None:
             s.seen[body.seq_id] = (key, fut)
