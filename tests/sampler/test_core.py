@@ -102,3 +102,40 @@ def test_bad_requests_are_named():
         GenerationRequest([], DecodeSpec(max_tokens=3))
     with pytest.raises(ValueError, match='non-empty strings'):
         StopStringWatcher([''], lambda ids: '')
+
+
+def test_peft_row_routing_applies_to_this_threads_forwards_only():
+    """A paused decode loop leaves the model to other jobs (the server's time slicing): their forwards, on other
+    threads, must see the model as they set it, not the paused batch's routing."""
+    import threading
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from twinkle.hub import resolve
+    from twinkle.sampler.core import _peft_rows
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(resolve(MODEL_ID), dtype=torch.float32)
+    config = dict(r=4, target_modules=['q_proj', 'v_proj'], init_lora_weights=False)
+    model = get_peft_model(base, LoraConfig(**config), adapter_name='a')
+    model.add_adapter('b', LoraConfig(**config))
+    model.eval()
+    ids = torch.tensor([[11, 12, 13], [14, 15, 16]])
+    with torch.no_grad():
+        model.set_adapter('a')
+        other_want = model(input_ids=ids[:1]).logits
+        model.set_adapter('b')
+        want_b = model(input_ids=ids[:1]).logits
+        with model.disable_adapter():
+            want_base = model(input_ids=ids[1:]).logits
+        model.set_adapter('a')
+        out = {}
+        with _peft_rows(model, ['b', '__base__']):
+            mixed = model(input_ids=ids).logits
+            thread = threading.Thread(target=lambda: out.update(logits=model(input_ids=ids[:1]).logits))
+            thread.start()
+            thread.join()
+    torch.testing.assert_close(out['logits'], other_want)
+    torch.testing.assert_close(mixed[0], want_b[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[1], want_base[0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(want_b, other_want)

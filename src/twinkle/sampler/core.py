@@ -21,6 +21,7 @@ top-k, top-p and min-p, which only choose which tokens may be drawn.
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -235,17 +236,17 @@ def generate(module: torch.nn.Module, requests: Sequence[GenerationRequest], gen
                   typical_p=None, repetition_penalty=None, num_beams=1, num_return_sequences=1,
                   eos_token_id=None, pad_token_id=pad_id, stop_strings=None, output_logits=False,
                   output_scores=False, return_dict_in_generate=False)
-    extra = {}
-    with _route(module, requests, extra):
+    with _route(module, requests):
         module.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
                         logits_processor=LogitsProcessorList([chooser]),
-                        stopping_criteria=StoppingCriteriaList([chooser.stopping()]), **extra)
+                        stopping_criteria=StoppingCriteriaList([chooser.stopping()]))
     return chooser.sequences(decode)
 
 
 @contextlib.contextmanager
-def _route(module: torch.nn.Module, requests: Sequence[GenerationRequest], extra: dict) -> Iterator[None]:
-    """Per-row adapters: PEFT's mixed-adapter batches, or the multi-LoRA layer's routing."""
+def _route(module: torch.nn.Module, requests: Sequence[GenerationRequest]) -> Iterator[None]:
+    """Per-row adapters: PEFT's mixed-adapter batches, or the multi-LoRA layer's routing (the latter applies to
+    every forward of the module while it lasts)."""
     if all(req.adapter is None for req in requests):
         yield
         return
@@ -258,5 +259,32 @@ def _route(module: torch.nn.Module, requests: Sequence[GenerationRequest], extra
     if not hasattr(module, 'peft_config'):
         raise ValueError('per-request adapters need a PEFT model or a model with multi-LoRA layers; this module '
                          f'({type(module).__name__}) has no adapters: leave GenerationRequest.adapter None')
-    extra['adapter_names'] = [BASE_ADAPTER if n is None else n for n in names]
-    yield
+    unknown = sorted({n for n in names if n is not None and n not in module.peft_config})
+    if unknown:
+        raise ValueError(f'adapters {unknown} are not in the model (it has {sorted(module.peft_config)})')
+    with _peft_rows(module, [BASE_ADAPTER if n is None else n for n in names]):
+        yield
+
+
+@contextlib.contextmanager
+def _peft_rows(module: torch.nn.Module, names: List[str]) -> Iterator[None]:
+    """PEFT LoRA layers run ``names[b]`` on row ``b`` (their mixed-batch forward, which takes ``adapter_names``).
+
+    Unlike ``generate(adapter_names=...)``, the routing applies only to forwards on this thread: a decode loop
+    that pauses mid-way (the server's time slicing) leaves the shared model to other jobs, which must not get
+    this batch's routing."""
+    from peft.tuners.lora import LoraLayer
+    owner = threading.get_ident()
+
+    def inject(target: torch.nn.Module, args: Any, kwargs: dict) -> Any:
+        if threading.get_ident() == owner:
+            kwargs['adapter_names'] = names
+        return args, kwargs
+
+    handles = [m.register_forward_pre_hook(inject, with_kwargs=True) for m in module.modules()
+               if isinstance(m, LoraLayer)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
