@@ -65,10 +65,6 @@ class SampleCall:
     prompt_logprobs_last_n: Optional[int] = None
     scores: PromptScores = field(default_factory=PromptScores)
 
-    @property
-    def rows(self) -> int:
-        return self.num_samples
-
 
 def sample(engine: Engine, adapter: Adapter, prompt: Sequence[int], num_samples: int, max_tokens: int,
            temperature: float = 1.0, top_k: int = -1, top_p: float = 1.0, seed: Optional[int] = None,
