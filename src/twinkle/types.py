@@ -58,7 +58,8 @@ class ModelOutput(TypedDict, total=False):
     loss: Any
 
 
-class SamplingParams(TypedDict, total=False):
+class SamplingParamsDict(TypedDict, total=False):
+    """The dict form of ``twinkle.sampler.SamplingParams`` (what ``SamplingParams.from_any`` takes)."""
     max_tokens: int
     temperature: float
     top_p: float
@@ -66,3 +67,11 @@ class SamplingParams(TypedDict, total=False):
     seed: Optional[int]
     stop: List[Any]
     n: int
+
+
+def __getattr__(name: str) -> Any:
+    # One SamplingParams: the sampler's dataclass (imported lazily, the sampler package imports this module).
+    if name == 'SamplingParams':
+        from twinkle.sampler.types import SamplingParams
+        return SamplingParams
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
 from twinkle.registry import resolve
+from twinkle.sampler.stop_strings import first_stop
 from twinkle.sampler.types import SampledSequence, SampleResult, SamplingParams
 
 
@@ -149,9 +150,7 @@ def finish_sequence(tokens: Sequence[int], logprobs: Sequence[float], params: Sa
                            stop_reason=reason)
 
 
-def _first_stop(text: str, stops: Sequence[str]) -> Optional[int]:
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else None
+_first_stop = first_stop
 
 
 def group_results(prompts: List[List[int]], originals: List[Any],

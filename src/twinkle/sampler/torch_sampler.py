@@ -1,4 +1,5 @@
-"""TorchSampler: rollouts with transformers ``generate`` (KV cache) on the sampler's own copy of the model.
+"""TorchSampler: rollouts through the generation core (``core.py``: transformers ``generate`` with the KV
+cache) on the sampler's own copy of the model.
 
 Logprobs: ``logprobs[i]`` is ``log_softmax(logits / temperature)[token_ids[i]]`` of the model's raw
 logits, i.e. of the temperature-scaled distribution *before* top-k / top-p truncation and repetition
@@ -17,7 +18,7 @@ from torch import nn
 
 from twinkle.registry import register
 from twinkle.runtime.remote import remote_class, remote_function
-from twinkle.sampler.base import Sampler, finish_sequence, group_results
+from twinkle.sampler.base import Sampler, group_results
 from twinkle.sampler.kv_cache import check_cache_implementation, prepare_cache
 from twinkle.sampler.types import SampleResult, SamplingParams
 from twinkle.sampler.weights import as_peft_config, base_state_dict, copy_into, named_targets
@@ -223,41 +224,22 @@ class TorchSampler(Sampler):
     def _generate(self, module: nn.Module, rows: List[List[int]], params: SamplingParams, stop_ids: List[int],
                   overrides: Dict[str, Any]):
         from transformers import GenerationConfig
-        width = max(len(r) for r in rows)
-        pad = self._pad_id()
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):  # left padding: every prompt ends where generation starts
-            ids[i, width - len(row):] = torch.tensor(row)
-            mask[i, width - len(row):] = 1
+
+        from twinkle.sampler.core import DecodeSpec, GenerationRequest, generate
         if 'cache_implementation' in overrides:  # checked before transformers validates the config
             self._check_cache_impl(overrides['cache_implementation'], self.generation_config.cache_config)
         config = GenerationConfig.from_dict(self.generation_config.to_dict())
         config.update(**overrides)
         prepare_cache(config, self.device, self.hf_model.config)
-        config.update(max_new_tokens=params.max_tokens, min_new_tokens=None, max_length=None,
-                      do_sample=not params.greedy,
-                      temperature=params.temperature if not params.greedy else None,
-                      top_p=params.top_p if not params.greedy else None,
-                      top_k=params.top_k if params.top_k > 0 and not params.greedy else None,
-                      repetition_penalty=params.repetition_penalty if params.repetition_penalty != 1 else None,
-                      num_return_sequences=1, num_beams=1, eos_token_id=stop_ids or None, pad_token_id=pad,
-                      stop_strings=params.stop or None, output_logits=True, return_dict_in_generate=True)
-        extra = {'tokenizer': self.template.tokenizer} if params.stop else {}
-        out = module.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                              generation_config=config, **extra)
-        new = out.sequences[:, width:]
-        logits = torch.stack(out.logits, dim=1).float()
-        if not params.greedy and params.temperature != 1.0:
-            logits = logits / params.temperature
-        logps = torch.log_softmax(logits, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
-        decode = self._decoder()
-        return [finish_sequence(new[i].tolist(), logps[i].tolist(), params, stop_ids, decode)
-                for i in range(len(rows))]
+        spec = DecodeSpec(max_tokens=params.max_tokens, greedy=params.greedy, temperature=params.temperature,
+                          top_k=params.top_k if params.top_k > 0 else 0, top_p=params.top_p,
+                          repetition_penalty=params.repetition_penalty, stop_token_ids=tuple(stop_ids),
+                          stop_strings=tuple(params.stop))
+        decode = self._decoder() if self._template is not None else None
+        return generate(module, [GenerationRequest(rows, spec)], config, pad_id=self._pad_id(), device=self.device,
+                        decode=decode)[0]
 
     def _decoder(self):
-        if self._template is None:
-            return lambda ids: ''
         return lambda ids: self._template.decode(ids, skip_special_tokens=True)
 
     # ------------------------------------------------------------------ scoring

@@ -66,7 +66,7 @@ class SamplingParams:
 
     @classmethod
     def from_any(cls, params: Any = None, **overrides: Any) -> 'SamplingParams':
-        """From None, a SamplingParams, a dict (the ``twinkle.types.SamplingParams`` keys), or a
+        """From None, a SamplingParams, a dict (the ``twinkle.types.SamplingParamsDict`` keys), or a
         transformers ``GenerationConfig`` (max_new_tokens, do_sample, temperature, top_p, top_k,
         num_return_sequences, stop_strings, eos_token_id); ``overrides`` win."""
         if params is None:
@@ -125,9 +125,16 @@ class SampledSequence:
     logprobs: List[float]
     text: str
     stop_reason: StopReason
+    topk: Optional[List[Any]] = None
+    """When asked for: per position, (token ids, log-probabilities) of the most likely tokens."""
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def tokens(self) -> List[int]:
+        """``token_ids`` in the Tinker spelling."""
+        return self.token_ids
 
 
 @dataclass

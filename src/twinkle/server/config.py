@@ -102,6 +102,12 @@ class ServerSettings(BaseSettings):
     job_slice_s: Optional[float] = Field(1.0, gt=0)
     """How long a sampling job computes before it lets other tenants' waiting jobs run (it resumes afterwards
     where it stopped, so one tenant's long sample cannot hold the model for everyone); None: never."""
+    sample_batch_window_s: float = Field(0.01, ge=0, le=1.0)
+    """How long a Tinker sample request waits for other tenants' sample requests to decode with it in one batch
+    (each row with its own adapter; every request gets what it would get alone); 0: take only those already
+    queued."""
+    sample_batch_max_rows: int = Field(64, ge=1)
+    """At most this many completions (summed over the batched requests) decode together."""
     session_timeout_s: float = Field(300.0, gt=0)
     """A Tinker session without a heartbeat for this long is finished and its adapters unloaded (the SDK beats
     every 10 s); its runs and checkpoints stay."""

@@ -13,7 +13,7 @@ from .auth import key_from_headers
 from .context import ServerContext
 from .native_objects import ObjectTable
 from .store import TenantStore
-from .tinker_ops import Sampler, TinkerModel, TinkerSession, TinkerState
+from .tinker_ops import SamplingSession, TinkerModel, TinkerSession, TinkerState
 
 
 async def context(request: Request) -> ServerContext:
@@ -50,7 +50,7 @@ async def session_in_path(session_id: str, t: str = Depends(tenant),
 
 
 async def sampler_in_path(sampler_id: str, t: str = Depends(tenant),
-                          state: TinkerState = Depends(tinker_state)) -> Sampler:
+                          state: TinkerState = Depends(tinker_state)) -> SamplingSession:
     return state.sampler(t, sampler_id)
 
 

@@ -21,7 +21,7 @@ import collections
 import logging
 import threading
 import time
-from typing import Callable, Deque, Dict, Optional
+from typing import Callable, Collection, Deque, Dict, List, Optional, Tuple
 
 logger = logging.getLogger('twinkle.server')
 Job = Callable[[], None]
@@ -83,6 +83,21 @@ class FairQueue:
         with self._cv:
             self._closed = True
             self._cv.notify_all()
+
+    # -- batching hook: a running job may take other tenants' next jobs to compute them together ----------------
+    def take_heads(self, match: Callable[[Job], bool], skip: Collection[str]) -> List[Tuple[str, Job]]:
+        """Remove and return the next job of each tenant not in ``skip`` for which ``match`` holds. Only a
+        tenant's next job is looked at, so each tenant's jobs still start in order."""
+        taken = []
+        with self._cv:
+            for tenant in list(self._turns):
+                queue = self._jobs[tenant]
+                if tenant in skip or not queue or not match(queue[0]):
+                    continue
+                taken.append((tenant, queue.popleft()))
+                if not queue:
+                    self._turns.remove(tenant)
+        return taken
 
 
 SaveState = Callable[[], Callable[[], None]]

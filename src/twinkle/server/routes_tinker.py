@@ -27,7 +27,7 @@ from .responses import answers
 from .store import check_name, parse_path
 from .tinker_checks import (accepted, body_key, check_base, check_capacity, check_metadata, gated,
                             replayed_creation, tokenizer_id)
-from .tinker_ops import Sampler, TinkerSession, TinkerState
+from .tinker_ops import SamplingSession, TinkerSession, TinkerState
 
 router = APIRouter(prefix='/api/v1')
 
@@ -222,7 +222,7 @@ async def save_for_sampler(req: ModelRequest = Depends(model_request(B.SaveForSa
             name = 'snap-' + uuid.uuid4().hex[:12]
             state.op_save(model, name, 'snapshot', True, None)
             ckpt = ctx.store.tenant(t).find(model.model_id, 'snapshot', name)
-            state.samplers[sampler_id] = Sampler(sampler_id, t, None, ckpt['checkpoint_id'])
+            state.samplers[sampler_id] = SamplingSession(sampler_id, t, None, ckpt['checkpoint_id'])
             session.samplers[body.sampling_session_seq_id] = sampler_id
             return {'sampling_session_id': sampler_id, 'type': 'save_weights_for_sampler'}
         return run

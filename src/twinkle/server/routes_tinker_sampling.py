@@ -14,20 +14,20 @@ from .deps import (SessionRequest, compute_tenant, context, sampler_in_path, ses
 from .errors import BadRequest, Conflict
 from .responses import answers
 from .tinker_checks import accepted, body_key, check_base, sample_request
-from .tinker_ops import Sampler, TinkerSession, TinkerState
+from .tinker_ops import SamplingSession, TinkerSession, TinkerState
 
 router = APIRouter(prefix='/api/v1')
 
 
 def new_sampler(ctx: ServerContext, t: str, sampler_id: str, model_path: Optional[str],
-                base_model: Optional[str]) -> Sampler:
+                base_model: Optional[str]) -> SamplingSession:
     if model_path is not None:
         ckpt = ctx.store.tenant(t).resolve(model_path)
-        return Sampler(sampler_id, t, model_path, ckpt['checkpoint_id'])
+        return SamplingSession(sampler_id, t, model_path, ckpt['checkpoint_id'])
     if base_model is None:
         raise BadRequest('a sampling session needs model_path (a tinker:// checkpoint) or base_model')
     check_base(ctx, base_model)
-    return Sampler(sampler_id, t, None, None)
+    return SamplingSession(sampler_id, t, None, None)
 
 
 @router.post('/create_sampling_session', **answers(R.SamplingSessionCreated))
@@ -45,7 +45,7 @@ async def create_sampling_session(req: SessionRequest = Depends(session_request(
 
 
 @router.get('/samplers/{sampler_id}', **answers(R.SamplerInfo))
-async def get_sampler(s: Sampler = Depends(sampler_in_path), ctx: ServerContext = Depends(context)) -> Dict[str, Any]:
+async def get_sampler(s: SamplingSession = Depends(sampler_in_path), ctx: ServerContext = Depends(context)) -> Dict[str, Any]:
     return {'sampler_id': s.sampler_id, 'base_model': ctx.settings.served_name, 'model_path': s.model_path}
 
 
@@ -70,7 +70,7 @@ async def asample(body: B.Sample, t: str = Depends(compute_tenant),
     sequence_ids = [f'seq-{uuid.uuid4().hex}' for _ in range(body.num_samples)]
     if body.record_stability_info:
         req['record_ids'] = sequence_ids
-    fut = ctx.submit(t, lambda: state.op_sample(s, req), sliced=True)
+    fut = state.submit_sample(t, s, req)
     fut.extra['sequence_ids'] = sequence_ids
     if body.seq_id is not None:
         s.seen[body.seq_id] = (key, fut)

@@ -1,31 +1,28 @@
 """Sampling with an adapter: completions plus the per-token logprobs RL losses need.
 
-Generation goes through ``TransformersModel.generate``; the logprobs of the sampled tokens (and of the
-prompt, when asked) come from one ``forward_only`` pass over prompt + completion at the sampling
-temperature, so they are the sampling policy's log-probabilities of exactly the returned tokens.
+Completions come from the generation core (``twinkle.sampler.core``) with the log-probability of each sampled
+token (and its top-k, when asked) taken from the scores it was drawn from. Several requests, of different
+tenants and adapters, can share one decode loop (:func:`sample_many`, each row with its own adapter and each
+request with its own random generator), and every request gets what it would get alone. Prompt-side scores
+(prompt logprobs, top-k, target and alternative tokens) need the prompt's distributions: one forward pass
+over the prompt, only when asked for.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
+from ..sampler.core import DecodeSpec, GenerationRequest
+from ..sampler.core import generate as core_generate
+from ..sampler.types import SampledSequence
 from .engine import Adapter, Engine
 from .errors import BadRequest
 
-
 MASK_LOGPROB = -99999.0  # the SDK's filler for a position without top-k entries
-
-
-@dataclass
-class SampledSequence:
-    tokens: List[int]
-    logprobs: List[float]
-    stop_reason: str  # 'stop' | 'length'
-    topk: Optional[Tuple[np.ndarray, np.ndarray]] = None  # (token ids [len, k], logprobs [len, k])
 
 
 @dataclass
@@ -38,7 +35,9 @@ class PromptScores:
 
 
 @dataclass
-class SampleResult:
+class TinkerSampleResult:
+    """The Tinker answer to one sample request (``sequences`` are the core's, with ``topk`` as
+    (token ids [len, k], logprobs [len, k]) when asked)."""
     sequences: List[SampledSequence]
     prompt_logprobs: Optional[List[float]]  # NaN where there is none (position 0, or before last_n)
     topk_prompt: Optional[Tuple[np.ndarray, np.ndarray]] = None  # [len(prompt), k]; row 0 (and before last_n) masked
@@ -46,62 +45,141 @@ class SampleResult:
     alt_tokens: Optional[Tuple[np.ndarray, np.ndarray]] = None   # int32 / float32 [len(prompt) - 1, alt_k]
 
 
+SampleResult = TinkerSampleResult  # the former name
+
+
+@dataclass
+class SampleCall:
+    """One sample request, as :func:`sample` takes it."""
+    adapter: Adapter
+    prompt: List[int]
+    num_samples: int
+    max_tokens: int
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stop_tokens: Sequence[int] = ()
+    stop_strings: Sequence[str] = ()
+    prompt_logprobs: bool = False
+    prompt_logprobs_last_n: Optional[int] = None
+    scores: PromptScores = field(default_factory=PromptScores)
+
+
 def sample(engine: Engine, adapter: Adapter, prompt: Sequence[int], num_samples: int, max_tokens: int,
            temperature: float = 1.0, top_k: int = -1, top_p: float = 1.0, seed: Optional[int] = None,
            stop_tokens: Sequence[int] = (), stop_strings: Sequence[str] = (), prompt_logprobs: bool = False,
-           prompt_logprobs_last_n: Optional[int] = None, scores: Optional[PromptScores] = None) -> SampleResult:
+           prompt_logprobs_last_n: Optional[int] = None, scores: Optional[PromptScores] = None) -> TinkerSampleResult:
     """Completions of ``prompt`` with their logprobs.
 
     Every logprob, top-k entry, target score and alternative draw comes from the distribution the tokens
     were sampled from: the model's next-token log-softmax at the sampling temperature (1 for greedy).
     """
-    scores = scores or PromptScores()
+    call = SampleCall(adapter, [int(t) for t in prompt], num_samples, max_tokens, temperature, top_k, top_p, seed,
+                      stop_tokens, stop_strings, prompt_logprobs, prompt_logprobs_last_n, scores or PromptScores())
+    result = sample_many(engine, [call])[0]
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def sample_many(engine: Engine, calls: Sequence[SampleCall]) -> List[Union[TinkerSampleResult, BaseException]]:
+    """Every call's completions from one decode loop (each row with its call's adapter); then each call's
+    prompt-side scores. A call's own failure (e.g. a bad score request) is returned in its place."""
+    from ..model.transformers.generation import inference_mode
     model = engine.model
-    prompt = [int(t) for t in prompt]
+    hf = model.strategy.unwrap(model.module)
     eos = model.template.tokenizer.eos_token_id
-    stops = [int(t) for t in stop_tokens] + ([int(eos)] if eos is not None else [])
-    kwargs = {'max_new_tokens': int(max_tokens), 'eos_token_id': stops or None}
-    if temperature > 0:
-        kwargs.update(do_sample=True, temperature=float(temperature), top_k=int(top_k) if top_k > 0 else 0,
-                      top_p=float(top_p))
+    requests, unseeded = [], []
+    for call in calls:
+        stops = tuple(int(t) for t in call.stop_tokens) + ((int(eos),) if eos is not None else ())
+        greedy = not call.temperature > 0
+        spec = DecodeSpec(max_tokens=int(call.max_tokens), greedy=greedy,
+                          temperature=float(call.temperature) if not greedy else 1.0,
+                          top_k=int(call.top_k) if call.top_k > 0 else 0, top_p=float(call.top_p),
+                          stop_token_ids=stops, stop_strings=tuple(call.stop_strings),
+                          topk_logprobs=int(call.scores.topk_sample))
+        generator = _generator(engine, call)
+        if call.seed is None:
+            unseeded.append((call.adapter, generator))
+        requests.append(GenerationRequest([list(call.prompt)] * call.num_samples, spec, generator,
+                                          adapter=call.adapter.name))
+    config = _generation_config(model)
+    with inference_mode(model, hf):
+        sequences = core_generate(hf, requests, config, pad_id=int(model.template.pad_token_id or 0),
+                                  device=model.device, decode=model.template.decode)
+    for adapter, generator in unseeded:  # the adapter's own stream moves on, as if it had sampled alone
+        _store_stream(engine, adapter, generator)
+    results: List[Union[TinkerSampleResult, BaseException]] = []
+    for call, seqs in zip(calls, sequences):
+        for seq in seqs:
+            if seq.topk is not None:
+                seq.topk = (np.asarray([ids for ids, _ in seq.topk], dtype=np.int32).reshape(len(seq.topk), -1),
+                            np.asarray([lps for _, lps in seq.topk], dtype=np.float32).reshape(len(seq.topk), -1))
+        try:
+            results.append(_with_prompt_scores(engine, call, TinkerSampleResult(seqs, None)))
+        except Exception as exc:  # noqa: BLE001 - reported to that call's caller only
+            results.append(exc)
+    return results
+
+
+def _generator(engine: Engine, call: SampleCall) -> torch.Generator:
+    """The call's random stream: its seed, or else its adapter's own stream (see ``Engine.using``)."""
+    device = engine.model.device
+    gen = torch.Generator(device=device)
+    if call.seed is not None:
+        gen.manual_seed(int(call.seed))
+    elif gen.device.type == 'cuda' and call.adapter.cuda_rng is not None:
+        gen.set_state(call.adapter.cuda_rng[gen.device.index or 0])
+    elif gen.device.type == 'cpu':
+        gen.set_state(call.adapter.rng)
     else:
-        kwargs.update(do_sample=False)
+        gen.manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=_cpu(call.adapter.rng))))
+    return gen
+
+
+def _cpu(state: torch.Tensor) -> torch.Generator:
+    gen = torch.Generator()
+    gen.set_state(state)
+    return gen
+
+
+def _store_stream(engine: Engine, adapter: Adapter, gen: torch.Generator) -> None:
+    if gen.device.type == 'cpu':
+        adapter.rng = gen.get_state()
+    elif adapter.cuda_rng is not None:
+        adapter.cuda_rng[gen.device.index or 0] = gen.get_state()
+
+
+def _generation_config(model) -> object:
+    from transformers import GenerationConfig
+    base = getattr(model.hf_model, 'generation_config', None)
+    return GenerationConfig.from_dict(base.to_dict()) if base is not None else GenerationConfig()
+
+
+def _with_prompt_scores(engine: Engine, call: SampleCall, result: TinkerSampleResult) -> TinkerSampleResult:
+    scores, prompt, temperature, seed = call.scores, call.prompt, call.temperature, call.seed
+    if not (call.prompt_logprobs or scores.topk or scores.target is not None or scores.alt_k):
+        return result
+    model, adapter = engine.model, call.adapter
+    temp = float(temperature) if temperature > 0 else 1.0
     with engine.using(adapter):
-        with torch.random.fork_rng(devices=engine._devices(), enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(int(seed))
-            outs = model.generate([prompt] * num_samples, adapter_name=adapter.name, **kwargs)
-        sequences = [_trim(o['token_ids'], stops, stop_strings, model.template) for o in outs]
-        rows = [{'input_ids': prompt + s.tokens, 'labels': prompt + s.tokens} for s in sequences]
-        out = model.forward_only(inputs=rows, adapter_name=adapter.name,
-                                 temperature=float(temperature) if temperature > 0 else 1.0)
+        out = model.forward_only(inputs=[{'input_ids': prompt, 'labels': prompt}], adapter_name=adapter.name,
+                                 temperature=temp)
     logps = out['logps'].detach().float().cpu()
     n = len(prompt)
-    for row, seq in enumerate(sequences):
-        seq.logprobs = [float(x) for x in logps[row, n:n + len(seq.tokens)]]
-    cut = 0 if prompt_logprobs_last_n is None else max(0, n - int(prompt_logprobs_last_n))
-    prompt_lp = None
-    if prompt_logprobs:
+    cut = 0 if call.prompt_logprobs_last_n is None else max(0, n - int(call.prompt_logprobs_last_n))
+    if call.prompt_logprobs:
         prompt_lp = [math.nan] + [float(x) for x in logps[0, 1:n]]
-        prompt_lp = [math.nan] * cut + prompt_lp[cut:]
-    result = SampleResult(sequences, prompt_lp)
-    if scores.topk or scores.topk_sample or scores.target is not None or scores.alt_k:
+        result.prompt_logprobs = [math.nan] * cut + prompt_lp[cut:]
+    if scores.topk or scores.target is not None or scores.alt_k:
         logits = out.get('logits')
         if logits is None:
             raise BadRequest('top-k, target and alternative-token scores need the full logits, which this '
                              'server does not keep (chunked cross-entropy is on)')
-        temp = float(temperature) if temperature > 0 else 1.0
-
-        def dist(row: int, start: int, stop: int) -> torch.Tensor:
-            # Position t of row r is the distribution over token t + 1; only the rows asked for are
-            # normalised, so a long prompt with a large vocabulary never holds a full [B, T, V] copy.
-            return torch.log_softmax(logits[row, start:stop].detach().float().cpu() / temp, dim=-1)
-
-        if scores.topk or scores.target is not None or scores.alt_k:
-            _score_prompt(result, dist(0, 0, n - 1), n, cut, scores, temperature, seed)
-        if scores.topk_sample:
-            for row, seq in enumerate(sequences):
-                seq.topk = _topk(dist(row, n - 1, n - 1 + len(seq.tokens)), scores.topk_sample)
+        # Position t is the distribution over token t + 1.
+        dist = torch.log_softmax(logits[0, :n - 1].detach().float().cpu() / temp, dim=-1)
+        _score_prompt(result, dist, n, cut, scores, temperature, seed)
     return result
 
 
@@ -111,7 +189,7 @@ def _topk(dist: torch.Tensor, k: int) -> Tuple[np.ndarray, np.ndarray]:
     return ids.numpy().astype(np.int32), values.numpy().astype(np.float32)
 
 
-def _score_prompt(result: SampleResult, dist: torch.Tensor, n: int, cut: int, scores: PromptScores,
+def _score_prompt(result: TinkerSampleResult, dist: torch.Tensor, n: int, cut: int, scores: PromptScores,
                   temperature: float, seed: Optional[int]) -> None:
     """Prompt-side scores from ``dist`` ([n - 1, vocab]: row i is the distribution over prompt token i + 1)."""
     if scores.topk:
@@ -136,16 +214,3 @@ def _score_prompt(result: SampleResult, dist: torch.Tensor, n: int, cut: int, sc
         else:
             draws = dist.argmax(dim=-1, keepdim=True).expand(-1, k)
         result.alt_tokens = (draws.numpy().astype(np.int32), dist.gather(1, draws).numpy().astype(np.float32))
-
-
-def _trim(tokens: Sequence[int], stops: Sequence[int], stop_strings: Sequence[str], template) -> SampledSequence:
-    tokens = [int(t) for t in tokens]
-    for i, tok in enumerate(tokens):
-        if tok in stops:
-            return SampledSequence(tokens[:i + 1], [], 'stop')
-    if stop_strings:
-        for k in range(1, len(tokens) + 1):
-            text = template.decode(tokens[:k])
-            if any(s and s in text for s in stop_strings):
-                return SampledSequence(tokens[:k], [], 'stop')
-    return SampledSequence(tokens, [], 'length')

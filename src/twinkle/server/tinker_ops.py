@@ -13,7 +13,7 @@ from .context import ServerContext
 from .engine import TINKER_TARGETS, Adapter
 from .errors import BadRequest, Gone, NotFound
 from .futures import ServerFuture, SeqGate
-from .sampling import PromptScores, sample
+from .sampling import PromptScores, SampleCall, TinkerSampleResult, sample_many
 from .stability import StabilityStore
 from .store import TenantStore, check_name, format_path
 
@@ -42,7 +42,8 @@ class TinkerModel:
 
 
 @dataclass
-class Sampler:
+class SamplingSession:
+    """A Tinker sampling session (a sampler adapter on the server's model); not a ``twinkle.sampler.Sampler``."""
     sampler_id: str
     tenant: str
     model_path: Optional[str]
@@ -52,13 +53,16 @@ class Sampler:
     clients: int = 0                      # clones that joined (join_sampling_session)
 
 
+Sampler = SamplingSession  # the former name
+
+
 class TinkerState:
 
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
         self.sessions: Dict[str, TinkerSession] = {}
         self.models: Dict[str, TinkerModel] = {}
-        self.samplers: Dict[str, Sampler] = {}
+        self.samplers: Dict[str, SamplingSession] = {}
         self.stability = StabilityStore()
 
     # -- lookups (404 for what is missing or belongs to someone else) ----------------------------------------
@@ -79,7 +83,7 @@ class TinkerState:
             raise NotFound(f'model {model_id!r} not found')
         return m
 
-    def sampler(self, tenant: str, sampler_id: Any) -> Sampler:
+    def sampler(self, tenant: str, sampler_id: Any) -> SamplingSession:
         s = self.samplers.get(sampler_id) if isinstance(sampler_id, str) else None
         if s is None or s.tenant != tenant:
             raise NotFound(f'sampling session {sampler_id!r} not found')
@@ -192,7 +196,7 @@ class TinkerState:
         self.ctx.engine.load(self._adapter(model), store.folder(ckpt), with_optimizer)
         return {'path': path, 'model_id': model.model_id, 'type': 'load_weights'}
 
-    def ensure_sampler(self, s: Sampler) -> Adapter:
+    def ensure_sampler(self, s: SamplingSession) -> Adapter:
         engine = self.ctx.engine
         if s.adapter is not None and engine.adapters.get(s.adapter.name) is s.adapter:
             return s.adapter
@@ -211,7 +215,20 @@ class TinkerState:
                                    folder=store.folder(ckpt), optimizer=False)
         return s.adapter
 
-    def op_sample(self, s: Sampler, req: Dict[str, Any]) -> bytes:
+    def submit_sample(self, tenant: str, s: SamplingSession, req: Dict[str, Any]) -> ServerFuture:
+        """Queue a sample request; on the worker it may decode together with other tenants' (sample_batch.py)."""
+        from .sample_batch import SampleWork
+        fut, _ = self.ctx.job(tenant, lambda: None)
+        self.ctx.worker.put(tenant, SampleWork(self, s, req, fut), sliced=True)
+        return fut
+
+    def op_sample(self, s: SamplingSession, req: Dict[str, Any]) -> bytes:
+        result = sample_many(self.ctx.engine, [self.prepare_sample(s, req)])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return self.finish_sample(s, req, result)
+
+    def prepare_sample(self, s: SamplingSession, req: Dict[str, Any]) -> SampleCall:
         engine = self.ctx.engine
         adapter = self.ensure_sampler(s)
         engine.check_finite(adapter)
@@ -219,13 +236,16 @@ class TinkerState:
         sc = dict(req.get('scores') or {})
         target = sc.pop('target', None)
         scores = PromptScores(target=None if target is None else target[0], **sc)
-        result = sample(engine, adapter, req['prompt_tokens'], req['num_samples'], params['max_tokens'],
-                        params['temperature'], params['top_k'], params['top_p'], params.get('seed'),
-                        params['stop_tokens'], params['stop_strings'], req['prompt_logprobs'],
-                        req.get('prompt_logprobs_last_n'), scores)
+        return SampleCall(adapter, [int(t) for t in req['prompt_tokens']], req['num_samples'], params['max_tokens'],
+                          params['temperature'], params['top_k'], params['top_p'], params.get('seed'),
+                          params['stop_tokens'], params['stop_strings'], req['prompt_logprobs'],
+                          req.get('prompt_logprobs_last_n'), scores)
+
+    def finish_sample(self, s: SamplingSession, req: Dict[str, Any], result: TinkerSampleResult) -> bytes:
         if req.get('record_ids'):
             self.stability.record(s.tenant, req['record_ids'], req['prompt_tokens'],
                                   [(seq.tokens, seq.logprobs) for seq in result.sequences])
+        target = (req.get('scores') or {}).get('target')
         return tinker_data.sample_proto(result, None if target is None else target[1])
 
     def expire_sessions(self, timeout_s: float) -> None:

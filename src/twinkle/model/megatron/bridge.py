@@ -19,27 +19,18 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
 from .config import ModelSpec
+from .families import family_of
 
 Tensor = torch.Tensor
 _LAYER = re.compile(r'^model\.layers\.(\d+)\.(.+)$')
 _EXPERT = re.compile(r'^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$')
 
-# Per-layer parameters that are renamed one to one (Hugging Face suffix -> megatron-core suffix).
-_LAYER_RENAMES = {
-    'input_layernorm.weight': 'input_layernorm.weight',
-    'post_attention_layernorm.weight': 'pre_mlp_layernorm.weight',
-    'self_attn.o_proj.weight': 'self_attention.linear_proj.weight',
-    'self_attn.q_norm.weight': 'self_attention.q_layernorm.weight',
-    'self_attn.k_norm.weight': 'self_attention.k_layernorm.weight',
-    'mlp.down_proj.weight': 'mlp.linear_fc2.weight',
-    'mlp.gate.weight': 'mlp.router.weight',
-}
-_LAYER_RENAMES_BACK = {v: k for k, v in _LAYER_RENAMES.items()}
+# The name tables live with each family (families.py): one table per family, read here, in io and shard.
 
 
 class ConversionError(ValueError):
@@ -77,10 +68,18 @@ def _pad_vocab(weight: Tensor, padded: int) -> Tensor:
     return torch.cat([weight, pad], dim=0)
 
 
-def hf_to_mcore(hf: Dict[str, Tensor], spec: ModelSpec) -> Dict[str, Tensor]:
-    """A full Hugging Face state dict (the on-disk names) -> a full megatron-core GPTModel state dict."""
+def hf_to_mcore(hf: Dict[str, Tensor], spec: ModelSpec, layers: Optional[Tuple[int, int]] = None,
+                experts: Optional[Callable[[int], bool]] = None) -> Dict[str, Tensor]:
+    """A Hugging Face state dict (the on-disk names) -> megatron-core GPTModel names and layout.
+
+    By default ``hf`` is the full model. For one rank's part (``shard.rank_hf_keys``): ``layers`` = ``[start,
+    end)`` of the layers given, ``experts(e)`` whether expert ``e`` is given; embedding, final norm and output
+    layer are converted when present."""
     t = spec.transformer
     heads, groups = t['num_attention_heads'], t['num_query_groups']
+    family = family_of(spec.model_type)
+    renames = family.renames
+    partial = layers is not None
     hf = dict(hf)
     out: Dict[str, Tensor] = {}
 
@@ -90,37 +89,41 @@ def hf_to_mcore(hf: Dict[str, Tensor], spec: ModelSpec) -> Dict[str, Tensor]:
         except KeyError:
             raise ConversionError(f'the checkpoint has no {name!r}; is it a {spec.model_type} checkpoint?') from None
 
-    out['embedding.word_embeddings.weight'] = _pad_vocab(take('model.embed_tokens.weight'), spec.padded_vocab_size)
-    out['decoder.final_layernorm.weight'] = take('model.norm.weight')
+    if not partial or 'model.embed_tokens.weight' in hf:
+        out['embedding.word_embeddings.weight'] = _pad_vocab(take('model.embed_tokens.weight'),
+                                                             spec.padded_vocab_size)
+    if not partial or 'model.norm.weight' in hf:
+        out['decoder.final_layernorm.weight'] = take('model.norm.weight')
     if 'lm_head.weight' in hf:
         lm_head = hf.pop('lm_head.weight')
         if not spec.tie_word_embeddings:
             out['output_layer.weight'] = _pad_vocab(lm_head, spec.padded_vocab_size)
-    elif not spec.tie_word_embeddings:
+    elif not spec.tie_word_embeddings and not partial:
         raise ConversionError("the checkpoint has no 'lm_head.weight' but tie_word_embeddings is false")
-    for i in range(spec.num_layers):
+    qkv, fc1 = family.linear('linear_qkv'), family.linear('linear_fc1')
+    start, end = layers if partial else (0, spec.num_layers)
+    for i in range(start, end):
         p, m = f'model.layers.{i}.', f'decoder.layers.{i}.'
-        attn = 'self_attn.'
+        attn = qkv.hf_block + '.'
         out[m + 'self_attention.linear_qkv.weight'] = fuse_qkv(
-            take(p + attn + 'q_proj.weight'), take(p + attn + 'k_proj.weight'), take(p + attn + 'v_proj.weight'),
-            heads, groups)
+            *(take(f'{p}{attn}{proj}.weight') for proj in qkv.hf_parts), heads, groups)
         if t['add_qkv_bias']:
             out[m + 'self_attention.linear_qkv.bias'] = fuse_qkv(
-                take(p + attn + 'q_proj.bias'), take(p + attn + 'k_proj.bias'), take(p + attn + 'v_proj.bias'),
-                heads, groups)
+                *(take(f'{p}{attn}{proj}.bias') for proj in qkv.hf_parts), heads, groups)
         if spec.is_moe and _is_moe_layer(spec, i):
             for e in range(spec.num_experts):
+                if experts is not None and not experts(e):
+                    continue
                 ep, em = f'{p}mlp.experts.{e}.', f'{m}mlp.experts.local_experts.{e}.'
-                out[em + 'linear_fc1.weight'] = torch.cat([take(ep + 'gate_proj.weight'),
-                                                           take(ep + 'up_proj.weight')], dim=0)
+                out[em + 'linear_fc1.weight'] = torch.cat([take(f'{ep}{proj}.weight') for proj in fc1.hf_parts], 0)
                 out[em + 'linear_fc2.weight'] = take(ep + 'down_proj.weight')
         else:
-            out[m + 'mlp.linear_fc1.weight'] = torch.cat([take(p + 'mlp.gate_proj.weight'),
-                                                          take(p + 'mlp.up_proj.weight')], dim=0)
+            out[m + 'mlp.linear_fc1.weight'] = torch.cat(
+                [take(f'{p}{fc1.hf_block}.{proj}.weight') for proj in fc1.hf_parts], dim=0)
         for name in list(hf):
             match = _LAYER.match(name)
-            if match and int(match.group(1)) == i and match.group(2) in _LAYER_RENAMES:
-                out[m + _LAYER_RENAMES[match.group(2)]] = hf.pop(name)
+            if match and int(match.group(1)) == i and match.group(2) in renames:
+                out[m + renames[match.group(2)]] = hf.pop(name)
     leftover = [k for k in hf if not k.endswith('rotary_emb.inv_freq')]
     if leftover:
         raise ConversionError(f'{len(leftover)} checkpoint tensors have no megatron-core counterpart, e.g. '
@@ -138,6 +141,7 @@ def mcore_to_hf(mc: Dict[str, Tensor], spec: ModelSpec) -> Dict[str, Tensor]:
     """A full megatron-core state dict -> Hugging Face names and layout (what ``save_pretrained`` writes)."""
     t = spec.transformer
     heads, groups = t['num_attention_heads'], t['num_query_groups']
+    renames_back = family_of(spec.model_type).renames_back
     out: Dict[str, Tensor] = {}
     for name, value in mc.items():
         if '_extra_state' in name:
@@ -171,8 +175,8 @@ def mcore_to_hf(mc: Dict[str, Tensor], spec: ModelSpec) -> Dict[str, Tensor]:
                     out[e + 'gate_proj.weight'], out[e + 'up_proj.weight'] = gate, up
                 else:
                     out[e + 'down_proj.weight'] = value
-            elif suffix in _LAYER_RENAMES_BACK:
-                out[p + _LAYER_RENAMES_BACK[suffix]] = value
+            elif suffix in renames_back:
+                out[p + renames_back[suffix]] = value
             else:
                 raise ConversionError(f'unexpected megatron-core tensor {name!r}')
     if spec.tie_word_embeddings and 'model.embed_tokens.weight' not in out:
@@ -181,9 +185,7 @@ def mcore_to_hf(mc: Dict[str, Tensor], spec: ModelSpec) -> Dict[str, Tensor]:
 
 
 # ---------------------------------------------------------------------------- files
-def read_hf_folder(folder: str, keys: Optional[Iterable[str]] = None) -> Dict[str, Tensor]:
-    """Every tensor of ``model*.safetensors`` in ``folder`` (or only ``keys``), on CPU."""
-    from safetensors import safe_open
+def _hf_files(folder: str) -> List[str]:
     path = Path(folder)
     index = path / 'model.safetensors.index.json'
     if index.exists():
@@ -192,10 +194,26 @@ def read_hf_folder(folder: str, keys: Optional[Iterable[str]] = None) -> Dict[st
         files = [p.name for p in sorted(path.glob('model*.safetensors'))]
     if not files:
         raise ConversionError(f'{folder} has no model*.safetensors: MegatronModel loads safetensors checkpoints')
+    return files
+
+
+def hf_folder_keys(folder: str) -> List[str]:
+    """The tensor names of the checkpoint in ``folder`` (its headers only; no tensor is read)."""
+    from safetensors import safe_open
+    keys: List[str] = []
+    for file in _hf_files(folder):
+        with safe_open(str(Path(folder) / file), framework='pt') as f:
+            keys.extend(f.keys())
+    return keys
+
+
+def read_hf_folder(folder: str, keys: Optional[Iterable[str]] = None) -> Dict[str, Tensor]:
+    """Every tensor of ``model*.safetensors`` in ``folder`` (or only ``keys``: the others are never read), on CPU."""
+    from safetensors import safe_open
     wanted = set(keys) if keys is not None else None
     state: Dict[str, Tensor] = {}
-    for file in files:
-        with safe_open(str(path / file), framework='pt') as f:
+    for file in _hf_files(folder):
+        with safe_open(str(Path(folder) / file), framework='pt') as f:
             for key in f.keys():
                 if wanted is None or key in wanted:
                     state[key] = f.get_tensor(key)

@@ -5,9 +5,9 @@ from typing import Any, Dict
 
 import torch
 
-from .bridge import hf_to_mcore, read_hf_folder
+from .bridge import hf_folder_keys, hf_to_mcore, read_hf_folder
 from .config import ModelSpec
-from .shard import Layout, shard_state
+from .shard import Layout, rank_hf_keys, shard_state
 
 
 def layout_of(config: Any) -> Layout:
@@ -55,6 +55,14 @@ def load_shard(module: torch.nn.Module, shard: Dict[str, torch.Tensor]) -> None:
                 tensor.copy_(shard[name].to(tensor.dtype))
 
 
+def read_rank_part(folder: str, spec: ModelSpec, layout: Layout, coords: Dict[str, int]) -> Dict[str, torch.Tensor]:
+    """This rank's megatron-core shard, reading from the checkpoint only the tensors the rank needs (its
+    pipeline stage's layers and its experts), each one through safetensors' per-key access."""
+    keys, layers, experts = rank_hf_keys(hf_folder_keys(folder), spec, layout, coords['pp'], coords['ep'])
+    part = hf_to_mcore(read_hf_folder(folder, keys), spec, layers=layers, experts=experts)
+    return shard_state(part, spec, layout, coords['pp'], coords['tp'], coords['ep'])
+
+
 def load_hf_weights(module: torch.nn.Module, folder: str, spec: ModelSpec, config: Any,
                     coords: Dict[str, int]) -> None:
-    load_shard(module, rank_shard(read_hf_folder(folder), spec, config, coords))
+    load_shard(module, read_rank_part(folder, spec, layout_of(config), coords))

@@ -11,8 +11,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
-SUPPORTED_MODEL_TYPES = ('llama', 'qwen2', 'qwen3', 'qwen3_moe')
-MOE_MODEL_TYPES = ('qwen3_moe',)
+from .families import family_of, supported_model_types
+
+# The registered families' names at import (families.register_family adds more).
+SUPPORTED_MODEL_TYPES = supported_model_types()
+MOE_MODEL_TYPES = tuple(t for t in SUPPORTED_MODEL_TYPES if family_of(t).is_moe)
 # Filled from the device mesh; passing them as keyword arguments would contradict the mesh.
 MESH_OWNED_FIELDS = {
     'tensor_model_parallel_size': 'tp_size', 'pipeline_model_parallel_size': 'pp_size',
@@ -72,26 +75,17 @@ def _rope_scaling(hf: Any) -> Dict[str, Any]:
 
 
 def hf_to_spec(hf: Any, tp_size: int = 1) -> ModelSpec:
-    """Map a ``transformers`` config of a supported architecture to a :class:`ModelSpec`."""
+    """Map a ``transformers`` config of a registered family (``families.py``) to a :class:`ModelSpec`."""
     model_type = getattr(hf, 'model_type', None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise NotImplementedError(f'MegatronModel supports model_type {", ".join(SUPPORTED_MODEL_TYPES)}; this '
-                                  f'checkpoint is {model_type!r}. Use TransformersModel for other architectures')
+    family = family_of(model_type)
     act = getattr(hf, 'hidden_act', 'silu')
     if act != 'silu':
         raise NotImplementedError(f'hidden_act={act!r}: only gated SiLU MLPs (SwiGLU) are mapped')
     heads = int(hf.num_attention_heads)
     kv_heads = int(getattr(hf, 'num_key_value_heads', None) or heads)
     head_dim = int(getattr(hf, 'head_dim', None) or hf.hidden_size // heads)
-    if model_type == 'llama' and getattr(hf, 'mlp_bias', False):
-        raise NotImplementedError('Llama checkpoints with mlp_bias=True are not mapped to megatron-core')
-    # Qwen2 always has q/k/v biases; Llama and Qwen3 have them when attention_bias is set, but Llama's
-    # attention_bias also adds an o_proj bias, which megatron-core cannot express alone.
-    qkv_bias = model_type == 'qwen2' or bool(getattr(hf, 'attention_bias', False))
-    if qkv_bias and model_type == 'llama':
-        raise NotImplementedError('Llama checkpoints with attention_bias=True (o_proj bias) are not mapped')
-    if model_type == 'qwen3' and qkv_bias:
-        raise NotImplementedError('Qwen3 checkpoints with attention_bias=True (o_proj bias) are not mapped')
+    family.check(hf)
+    qkv_bias = family.qkv_bias(hf)
     transformer: Dict[str, Any] = {
         'num_layers': int(hf.num_hidden_layers),
         'hidden_size': int(hf.hidden_size),
@@ -105,7 +99,7 @@ def hf_to_spec(hf: Any, tp_size: int = 1) -> ModelSpec:
         'activation_func': 'silu',
         'add_bias_linear': False,
         'add_qkv_bias': qkv_bias,
-        'qk_layernorm': model_type in ('qwen3', 'qwen3_moe'),
+        'qk_layernorm': family.qk_layernorm,
         'hidden_dropout': 0.0,
         'attention_dropout': float(getattr(hf, 'attention_dropout', 0.0) or 0.0),
         'init_method_std': float(getattr(hf, 'initializer_range', 0.02)),
@@ -119,26 +113,9 @@ def hf_to_spec(hf: Any, tp_size: int = 1) -> ModelSpec:
         'persist_layer_norm': False,
     }
     num_experts = None
-    if model_type in MOE_MODEL_TYPES:
-        num_experts = int(hf.num_experts)
-        sparse_step = int(getattr(hf, 'decoder_sparse_step', 1) or 1)
-        dense_layers = list(getattr(hf, 'mlp_only_layers', None) or [])
-        freq = [0 if (i in dense_layers or (i + 1) % sparse_step) else 1 for i in range(hf.num_hidden_layers)]
-        transformer.update({
-            'num_moe_experts': num_experts,
-            'moe_router_topk': int(hf.num_experts_per_tok),
-            'moe_ffn_hidden_size': int(hf.moe_intermediate_size),
-            'moe_router_score_function': 'softmax',
-            # Qwen3-MoE: softmax over all experts, top-k, then renormalise when norm_topk_prob. Megatron's
-            # top-k-then-softmax equals that renormalised form; pre-softmax keeps the raw top-k scores.
-            'moe_router_pre_softmax': not bool(getattr(hf, 'norm_topk_prob', True)),
-            'moe_router_load_balancing_type': 'aux_loss',
-            'moe_aux_loss_coeff': float(getattr(hf, 'router_aux_loss_coef', 0.0) or 0.0),
-            'moe_grouped_gemm': False,
-            'moe_token_dispatcher_type': 'allgather',
-        })
-        if not all(freq):
-            transformer['moe_layer_freq'] = freq
+    if family.is_moe:
+        transformer.update(family.moe_fields(hf))
+        num_experts = int(transformer['num_moe_experts'])
     vocab = int(hf.vocab_size)
     return ModelSpec(
         model_type=model_type, transformer=transformer, vocab_size=vocab,

@@ -20,6 +20,7 @@ from ..checkpoint import (ADAPTER_WEIGHTS, RNG_FILE, SCHEDULER_FILE, TRAINER_STA
                           capture_rng_state, open_for_resume, read_trainer_state, restore_training_state,
                           write_json, write_manifest)
 from .bridge import fuse_qkv, mcore_to_hf, split_qkv, write_hf_folder
+from .families import family_of
 from .builder import layout_of, load_hf_weights
 from .lora import LoraSpec, attach, is_lora_key
 from .shard import merge_shards, shard_state
@@ -31,8 +32,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 OPTIMIZER_DIR = 'optimizer'
 _PEFT_PREFIX = 'base_model.model.'
-_HF_PARTS = {'linear_qkv': ('self_attn', ('q_proj', 'k_proj', 'v_proj')), 'linear_proj': ('self_attn', ('o_proj',)),
-             'linear_fc1': ('mlp', ('gate_proj', 'up_proj')), 'linear_fc2': ('mlp', ('down_proj',))}
+
+
+def _hf_parts(spec: Any, target: str) -> Any:
+    """(Hugging Face block, its projections) of the fused megatron-core layer ``target``: the family's table."""
+    lin = family_of(spec.model_type).linear(target)
+    return lin.hf_block, lin.hf_parts
 
 
 def _dist() -> Any:
@@ -71,7 +76,7 @@ def _to_peft(full: Dict[str, torch.Tensor], spec: Any) -> Dict[str, torch.Tensor
         head, factor = name.split('.lora_')
         layer_no, rest = head[len('decoder.layers.'):].split('.', 1)
         target = rest.rsplit('.', 1)[-1]
-        block, projs = _HF_PARTS[target]
+        block, projs = _hf_parts(spec, target)
         if factor.startswith('A'):
             parts = [value.clone() for _ in projs]
         elif target == 'linear_qkv':
@@ -90,7 +95,7 @@ def _from_peft(state: Dict[str, torch.Tensor], lora_spec: LoraSpec, spec: Any) -
     out = {}
     for i in range(spec.num_layers):
         for target in lora_spec.targets:
-            block, projs = _HF_PARTS[target]
+            block, projs = _hf_parts(spec, target)
             sub = 'self_attention' if block == 'self_attn' else 'mlp'
             keys = {f: [f'{_PEFT_PREFIX}model.layers.{i}.{block}.{p}.lora_{f}.weight' for p in projs] for f in 'AB'}
             missing = [k for ks in keys.values() for k in ks if k not in state]

@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
 from .config import ModelSpec
+from .families import family_of
 
 Tensor = torch.Tensor
 _LAYER = re.compile(r'^decoder\.layers\.(\d+)\.(.+)$')
 _EXPERT = re.compile(r'^mlp\.experts\.local_experts\.(\d+)\.(.+)$')
-_COLUMN = ('self_attention.linear_qkv.weight', 'self_attention.linear_qkv.bias')
-_ROW = ('self_attention.linear_proj.weight', 'linear_fc2.weight')
+_HF_LAYER = re.compile(r'^model\.layers\.(\d+)\.(.+)$')
+_HF_EXPERT = re.compile(r'^mlp\.experts\.(\d+)\.')
 _VOCAB = ('embedding.word_embeddings.weight', 'output_layer.weight')
 
 
@@ -74,17 +75,42 @@ def _split_fc1(t: Tensor, tp: int, index: int) -> Tensor:
     return torch.cat([_split(gate, tp, 0, index), _split(up, tp, 0, index)], dim=0)
 
 
-def _tp_kind(suffix: str) -> Optional[str]:
+def _tp_kind(suffix: str, spec: ModelSpec) -> Optional[str]:
     if '.lora_A.' in suffix or '.lora_B.' in suffix:
         from .lora import lora_tp_kind
         return lora_tp_kind(suffix)
-    if suffix in _COLUMN:
-        return 'column'
-    if suffix.endswith('linear_fc1.weight'):
-        return 'fc1'
-    if suffix in _ROW or suffix.endswith('linear_fc2.weight'):
-        return 'row'
-    return None
+    return family_of(spec.model_type).tp_kind(suffix)
+
+
+def rank_hf_keys(keys: Iterable[str], spec: ModelSpec, layout: Layout, pp_rank: int = 0,
+                 ep_rank: int = 0) -> Tuple[List[str], Tuple[int, int], Callable[[int], bool]]:
+    """The Hugging Face checkpoint tensors rank ``(pp_rank, *, ep_rank)`` needs (tensor-parallel ranks of one
+    stage need the same full tensors, which they split), with the layer range and expert filter to give
+    ``bridge.hf_to_mcore`` for them."""
+    _check_groups(spec, layout)
+    start, end = layout.layer_ranges(spec.num_layers)[pp_rank]
+    first, last = pp_rank == 0, pp_rank == layout.pp - 1
+    per_rank = spec.num_experts // layout.ep if spec.is_moe else 0
+
+    def mine(e: int) -> bool:
+        return e // per_rank == ep_rank
+
+    wanted = []
+    for key in keys:
+        match = _HF_LAYER.match(key)
+        if match is None:
+            if key == 'model.embed_tokens.weight':
+                keep = first or (last and spec.tie_word_embeddings)
+            elif key == 'lm_head.weight' or key == 'model.norm.weight':
+                keep = last
+            else:
+                keep = not key.endswith('rotary_emb.inv_freq')  # unknown: let the conversion name it
+        else:
+            expert = _HF_EXPERT.match(match.group(2))
+            keep = start <= int(match.group(1)) < end and (expert is None or mine(int(expert.group(1))))
+        if keep:
+            wanted.append(key)
+    return wanted, (start, end), mine
 
 
 def _check_groups(spec: ModelSpec, layout: Layout) -> None:
@@ -128,7 +154,7 @@ def shard_state(full: Mapping[str, Tensor], spec: ModelSpec, layout: Layout,
             if e // experts_per_rank != ep_rank:
                 continue
             suffix = f'mlp.experts.local_experts.{e % experts_per_rank}.{expert.group(2)}'
-        kind = _tp_kind(suffix)
+        kind = _tp_kind(suffix, spec)
         if kind == 'column':
             value = _split(value, layout.tp, 0, tp_rank)
         elif kind == 'fc1':
@@ -171,7 +197,7 @@ def merge_shards(shards: Mapping[Tuple[int, int, int], Mapping[str, Tensor]], sp
                              f'{expert.group(2)}'
                 elif e:
                     continue  # dense tensors are repeated on every expert-parallel rank
-                full_name, kind = f'decoder.layers.{start + int(match.group(1))}.{suffix}', _tp_kind(suffix)
+                full_name, kind = f'decoder.layers.{start + int(match.group(1))}.{suffix}', _tp_kind(suffix, spec)
             if kind is None and t:
                 continue  # replicated over tensor-parallel ranks
             pieces.setdefault(full_name, {})[t] = value

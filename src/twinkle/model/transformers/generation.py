@@ -1,9 +1,15 @@
-"""Generation with the active adapter, on messages or token ids, honouring a GenerationConfig."""
+"""Generation with the active adapter, on messages or token ids, honouring a GenerationConfig: a facade over
+the generation core (``twinkle.sampler.core``); beam search goes to transformers directly."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Sequence, Tuple
+import contextlib
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Sequence, Tuple
 
 import torch
+
+from ...sampler.core import DecodeSpec, GenerationRequest, left_padded
+from ...sampler.core import generate as core_generate
+from ...sampler.kv_cache import check_cache_implementation, prepare_cache
 
 if TYPE_CHECKING:
     from .model import TransformersModel
@@ -40,18 +46,30 @@ def generate(model: 'TransformersModel', inputs: Any, generation_config: Any = N
     """``num_return_sequences`` (n) results per prompt, in prompt order: results ``[i * n, (i + 1) * n)``
     belong to prompt ``i`` (each carries its ``prompt_index``). ``token_ids`` end at the first end token
     (included), so a sample is the same whether its prompt was generated alone or in a batch."""
-    from transformers import GenerationConfig
-
-    from ...sampler.kv_cache import check_cache_implementation, prepare_cache
-
     prompts = as_prompts(model, inputs)
     hf = model.strategy.unwrap(model.module)
+    config, n = merged_config(model, generation_config, kwargs)
+    if (config.num_beams or 1) > 1:
+        return _beam_search(model, hf, prompts, config, n)
+    # Without beam search every sample is an independent row: each prompt repeated n times.
+    rows = [p for p in prompts for _ in range(n)]
+    request = GenerationRequest(rows, decode_spec(config, max(len(p) for p in prompts)))
+    decode = lambda ids: model.template.decode(ids, skip_special_tokens=True)  # noqa: E731
+    with inference_mode(model, hf):
+        sequences = core_generate(hf, [request], config, pad_id=config.pad_token_id, device=model.device,
+                                  decode=decode)[0]
+    return [{'token_ids': s.token_ids, 'text': s.text, 'prompt_index': row // n} for row, s in enumerate(sequences)]
+
+
+def merged_config(model: 'TransformersModel', generation_config: Any, kwargs: Dict[str, Any]) -> Tuple[Any, int]:
+    """The model's generation config updated by the caller's config and keyword arguments, checked, and
+    ``num_return_sequences`` (taken out: transformers refuses n > 1 for greedy decoding)."""
+    from transformers import GenerationConfig
     base_config = getattr(model.hf_model, 'generation_config', None)
     config = GenerationConfig.from_dict(base_config.to_dict()) if base_config is not None else GenerationConfig()
     updates = [generation_config.to_dict() if hasattr(generation_config, 'to_dict') else dict(generation_config)] \
         if generation_config is not None else []
     updates.append(dict(kwargs))
-    # Taken out before transformers validates the config: it refuses n > 1 for greedy decoding.
     n = next((u.pop('num_return_sequences') for u in reversed(updates) if u.get('num_return_sequences') is not None),
              config.num_return_sequences)
     n = 1 if n is None else n
@@ -63,30 +81,55 @@ def generate(model: 'TransformersModel', inputs: Any, generation_config: Any = N
     for update in updates:
         update.pop('num_return_sequences', None)
         config.update(**update)
-    pad = model.template.pad_token_id
     if config.pad_token_id is None:
-        config.pad_token_id = pad
+        config.pad_token_id = model.template.pad_token_id
     prepare_cache(config, model.device, model.hf_model.config)
-    rows = prompts
-    if (config.num_beams or 1) == 1:
-        # Without beam search every sample is an independent row: repeat each prompt n times (what
-        # transformers does internally when sampling), which also lets greedy decoding return n rows.
-        rows = [p for p in prompts for _ in range(n)]
-        config.num_return_sequences = 1
-    else:
-        config.num_return_sequences = n
-    ids, mask, width = _left_padded(rows, pad)
+    return config, n
+
+
+def decode_spec(config: Any, prompt_width: int) -> DecodeSpec:
+    """A transformers GenerationConfig's sampling and stopping settings as the core's DecodeSpec."""
+    for name, off in (('typical_p', 1.0), ('epsilon_cutoff', 0.0), ('eta_cutoff', 0.0)):
+        value = getattr(config, name, None)
+        if config.do_sample and value is not None and value != off:
+            raise ValueError(f'generate: {name}={value} is not supported; sample with temperature, top_k, top_p '
+                             f'or min_p')
+    eos = config.eos_token_id
+    stops = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    strings = config.stop_strings or ()
+    max_new = config.max_new_tokens
+    if max_new is None:  # transformers' max_length counts the prompt
+        max_new = max(1, int(config.max_length or 20) - prompt_width)
+    return DecodeSpec(max_tokens=int(max_new), greedy=not config.do_sample,
+                      temperature=float(config.temperature if config.temperature is not None else 1.0),
+                      top_k=int(config.top_k or 0), top_p=float(config.top_p if config.top_p is not None else 1.0),
+                      min_p=config.min_p, repetition_penalty=float(config.repetition_penalty or 1.0),
+                      stop_token_ids=tuple(int(t) for t in stops),
+                      stop_strings=(strings,) if isinstance(strings, str) else tuple(strings))
+
+
+@contextlib.contextmanager
+def inference_mode(model: 'TransformersModel', hf: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) and the model's autocast for the duration; the train/eval mode is put back."""
     was_training = hf.training
     hf.eval()
     try:
         with model.precision.autocast():
-            out = hf.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                              generation_config=config)
+            yield
     finally:
         hf.train(was_training)
+
+
+def _beam_search(model: 'TransformersModel', hf: torch.nn.Module, prompts: List[List[int]], config: Any,
+                 n: int) -> List[Dict[str, Any]]:
+    config.num_return_sequences = n
+    ids, mask, width = left_padded(prompts, config.pad_token_id)
+    with inference_mode(model, hf):
+        out = hf.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                          generation_config=config)
     eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
     results = []
-    # Rows come back grouped by prompt (beam search returns its n best beams per prompt, in order).
+    # Beam search returns its n best beams per prompt, in order.
     for row in range(len(prompts) * n):
         new = out[row, width:].tolist()
         end = next((i for i, tok in enumerate(new) if tok in eos), None)
@@ -96,12 +139,4 @@ def generate(model: 'TransformersModel', inputs: Any, generation_config: Any = N
     return results
 
 
-def _left_padded(rows: List[List[int]], pad: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    # Left padding: every prompt ends where generation starts.
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row)
-        mask[i, width - len(row):] = 1
-    return ids, mask, width
+_left_padded = left_padded
