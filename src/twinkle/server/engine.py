@@ -229,6 +229,14 @@ class Engine:
             self.remove(adapter)
 
     @contextlib.contextmanager
+    def inference(self) -> Iterator[torch.nn.Module]:
+        """The unwrapped module in eval mode under the model's autocast, for decoding."""
+        from ..model.transformers.generation import inference_mode
+        hf = self.model.strategy.unwrap(self.model.module)
+        with inference_mode(self.model, hf):
+            yield hf
+
+    @contextlib.contextmanager
     def using(self, adapter: Adapter) -> Iterator[None]:
         """Run with the adapter's own RNG stream, and keep the stream's new state afterwards."""
         if self.adapters.get(adapter.name) is not adapter:

@@ -86,9 +86,7 @@ def sample(engine: Engine, adapter: Adapter, prompt: Sequence[int], num_samples:
 def sample_many(engine: Engine, calls: Sequence[SampleCall]) -> List[Union[TinkerSampleResult, BaseException]]:
     """Every call's completions from one decode loop (each row with its call's adapter); then each call's
     prompt-side scores. A call's own failure (e.g. a bad score request) is returned in its place."""
-    from ..model.transformers.generation import inference_mode
     model = engine.model
-    hf = model.strategy.unwrap(model.module)
     eos = model.template.tokenizer.eos_token_id
     requests, unseeded = [], []
     for call in calls:
@@ -105,7 +103,7 @@ def sample_many(engine: Engine, calls: Sequence[SampleCall]) -> List[Union[Tinke
         requests.append(GenerationRequest([list(call.prompt)] * call.num_samples, spec, generator,
                                           adapter=call.adapter.name))
     config = _generation_config(model)
-    with inference_mode(model, hf):
+    with engine.inference() as hf:
         sequences = core_generate(hf, requests, config, pad_id=int(model.template.pad_token_id or 0),
                                   device=model.device, decode=model.template.decode)
     for adapter, generator in unseeded:  # the adapter's own stream moves on, as if it had sampled alone
