@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
                                         'can also be a TWINKLE_SERVER_<NAME> environment variable')
     serve.add_argument('--mixed-precision', choices=('auto', 'no', 'bf16', 'fp16'))
     serve.add_argument('--log-level', choices=('debug', 'info', 'warning', 'error'))
+    serve.add_argument('--mesh', help='place the base model on N ranks through Ray, e.g. fsdp=2 (name=size[,...])')
+    serve.add_argument('--ray-address', help='Ray cluster to join for --mesh (default: start a local one)')
     return parser
 
 
@@ -38,7 +40,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             settings = load_settings(args.config, model=args.model, model_name=args.model_name,
                                      tokenizer_id=args.tokenizer_id, host=args.host, port=args.port,
                                      data_dir=args.data_dir, api_keys=args.api_keys,
-                                     mixed_precision=args.mixed_precision, log_level=args.log_level)
+                                     mixed_precision=args.mixed_precision, log_level=args.log_level,
+                                     mesh=args.mesh, ray_address=args.ray_address)
         except ConfigError as exc:
             print(f'twinkle serve: {exc}', file=sys.stderr)
             return 2

@@ -113,6 +113,12 @@ class ServerSettings(BaseSettings):
     every 10 s); its runs and checkpoints stay."""
     limits: Limits = Field(default_factory=Limits)
     log_level: str = 'info'
+    mesh: Annotated[Optional[Dict[str, int]], NoDecode] = None
+    """Place the base model on a device group of ranks through the Ray runtime instead of this process, e.g.
+    ``fsdp=2`` (``--mesh fsdp=2``, or ``mesh: {fsdp: 2}`` in YAML): FSDP2 over two ranks, so a model larger than
+    one device is served. The HTTP front end stays one process. None: the model lives in the server process."""
+    ray_address: Optional[str] = None
+    """Ray cluster to join for ``mesh`` (None: start a local Ray instance)."""
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: Type[BaseSettings], init_settings: PydanticBaseSettingsSource,
@@ -152,6 +158,11 @@ class ServerSettings(BaseSettings):
             raise ValueError(f"mixed_precision must be 'auto', 'no', 'bf16' or 'fp16', got {value!r}")
         return value
 
+    @field_validator('mesh', mode='before')
+    @classmethod
+    def _mesh(cls, value: Any) -> Any:
+        return parse_mesh(value)
+
     @property
     def served_name(self) -> str:
         return self.model_name or self.model
@@ -165,6 +176,38 @@ class ServerSettings(BaseSettings):
 
 class ConfigError(ValueError):
     pass
+
+
+MESH_AXES = ('fsdp',)  # axes the distributed engine can place the served model on
+
+
+def parse_mesh(value: Any) -> Optional[Dict[str, int]]:
+    """``'fsdp=2'`` (``name=size[,name=size]``) or a mapping -> ``{'fsdp': 2}``; None / '' -> None."""
+    if value is None or value == '' or value == {}:
+        return None
+    if isinstance(value, str):
+        sizes: Dict[str, Any] = {}
+        for part in value.split(','):
+            name, eq, size = part.strip().partition('=')
+            if not eq or not name.strip() or not size.strip():
+                raise ValueError(f'mesh {value!r} must look like name=size[,name=size], e.g. fsdp=2')
+            sizes[name.strip()] = size.strip()
+        value = sizes
+    if not isinstance(value, dict):
+        raise ValueError(f'mesh must be a mapping of axis to size or a string like fsdp=2, got {value!r}')
+    mesh: Dict[str, int] = {}
+    for name, size in value.items():
+        if name not in MESH_AXES:
+            raise ValueError(f'mesh axis {name!r} is not supported by the served model; use one of {list(MESH_AXES)}, '
+                             f'e.g. fsdp=2')
+        try:
+            count = int(size)
+        except (TypeError, ValueError):
+            count = 0
+        if isinstance(size, bool) or count < 1 or str(count) != str(size).strip():
+            raise ValueError(f'mesh size of {name!r} must be a positive integer, got {size!r}')
+        mesh[name] = count
+    return mesh
 
 
 def load_settings(config_file: Optional[str] = None, **flags: Any) -> ServerSettings:

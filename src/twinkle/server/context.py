@@ -66,12 +66,15 @@ class ServerContext:
             scrub.add(str(self.engine.model_dir))
         from ..settings import get_settings
         scrub.add(str(get_settings().cache_dir))
-        self.worker.save_state = self.engine.save_state
+        if not self.engine.distributed:  # on ranks elsewhere a sampling job cannot pause mid-decode
+            self.worker.save_state = self.engine.save_state
         self.worker.start()
         self.ready = True
 
     def stop(self) -> None:
         self.worker.stop()
+        if self.engine is not None:
+            self.engine.shutdown()
 
     # -- running model work --------------------------------------------------------------------------------
     def job(self, tenant: str, fn: Callable[[], Any], model_id: Optional[str] = None) -> Tuple[ServerFuture, Callable]:

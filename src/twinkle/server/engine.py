@@ -52,29 +52,54 @@ class Adapter:
 class Engine:
 
     def __init__(self, settings: ServerSettings, log_dir: Path) -> None:
-        from ..model import TransformersModel
+        from . import model_host as ops
         self.settings = settings
-        self.model = TransformersModel(model_id=settings.model, mixed_precision=settings.precision(),
-                                       log_dir=str(log_dir), report_to_tensorboard=False,
-                                       output_dir=str(log_dir / 'unused-output'))
-        self.model_dir = self.model.model_dir
-        self.vocab_size = int(self.model.hf_model.get_input_embeddings().weight.shape[0])
-        config = self.model.hf_model.config
+        # Where the model lives (this process, or a Ray device group): every shared operation goes through it.
+        self.host = ops.make_host(settings, log_dir)
+        self.model = self.host.model  # the in-process model; None when it lives on ranks elsewhere
+        info = self.host.call(ops.describe)
+        self.model_dir = info['model_dir']
+        self.vocab_size: int = info['vocab_size']
+        self.pad_token_id: Optional[int] = info['pad_token_id']
+        self.num_hidden_layers: int = info['num_hidden_layers']
         # What clients are told about the model (capabilities, get_info), read once here.
-        self.max_context_length: Optional[int] = getattr(config, 'max_position_embeddings', None)
-        self.architecture: Optional[str] = (getattr(config, 'architectures', None) or [None])[0]
+        self.max_context_length: Optional[int] = info['max_context_length']
+        self.architecture: Optional[str] = info['architecture']
         self.adapters: Dict[str, Adapter] = {}
-        self.linear_names = sorted({n.rsplit('.', 1)[-1] for n, m in self.model.hf_model.named_modules()
-                                    if isinstance(m, torch.nn.Linear)})
+        self.linear_names: List[str] = info['linear_names']
         # PEFT cannot add an adapter once every adapter has been deleted (its active adapter would dangle), so
         # one inert adapter (B = 0: the base model's outputs) stays for the server's lifetime.
-        with torch.random.fork_rng(devices=self._devices()):
-            torch.manual_seed(0)
-            self.model.add_adapter_to_model('anchor', self.lora_config({'r': 1, 'target_modules':
-                                                                        self.linear_names[:1]}))
-        # Every forward pass (each decoding step of a sample) starts with the input embeddings: there a sliced
-        # job may hand the model to other tenants (queue.pause_point is a no-op for every other job).
-        self.model.hf_model.get_input_embeddings().register_forward_pre_hook(lambda module, args: pause_point())
+        self.host.call(ops.add_adapter, 'anchor', self.lora_config({'r': 1, 'target_modules': self.linear_names[:1]}),
+                       1, 0)
+        if self.host.local:
+            # Every forward pass (each decoding step of a sample) starts with the input embeddings: there a sliced
+            # job may hand the model to other tenants (queue.pause_point is a no-op for every other job).
+            self.model.hf_model.get_input_embeddings().register_forward_pre_hook(
+                lambda module, args: pause_point())
+
+    @property
+    def distributed(self) -> bool:
+        return not self.host.local
+
+    def run(self, adapter: Adapter, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(model, *args)`` where the model lives, with the adapter's own RNG streams (kept afterwards)."""
+        if self.adapters.get(adapter.name) is not adapter:
+            raise BadRequest('this adapter is no longer loaded on the server (released or evicted)')
+        result, rng, cuda_rng = self.host.call_with_rng(fn, args, adapter.rng, adapter.cuda_rng)
+        adapter.rng = rng
+        if cuda_rng is not None:
+            adapter.cuda_rng = cuda_rng
+        adapter.last_used = time.monotonic()
+        return result
+
+    def require_local(self, what: str) -> None:
+        """Refuse a feature that needs the model in the server process."""
+        if self.distributed:
+            raise BadRequest(f'{what} is not available on this server: its base model is distributed over '
+                             f'{self.settings.mesh} ranks (server option mesh); use the Tinker API')
+
+    def shutdown(self) -> None:
+        self.host.shutdown()
 
     def save_state(self) -> Callable[[], None]:
         """What a paused job left in the shared model (active adapter, train/eval mode, RNG streams), and the
@@ -100,6 +125,7 @@ class Engine:
     def prompt_tokens(self, inputs: Any) -> List[List[int]]:
         """One list of token ids per prompt, from token ids, conversations or trajectories (TypeError if not)."""
         from ..model.transformers.generation import as_prompts
+        self.require_local('the native sampling API')
         return as_prompts(self.model, inputs)
 
     # -- adapters ------------------------------------------------------------------------------------------
@@ -181,7 +207,7 @@ class Engine:
                 check(value, f'{field}[{key!r}]')
         layers = lora.get('layers_to_transform')
         if layers is not None:
-            count = int(getattr(self.model.hf_model.config, 'num_hidden_layers', 0) or 0)
+            count = self.num_hidden_layers
             items = [layers] if isinstance(layers, int) else layers
             if not isinstance(items, list) or not items or not all(
                     isinstance(i, int) and not isinstance(i, bool) and 0 <= i < count for i in items):
@@ -194,14 +220,12 @@ class Engine:
 
         A checkpoint's adapter is built from its (checked) recorded options, never from the folder's config
         file, and then takes the folder's weights."""
+        from . import model_host as ops
         name = 'a' + uuid.uuid4().hex[:16]
         config = self.lora_config(lora if folder is None else {**lora, 'init_lora_weights': False})
         seed = int(seed) if seed is not None else int(uuid.uuid4().int % (2 ** 31))
-        with torch.random.fork_rng(devices=self._devices()):
-            torch.manual_seed(seed)
-            self.model.add_adapter_to_model(name, config, gradient_accumulation_steps=grad_accum)
-            adapter = Adapter(tenant, run_id, name, role, dict(lora), torch.get_rng_state(),
-                              torch.cuda.get_rng_state_all() if self._devices() else None)
+        rng, cuda_rng = self.host.call(ops.add_adapter, name, config, grad_accum, seed)
+        adapter = Adapter(tenant, run_id, name, role, dict(lora), rng, cuda_rng)
         self.adapters[name] = adapter
         if folder is not None:
             try:
@@ -211,8 +235,7 @@ class Engine:
                 raise
         if optimizer:
             try:
-                self.model.set_optimizer('AdamW', adapter_name=name, lr=1e-4, betas=(0.9, 0.95), eps=1e-12,
-                                         weight_decay=0.0)
+                self.host.call(ops.set_default_optimizer, name)
             except Exception:
                 self.remove(adapter)
                 raise
@@ -220,7 +243,7 @@ class Engine:
 
     def remove(self, adapter: Adapter) -> None:
         if self.adapters.pop(adapter.name, None) is not None:
-            self.model.remove_adapter(adapter.name)
+            self.host.call(ops.remove_adapter, adapter.name)
 
     def evict_samplers(self, tenant: str, keep: int) -> None:
         samplers = sorted((a for a in self.adapters.values() if a.tenant == tenant and a.role == 'sampler'),
@@ -232,6 +255,7 @@ class Engine:
     def inference(self) -> Iterator[torch.nn.Module]:
         """The unwrapped module in eval mode under the model's autocast, for decoding."""
         from ..model.transformers.generation import inference_mode
+        self.require_local('decoding in the server process')
         hf = self.model.strategy.unwrap(self.model.module)
         with inference_mode(self.model, hf):
             yield hf
@@ -261,18 +285,14 @@ class Engine:
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def save(self, adapter: Adapter, folder: Path, with_optimizer: bool) -> None:
+        from . import model_host as ops
         folder.parent.mkdir(parents=True, exist_ok=True)
-        with self.using(adapter):
-            self.model.save(folder.name, output_dir=str(folder.parent), save_optimizer=with_optimizer,
-                            adapter_name=adapter.name)
+        self.run(adapter, ops.save_adapter, adapter.name, str(folder), with_optimizer)
 
     def load(self, adapter: Adapter, folder: Path, with_optimizer: bool) -> None:
+        from . import model_host as ops
         self.check_fits(adapter, folder)
-        with self.using(adapter):
-            if with_optimizer:
-                self.model.resume_from_checkpoint(str(folder), adapter_name=adapter.name)
-            else:
-                self.model.load(str(folder), adapter_name=adapter.name)
+        self.run(adapter, ops.load_adapter, adapter.name, str(folder), with_optimizer)
 
     def check_fits(self, adapter: Adapter, folder: Path) -> None:
         """Refuse a checkpoint whose weights do not fit the adapter (another rank or other modules) before
@@ -280,10 +300,11 @@ class Engine:
         from safetensors import safe_open
 
         from ..model.checkpoint import ADAPTER_WEIGHTS
+        from . import model_host as ops
         path = Path(folder) / ADAPTER_WEIGHTS
         if not path.is_file():
             raise BadRequest('this checkpoint holds no adapter weights')
-        have = {k: tuple(v.shape) for k, v in self.model.get_state_dict(adapter_name=adapter.name).items()}
+        have = self.host.call(ops.adapter_shapes, adapter.name)
         with safe_open(str(path), framework='pt') as f:
             saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         if saved == have:
@@ -300,10 +321,10 @@ class Engine:
 
     def check_finite(self, adapter: Adapter) -> None:
         """Sampling from NaN / inf weights fails inside torch; say what happened instead."""
-        for value in self.model.get_state_dict(adapter_name=adapter.name).values():
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                raise BadRequest('the adapter\'s weights are not finite (training diverged, e.g. a too large '
-                                 'learning rate): load an earlier checkpoint or start a new run')
+        from . import model_host as ops
+        if not self.host.call(ops.adapter_finite, adapter.name):
+            raise BadRequest('the adapter\'s weights are not finite (training diverged, e.g. a too large '
+                             'learning rate): load an earlier checkpoint or start a new run')
 
     def check_tokens(self, rows: List[List[int]], what: str) -> None:
         for i, row in enumerate(rows):

@@ -119,6 +119,7 @@ class ModelSession:
         if model_id is not None and model_id not in served:
             raise BadRequest(f'model_id {model_id!r} is not served here; this server trains adapters on '
                              f'{sorted(served)}')
+        ctx.engine.require_local('the native model API')  # its calls hand tensors with autograd graphs around
         self.ctx, self.tenant, self.table = ctx, tenant, table
         self.engine = ctx.engine
         self.adapters: Dict[str, Adapter] = {}

@@ -86,6 +86,9 @@ def sample(engine: Engine, adapter: Adapter, prompt: Sequence[int], num_samples:
 def sample_many(engine: Engine, calls: Sequence[SampleCall]) -> List[Union[TinkerSampleResult, BaseException]]:
     """Every call's completions from one decode loop (each row with its call's adapter); then each call's
     prompt-side scores. A call's own failure (e.g. a bad score request) is returned in its place."""
+    if engine.distributed:  # the decode loop runs on the model's ranks, each from the same streams
+        from .distributed_host import sample_on_ranks
+        return sample_on_ranks(engine, calls)
     model = engine.model
     eos = model.template.tokenizer.eos_token_id
     requests, unseeded = [], []

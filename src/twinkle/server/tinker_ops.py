@@ -136,39 +136,19 @@ class TinkerState:
         """``rows`` and ``loss_fn`` come validated from the route (tinker_data.datum_rows, make_loss)."""
         engine = self.ctx.engine
         adapter = self._adapter(model)
-        batch = tinker_data.build_batch(rows, engine.model.template.pad_token_id)
-        with engine.using(adapter):
-            if forward_only:
-                with torch.no_grad():
-                    outputs = engine.model.forward(inputs=batch, adapter_name=adapter.name)
-                    loss = loss_fn(outputs['inputs'], outputs)
-            else:
-                outputs = engine.model.forward(inputs=batch, adapter_name=adapter.name)
-                loss = loss_fn(outputs['inputs'], outputs)
-                engine.model.backward(loss, adapter_name=adapter.name)
-        metrics = {'loss:sum': float(loss.loss.detach())}
+        batch = tinker_data.build_batch(rows, engine.pad_token_id)
+        loss, metrics_in, weights, logps = engine.run(adapter, forward_backward, adapter.name, batch, loss_fn,
+                                                      forward_only)
+        metrics = {'loss:sum': loss}
         for key in ('num_tokens',):
-            if key in loss.metrics:
-                metrics[f'{key}:sum'] = float(loss.metrics[key])
-        weights = outputs['inputs'].get('weights')
-        return tinker_data.output_proto(rows, outputs['logps'], weights, loss_name, metrics)
+            if key in metrics_in:
+                metrics[f'{key}:sum'] = metrics_in[key]
+        return tinker_data.output_proto(rows, logps, weights, loss_name, metrics)
 
     def op_optim_step(self, model: TinkerModel, params: Dict[str, Any]) -> Dict[str, Any]:
         engine = self.ctx.engine
         adapter = self._adapter(model)
-        session = engine.model.sessions[adapter.name]
-        lr = float(params.get('learning_rate', 1e-4))
-        betas = (float(params.get('beta1', 0.9)), float(params.get('beta2', 0.95)))
-        for group in session.optimizer.param_groups:
-            group.update(lr=lr, betas=betas, eps=float(params.get('eps', 1e-12)),
-                         weight_decay=float(params.get('weight_decay', 0.0)))
-        metrics: Dict[str, float] = {}
-        clip = float(params.get('grad_clip_norm', 0.0) or 0.0)
-        with engine.using(adapter):
-            if clip > 0:
-                metrics['grad_norm'] = float(engine.model.clip_grad_norm(clip, adapter_name=adapter.name))
-            engine.model.step(adapter_name=adapter.name)
-            engine.model.zero_grad(adapter_name=adapter.name)
+        metrics = engine.run(adapter, optim_step, adapter.name, dict(params))
         return {'metrics': metrics, 'type': 'optim_step'}
 
     def op_save(self, model: TinkerModel, name: str, kind: str, overwrite: bool,
@@ -269,3 +249,37 @@ class TinkerState:
                 engine.remove(s.adapter)
         # Its runs and checkpoints stay in the store; the session record itself goes.
         self.sessions.pop(session.session_id, None)
+
+
+# -- operations sent to where the model lives (module level: a distributed host runs them on every rank) ----
+def forward_backward(model: Any, name: str, batch: Any, loss_fn: Any, forward_only: bool
+                     ) -> Tuple[float, Dict[str, float], Any, Any]:
+    """The loss (and gradients unless ``forward_only``) of one batch: the loss, its metrics, the batch's
+    weights and the per-token logprobs."""
+    if forward_only:
+        with torch.no_grad():
+            outputs = model.forward(inputs=batch, adapter_name=name)
+            loss = loss_fn(outputs['inputs'], outputs)
+    else:
+        outputs = model.forward(inputs=batch, adapter_name=name)
+        loss = loss_fn(outputs['inputs'], outputs)
+        model.backward(loss, adapter_name=name)
+    metrics = {k: float(loss.metrics[k]) for k in ('num_tokens',) if k in loss.metrics}
+    return float(loss.loss.detach()), metrics, outputs['inputs'].get('weights'), outputs['logps'].detach()
+
+
+def optim_step(model: Any, name: str, params: Dict[str, Any]) -> Dict[str, float]:
+    """One Adam step with the request's hyperparameters (and clipping), then zeroed gradients."""
+    session = model.sessions[name]
+    lr = float(params.get('learning_rate', 1e-4))
+    betas = (float(params.get('beta1', 0.9)), float(params.get('beta2', 0.95)))
+    for group in session.optimizer.param_groups:
+        group.update(lr=lr, betas=betas, eps=float(params.get('eps', 1e-12)),
+                     weight_decay=float(params.get('weight_decay', 0.0)))
+    metrics: Dict[str, float] = {}
+    clip = float(params.get('grad_clip_norm', 0.0) or 0.0)
+    if clip > 0:
+        metrics['grad_norm'] = float(model.clip_grad_norm(clip, adapter_name=name))
+    model.step(adapter_name=name)
+    model.zero_grad(adapter_name=name)
+    return metrics

@@ -1,0 +1,144 @@
+"""The served base model on a device group of ranks (``mesh: {fsdp: N}``), through the Ray runtime.
+
+Every rank holds a :class:`RankHost` (a ``TransformersModel`` sharded with FSDP2 over the group). The server
+process keeps the HTTP front end, the queue and the adapters' bookkeeping; each model operation is one
+function sent to every rank at once (they run the same collectives), and rank 0's result comes back. The
+adapter's RNG state travels with the call, so every rank, and a one-process server, draws the same numbers.
+
+Not available here: time-sliced sampling (a sampling job runs to its end; other tenants wait) and the
+native model API (its objects hold tensors with autograd graphs in the server process).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..runtime.remote import remote_class
+from .config import ServerSettings
+from .errors import BadRequest
+from .model_host import devices, with_rng
+
+logger = logging.getLogger(__name__)
+GROUP = 'served-model'
+
+
+@remote_class
+class RankHost:
+    """One rank's share of the served model."""
+
+    def __init__(self, model_id: str, mixed_precision: str, log_dir: str, device_mesh: Any = None) -> None:
+        from ..model import TransformersModel
+        self.model = TransformersModel(model_id=model_id, mixed_precision=mixed_precision, device_mesh=device_mesh,
+                                       strategy='native_fsdp', log_dir=log_dir, report_to_tensorboard=False,
+                                       output_dir=str(Path(log_dir) / 'unused-output'))
+
+    def call_with_rng(self, fn: Callable[..., Any], args: tuple, rng: Optional[torch.Tensor],
+                      cuda_rng: Optional[List[torch.Tensor]]) -> Tuple[Any, Any, Any]:
+        return with_rng(fn, self.model, args, rng, cuda_rng)
+
+
+class RayHost:
+    """The driver side: forwards each operation to every rank of the group, answers rank 0's result."""
+    local = False
+    model = None  # the model lives on the ranks
+
+    def __init__(self, settings: ServerSettings, log_dir: Path) -> None:
+        from ..mesh import DeviceGroup, DeviceMesh
+        from ..runtime import context, initialize, shutdown
+        mesh_sizes = dict(settings.mesh or {})
+        ranks = int(mesh_sizes.get('fsdp', 1))
+        if context.is_initialized():
+            raise RuntimeError(f'the server places its model with Ray itself, but twinkle is already initialised '
+                               f'(mode={context.get_mode()!r}) in this process; start the server in a fresh '
+                               f'process or call twinkle.runtime.shutdown() first')
+        device_type = 'cuda' if torch.cuda.is_available() else 'cpu'
+        mesh = DeviceMesh.from_sizes(fsdp_size=ranks)
+        initialize(mode='ray', groups=[DeviceGroup(name=GROUP, ranks=ranks, device_type=device_type)],
+                   global_device_mesh=mesh, address=settings.ray_address)
+        try:
+            self.handle = RankHost(settings.model, settings.precision(), str(log_dir), device_mesh=mesh,
+                                   remote_group=GROUP)
+        except BaseException:
+            shutdown()
+            raise
+        logger.info('served model on %d %s rank(s) with FSDP2 (mesh %s)', ranks, device_type, mesh_sizes)
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.call_with_rng(fn, args, None, None)[0]
+
+    def call_with_rng(self, fn: Callable[..., Any], args: tuple, rng: Optional[torch.Tensor],
+                      cuda_rng: Optional[List[torch.Tensor]]) -> Tuple[Any, Any, Any]:
+        from ..runtime.ray import RemoteError
+        try:
+            return self.handle.call_with_rng(fn, args, rng, cuda_rng)
+        except RemoteError as exc:
+            # A refusal raised on the ranks (a bad checkpoint, a bad request) is the caller's error, as it is
+            # in one process; anything else stays a server error with the ranks' traceback.
+            from .errors import ApiError
+            if isinstance(exc.cause, ApiError):
+                raise exc.cause from None
+            raise
+
+    def shutdown(self) -> None:
+        from ..runtime import shutdown
+        shutdown()
+
+
+def sample_on_ranks(engine: Any, calls: Sequence[Any]) -> List[Any]:
+    """``sampling.sample_many`` on every rank (same prompts, same streams: the same tokens, the same number of
+    forward passes, as FSDP2 needs); each adapter's stream moves on as it would in one process."""
+    for call in calls:
+        if engine.adapters.get(call.adapter.name) is not call.adapter:
+            raise BadRequest('this adapter is no longer loaded on the server (released or evicted)')
+    results, streams = engine.host.call(sample_here, list(calls))
+    for call, (rng, cuda_rng) in zip(calls, streams):
+        call.adapter.rng = rng
+        if cuda_rng is not None:
+            call.adapter.cuda_rng = cuda_rng
+    return results
+
+
+def sample_here(model: Any, calls: List[Any]) -> Tuple[List[Any], List[Tuple[Any, Any]]]:
+    from .sampling import sample_many
+    results = sample_many(_RankView(model), calls)
+    return results, [(c.adapter.rng, c.adapter.cuda_rng) for c in calls]
+
+
+class _RankView:
+    """What ``sample_many`` needs of an engine, on one rank: the model, decoding mode, adapter streams."""
+    distributed = False
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    @contextlib.contextmanager
+    def inference(self) -> Iterator[torch.nn.Module]:
+        from ..model.transformers.generation import inference_mode
+        hf = self.model.strategy.unwrap(self.model.module)
+        with inference_mode(self.model, hf):
+            yield hf
+
+    @contextlib.contextmanager
+    def using(self, adapter: Any) -> Iterator[None]:
+        devs = devices()
+        with torch.random.fork_rng(devices=devs):
+            torch.set_rng_state(adapter.rng)
+            if devs and adapter.cuda_rng is not None:
+                torch.cuda.set_rng_state_all(adapter.cuda_rng)
+            try:
+                yield
+            finally:
+                adapter.rng = torch.get_rng_state()
+                if devs:
+                    adapter.cuda_rng = torch.cuda.get_rng_state_all()
+
+
+def describe_ranks(model: Any) -> Dict[str, Any]:
+    """For tests and logs: where this rank is and how its model is sharded."""
+    import os
+    return {'rank': int(os.environ.get('RANK', 0)), 'world_size': int(os.environ.get('WORLD_SIZE', 1)),
+            'strategy': type(model.strategy).__name__}

@@ -1,0 +1,122 @@
+"""Where the served base model lives, behind the few operations the engine needs.
+
+The engine never calls the model object directly for shared work; it sends a module-level function
+``fn(model, *args)`` to its host: :class:`LocalHost` runs it on the model in this process,
+``distributed_host.RayHost`` runs it on every rank of a Ray device group (FSDP2) and answers with rank 0's
+result. Functions are sent by reference, so they live here (importable on every rank), not in closures.
+Each operation that belongs to an adapter carries the adapter's RNG streams: every rank starts from the
+same state, so LoRA init, dropout and sampling draw the same numbers on every rank and in one process.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from .config import ServerSettings
+
+RngState = Tuple[Optional[torch.Tensor], Optional[List[torch.Tensor]]]
+
+
+def devices() -> List[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+def with_rng(fn: Callable[..., Any], model: Any, args: tuple, rng: Optional[torch.Tensor],
+             cuda_rng: Optional[List[torch.Tensor]]) -> Tuple[Any, Optional[torch.Tensor], Optional[List[torch.Tensor]]]:
+    """``fn(model, *args)`` from the RNG state ``rng`` / ``cuda_rng``, and the state it leaves; every generator
+    of the process is put back afterwards (no adapter moves another's stream)."""
+    if rng is None:
+        return fn(model, *args), None, None
+    devs = devices()
+    with torch.random.fork_rng(devices=devs):
+        torch.set_rng_state(rng)
+        if devs and cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        result = fn(model, *args)
+        return result, torch.get_rng_state(), (torch.cuda.get_rng_state_all() if devs else None)
+
+
+class LocalHost:
+    """The model in the server process (the default)."""
+    local = True
+
+    def __init__(self, settings: ServerSettings, log_dir: Path) -> None:
+        from ..model import TransformersModel
+        self.model = TransformersModel(model_id=settings.model, mixed_precision=settings.precision(),
+                                       log_dir=str(log_dir), report_to_tensorboard=False,
+                                       output_dir=str(log_dir / 'unused-output'))
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(self.model, *args)
+
+    def call_with_rng(self, fn: Callable[..., Any], args: tuple, rng: Optional[torch.Tensor],
+                      cuda_rng: Optional[List[torch.Tensor]]) -> Tuple[Any, Any, Any]:
+        return with_rng(fn, self.model, args, rng, cuda_rng)
+
+    def shutdown(self) -> None:
+        pass
+
+
+def make_host(settings: ServerSettings, log_dir: Path) -> Any:
+    if settings.mesh:
+        from .distributed_host import RayHost
+        return RayHost(settings, log_dir)
+    return LocalHost(settings, log_dir)
+
+
+# -- operations (run where the model is) ---------------------------------------------------------------------
+def describe(model: Any) -> Dict[str, Any]:
+    """What the engine and the routes read about the base model, once."""
+    hf = model.hf_model
+    config = hf.config
+    return {
+        'model_dir': model.model_dir,
+        'vocab_size': int(hf.get_input_embeddings().weight.shape[0]),
+        'max_context_length': getattr(config, 'max_position_embeddings', None),
+        'architecture': (getattr(config, 'architectures', None) or [None])[0],
+        'num_hidden_layers': int(getattr(config, 'num_hidden_layers', 0) or 0),
+        'linear_names': sorted({n.rsplit('.', 1)[-1] for n, m in hf.named_modules()
+                                if isinstance(m, torch.nn.Linear)}),
+        'pad_token_id': model.template.pad_token_id,
+    }
+
+
+def add_adapter(model: Any, name: str, config: Any, grad_accum: int, seed: int
+                ) -> Tuple[torch.Tensor, Optional[List[torch.Tensor]]]:
+    """Add ``name`` initialised from ``seed``; the adapter's RNG streams start where the init left them."""
+    devs = devices()
+    with torch.random.fork_rng(devices=devs):
+        torch.manual_seed(seed)
+        model.add_adapter_to_model(name, config, gradient_accumulation_steps=grad_accum)
+        return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if devs else None)
+
+
+def remove_adapter(model: Any, name: str) -> None:
+    model.remove_adapter(name)
+
+
+def set_default_optimizer(model: Any, name: str) -> None:
+    model.set_optimizer('AdamW', adapter_name=name, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+
+
+def save_adapter(model: Any, name: str, folder: str, with_optimizer: bool) -> None:
+    path = Path(folder)
+    model.save(path.name, output_dir=str(path.parent), save_optimizer=with_optimizer, adapter_name=name)
+
+
+def load_adapter(model: Any, name: str, folder: str, with_optimizer: bool) -> None:
+    if with_optimizer:
+        model.resume_from_checkpoint(folder, adapter_name=name)
+    else:
+        model.load(folder, adapter_name=name)
+
+
+def adapter_shapes(model: Any, name: str) -> Dict[str, Tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.get_state_dict(adapter_name=name).items()}
+
+
+def adapter_finite(model: Any, name: str) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in model.get_state_dict(adapter_name=name).values()
+               if v.is_floating_point())
