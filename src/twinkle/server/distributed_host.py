@@ -119,6 +119,7 @@ class _RankView:
     def inference(self) -> Iterator[torch.nn.Module]:
         from ..model.transformers.generation import inference_mode
         hf = self.model.strategy.unwrap(self.model.module)
+        _fsdp_generate(hf)
         with inference_mode(self.model, hf):
             yield hf
 
@@ -135,6 +136,15 @@ class _RankView:
                 adapter.rng = torch.get_rng_state()
                 if devs:
                     adapter.cuda_rng = torch.cuda.get_rng_state_all()
+
+
+def _fsdp_generate(module: torch.nn.Module) -> None:
+    """Decoding calls ``module.generate``, not its forward: FSDP2 must gather the root's own parameters
+    (embeddings, final norm) around it as it does around a forward."""
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+    if isinstance(module, FSDPModule) and not getattr(module, '_twinkle_generate_hooked', False):
+        register_fsdp_forward_method(module, 'generate')
+        module._twinkle_generate_hooked = True
 
 
 def describe_ranks(model: Any) -> Dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 
+from . import model_host as ops
 from .config import ServerSettings
 from .errors import BadRequest, TooMany
 from .queue import pause_point
@@ -52,7 +53,6 @@ class Adapter:
 class Engine:
 
     def __init__(self, settings: ServerSettings, log_dir: Path) -> None:
-        from . import model_host as ops
         self.settings = settings
         # Where the model lives (this process, or a Ray device group): every shared operation goes through it.
         self.host = ops.make_host(settings, log_dir)
@@ -220,7 +220,6 @@ class Engine:
 
         A checkpoint's adapter is built from its (checked) recorded options, never from the folder's config
         file, and then takes the folder's weights."""
-        from . import model_host as ops
         name = 'a' + uuid.uuid4().hex[:16]
         config = self.lora_config(lora if folder is None else {**lora, 'init_lora_weights': False})
         seed = int(seed) if seed is not None else int(uuid.uuid4().int % (2 ** 31))
@@ -285,12 +284,10 @@ class Engine:
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def save(self, adapter: Adapter, folder: Path, with_optimizer: bool) -> None:
-        from . import model_host as ops
         folder.parent.mkdir(parents=True, exist_ok=True)
         self.run(adapter, ops.save_adapter, adapter.name, str(folder), with_optimizer)
 
     def load(self, adapter: Adapter, folder: Path, with_optimizer: bool) -> None:
-        from . import model_host as ops
         self.check_fits(adapter, folder)
         self.run(adapter, ops.load_adapter, adapter.name, str(folder), with_optimizer)
 
@@ -300,7 +297,6 @@ class Engine:
         from safetensors import safe_open
 
         from ..model.checkpoint import ADAPTER_WEIGHTS
-        from . import model_host as ops
         path = Path(folder) / ADAPTER_WEIGHTS
         if not path.is_file():
             raise BadRequest('this checkpoint holds no adapter weights')
@@ -321,7 +317,6 @@ class Engine:
 
     def check_finite(self, adapter: Adapter) -> None:
         """Sampling from NaN / inf weights fails inside torch; say what happened instead."""
-        from . import model_host as ops
         if not self.host.call(ops.adapter_finite, adapter.name):
             raise BadRequest('the adapter\'s weights are not finite (training diverged, e.g. a too large '
                              'learning rate): load an earlier checkpoint or start a new run')
