@@ -58,3 +58,42 @@ def test_bad_files_name_the_problem(tmp_path, text, message):
     assert str(path) in str(err.value)
     with pytest.raises(ConfigError, match='does not exist'):
         load_settings(str(tmp_path / 'missing.yaml'))
+
+
+def test_mesh_from_flag_environment_and_file(tmp_path, monkeypatch):
+    monkeypatch.delenv('TWINKLE_SERVER_MESH', raising=False)
+    assert load_settings().mesh is None
+    assert load_settings(mesh='fsdp=2').mesh == {'fsdp': 2}
+    assert load_settings(mesh=' fsdp = 4 ').mesh == {'fsdp': 4}
+    path = tmp_path / 'server.yaml'
+    path.write_text('mesh:\n  fsdp: 2\n')
+    assert load_settings(str(path)).mesh == {'fsdp': 2}
+    monkeypatch.setenv('TWINKLE_SERVER_MESH', 'fsdp=3')
+    assert load_settings(str(path)).mesh == {'fsdp': 3}  # the environment over the file
+    assert load_settings(str(path), mesh='fsdp=2').mesh == {'fsdp': 2}  # the flag over both
+
+
+@pytest.mark.parametrize('mesh, message', [
+    ('fsdp', r'name=size\[,name=size\], e\.g\. fsdp=2'),
+    ('fsdp=two', r"mesh size of 'fsdp' must be a positive integer, got 'two'"),
+    ('fsdp=0', r"mesh size of 'fsdp' must be a positive integer"),
+    ('tp=2', r"mesh axis 'tp' is not supported by the served model; use one of \['fsdp'\]"),
+    ({'fsdp': 1.5}, r"mesh size of 'fsdp' must be a positive integer, got 1\.5"),
+    ({'fsdp': True}, r"mesh size of 'fsdp' must be a positive integer"),
+    (['fsdp', 2], r'mesh must be a mapping of axis to size'),
+])
+def test_bad_mesh_names_the_problem(mesh, message, monkeypatch):
+    monkeypatch.delenv('TWINKLE_SERVER_MESH', raising=False)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(mesh=mesh)
+
+
+def test_cli_passes_mesh_to_the_settings(monkeypatch, capsys):
+    from twinkle import cli
+    monkeypatch.delenv('TWINKLE_SERVER_MESH', raising=False)
+    served = []
+    monkeypatch.setattr('twinkle.server.app.serve', served.append)
+    assert cli.main(['serve', '--api-key', 'tml-cli-key-0123', '--mesh', 'fsdp=2']) in (0, None)
+    assert served[0].mesh == {'fsdp': 2}
+    assert cli.main(['serve', '--api-key', 'tml-cli-key-0123', '--mesh', 'dp=x']) == 2
+    assert "mesh axis 'dp' is not supported" in capsys.readouterr().err

@@ -12,6 +12,7 @@ tinker = pytest.importorskip('tinker')
 from tinker import types  # noqa: E402
 
 from twinkle import runtime  # noqa: E402
+from twinkle.server.distributed_host import describe_ranks  # noqa: E402
 from twinkle.server.testing import ThreadServer  # noqa: E402
 from twinkle.wire.methods import API_PREFIX  # noqa: E402
 
@@ -55,11 +56,12 @@ def _session(data_dir: str, **options) -> dict:
             # Unseeded: drawn from the adapter's own stream, which must move identically on every rank.
             unseeded = [list(s.tokens) for s in sampler.sample(prompt, 2, params).result().sequences]
             seeded = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=6, temperature=1.0, seed=11)).result()
+            placed = server.ctx.engine.host.call(describe_ranks)  # rank 0's view of its group
             native = server.client(KEY).post(API_PREFIX.rstrip('/') + '/objects',
                                              json={'class_name': 'TransformersModel', 'kwargs': {'model_id': MODEL}})
             return {'losses': losses, 'logprobs': logprobs, 'after_save': after_save, 'reloaded': reloaded,
                     'unseeded': unseeded,
-                    'seeded': list(seeded.sequences[0].tokens), 'native': native}
+                    'seeded': list(seeded.sequences[0].tokens), 'native': native, 'placed': placed}
         finally:
             service.close('success')
 
@@ -68,6 +70,8 @@ def test_two_rank_fsdp_server_matches_one_process(tmp_path):
     runtime.shutdown()  # the server starts its own Ray instance
     alone = _session(str(tmp_path / 'one'))
     ranks = _session(str(tmp_path / 'two'), mesh='fsdp=2')
+    assert alone['placed']['world_size'] == 1
+    assert ranks['placed'] == {'rank': 0, 'world_size': 2, 'strategy': 'FSDP2Strategy'}
     assert runtime.get_mode() is None  # stopping the server released its ranks and stopped Ray
     np.testing.assert_allclose(ranks['losses'], alone['losses'], rtol=1e-5, atol=1e-5)
     assert ranks['losses'][-1] < ranks['losses'][0]
