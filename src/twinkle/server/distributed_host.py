@@ -117,10 +117,9 @@ class _RankView:
 
     @contextlib.contextmanager
     def inference(self) -> Iterator[torch.nn.Module]:
-        from ..model.transformers.generation import inference_mode
-        hf = self.model.strategy.unwrap(self.model.module)
-        _fsdp_generate(hf)
-        with inference_mode(self.model, hf):
+        from .engine import inference
+        with inference(self.model) as hf:
+            _fsdp_generate(hf)
             yield hf
 
     @contextlib.contextmanager

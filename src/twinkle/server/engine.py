@@ -50,6 +50,15 @@ class Adapter:
     optimizer_config: Dict[str, Any] = field(default_factory=dict)
 
 
+@contextlib.contextmanager
+def inference(model: Any) -> Iterator[torch.nn.Module]:
+    """``model``'s unwrapped module in eval mode under its autocast, for decoding (also on a model's ranks)."""
+    from ..model.transformers.generation import inference_mode
+    hf = model.strategy.unwrap(model.module)
+    with inference_mode(model, hf):
+        yield hf
+
+
 class Engine:
 
     def __init__(self, settings: ServerSettings, log_dir: Path) -> None:
@@ -253,10 +262,8 @@ class Engine:
     @contextlib.contextmanager
     def inference(self) -> Iterator[torch.nn.Module]:
         """The unwrapped module in eval mode under the model's autocast, for decoding."""
-        from ..model.transformers.generation import inference_mode
         self.require_local('decoding in the server process')
-        hf = self.model.strategy.unwrap(self.model.module)
-        with inference_mode(self.model, hf):
+        with inference(self.model) as hf:
             yield hf
 
     @contextlib.contextmanager
