@@ -66,6 +66,18 @@ class Engine:
         # Where the model lives (this process, or a Ray device group): every shared operation goes through it.
         self.host = ops.make_host(settings, log_dir)
         self.model = self.host.model  # the in-process model; None when it lives on ranks elsewhere
+        try:
+            self._describe()
+        except BaseException:
+            self.host.shutdown()  # ranks elsewhere would outlive a server that failed to start
+            raise
+        if self.host.local:
+            # Every forward pass (each decoding step of a sample) starts with the input embeddings: there a sliced
+            # job may hand the model to other tenants (queue.pause_point is a no-op for every other job).
+            self.model.hf_model.get_input_embeddings().register_forward_pre_hook(
+                lambda module, args: pause_point())
+
+    def _describe(self) -> None:
         info = self.host.call(ops.describe)
         self.model_dir = info['model_dir']
         self.vocab_size: int = info['vocab_size']
@@ -80,11 +92,6 @@ class Engine:
         # one inert adapter (B = 0: the base model's outputs) stays for the server's lifetime.
         self.host.call(ops.add_adapter, 'anchor', self.lora_config({'r': 1, 'target_modules': self.linear_names[:1]}),
                        1, 0)
-        if self.host.local:
-            # Every forward pass (each decoding step of a sample) starts with the input embeddings: there a sliced
-            # job may hand the model to other tenants (queue.pause_point is a no-op for every other job).
-            self.model.hf_model.get_input_embeddings().register_forward_pre_hook(
-                lambda module, args: pause_point())
 
     @property
     def distributed(self) -> bool:
