@@ -16,15 +16,12 @@ import torch
 
 from .config import ServerSettings
 
-RngState = Tuple[Optional[torch.Tensor], Optional[List[torch.Tensor]]]
-
-
 def devices() -> List[int]:
     return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 
 
 def with_rng(fn: Callable[..., Any], model: Any, args: tuple, rng: Optional[torch.Tensor],
-             cuda_rng: Optional[List[torch.Tensor]]) -> Tuple[Any, Optional[torch.Tensor], Optional[List[torch.Tensor]]]:
+             cuda_rng: Optional[List[torch.Tensor]]) -> Tuple[Any, Any, Any]:
     """``fn(model, *args)`` from the RNG state ``rng`` / ``cuda_rng``, and the state it leaves; every generator
     of the process is put back afterwards (no adapter moves another's stream)."""
     if rng is None:
