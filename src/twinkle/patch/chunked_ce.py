@@ -62,7 +62,7 @@ class ChunkedCrossEntropyPatch(Patch):
         self._previous = None
 
     def _apply(self, model: Any) -> None:
-        if 'fsdp' in f'{model.strategy.name} {type(model.strategy).__name__}'.lower():
+        if not model.strategy.head_outside_forward:
             # Under FSDP2 the output projection's weight is a sharded DTensor outside the module's own
             # forward, so applying it chunk by chunk would need explicit unshard/reshard around each chunk.
             raise NotImplementedError('ChunkedCrossEntropyPatch supports single-process and DDP training; '

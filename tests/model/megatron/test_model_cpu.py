@@ -93,7 +93,7 @@ def test_lora_trains_adapter_only_and_saves_peft_folder(megatron_cpu, tmp_path):
     from twinkle.hub import resolve
     base = AutoModelForCausalLM.from_pretrained(resolve(MODEL_ID), dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, folder)
-    from twinkle.model.transformers.inputs import prepare_batch
+    from twinkle.model.inputs import prepare_batch
     from twinkle.loss.utils import token_logprobs
     collated = prepare_batch(batch, model, {})
     with torch.no_grad():

@@ -60,6 +60,7 @@ class TensorParallelStrategy(FSDP2Strategy):
     combined with it yet."""
     name = 'tensor_parallel'
     parallel_dims = ('tp_size',)
+    head_outside_forward = True  # no FSDP wrapper: parameters stay whole (or plain DTensors) outside the forward
 
     def __init__(self, mesh: DeviceMesh, device: torch.device, mixed_precision: str = 'no',
                  fsdp_config: Optional[Dict[str, Any]] = None, memory_efficient_init: bool = False) -> None:
