@@ -11,7 +11,8 @@ import logging
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from twinkle.dataset import codec
-from twinkle.dataset.dataset import Dataset, instantiate, step_name
+from twinkle.dataset.dataset import Dataset
+from twinkle.dataset.steps import instantiate, step_name
 from twinkle.dataset.meta import DatasetMeta
 from twinkle.dataset.sources import load_source
 from twinkle.preprocessor.base import Preprocessor

@@ -9,23 +9,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import random
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Union
 
 import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from .communication import Communication
     from .session import TrainingSession
 
-logger = logging.getLogger(__name__)
 MANIFEST = 'twinkle_manifest.json'
 TRAINER_STATE = 'trainer_state.json'
 # File names inside a checkpoint folder, shared by every backend.
@@ -173,7 +169,7 @@ def read_trainer_state(folder: Union[str, Path]) -> Dict[str, Any]:
     return json.loads(path.read_text())
 
 
-# ---------------------------------------------------------------------------- the save / load flow
+# ---------------------------------------------------------------------------- where checkpoints are
 def checkpoint_path(name: str, output_dir: Optional[str], default_dir: Path) -> Path:
     """``name`` under ``output_dir`` (the model's output folder by default); a path given as ``name``
     with no ``output_dir`` is taken as it is."""
@@ -181,52 +177,6 @@ def checkpoint_path(name: str, output_dir: Optional[str], default_dir: Path) -> 
     if output_dir is None and (path.is_absolute() or len(path.parts) > 1):
         return path
     return Path(output_dir or default_dir) / name
-
-
-@dataclass
-class SaveHooks:
-    """What a backend contributes to ``save_checkpoint``."""
-    gather_weights: Callable[['TrainingSession'], Optional[Dict[str, Any]]]
-    """The weights to save, gathered collectively; None on ranks that do not write."""
-    write_weights: Callable[[Path, 'TrainingSession', Dict[str, Any]], None]
-    save_optimizer_state: Callable[[Path, 'TrainingSession'], None]
-    """Every rank writes its part of the optimizer state."""
-    trainer_state_extra: Callable[[], Dict[str, Any]]
-
-
-def save_checkpoint(target: Path, session: 'TrainingSession', comm: 'Communication', hooks: SaveHooks, *,
-                    save_optimizer: bool, consumed_train_samples: Optional[int], model_id: Optional[str]) -> None:
-    """Write a checkpoint folder atomically: weights (and tokenizer); with ``save_optimizer`` the
-    optimizer, scheduler, scaler and every rank's RNG state and ``trainer_state.json``; then the
-    manifest. Collective: every rank calls it."""
-    if session.window_micro_steps:
-        logger.warning('saving with %d micro-steps of gradients not yet applied; they are not part of the '
-                       'checkpoint (save after clip_grad_and_step)', session.window_micro_steps)
-    weights = hooks.gather_weights(session)
-    rng_states = comm.gather_object(capture_rng_state())
-    with comm.shared_folder(target) as folder:
-        if comm.is_main_process and weights is not None:
-            hooks.write_weights(folder, session, weights)
-        if save_optimizer:
-            if session.optimizer is None:
-                raise ValueError('save_optimizer=True but no optimizer was set (call set_optimizer first)')
-            hooks.save_optimizer_state(folder, session)
-            if comm.is_main_process:
-                if session.scheduler is not None:
-                    torch.save(session.scheduler.state_dict(), folder / SCHEDULER_FILE)
-                if session.scaler is not None:
-                    torch.save(session.scaler.state_dict(), folder / SCALER_FILE)
-                torch.save(rng_states, folder / RNG_FILE)
-                write_json(folder / TRAINER_STATE, {
-                    **session.progress(),
-                    'consumed_train_samples': int(consumed_train_samples or 0),
-                    'adapter_name': session.name,
-                    **hooks.trainer_state_extra(),
-                })
-        comm.barrier()
-        if comm.is_main_process:
-            write_manifest(folder, kind='adapter' if session.name else 'full',
-                           extra={'resumable': bool(save_optimizer), 'model_id': model_id})
 
 
 def weights_folder(checkpoint_dir: Union[str, Path], session: 'TrainingSession') -> Path:

@@ -198,13 +198,38 @@ class TrainingCore(TemplateProcessorMixin, TwinkleModel):
     @remote_function(dispatch='all', collect='first')
     def save(self, name: str, output_dir: Optional[str] = None, save_optimizer: bool = False,
              consumed_train_samples: Optional[int] = None, *, adapter_name: Optional[str] = None) -> str:
+        """Write a checkpoint folder atomically: weights (and tokenizer); with ``save_optimizer`` the
+        optimizer, scheduler, scaler, every rank's RNG state and ``trainer_state.json``; then the manifest.
+        Collective: every rank calls it."""
+        import torch
         session = self._session(adapter_name)
         target = checkpoint.checkpoint_path(name, output_dir, self.output_dir)
-        hooks = checkpoint.SaveHooks(gather_weights=self._gather_weights, write_weights=self._write_weights,
-                                     save_optimizer_state=self._save_optimizer_state,
-                                     trainer_state_extra=self._trainer_state_extra)
-        checkpoint.save_checkpoint(target, session, self.comm, hooks, save_optimizer=save_optimizer,
-                                   consumed_train_samples=consumed_train_samples, model_id=self.model_id)
+        if session.window_micro_steps:
+            logger.warning('saving with %d micro-steps of gradients not yet applied; they are not part of the '
+                           'checkpoint (save after clip_grad_and_step)', session.window_micro_steps)
+        weights = self._gather_weights(session)
+        rng_states = self.comm.gather_object(checkpoint.capture_rng_state())
+        main = self.comm.is_main_process
+        with self.comm.shared_folder(target) as folder:
+            if main and weights is not None:
+                self._write_weights(folder, session, weights)
+            if save_optimizer:
+                if session.optimizer is None:
+                    raise ValueError('save_optimizer=True but no optimizer was set (call set_optimizer first)')
+                self._save_optimizer_state(folder, session)
+                if main:
+                    if session.scheduler is not None:
+                        torch.save(session.scheduler.state_dict(), folder / checkpoint.SCHEDULER_FILE)
+                    if session.scaler is not None:
+                        torch.save(session.scaler.state_dict(), folder / checkpoint.SCALER_FILE)
+                    torch.save(rng_states, folder / checkpoint.RNG_FILE)
+                    checkpoint.write_json(folder / checkpoint.TRAINER_STATE, {
+                        **session.progress(), 'consumed_train_samples': int(consumed_train_samples or 0),
+                        'adapter_name': session.name, **self._trainer_state_extra()})
+            self.comm.barrier()
+            if main:
+                checkpoint.write_manifest(folder, kind='adapter' if session.name else 'full',
+                                          extra={'resumable': bool(save_optimizer), 'model_id': self.model_id})
         return str(target)
 
     @remote_function(dispatch='all', collect='first')

@@ -1,15 +1,22 @@
 """Generation with the active adapter, on messages or token ids, honouring a GenerationConfig."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Protocol, Sequence, Tuple
 
 import torch
 
-if TYPE_CHECKING:
-    from .model import TransformersModel
+
+class Host(Protocol):
+    """What generation reads of the model it runs on (``TransformersModel``)."""
+    template: Any
+    module: torch.nn.Module
+    hf_model: torch.nn.Module
+    strategy: Any
+    precision: Any
+    device: torch.device
 
 
-def as_prompts(model: 'TransformersModel', inputs: Any) -> List[List[int]]:
+def as_prompts(model: Host, inputs: Any) -> List[List[int]]:
     """One list of token ids per prompt, from: a conversation (list of messages), several
     conversations, trajectories ({'messages': ...}), a list of token ids, or several."""
     if isinstance(inputs, Mapping):
@@ -35,7 +42,7 @@ def as_prompts(model: 'TransformersModel', inputs: Any) -> List[List[int]]:
 
 
 @torch.no_grad()
-def generate(model: 'TransformersModel', inputs: Any, generation_config: Any = None,
+def generate(model: Host, inputs: Any, generation_config: Any = None,
              **kwargs: Any) -> List[Dict[str, Any]]:
     """``num_return_sequences`` (n) results per prompt, in prompt order: results ``[i * n, (i + 1) * n)``
     belong to prompt ``i`` (each carries its ``prompt_index``). ``token_ids`` end at the first end token
