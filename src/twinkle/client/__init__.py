@@ -11,13 +11,13 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from .codec import Component, DatasetMeta, LoraConfig, component
-from .http import RemoteError, TwinkleClient
+from .http import RemoteError, ServerError, TwinkleClient
 from .methods import CONSTRUCTIBLE
 from .proxy import (DataLoader, Dataset, RemoteObject, RemoteRef, TransformersModel, get_default_client,
                     set_default_client)
 
-__all__ = ['init_twinkle_client', 'TwinkleClient', 'RemoteError', 'TransformersModel', 'Dataset', 'DataLoader',
-           'DatasetMeta', 'LoraConfig', 'Component', 'component', 'RemoteObject', 'RemoteRef',
+__all__ = ['init_twinkle_client', 'TwinkleClient', 'RemoteError', 'ServerError', 'TransformersModel', 'Dataset',
+           'DataLoader', 'DatasetMeta', 'LoraConfig', 'Component', 'component', 'RemoteObject', 'RemoteRef',
            'get_default_client']
 
 

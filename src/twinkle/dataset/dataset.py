@@ -23,7 +23,6 @@ from twinkle.dataset.sources import align, cache_dir, from_records, load_source
 from twinkle.dataset.steps import build_template, instantiate, step_name
 from twinkle.dataset.writer import RowWriter
 from twinkle.preprocessor.base import Preprocessor
-from twinkle.registry import resolve
 from twinkle.runtime.remote import remote_class
 
 logger = logging.getLogger(__name__)

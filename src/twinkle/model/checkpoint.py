@@ -138,7 +138,7 @@ def open_for_resume(folder: Union[str, Path], session: Any) -> tuple:
         'cur_step': int(trainer_state.get('cur_step', 0)),
         'consumed_train_samples': int(trainer_state.get('consumed_train_samples', 0)),
         'gradient_accumulation_steps': int(trainer_state.get('gradient_accumulation_steps',
-                                                             session.grad_accum_steps)),
+                                                             session.gradient_accumulation_steps)),
     }
     return trainer_state, progress
 
@@ -156,7 +156,7 @@ def restore_training_state(folder: Union[str, Path], session: Any, trainer_state
     restore_rng_state(rng_states[rank % len(rng_states)])
     session.optimizer_step = progress['cur_step']
     session.micro_step = int(trainer_state.get('micro_step', 0))
-    session.grad_accum_steps = progress['gradient_accumulation_steps']
+    session.gradient_accumulation_steps = progress['gradient_accumulation_steps']
     session.start_window()
 
 

@@ -77,7 +77,7 @@ class TrainingCore(TemplateProcessorMixin, TwinkleModel):
 
     def _new_adapter_session(self, adapter_name: str, gradient_accumulation_steps: int) -> None:
         self.sessions[adapter_name] = TrainingSession(name=adapter_name,
-                                                      grad_accum_steps=int(gradient_accumulation_steps))
+                                                      gradient_accumulation_steps=int(gradient_accumulation_steps))
 
     # ------------------------------------------------------------------ loss and metrics
     @remote_function(dispatch='all', collect='first')
@@ -156,7 +156,7 @@ class TrainingCore(TemplateProcessorMixin, TwinkleModel):
                            gradient_accumulation_steps: Optional[int] = None) -> Dict[str, Any]:
         session = self._session(adapter_name)
         if gradient_accumulation_steps is not None:
-            session.grad_accum_steps = int(gradient_accumulation_steps)
+            session.gradient_accumulation_steps = int(gradient_accumulation_steps)
         if session.window_micro_steps == 0 or not session.at_accumulation_boundary:
             return {'stepped': False, 'micro_steps_in_window': session.window_micro_steps}
         self._check_norm_type(norm_type)

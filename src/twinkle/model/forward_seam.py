@@ -31,8 +31,11 @@ from ..types import IGNORE_INDEX
 _ACTIVE: Dict[str, Any] = {}
 
 
-def active_attention() -> Dict[str, Any]:
-    """The state ``routed_attention`` set up for the forward in progress (empty outside one)."""
+def active_attention(name: str, forward: str) -> Dict[str, Any]:
+    """The state ``routed_attention`` set up for attention implementation ``name``; outside the split
+    forward that installs it (``forward`` names it in the error) the implementation refuses to run."""
+    if _ACTIVE.get('attention') != name:
+        raise RuntimeError(f"attention implementation {name!r} runs only inside TransformersModel's {forward}")
     return _ACTIVE
 
 

@@ -180,7 +180,7 @@ class Engine:
                                  f'got {layers!r}')
 
     def add(self, tenant: str, run_id: str, role: str, lora: Dict[str, Any], seed: Optional[int],
-            folder: Optional[Path] = None, optimizer: bool = True, grad_accum: int = 1) -> Adapter:
+            folder: Optional[Path] = None, optimizer: bool = True, gradient_accumulation_steps: int = 1) -> Adapter:
         """A new adapter from ``lora`` (initialised from ``seed``) or from a checkpoint ``folder``.
 
         A checkpoint's adapter is built from its (checked) recorded options, never from the folder's config
@@ -190,7 +190,7 @@ class Engine:
         seed = int(seed) if seed is not None else int(uuid.uuid4().int % (2 ** 31))
         with torch.random.fork_rng(devices=self._devices()):
             torch.manual_seed(seed)
-            self.model.add_adapter_to_model(name, config, gradient_accumulation_steps=grad_accum)
+            self.model.add_adapter_to_model(name, config, gradient_accumulation_steps=gradient_accumulation_steps)
             adapter = Adapter(tenant, run_id, name, role, dict(lora), torch.get_rng_state(),
                               torch.cuda.get_rng_state_all() if self._devices() else None)
         self.adapters[name] = adapter

@@ -58,7 +58,7 @@ def test_accumulation_over_calls_equals_one_batch(megatron_cpu):
     model = _megatron()
     model.set_optimizer('MegatronDistributedOptimizer', lr=LR, weight_decay=0.0, use_distributed_optimizer=False)
     session = model._session(None)
-    session.grad_accum_steps = 2
+    session.gradient_accumulation_steps = 2
     first = model.forward_backward(inputs=batch[:4])
     assert model.clip_grad_and_step()['stepped'] is False
     second = model.forward_backward(inputs=batch[4:])

@@ -3,9 +3,9 @@
 The facade holds this rank's ``GPTModel`` shard (built from a Hugging Face config and filled from its
 safetensors by ``bridge`` / ``shard``), the megatron-core wrappers (``Float16Module`` for bf16/fp16,
 ``DistributedDataParallel``) built at ``set_optimizer``, and the backend hooks of ``TrainingCore`` with
-one session (full training or one LoRA adapter). Losses are sums over tokens (``twinkle.loss``); gradients of a whole accumulation
-window are divided by the window's token count over all data-parallel ranks at the step, as in
-TransformersModel.
+one session (full training or one LoRA adapter). Losses are sums over tokens (``twinkle.loss``);
+gradients of a whole accumulation window are divided by the window's token count over all
+data-parallel ranks at the step, as in TransformersModel.
 """
 from __future__ import annotations
 
@@ -223,7 +223,7 @@ class MegatronModel(TrainingCore):
         session = self._session(adapter_name)
         if session.optimizer is not None:
             raise ValueError('the optimizer is already set: megatron-core wraps the model once')
-        self.ddp, session.optimizer, session.optimizer_kwargs = optim.build_optimizer(
+        self.ddp, session.optimizer, session.optimizer_kwargs = optim.wrap_with_optimizer(
             optimizer_cls, self.gpt, self.tf_config, self.precision, kwargs)
         session.start_window()
 

@@ -140,7 +140,7 @@ class TransformersModel(TrainingCore):
                              f'(the optimizer decides which parameters train)')
         loss_kwargs = kwargs.pop('loss_kwargs', {})
         # Gradients are synchronised only on the window's last backward.
-        last_in_window = session.window_micro_steps + 1 >= session.grad_accum_steps
+        last_in_window = session.window_micro_steps + 1 >= session.gradient_accumulation_steps
         module = self._wrapped_module()
         module.train()
         sync = contextlib.nullcontext() if last_in_window else self.strategy.no_sync(module)
@@ -294,7 +294,7 @@ class TransformersModel(TrainingCore):
         session = self._session(adapter_name)
         return {
             'model_id': self.model_id, 'adapter_name': session.name, 'strategy': self.strategy.name,
-            'mixed_precision': self.precision.mode, 'gradient_accumulation_steps': session.grad_accum_steps,
+            'mixed_precision': self.precision.mode, 'gradient_accumulation_steps': session.gradient_accumulation_steps,
             'optimizer': session.optimizer_kwargs,
             'scheduler': type(session.scheduler).__name__ if session.scheduler is not None else None,
             'loss': type(session.loss).__name__,

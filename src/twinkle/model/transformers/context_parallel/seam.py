@@ -41,10 +41,7 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
                sliding_window: Optional[int] = None, softcap: Optional[float] = None,
                **kwargs: Any) -> Tuple[torch.Tensor, None]:
     """transformers attention function: [B, H, L, D] shards in, [B, L, H, D] out."""
-    state = active_attention()
-    if state.get('attention') != ATTENTION_NAME:
-        raise RuntimeError(f"attention implementation {ATTENTION_NAME!r} runs only inside TransformersModel's "
-                           f'context-parallel forward')
+    state = active_attention(ATTENTION_NAME, 'context-parallel forward')
     if dropout:
         raise ValueError(f'context parallel: attention dropout ({dropout}) is not supported; set the config\'s '
                          f'attention_dropout to 0')

@@ -89,10 +89,7 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
                sliding_window: Optional[int] = None, softcap: Optional[float] = None,
                **kwargs: Any) -> Tuple[torch.Tensor, None]:
     """transformers attention function: [B, H, L/N, D] pieces in, [B, L/N, H, D] out."""
-    state = active_attention()
-    if state.get('attention') != ATTENTION_NAME:
-        raise RuntimeError(f"attention implementation {ATTENTION_NAME!r} runs only inside TransformersModel's "
-                           f'sequence-parallel (ulysses_size > 1) forward')
+    state = active_attention(ATTENTION_NAME, 'sequence-parallel (ulysses_size > 1) forward')
     if sliding_window is not None or softcap is not None:
         raise ValueError('ulysses: sliding-window and soft-capped attention are not supported (layers with '
                          'sliding_window / attn_logit_softcapping); use ulysses_size=1 for this model')
