@@ -12,7 +12,7 @@ from ..types import IGNORE_INDEX
 _INT_FIELDS = ('input_ids', 'labels', 'attention_mask', 'position_ids')
 
 
-def prepare_batch(inputs: Any, model: Any, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+def prepare_batch(inputs: Any, model: Any) -> Dict[str, Any]:
     """Accepts collated tensors (a dict), encoded samples (a list of dicts with ``input_ids``), or raw
     trajectories (a list of dicts with ``messages``, encoded through the model's template)."""
     if isinstance(inputs, Mapping) and 'messages' in inputs:

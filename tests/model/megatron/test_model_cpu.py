@@ -95,7 +95,7 @@ def test_lora_trains_adapter_only_and_saves_peft_folder(megatron_cpu, tmp_path):
     peft_model = PeftModel.from_pretrained(base, folder)
     from twinkle.model.inputs import prepare_batch
     from twinkle.loss.utils import token_logprobs
-    collated = prepare_batch(batch, model, {})
+    collated = prepare_batch(batch, model)
     with torch.no_grad():
         logits = peft_model(input_ids=collated['input_ids'], attention_mask=collated['attention_mask']).logits
     logps, mask = token_logprobs(logits, collated['labels'])

@@ -100,8 +100,8 @@ class MegatronModel(TrainingCore):
         return mio.Shard(self.gpt, self.spec, self.tf_config, self.coords)
 
     # ------------------------------------------------------------------ forward / backward
-    def _batch(self, inputs: Any, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-        batch = prepare_batch(inputs, self, kwargs)
+    def _batch(self, inputs: Any) -> Dict[str, Any]:
+        batch = prepare_batch(inputs, self)
         step.check_positions(batch)
         multiple = self.mesh.tp_size if self.tf_config.sequence_parallel else 1
         pad_id = getattr(self.hf_config, 'pad_token_id', None) or 0
@@ -114,7 +114,7 @@ class MegatronModel(TrainingCore):
         loss_kwargs = kwargs.pop('loss_kwargs', {})
         microbatches = int(kwargs.pop('num_microbatches', 1))
         temperature = kwargs.pop('temperature', 1.0)
-        batch = self._batch(inputs, kwargs)
+        batch = self._batch(inputs)
         bind_loss_template(session.loss, self._template)
         module = self.module
         module.train(not forward_only)

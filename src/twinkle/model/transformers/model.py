@@ -84,7 +84,7 @@ class TransformersModel(TrainingCore):
 
     # ------------------------------------------------------------------ forward / loss / backward
     def _run_forward(self, inputs: Any, session: TrainingSession, **kwargs: Any) -> Dict[str, Any]:
-        batch = prepare_batch(inputs, self, kwargs)
+        batch = prepare_batch(inputs, self)
         bind_loss_template(session.loss, self._template)
         self._use_adapter(session)
         module = self._wrapped_module()
