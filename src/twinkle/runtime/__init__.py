@@ -10,6 +10,7 @@ from typing import Any, Optional, Sequence
 
 from twinkle import mesh as _mesh
 from twinkle.mesh import DeviceGroup, DeviceMesh
+from twinkle.runtime import context as _context
 from twinkle.runtime.context import (device, get_device_mesh, get_groups, get_mode, is_initialized, local_rank,
                                      rank, set_device_mesh, world_size)
 from twinkle.runtime.remote import RemoteSpec, remote_class, remote_function
@@ -21,13 +22,17 @@ __all__ = ['initialize', 'seed_everything', 'shutdown', 'device', 'get_device_me
 _MODES = ('local', 'ray')
 
 
+def _rank() -> int:
+    return _context.rank()  # looked up at each call, so the context's rank can be replaced
+
+
 def _start_single_group(device_type: str) -> None:
     from twinkle.runtime.local import init_single_process_group
     init_single_process_group(device_type)
 
 
 # The mesh learns this process's rank, and how to start a one-rank group, from the runtime.
-_mesh.bind_process(rank, _start_single_group)
+_mesh.bind_process(_rank, _start_single_group)
 
 
 def seed_everything(seed: int) -> None:
