@@ -69,7 +69,9 @@ class TrainingCore(TemplateProcessorMixin, TwinkleModel):
     def _session(self, adapter_name: Optional[str]) -> TrainingSession:
         name = select_adapter(self.adapter_names, adapter_name)
         if name is None:
-            return self.sessions.setdefault(None, TrainingSession(name=None))
+            if None not in self.sessions:  # full-parameter training starts on first use
+                self.sessions[None] = TrainingSession(name=None)
+            return self.sessions[None]
         if name not in self.sessions:
             raise ValueError(f'adapter {name!r} does not exist; adapters: {self.adapter_names or "none"}. '
                              f'Add it with add_adapter_to_model({name!r}, LoraConfig(...)) first')
