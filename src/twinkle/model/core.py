@@ -53,13 +53,19 @@ class TrainingCore(TemplateProcessorMixin, TwinkleModel):
     model_dir: Optional[str]
     output_dir: Path
 
-    def _init_core(self, output_dir: Optional[str], writer: Any) -> None:
-        self.output_dir = Path(output_dir or 'output')
+    def _init_core(self, own: Dict[str, Any], run_name: str) -> None:
+        """The shared state; ``own`` holds the constructor's Twinkle options (``output_dir``, ``log_dir``,
+        ``report_to_tensorboard``). Needs ``comm``: only the main process writes metric logs."""
+        from ..metric import MetricWriter
+        from ..settings import get_settings
+        self.output_dir = Path(own.get('output_dir') or 'output')
         self.sessions: Dict[Optional[str], TrainingSession] = {}
         self._template: Any = None
         self._processor: Any = None
         self._patches: List[Any] = []
-        self._writer = writer
+        log_dir = own.get('log_dir') or str(get_settings().log_dir / f'{time.strftime("%Y%m%d-%H%M%S")}-{run_name}')
+        self._writer = MetricWriter(log_dir, enabled=own.get('report_to_tensorboard', True)
+                                    and self.comm.is_main_process)
 
     # ------------------------------------------------------------------ sessions
     @property

@@ -4,7 +4,7 @@ Weights are a Hugging Face model folder (``AutoModelForCausalLM.from_pretrained`
 folder (``PeftModel.from_pretrained``), converted from megatron-core's layout on global rank 0 after
 every model-parallel rank has sent it its shard. The optimizer state is each rank's own shard
 (resumable only with the same tp / pp / ep sizes). The checkpoint flow itself (RNG, trainer state,
-the atomic folder and its manifest) is ``twinkle.model.checkpoint``'s.
+the atomic folder and its manifest) is ``TrainingCore``'s (``twinkle.model.core``).
 """
 from __future__ import annotations
 

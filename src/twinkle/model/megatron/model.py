@@ -10,7 +10,6 @@ data-parallel ranks at the step, as in TransformersModel.
 from __future__ import annotations
 
 import contextlib
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -53,8 +52,6 @@ class MegatronModel(TrainingCore):
         from transformers import AutoConfig
 
         from ...hub import resolve as hub_resolve
-        from ...metric import MetricWriter
-        from ...settings import get_settings
 
         self.model_id = model_id
         self.mesh = device_mesh or context.get_device_mesh() or _default_mesh()
@@ -75,9 +72,7 @@ class MegatronModel(TrainingCore):
         load_hf_weights(self.gpt, self.model_dir, self.spec, self.tf_config, self.coords)
         self.ddp: Optional[torch.nn.Module] = None
         self.lora_spec: Optional[lora.LoraSpec] = None
-        log_dir = own.get('log_dir') or str(get_settings().log_dir / f'{time.strftime("%Y%m%d-%H%M%S")}-megatron')
-        self._init_core(own.get('output_dir'), MetricWriter(log_dir, enabled=own.get('report_to_tensorboard', True)
-                                                            and self.comm.is_main_process))
+        self._init_core(own, run_name='megatron')
 
     # ------------------------------------------------------------------ plumbing
     @property

@@ -1,10 +1,10 @@
 """Loading the base model, and the weights of checkpoints in formats plain tools read: a PEFT adapter
 folder (``PeftModel.from_pretrained``) or a full model folder (``AutoModelForCausalLM.from_pretrained``).
-The checkpoint flow itself (optimizer, RNG, trainer state, manifest) is ``twinkle.model.checkpoint``'s.
+The checkpoint flow itself (optimizer, RNG, trainer state, manifest) is ``TrainingCore``'s
+(``twinkle.model.core``), over the folder format of ``twinkle.model.checkpoint``.
 """
 from __future__ import annotations
 
-import datetime
 import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -13,8 +13,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ...metric import MetricWriter
-from ...settings import get_settings
 from ..checkpoint import ADAPTER_WEIGHTS, CheckpointError
 
 
@@ -61,14 +59,6 @@ def load_hf_model(model_cls: Any, model_id: Optional[str], config: Any, kwargs: 
     return model_dir, model
 
 
-def metric_writer(log_dir: Optional[str], model_id: Optional[str], strategy: Any, enabled: bool) -> MetricWriter:
-    if log_dir is None:
-        stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
-        name = (model_id or 'model').split('/')[-1].replace(':', '')
-        log_dir = str(get_settings().log_dir / f'{stamp}-{name}')
-    return MetricWriter(log_dir, enabled=enabled and strategy.is_main_process)
-
-
 # ---------------------------------------------------------------------------- weights
 def weights_of(strategy: Any, module: nn.Module, adapter_name: Optional[str]) -> Dict[str, torch.Tensor]:
     """Weights to save: the adapter's (PEFT naming, adapter name stripped) or the whole model's."""
@@ -108,4 +98,4 @@ def load_weights(folder: Path, strategy: Any, module: nn.Module, adapter_name: O
     strategy.load_full_state_dict(module, state, strict=True)
 
 
-__all__ = ['load_hf_model', 'metric_writer', 'weights_of', 'write_weights', 'load_weights']
+__all__ = ['load_hf_model', 'weights_of', 'write_weights', 'load_weights']

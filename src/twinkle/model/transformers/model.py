@@ -68,8 +68,7 @@ class TransformersModel(TrainingCore):
         self._cp_forward = (context_parallel_seam.build(self.strategy, self.forward_core)
                             or ulysses_seam.build(self.strategy, self.forward_core, hf_model))
         self._active_adapter: Optional[str] = None
-        self._init_core(own.get('output_dir'), io.metric_writer(own.get('log_dir'), model_id, self.strategy,
-                                                                own.get('report_to_tensorboard', True)))
+        self._init_core(own, run_name=(model_id or 'model').split('/')[-1].replace(':', ''))
 
     # ------------------------------------------------------------------ plumbing
     def _wrapped_module(self) -> nn.Module:
