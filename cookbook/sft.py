@@ -11,7 +11,6 @@ Swap the `builtin://` ids for `hf://...` or `ms://...` ones to train a real mode
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -74,7 +73,7 @@ def train(args: argparse.Namespace) -> str:
     model.set_lr_scheduler(scheduler_cls='CosineWarmupScheduler', num_warmup_steps=max(1, total_steps // 20),
                            num_training_steps=total_steps)
 
-    is_main = int(os.environ.get('RANK', '0')) == 0
+    is_main = twinkle.runtime.rank() == 0
     bar = tqdm(total=total_steps, desc='training', disable=not is_main, dynamic_ncols=True)
     step = 0
     while step < total_steps:
@@ -119,7 +118,7 @@ def ask(model_id: str, checkpoint: str, lora: bool) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     checkpoint = train(args)
-    if int(os.environ.get('RANK', '0')) == 0:
+    if twinkle.runtime.rank() == 0:
         answers = ask(args.model, checkpoint, args.lora)
         if NAME not in answers[QUESTIONS[0]]:
             print('the model did not learn its name yet (train longer: --epochs)', file=sys.stderr)

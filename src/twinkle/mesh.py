@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from .device_group import DEVICE_TYPES, DeviceGroup  # noqa: F401  (re-exported: twinkle.mesh.DeviceGroup)
 
@@ -42,6 +42,25 @@ FOLDED_GROUPS: Tuple[str, ...] = ('ep', 'edp', 'ulysses', 'data')
 # torch DeviceMeshes already built, keyed by (mesh, device_type). Module level rather than on the
 # instance so that meshes stay immutable, hashable and picklable; cleared by the runtime on teardown.
 _TORCH_MESHES: Dict[Tuple['DeviceMesh', Tuple[str, ...], str], Any] = {}
+
+
+class _Process:
+    """What the mesh needs to know of the process it runs in: its global rank, and how to start a
+    one-rank process group when none exists. ``twinkle.runtime`` owns both and binds them
+    (``bind_process``) when it is imported; the mesh itself only describes layouts."""
+    rank: Optional[Callable[[], int]] = None
+    start_single_group: Optional[Callable[[str], None]] = None
+
+
+def bind_process(rank: Callable[[], int], start_single_group: Callable[[str], None]) -> None:
+    _Process.rank = rank
+    _Process.start_single_group = start_single_group
+
+
+def _bound(hook: Optional[Callable[..., Any]]) -> Callable[..., Any]:
+    if hook is None:
+        raise RuntimeError('twinkle.runtime is not imported: import twinkle before using a DeviceMesh')
+    return hook
 
 
 def _check_size(name: str, value: Any) -> int:
@@ -262,8 +281,7 @@ class DeviceMesh:
 
     # ---------------------------------------------------------------- this process's position
     def _own_coords(self) -> Optional[Dict[str, int]]:
-        from twinkle.runtime.context import rank
-        own = rank()
+        own = _bound(_Process.rank)()
         if own not in self.global_ranks:
             return None
         return self.coords_of(own)
@@ -439,8 +457,7 @@ class DeviceMesh:
             if self.world_size != 1 or self.global_ranks != [0]:
                 raise RuntimeError(f'{self!r}.to_torch needs torch.distributed to be initialised; '
                                    f'call twinkle.initialize(mode="local", ...) under torchrun first')
-            from twinkle.runtime.local import init_single_process_group
-            init_single_process_group(device_type)
+            _bound(_Process.start_single_group)(device_type)
         world = dist.get_world_size()
         if max(self.global_ranks) >= world:
             raise ValueError(f'{self!r} names rank {max(self.global_ranks)} but the process group has '

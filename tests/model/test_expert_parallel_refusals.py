@@ -6,8 +6,11 @@ import torch
 
 from twinkle import DeviceMesh
 from twinkle.model.transformers.distributed import build
-from twinkle.model.transformers.distributed.expert_parallel import ExpertParallelStrategy, _check_experts, \
-    expert_modules
+from twinkle.model.transformers.distributed.expert_parallel import (
+    ExpertParallelStrategy,
+    _check_experts,
+    expert_modules,
+)
 
 
 def test_ep_with_tensor_or_sequence_parallelism_is_refused():

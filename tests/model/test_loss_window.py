@@ -50,7 +50,7 @@ def model():
 
 def window_grads(model, batches):
     session = model._session(None)
-    session.grad_accum_steps = len(batches)
+    session.gradient_accumulation_steps = len(batches)
     results = [model.forward_backward(inputs=b) for b in batches]
     assert model._normalise_window(session)
     grads = {n: p.grad.clone() for n, p in model.hf_model.named_parameters() if p.grad is not None}

@@ -1,8 +1,6 @@
 """Training semantics of TransformersModel in one process."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from peft import LoraConfig
@@ -34,7 +32,7 @@ def test_accumulated_micro_batches_equal_one_big_batch(adapter):
     big = _model(adapter, ga=1)
     small = _model(adapter, ga=2)
     if not adapter:
-        small._session(None).grad_accum_steps = 2
+        small._session(None).gradient_accumulation_steps = 2
     torch.manual_seed(0)
     big.forward_backward(inputs=batch)
     big._normalise_window(big._session(None))

@@ -47,8 +47,9 @@ def test_cuda_logprobs_match_a_full_forward():
 def test_vllm_sampler_samples_and_loads_weights():
     if importlib.util.find_spec('vllm') is None:
         pytest.skip('vllm is not installed')
-    from twinkle.hub import resolve
     from transformers import AutoModelForCausalLM
+
+    from twinkle.hub import resolve
     sampler = VLLMSampler(MODEL_ID, gpu_memory_utilization=0.3, enforce_eager=True, enable_lora=False)
     out = sampler.sample(PROMPTS, max_tokens=4, n=2, seed=0)
     assert len(out) == 2 and all(len(r.sequences) == 2 for r in out)

@@ -173,8 +173,9 @@ def test_set_template_with_a_number_as_model_id(conn):
 
 def test_huge_sparse_loss_input(conn, server):
     pytest.importorskip('tinker')
-    from .test_tinker_protocol import fb_body
     from tinker.proto import tinker_public_pb2 as pb
+
+    from .test_tinker_protocol import fb_body
     session = conn.post('/api/v1/create_session', {})[1]['session_id']
     status, reply = conn.post('/api/v1/create_model', {'session_id': session, 'model_seq_id': 0, 'base_model': MODEL,
                                                        'lora_config': {'rank': 4}})

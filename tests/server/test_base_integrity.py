@@ -7,8 +7,7 @@ import hashlib
 import pytest
 import torch
 
-from twinkle.client import RemoteError, TwinkleClient
-from twinkle.client import TransformersModel as RemoteModel
+from twinkle.client import RemoteError, TransformersModel as RemoteModel, TwinkleClient
 from twinkle.client.codec import LoraConfig
 
 from .conftest import KEY_A, MODEL, wait_future

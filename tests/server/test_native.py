@@ -6,9 +6,17 @@ import torch
 from peft import LoraConfig
 
 import twinkle
-from twinkle.client import (DataLoader, Dataset, DatasetMeta, RemoteError, RemoteObject, TwinkleClient, component,
-                            set_default_client)
-from twinkle.client import TransformersModel as RemoteModel
+from twinkle.client import (
+    DataLoader,
+    Dataset,
+    DatasetMeta,
+    RemoteError,
+    RemoteObject,
+    TransformersModel as RemoteModel,
+    TwinkleClient,
+    component,
+    set_default_client,
+)
 from twinkle.runtime import remote
 
 from .conftest import KEY_A, KEY_B, MODEL

@@ -127,8 +127,7 @@ def test_a_tenant_lists_and_deletes_its_native_objects(server):
 
 
 def test_runs_per_tenant_are_capped_and_finished_runs_deletable(server):
-    from twinkle.client import RemoteError, TwinkleClient
-    from twinkle.client import TransformersModel as RemoteModel
+    from twinkle.client import RemoteError, TransformersModel as RemoteModel, TwinkleClient
     from twinkle.client.codec import LoraConfig
     limits = server.ctx.settings.limits
     saved = limits.max_runs_per_tenant

@@ -12,12 +12,19 @@ from typing import Any, Optional
 
 from ..wire.codec import Component, DatasetMeta, LoraConfig, component
 from ..wire.methods import CONSTRUCTIBLE
-from .http import RemoteError, TwinkleClient
-from .proxy import (DataLoader, Dataset, RemoteObject, RemoteRef, TransformersModel, get_default_client,
-                    set_default_client)
+from .http import RemoteError, ServerError, TwinkleClient
+from .proxy import (
+    DataLoader,
+    Dataset,
+    RemoteObject,
+    RemoteRef,
+    TransformersModel,
+    get_default_client,
+    set_default_client,
+)
 
-__all__ = ['init_twinkle_client', 'TwinkleClient', 'RemoteError', 'TransformersModel', 'Dataset', 'DataLoader',
-           'DatasetMeta', 'LoraConfig', 'Component', 'component', 'RemoteObject', 'RemoteRef',
+__all__ = ['init_twinkle_client', 'TwinkleClient', 'RemoteError', 'ServerError', 'TransformersModel', 'Dataset',
+           'DataLoader', 'DatasetMeta', 'LoraConfig', 'Component', 'component', 'RemoteObject', 'RemoteRef',
            'get_default_client']
 
 

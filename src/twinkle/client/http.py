@@ -6,10 +6,11 @@ from typing import Any, Dict, Optional
 
 import httpx
 
+from ..errors import RemoteError
 from ..wire.methods import API_PREFIX
 
 
-class RemoteError(RuntimeError):
+class ServerError(RemoteError):
     """The server refused or failed a call. ``status`` is the HTTP status, ``detail`` its explanation."""
 
     def __init__(self, status: int, detail: str, method: str = '', path: str = '') -> None:
@@ -48,7 +49,7 @@ class TwinkleClient:
                 continue
             break
         if resp.status_code >= 400:
-            raise RemoteError(resp.status_code, _detail(resp), method, path)
+            raise ServerError(resp.status_code, _detail(resp), method, path)
         if not resp.content:
             return None
         return resp.json()

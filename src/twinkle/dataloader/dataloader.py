@@ -19,11 +19,11 @@ taken). The one exception is the first iteration after ``resume_from_checkpoint`
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Sized, Tuple, Union
 
 import torch
 
+from twinkle.runtime import context
 from twinkle.runtime.remote import remote_class
 
 logger = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ class DataLoader:
         self.device_mesh = mesh
         self.dp_world_size = _data_world_size(mesh) if mesh is not None else 1
         if dp_rank is None:
-            dp_rank = _data_rank_of(mesh, int(os.environ.get('RANK', '0'))) if mesh is not None else 0
+            dp_rank = _data_rank_of(mesh, context.rank()) if mesh is not None else 0
         if not 0 <= dp_rank < self.dp_world_size:
             raise ValueError(f'dp_rank={dp_rank} is outside 0..{self.dp_world_size - 1} '
                              f'(data-parallel size {self.dp_world_size})')

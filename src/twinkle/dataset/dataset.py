@@ -20,9 +20,9 @@ from twinkle.dataset.codec import DROP, KEEP, ROW, SOURCE
 from twinkle.dataset.meta import DatasetMeta
 from twinkle.dataset.packing import pack_rows, plan_bins
 from twinkle.dataset.sources import align, cache_dir, from_records, load_source
+from twinkle.dataset.steps import build_template, instantiate, step_name
 from twinkle.dataset.writer import RowWriter
 from twinkle.preprocessor.base import Preprocessor
-from twinkle.registry import resolve
 from twinkle.runtime.remote import remote_class
 
 if TYPE_CHECKING:
@@ -36,23 +36,6 @@ PACKED_FEATURES = datasets.Features({
     'length': datasets.Value('int32')})
 MAP_BATCH = 256
 _CACHE_VERSION = 'twinkle-encode-2'
-
-
-def instantiate(kind: str, obj: Any, kwargs: Dict[str, Any]) -> Callable:
-    """A registered name or a class (built with ``kwargs``), or a ready callable."""
-    obj = resolve(kind, obj)
-    if isinstance(obj, type):
-        obj = obj(**kwargs)
-    elif kwargs:
-        raise ValueError(f'keyword arguments {sorted(kwargs)} are only used when the {kind} is given by name or '
-                         f'class; pass them to its constructor instead')
-    if not callable(obj):
-        raise ValueError(f'a {kind} must be callable (row -> ...), got {type(obj).__name__}')
-    return obj
-
-
-def step_name(fn: Any) -> str:
-    return getattr(fn, 'name', None) or getattr(fn, '__name__', None) or type(fn).__name__
 
 
 def _keep(flags: List[bool]) -> List[bool]:
@@ -271,15 +254,7 @@ class Dataset:
 
     def set_template(self, template: Any, model_id: Optional[str] = None, **template_kwargs: Any) -> Self:
         """Choose the ``Template`` used by ``encode``: a registered name, a class, or an instance."""
-        obj = resolve('template', template)
-        if isinstance(obj, type):
-            obj = obj(model_id=model_id, **template_kwargs) if model_id is not None else obj(**template_kwargs)
-        elif model_id is not None or template_kwargs:
-            raise ValueError('set_template: model_id and template keyword arguments apply only when the template is '
-                             'given by name or class, not to an instance')
-        if not callable(getattr(obj, 'encode', None)):
-            raise ValueError(f'set_template: {type(obj).__name__} has no encode(trajectory) method')
-        self.template = obj
+        self.template = build_template(template, model_id, **template_kwargs)
         return self
 
     def encode(self, num_proc: int = 1, cache: bool = True, add_generation_prompt: bool = False,

@@ -12,10 +12,10 @@ import random
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from twinkle.dataset import codec
-from twinkle.dataset.dataset import Dataset, instantiate, step_name
 from twinkle.dataset.meta import DatasetMeta
 from twinkle.dataset.packing import pack_rows, plan_bins
 from twinkle.dataset.sources import stream_source
+from twinkle.dataset.steps import build_template, instantiate, step_name
 from twinkle.dataset.writer import RowWriter
 from twinkle.preprocessor.base import Preprocessor
 
@@ -124,7 +124,11 @@ class IterableDataset:
     def flush_save(self) -> None:
         """Nothing is held back by a stream's ``save_as``; kept for the same API as ``Dataset``."""
 
-    set_template = Dataset.set_template
+    def set_template(self, template: Any, model_id: Optional[str] = None,
+                     **template_kwargs: Any) -> 'IterableDataset':
+        """Choose the ``Template`` used by ``encode`` (as ``Dataset.set_template``)."""
+        self.template = build_template(template, model_id, **template_kwargs)
+        return self
 
     def encode(self, num_proc: int = 1, cache: bool = True, batched: bool = True,
                load_from_cache_file: Optional[bool] = None) -> Self:

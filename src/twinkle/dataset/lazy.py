@@ -11,9 +11,10 @@ import logging
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from twinkle.dataset import codec
-from twinkle.dataset.dataset import MAP_BATCH, Dataset, instantiate, step_name
+from twinkle.dataset.dataset import MAP_BATCH, Dataset
 from twinkle.dataset.meta import DatasetMeta
 from twinkle.dataset.sources import load_source
+from twinkle.dataset.steps import instantiate, step_name
 from twinkle.preprocessor.base import Preprocessor
 
 if TYPE_CHECKING:

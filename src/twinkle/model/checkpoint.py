@@ -14,10 +14,13 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Union
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from .session import TrainingSession
 
 MANIFEST = 'twinkle_manifest.json'
 TRAINER_STATE = 'trainer_state.json'
@@ -135,7 +138,7 @@ def open_for_resume(folder: Union[str, Path], session: Any) -> tuple:
         'cur_step': int(trainer_state.get('cur_step', 0)),
         'consumed_train_samples': int(trainer_state.get('consumed_train_samples', 0)),
         'gradient_accumulation_steps': int(trainer_state.get('gradient_accumulation_steps',
-                                                             session.grad_accum_steps)),
+                                                             session.gradient_accumulation_steps)),
     }
     return trainer_state, progress
 
@@ -144,7 +147,6 @@ def restore_training_state(folder: Union[str, Path], session: Any, trainer_state
                            progress: Dict[str, int], rank: int) -> None:
     """Scheduler, loss scaler, this rank's RNG stream and the session's counters (the optimizer state is
     the backend's business). More ranks than were saved reuse the saved streams in turn."""
-    import torch
     folder = Path(folder)
     if session.scheduler is not None and (folder / SCHEDULER_FILE).exists():
         session.scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, weights_only=False))
@@ -154,7 +156,7 @@ def restore_training_state(folder: Union[str, Path], session: Any, trainer_state
     restore_rng_state(rng_states[rank % len(rng_states)])
     session.optimizer_step = progress['cur_step']
     session.micro_step = int(trainer_state.get('micro_step', 0))
-    session.grad_accum_steps = progress['gradient_accumulation_steps']
+    session.gradient_accumulation_steps = progress['gradient_accumulation_steps']
     session.start_window()
 
 
@@ -165,3 +167,24 @@ def read_trainer_state(folder: Union[str, Path]) -> Dict[str, Any]:
                               f'save_optimizer=True. Resume with resume_only_model=True, or save with '
                               f'save_optimizer=True next time')
     return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------------------- where checkpoints are
+def checkpoint_path(name: str, output_dir: Optional[str], default_dir: Path) -> Path:
+    """``name`` under ``output_dir`` (the model's output folder by default); a path given as ``name``
+    with no ``output_dir`` is taken as it is."""
+    path = Path(name)
+    if output_dir is None and (path.is_absolute() or len(path.parts) > 1):
+        return path
+    return Path(output_dir or default_dir) / name
+
+
+def weights_folder(checkpoint_dir: Union[str, Path], session: 'TrainingSession') -> Path:
+    """The local folder of ``checkpoint_dir`` (hub addresses resolved), checked to hold an adapter's
+    weights when the session trains one."""
+    from ..hub import resolve
+    folder = Path(resolve(str(checkpoint_dir)))
+    if session.name is not None and not (folder / ADAPTER_WEIGHTS).exists():
+        raise CheckpointError(f'{folder} has no {ADAPTER_WEIGHTS}: it is not an adapter checkpoint '
+                              f'(a full-model folder is loaded as the base model: model_id=...)')
+    return folder

@@ -20,7 +20,7 @@ class TrainingSession:
     scheduler: Optional[Any] = None
     scaler: Optional[Any] = None
     loss: Any = field(default_factory=CrossEntropyLoss)
-    grad_accum_steps: int = 1
+    gradient_accumulation_steps: int = 1
     micro_step: int = 0
     """forward_backward calls that ran a backward pass, over the whole run."""
     optimizer_step: int = 0
@@ -60,7 +60,7 @@ class TrainingSession:
 
     @property
     def at_accumulation_boundary(self) -> bool:
-        return self.window_micro_steps >= self.grad_accum_steps
+        return self.window_micro_steps >= self.gradient_accumulation_steps
 
     def reset_report(self) -> None:
         self.tokens_since_report = 0
@@ -70,4 +70,4 @@ class TrainingSession:
 
     def progress(self) -> Dict[str, int]:
         return {'cur_step': self.optimizer_step, 'micro_step': self.micro_step,
-                'gradient_accumulation_steps': self.grad_accum_steps}
+                'gradient_accumulation_steps': self.gradient_accumulation_steps}

@@ -14,40 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-from torch.utils.checkpoint import checkpoint
-
-from ..loss.utils import loss_mask
+from ..model.transformers.logit_head import verify_head
 from ..registry import register
-from ..types import IGNORE_INDEX
 from .base import Patch
-from .logit_head import verify_head
-
-
-def _chunk_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    logits = lm_head(hidden).float()
-    safe = torch.where(target == IGNORE_INDEX, torch.zeros_like(target), target)
-    picked = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
-
-
-def chunked_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
-                  chunk_size: int) -> torch.Tensor:
-    """``logps`` [B, T] aligned with ``labels`` from the final hidden states [B, T, H]."""
-    batch, seq, width = hidden.shape
-    mask = loss_mask(labels)
-    pred = hidden[:, :-1].reshape(-1, width)
-    target = labels[:, 1:].reshape(-1)
-    pieces = []
-    for start in range(0, pred.shape[0], chunk_size):
-        h, t = pred[start:start + chunk_size], target[start:start + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
-            pieces.append(checkpoint(_chunk_logps, lm_head, h, t, use_reentrant=False))
-        else:
-            pieces.append(_chunk_logps(lm_head, h, t))
-    shifted = torch.cat(pieces).view(batch, seq - 1) if pieces else hidden.new_zeros((batch, 0))
-    logps = torch.cat([shifted.new_zeros((batch, 1)), shifted], dim=1)
-    return logps.masked_fill(~mask, 0.0)
 
 
 @register('patch')
@@ -62,7 +31,7 @@ class ChunkedCrossEntropyPatch(Patch):
         self._previous = None
 
     def _apply(self, model: Any) -> None:
-        if 'fsdp' in f'{model.strategy.name} {type(model.strategy).__name__}'.lower():
+        if not model.strategy.head_outside_forward:
             # Under FSDP2 the output projection's weight is a sharded DTensor outside the module's own
             # forward, so applying it chunk by chunk would need explicit unshard/reshard around each chunk.
             raise NotImplementedError('ChunkedCrossEntropyPatch supports single-process and DDP training; '

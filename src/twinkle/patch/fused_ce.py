@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..model.transformers.logit_head import scales_logits, verify_head
 from ..registry import register
 from .base import Patch
-from .logit_head import scales_logits, verify_head
 
 
 @register('patch', 'TransformersFusedCEPatch')

@@ -8,7 +8,9 @@ from __future__ import annotations
 import importlib
 from typing import Any, Optional, Sequence
 
+from twinkle import mesh as _mesh
 from twinkle.mesh import DeviceGroup, DeviceMesh
+from twinkle.runtime import context as _context
 from twinkle.runtime.context import (
     device,
     get_device_mesh,
@@ -27,6 +29,19 @@ __all__ = ['initialize', 'seed_everything', 'shutdown', 'device', 'get_device_me
            'remote_function']
 
 _MODES = ('local', 'ray')
+
+
+def _rank() -> int:
+    return _context.rank()  # looked up at each call, so the context's rank can be replaced
+
+
+def _start_single_group(device_type: str) -> None:
+    from twinkle.runtime.local import init_single_process_group
+    init_single_process_group(device_type)
+
+
+# The mesh learns this process's rank, and how to start a one-rank group, from the runtime.
+_mesh.bind_process(_rank, _start_single_group)
 
 
 def seed_everything(seed: int) -> None:

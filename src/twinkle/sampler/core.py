@@ -94,9 +94,13 @@ class _Chooser:
     criterion); collects the tokens, their log-probabilities and top-k entries on the way."""
 
     def __init__(self, requests: Sequence[GenerationRequest], decode: Optional[Decode]) -> None:
-        from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
-                                                            TemperatureLogitsWarper, TopKLogitsWarper,
-                                                            TopPLogitsWarper)
+        from transformers.generation.logits_process import (
+            MinPLogitsWarper,
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
         self.groups: List[_Group] = []
         start = 0
         for req in requests:

@@ -231,7 +231,7 @@ class Engine:
                                  f'got {layers!r}')
 
     def add(self, tenant: str, run_id: str, role: str, lora: Dict[str, Any], seed: Optional[int],
-            folder: Optional[Path] = None, optimizer: bool = True, grad_accum: int = 1) -> Adapter:
+            folder: Optional[Path] = None, optimizer: bool = True, gradient_accumulation_steps: int = 1) -> Adapter:
         """A new adapter from ``lora`` (initialised from ``seed``) or from a checkpoint ``folder``.
 
         A checkpoint's adapter is built from its (checked) recorded options, never from the folder's config
@@ -239,7 +239,7 @@ class Engine:
         name = 'a' + uuid.uuid4().hex[:16]
         config = self.lora_config(lora if folder is None else {**lora, 'init_lora_weights': False})
         seed = int(seed) if seed is not None else int(uuid.uuid4().int % (2 ** 31))
-        rng, cuda_rng = self.host.call(ops.add_adapter, name, config, grad_accum, seed)
+        rng, cuda_rng = self.host.call(ops.add_adapter, name, config, gradient_accumulation_steps, seed)
         adapter = Adapter(tenant, run_id, name, role, dict(lora), rng, cuda_rng)
         self.adapters[name] = adapter
         if folder is not None:

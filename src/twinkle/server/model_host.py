@@ -16,6 +16,7 @@ import torch
 
 from .config import ServerSettings
 
+
 def devices() -> List[int]:
     return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 
@@ -80,13 +81,13 @@ def describe(model: Any) -> Dict[str, Any]:
     }
 
 
-def add_adapter(model: Any, name: str, config: Any, grad_accum: int, seed: int
+def add_adapter(model: Any, name: str, config: Any, gradient_accumulation_steps: int, seed: int
                 ) -> Tuple[torch.Tensor, Optional[List[torch.Tensor]]]:
     """Add ``name`` initialised from ``seed``; the adapter's RNG streams start where the init left them."""
     devs = devices()
     with torch.random.fork_rng(devices=devs):
         torch.manual_seed(seed)
-        model.add_adapter_to_model(name, config, gradient_accumulation_steps=grad_accum)
+        model.add_adapter_to_model(name, config, gradient_accumulation_steps=gradient_accumulation_steps)
         return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if devs else None)
 
 

@@ -315,11 +315,11 @@ class ModelSession:
             ckpt = store.resolve(config_or_dir)
             lora = ckpt.get('lora') or {}
             a = self.engine.add(self.tenant, run_id, 'train', lora, seed, folder=store.folder(ckpt),
-                                optimizer=False, grad_accum=gradient_accumulation_steps)
+                                optimizer=False, gradient_accumulation_steps=gradient_accumulation_steps)
         elif isinstance(config_or_dir, codec.LoraConfig):
             lora = {**config_or_dir.to_dict()}
             a = self.engine.add(self.tenant, run_id, 'train', lora, seed, optimizer=False,
-                                grad_accum=gradient_accumulation_steps)
+                                gradient_accumulation_steps=gradient_accumulation_steps)
         else:
             raise BadRequest('add_adapter_to_model takes a LoraConfig or a twinkle:// checkpoint path')
         self.adapters[adapter_name] = a

@@ -16,17 +16,32 @@ from typing import Any, Callable, Dict
 
 from fastapi import APIRouter, Depends, Request
 
-from . import responses as R
-from . import tinker_bodies as B
-from . import tinker_data
+from . import responses as R, tinker_bodies as B, tinker_data
 from .context import ServerContext
-from .deps import (ModelRequest, SessionRequest, compute_tenant, context, model_request, session_in_path,
-                   session_request, tenant, tinker_state)
+from .deps import (
+    ModelRequest,
+    SessionRequest,
+    compute_tenant,
+    context,
+    model_request,
+    session_in_path,
+    session_request,
+    tenant,
+    tinker_state,
+)
 from .errors import BadRequest, Gone, TooMany
 from .responses import answers
 from .store import check_name, parse_path
-from .tinker_checks import (accepted, body_key, check_base, check_capacity, check_metadata, gated,
-                            replayed_creation, tokenizer_id)
+from .tinker_checks import (
+    accepted,
+    body_key,
+    check_base,
+    check_capacity,
+    check_metadata,
+    gated,
+    replayed_creation,
+    tokenizer_id,
+)
 from .tinker_ops import SamplingSession, TinkerSession, TinkerState
 
 router = APIRouter(prefix='/api/v1')

@@ -5,8 +5,7 @@ from typing import Any, Callable, Dict, Optional
 
 from fastapi import APIRouter, Depends, Request
 
-from . import responses as R
-from . import tinker_bodies as B
+from . import responses as R, tinker_bodies as B
 from .context import ServerContext
 from .deps import context, tenant, tenant_store
 from .errors import BadRequest, NotFound

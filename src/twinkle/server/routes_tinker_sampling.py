@@ -6,11 +6,18 @@ from typing import Any, Dict, Optional
 
 from fastapi import APIRouter, Depends, Response
 
-from . import responses as R
-from . import tinker_bodies as B
+from . import responses as R, tinker_bodies as B
 from .context import ServerContext
-from .deps import (SessionRequest, compute_tenant, context, sampler_in_path, session_in_path, session_request, tenant,
-                   tinker_state)
+from .deps import (
+    SessionRequest,
+    compute_tenant,
+    context,
+    sampler_in_path,
+    session_in_path,
+    session_request,
+    tenant,
+    tinker_state,
+)
 from .errors import BadRequest, Conflict
 from .responses import answers
 from .tinker_checks import accepted, body_key, check_base, sample_request

@@ -14,9 +14,9 @@ from . import responses as R
 from .context import ServerContext
 from .deps import compute_tenant, context, object_table, tenant, tenant_store
 from .errors import BadRequest, Conflict, NotFound
-from .responses import answers
 from .native_model import ModelSession, Ref
 from .native_objects import DataLoaderObject, DatasetObject, ObjectTable, decode_args
+from .responses import answers
 from .store import TenantStore, format_path
 
 _STOP = object()

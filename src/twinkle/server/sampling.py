@@ -16,8 +16,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..sampler.core import DecodeSpec, GenerationRequest
-from ..sampler.core import generate as core_generate
+from ..sampler.core import DecodeSpec, GenerationRequest, generate as core_generate
 from ..sampler.types import SampledSequence
 from .engine import Adapter, Engine
 from .errors import BadRequest

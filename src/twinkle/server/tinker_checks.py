@@ -12,8 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from fastapi import Request
 from pydantic import BaseModel
 
-from . import tinker_bodies as B
-from . import tinker_data
+from . import tinker_bodies as B, tinker_data
 from .context import ServerContext
 from .errors import BadRequest, Conflict, TooLarge, TooMany
 from .futures import ServerFuture

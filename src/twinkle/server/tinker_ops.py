@@ -12,7 +12,7 @@ from . import tinker_data
 from .context import ServerContext
 from .engine import TINKER_TARGETS, Adapter
 from .errors import BadRequest, Gone, NotFound
-from .futures import ServerFuture, SeqGate
+from .futures import SeqGate, ServerFuture
 from .sampling import PromptScores, SampleCall, TinkerSampleResult, sample_many
 from .stability import StabilityStore
 from .store import TenantStore, check_name, format_path

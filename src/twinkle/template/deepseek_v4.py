@@ -19,8 +19,19 @@ from typing import Any, Dict, List, Optional, Tuple
 from twinkle.registry import register
 
 from .base import Span
-from .deepseek import (ASSISTANT, BOS, CHAT_TOKENS, EOS, THINK_CLOSE, THINK_OPEN, USER, DeepSeekTemplate, Emitter,
-                       split_reasoning, to_json)
+from .deepseek import (
+    ASSISTANT,
+    BOS,
+    CHAT_TOKENS,
+    EOS,
+    THINK_CLOSE,
+    THINK_OPEN,
+    USER,
+    DeepSeekTemplate,
+    Emitter,
+    split_reasoning,
+    to_json,
+)
 from .validate import arguments_object
 
 DSML = '｜DSML｜'

@@ -13,8 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-from .methods import (TAG_ARRAY, TAG_COMPONENT, TAG_DATASET_META, TAG_LORA, TAG_RANGE, TAG_REF, TAG_SLICE,
-                      TAG_TUPLE)
+from .methods import TAG_ARRAY, TAG_COMPONENT, TAG_DATASET_META, TAG_LORA, TAG_RANGE, TAG_REF, TAG_SLICE, TAG_TUPLE
 
 # dtype name -> array-module type code (itemsize checked at import time below).
 _TYPECODES = {'float32': 'f', 'float64': 'd', 'int64': 'q', 'int32': 'i', 'int16': 'h', 'int8': 'b',

@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from launch import assert_ok, torchrun
 import torch
+
+from launch import assert_ok, torchrun
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'distributed'))
 import _scenarios as S  # noqa: E402
@@ -55,7 +56,7 @@ def test_cp2_losses_equal_one_process(runs, single, scenario):
 
 
 def test_left_padding_and_packing_are_refused():
-    from twinkle.model.transformers.context_parallel.seam import _check_batch
+    from twinkle.model.forward_seam import check_batch as _check_batch
     ids = torch.ones(1, 6, dtype=torch.long)
     with pytest.raises(ValueError, match='left padding'):
         _check_batch({'input_ids': ids, 'attention_mask': torch.tensor([[0, 0, 1, 1, 1, 1]])})

@@ -5,10 +5,10 @@ import json
 from pathlib import Path
 
 import pytest
-from launch import assert_ok, torchrun
 import torch
 import torch.nn.functional as F
 
+from launch import assert_ok, torchrun
 from twinkle.model.transformers.context_parallel import chunk_ids, positions, ring_attention, shard, unshard
 from twinkle.model.transformers.context_parallel.ring import _pairs
 

@@ -76,7 +76,7 @@ def window(model: Any, name: str, batches: List[List[Dict[str, Any]]]) -> Dict[s
     session = model._session(None)
     model.set_loss(make_loss(name))
     model.calculate_metric()  # the report period starts here
-    session.grad_accum_steps = len(batches)
+    session.gradient_accumulation_steps = len(batches)
     losses = [model.forward_backward(inputs=b)['loss'] for b in batches]
     assert model._normalise_window(session)
     prints, squares = {}, torch.zeros((), dtype=torch.float64)

@@ -9,8 +9,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _scenarios as S  # noqa: E402
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from launch import assert_ok, torchrun
 
 LAYOUTS_WORKER = Path(__file__).with_name('layouts_worker.py')

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from launch import assert_ok, torchrun
 
 pytestmark = pytest.mark.slow

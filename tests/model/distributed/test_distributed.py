@@ -16,6 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _scenarios as S  # noqa: E402
+
 from launch import torchrun  # noqa: E402,F401  (other test modules import it from here)
 
 pytestmark = pytest.mark.slow

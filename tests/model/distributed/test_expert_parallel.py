@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 import pytest
+
 from launch import assert_ok, torchrun
 
 sys.path.insert(0, str(Path(__file__).parent))

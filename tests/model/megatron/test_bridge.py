@@ -5,8 +5,15 @@ import torch
 from transformers import AutoConfig
 
 from twinkle.hub import resolve
-from twinkle.model.megatron.bridge import (ConversionError, fuse_qkv, hf_to_mcore, mcore_to_hf, read_hf_folder,
-                                           split_qkv, write_hf_folder)
+from twinkle.model.megatron.bridge import (
+    ConversionError,
+    fuse_qkv,
+    hf_to_mcore,
+    mcore_to_hf,
+    read_hf_folder,
+    split_qkv,
+    write_hf_folder,
+)
 from twinkle.model.megatron.config import hf_to_spec
 from twinkle.model.megatron.shard import Layout, merge_shards, shard_state
 

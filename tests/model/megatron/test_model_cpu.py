@@ -58,7 +58,7 @@ def test_accumulation_over_calls_equals_one_batch(megatron_cpu):
     model = _megatron()
     model.set_optimizer('MegatronDistributedOptimizer', lr=LR, weight_decay=0.0, use_distributed_optimizer=False)
     session = model._session(None)
-    session.grad_accum_steps = 2
+    session.gradient_accumulation_steps = 2
     first = model.forward_backward(inputs=batch[:4])
     assert model.clip_grad_and_step()['stepped'] is False
     second = model.forward_backward(inputs=batch[4:])
@@ -93,9 +93,9 @@ def test_lora_trains_adapter_only_and_saves_peft_folder(megatron_cpu, tmp_path):
     from twinkle.hub import resolve
     base = AutoModelForCausalLM.from_pretrained(resolve(MODEL_ID), dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, folder)
-    from twinkle.model.transformers.inputs import prepare_batch
     from twinkle.loss.utils import token_logprobs
-    collated = prepare_batch(batch, model, {})
+    from twinkle.model.inputs import prepare_batch
+    collated = prepare_batch(batch, model)
     with torch.no_grad():
         logits = peft_model(input_ids=collated['input_ids'], attention_mask=collated['attention_mask']).logits
     logps, mask = token_logprobs(logits, collated['labels'])

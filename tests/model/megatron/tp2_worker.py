@@ -4,8 +4,8 @@ for ``tp`` and ``pp`` three training steps whose losses match TransformersModel 
 from __future__ import annotations
 
 import sys
-from typing import Any
 import warnings
+from typing import Any
 
 import pytest
 import torch

@@ -4,8 +4,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from twinkle.model.multi_lora import (adapter_config, adapter_names, adapter_parameters, adapter_state_dict,
-                                      add_adapter, inject, load_adapter, multi_lora_layers, route, save_adapter)
+from twinkle.model.multi_lora import (
+    adapter_config,
+    adapter_names,
+    adapter_parameters,
+    adapter_state_dict,
+    add_adapter,
+    inject,
+    load_adapter,
+    multi_lora_layers,
+    route,
+    save_adapter,
+)
 
 from . import helpers
 

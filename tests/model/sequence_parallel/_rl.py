@@ -8,6 +8,7 @@ import torch
 
 def loader(mesh: Any = None) -> Any:
     import _scenarios as S
+
     from twinkle.dataloader import DataLoader
     g = torch.Generator().manual_seed(7)
     # Off-policy: sampler log-probabilities near the model's, so the importance ratio is not 1.

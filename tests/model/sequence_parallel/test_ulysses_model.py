@@ -7,12 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from launch import assert_ok, torchrun
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'distributed'))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _scenarios as S  # noqa: E402
 import _rl  # noqa: E402
+import _scenarios as S  # noqa: E402
 
 WORKER = Path(__file__).with_name('ulysses_worker.py')
 # scenario: (reference run in one process, strategy class, processes)

@@ -19,6 +19,7 @@ def test_kv_heads_replicated_when_fewer_than_ranks():
 
 def _layout(batch, length, pad):
     import torch
+
     from twinkle.model.transformers.sequence_parallel import UlyssesForward
     forward = UlyssesForward(core=None, group=None, rank=0, size=2)
     ids = torch.ones(batch['input_ids'].shape[0], length + pad, dtype=torch.long)

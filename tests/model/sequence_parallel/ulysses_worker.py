@@ -12,8 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'distributed'))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _scenarios as S  # noqa: E402
 import _rl  # noqa: E402
+import _scenarios as S  # noqa: E402
 
 import twinkle  # noqa: E402
 from twinkle import DeviceMesh  # noqa: E402

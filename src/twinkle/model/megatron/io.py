@@ -1,35 +1,27 @@
-"""Saving and loading MegatronModel checkpoints in the formats plain tools read.
+"""MegatronModel's weights and optimizer state in the formats plain tools read.
 
-Weights-only checkpoints are a Hugging Face model folder (``AutoModelForCausalLM.from_pretrained``)
-or a PEFT LoRA folder (``PeftModel.from_pretrained``), converted from megatron-core's layout on global
-rank 0 after every model-parallel rank has sent it its shard. ``save_optimizer=True`` adds each
-model-parallel rank's optimizer state (resumable only with the same tp / pp / ep sizes), the RNG
-state of every rank and ``trainer_state.json``. Folders are written atomically with a manifest.
+Weights are a Hugging Face model folder (``AutoModelForCausalLM.from_pretrained``) or a PEFT LoRA
+folder (``PeftModel.from_pretrained``), converted from megatron-core's layout on global rank 0 after
+every model-parallel rank has sent it its shard. The optimizer state is each rank's own shard
+(resumable only with the same tp / pp / ep sizes). The checkpoint flow itself (RNG, trainer state,
+the atomic folder and its manifest) is ``TrainingCore``'s (``twinkle.model.core``).
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
-from ..checkpoint import (ADAPTER_WEIGHTS, RNG_FILE, SCHEDULER_FILE, TRAINER_STATE, CheckpointError, atomic_folder,
-                          capture_rng_state, open_for_resume, read_trainer_state, restore_training_state,
-                          write_json, write_manifest)
+from ..checkpoint import ADAPTER_WEIGHTS, CheckpointError
 from .bridge import fuse_qkv, mcore_to_hf, split_qkv, write_hf_folder
-from .families import family_of
 from .builder import layout_of, load_hf_weights
+from .families import family_of
 from .lora import LoraSpec, attach, is_lora_key
 from .shard import merge_shards, shard_state
 
-if TYPE_CHECKING:
-    from ..session import TrainingSession
-    from .model import MegatronModel
-
-logger = logging.getLogger(__name__)
 OPTIMIZER_DIR = 'optimizer'
 _PEFT_PREFIX = 'base_model.model.'
 
@@ -40,20 +32,29 @@ def _hf_parts(spec: Any, target: str) -> Any:
     return lin.hf_block, lin.hf_parts
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This rank's part of the model: the megatron-core module, its layout and coordinates."""
+    gpt: torch.nn.Module
+    spec: Any
+    tf_config: Any
+    coords: Dict[str, int]
+
+
 def _dist() -> Any:
     import torch.distributed as dist
     return dist if dist.is_initialized() else None
 
 
 # ---------------------------------------------------------------------------- gather
-def full_mcore_state(model: 'MegatronModel') -> Optional[Dict[str, torch.Tensor]]:
+def full_mcore_state(shard: Shard) -> Optional[Dict[str, torch.Tensor]]:
     """The whole model's megatron-core state dict on global rank 0 (None elsewhere). Collective."""
     from megatron.core import parallel_state as ps
-    c = model.coords
+    c = shard.coords
     mine = None
     if ps.get_data_parallel_rank() == 0 and c['cp'] == 0:
         mine = ((c['pp'], c['tp'], c['ep']),
-                {k: v.detach().float().cpu() for k, v in model.gpt.state_dict().items()
+                {k: v.detach().float().cpu() for k, v in shard.gpt.state_dict().items()
                  if isinstance(v, torch.Tensor)})
     dist = _dist()
     if dist is None or dist.get_world_size() == 1:
@@ -64,7 +65,7 @@ def full_mcore_state(model: 'MegatronModel') -> Optional[Dict[str, torch.Tensor]
         if dist.get_rank() != 0:
             return None
     shards = dict(p for p in pieces if p is not None)
-    return merge_shards(shards, model.spec, layout_of(model.tf_config))
+    return merge_shards(shards, shard.spec, layout_of(shard.tf_config))
 
 
 def _to_peft(full: Dict[str, torch.Tensor], spec: Any) -> Dict[str, torch.Tensor]:
@@ -114,46 +115,17 @@ def _from_peft(state: Dict[str, torch.Tensor], lora_spec: LoraSpec, spec: Any) -
     return out
 
 
-def hf_state_dict(model: 'MegatronModel', session: 'TrainingSession') -> Optional[Dict[str, torch.Tensor]]:
-    """Hugging Face (or PEFT, for an adapter) tensors of the whole model, on global rank 0."""
-    full = full_mcore_state(model)
+def hf_state_dict(shard: Shard, adapter: bool) -> Optional[Dict[str, torch.Tensor]]:
+    """Hugging Face (or PEFT, for an adapter) tensors of the whole model, on global rank 0. Collective."""
+    full = full_mcore_state(shard)
     if full is None:
         return None
-    if session.name is not None:
-        return _to_peft(full, model.spec)
-    return mcore_to_hf({k: v for k, v in full.items() if not is_lora_key(k)}, model.spec)
+    if adapter:
+        return _to_peft(full, shard.spec)
+    return mcore_to_hf({k: v for k, v in full.items() if not is_lora_key(k)}, shard.spec)
 
 
-# ---------------------------------------------------------------------------- save
-@contextlib.contextmanager
-def shared_folder(target: Path) -> Iterator[Path]:
-    """A temporary folder on rank 0's file system every rank writes into, renamed to ``target`` at the end."""
-    dist = _dist()
-    multi = dist is not None and dist.get_world_size() > 1
-    if not multi:
-        with atomic_folder(target) as tmp:
-            yield tmp
-        return
-    box = [None]
-    if dist.get_rank() == 0:
-        with atomic_folder(target) as tmp:
-            box[0] = str(tmp)
-            dist.broadcast_object_list(box, src=0)
-            yield tmp
-            dist.barrier()
-        dist.barrier()
-    else:
-        dist.broadcast_object_list(box, src=0)
-        yield Path(box[0])
-        dist.barrier()
-        dist.barrier()
-
-
-def context_rank() -> int:
-    from ...runtime import context
-    return context.rank()
-
-
+# ---------------------------------------------------------------------------- optimizer state
 def _main_params(sub: Any) -> list:
     # fp32 master copies: sharded ones for the distributed optimizer, whole ones otherwise.
     for attr in ('shard_fp32_from_float16_groups', 'shard_fp32_groups'):
@@ -202,65 +174,48 @@ def _load_optimizer_state(opt: Any, saved: Dict[str, Any]) -> None:
             copy()
 
 
-def save(model: 'MegatronModel', name: str, output_dir: Optional[str], save_optimizer: bool,
-         consumed_train_samples: Optional[int], adapter_name: Optional[str]) -> str:
-    session = model._session(adapter_name)
-    if session.window_micro_steps:
-        logger.warning('saving with %d micro-steps of gradients not yet applied', session.window_micro_steps)
-    path = Path(name)
-    target = path if output_dir is None and (path.is_absolute() or len(path.parts) > 1) else \
-        Path(output_dir or model.output_dir) / name
-    weights = hf_state_dict(model, session)
-    dist = _dist()
-    rng = capture_rng_state()
-    rng_states = [rng]
-    if dist is not None and dist.get_world_size() > 1:
-        rng_states = [None] * dist.get_world_size()
-        dist.all_gather_object(rng_states, rng)
-    with shared_folder(target) as folder:
-        if weights is not None:
-            _write_weights(model, session, folder, weights)
-        if save_optimizer:
-            if session.optimizer is None:
-                raise ValueError('save_optimizer=True but no optimizer was set (call set_optimizer first)')
-            opt_dir = folder / OPTIMIZER_DIR
-            opt_dir.mkdir(exist_ok=True)
-            # Every rank writes its own shard of the optimizer state (same-layout resume).
-            torch.save(_optimizer_state(session.optimizer), opt_dir / f'rank{context_rank():05d}.pt')
-            if model.is_main:
-                if session.scheduler is not None:
-                    torch.save(session.scheduler.state_dict(), folder / SCHEDULER_FILE)
-                torch.save(rng_states, folder / RNG_FILE)
-                write_json(folder / TRAINER_STATE, {
-                    **session.progress(), 'consumed_train_samples': int(consumed_train_samples or 0),
-                    'adapter_name': session.name, 'world_size': model.mesh.world_size, 'strategy': 'megatron',
-                    'mesh': model.mesh.to_dict()})
-        if dist is not None and dist.get_world_size() > 1:
-            dist.barrier()
-        if model.is_main:
-            write_manifest(folder, kind='adapter' if session.name else 'full',
-                           extra={'resumable': bool(save_optimizer), 'model_id': model.model_id})
-    return str(target)
+def save_optimizer_state(folder: Path, optimizer: Any, rank: int) -> None:
+    """Every rank writes its own shard of the optimizer state (same-layout resume)."""
+    opt_dir = folder / OPTIMIZER_DIR
+    opt_dir.mkdir(exist_ok=True)
+    torch.save(_optimizer_state(optimizer), opt_dir / f'rank{rank:05d}.pt')
 
 
-def _write_weights(model: 'MegatronModel', session: 'TrainingSession', folder: Path,
-                   weights: Dict[str, torch.Tensor]) -> None:
+def load_optimizer_state(folder: Path, optimizer: Any, rank: int, device: Any) -> None:
+    _load_optimizer_state(optimizer, torch.load(folder / OPTIMIZER_DIR / f'rank{rank:05d}.pt',
+                                                weights_only=False, map_location=device))
+
+
+def check_layout(folder: Path, trainer_state: Dict[str, Any], mesh: Any) -> None:
+    """Optimizer shards resume only on the tp / pp / ep / data-parallel sizes they were saved with."""
+    saved_mesh = trainer_state.get('mesh', {})
+    for key in ('tp_size', 'pp_size', 'ep_size'):
+        if saved_mesh.get(key, 1) != getattr(mesh, key):
+            raise CheckpointError(f'{folder} was saved with {key}={saved_mesh.get(key, 1)} but this model uses '
+                                  f'{getattr(mesh, key)}; optimizer state resumes only on the same layout '
+                                  f'(resume_only_model=True loads the weights alone)')
+    if saved_mesh.get('dp_size', 1) * saved_mesh.get('fsdp_size', 1) != mesh.dp_fsdp_world_size:
+        raise CheckpointError(f'{folder} was saved with another data-parallel size; optimizer state resumes only '
+                              f'on the same layout (resume_only_model=True loads the weights alone)')
+
+
+def write_weights(folder: Path, weights: Dict[str, torch.Tensor], *, lora_spec: Optional[LoraSpec],
+                  hf_config: Any, model_id: Optional[str]) -> None:
+    """A PEFT adapter folder (when ``lora_spec`` is given) or a Hugging Face model folder."""
     from safetensors.torch import save_file
-    if session.name is not None:
+    if lora_spec is not None:
         from peft import LoraConfig
-        spec = model.lora_spec
-        LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, task_type='CAUSAL_LM',
-                   target_modules=spec.hf_target_modules(),
-                   base_model_name_or_path=str(model.model_id)).save_pretrained(str(folder))
+        LoraConfig(r=lora_spec.r, lora_alpha=lora_spec.alpha, lora_dropout=lora_spec.dropout, task_type='CAUSAL_LM',
+                   target_modules=lora_spec.hf_target_modules(),
+                   base_model_name_or_path=str(model_id)).save_pretrained(str(folder))
         save_file(weights, str(folder / ADAPTER_WEIGHTS), metadata={'format': 'pt'})
     else:
-        write_hf_folder(str(folder), weights, model.hf_config)
-    with contextlib.suppress(Exception):  # a checkpoint without a tokenizer is still a checkpoint
-        model.tokenizer.save_pretrained(str(folder))
+        write_hf_folder(str(folder), weights, hf_config)
 
 
 # ---------------------------------------------------------------------------- load
-def attach_saved_adapter(model: 'MegatronModel', folder: str) -> LoraSpec:
+def attach_saved_adapter(shard: Shard, folder: str) -> LoraSpec:
+    """Add the LoRA of a PEFT adapter folder to ``shard.gpt`` and load its weights."""
     from safetensors.torch import load_file
 
     from ...hub import resolve
@@ -269,16 +224,16 @@ def attach_saved_adapter(model: 'MegatronModel', folder: str) -> LoraSpec:
     if not (path / 'adapter_config.json').exists():
         raise ValueError(f'{folder} is not a PEFT adapter folder (adapter_config.json is missing)')
     lora_spec = spec_from_config(json.loads((path / 'adapter_config.json').read_text()))
-    attach(model.gpt, lora_spec, model.tf_config)
-    _load_adapter_tensors(model, lora_spec, load_file(str(path / ADAPTER_WEIGHTS)))
+    attach(shard.gpt, lora_spec, shard.tf_config)
+    _load_adapter_tensors(shard, lora_spec, load_file(str(path / ADAPTER_WEIGHTS)))
     return lora_spec
 
 
-def _load_adapter_tensors(model: 'MegatronModel', lora_spec: LoraSpec, peft_state: Dict[str, torch.Tensor]) -> None:
-    full = _from_peft(peft_state, lora_spec, model.spec)
-    c = model.coords
-    mine = shard_state(full, model.spec, layout_of(model.tf_config), c['pp'], c['tp'], c['ep'])
-    own = model.gpt.state_dict(keep_vars=True)
+def _load_adapter_tensors(shard: Shard, lora_spec: LoraSpec, peft_state: Dict[str, torch.Tensor]) -> None:
+    full = _from_peft(peft_state, lora_spec, shard.spec)
+    c = shard.coords
+    mine = shard_state(full, shard.spec, layout_of(shard.tf_config), c['pp'], c['tp'], c['ep'])
+    own = shard.gpt.state_dict(keep_vars=True)
     wanted = [k for k in own if is_lora_key(k)]
     if sorted(wanted) != sorted(mine):
         raise CheckpointError(f'adapter tensors do not match the model: expected {sorted(wanted)[:3]}..., '
@@ -288,54 +243,23 @@ def _load_adapter_tensors(model: 'MegatronModel', lora_spec: LoraSpec, peft_stat
             own[k].copy_(mine[k].to(own[k].dtype))
 
 
-def load_weights(model: 'MegatronModel', checkpoint_dir: str, session: 'TrainingSession') -> None:
+def load_weights(folder: Path, shard: Shard, lora_spec: Optional[LoraSpec], optimizer: Any) -> None:
+    """Load an adapter folder (when ``lora_spec`` is given) or a Hugging Face model folder into this rank's
+    shard; ``optimizer``'s fp32 master copies follow."""
     from safetensors.torch import load_file
-
-    from ...hub import resolve
-    folder = Path(resolve(str(checkpoint_dir)))
-    if session.name is not None:
-        if not (folder / ADAPTER_WEIGHTS).exists():
-            raise CheckpointError(f'{folder} has no {ADAPTER_WEIGHTS}: it is not an adapter checkpoint')
-        _load_adapter_tensors(model, model.lora_spec, load_file(str(folder / ADAPTER_WEIGHTS)))
+    if lora_spec is not None:
+        _load_adapter_tensors(shard, lora_spec, load_file(str(folder / ADAPTER_WEIGHTS)))
         return
-    load_hf_weights(model.gpt, str(folder), model.spec, model.tf_config, model.coords)
-    _refresh_master_weights(session)
+    load_hf_weights(shard.gpt, str(folder), shard.spec, shard.tf_config, shard.coords)
+    _refresh_master_weights(optimizer)
 
 
-def _refresh_master_weights(session: 'TrainingSession') -> None:
+def _refresh_master_weights(opt: Any) -> None:
     # Float16 optimizers keep fp32 copies of the model weights; after the weights were replaced
     # those copies must follow, or the next step would restore the old values.
-    opt = session.optimizer
     if opt is None:
         return
     for sub in getattr(opt, 'chained_optimizers', [opt]):
         reload = getattr(sub, 'reload_model_params', None)
         if reload is not None:
             reload()
-
-
-def resume(model: 'MegatronModel', checkpoint_dir: str, resume_only_model: bool,
-           adapter_name: Optional[str]) -> Dict[str, int]:
-    folder = Path(checkpoint_dir)
-    session = model._session(adapter_name)
-    _, result = open_for_resume(folder, session)
-    load_weights(model, str(folder), session)
-    if resume_only_model:
-        return result
-    trainer_state = read_trainer_state(folder)
-    if session.optimizer is None:
-        raise ValueError('call set_optimizer(...) (and set_lr_scheduler) before resume_from_checkpoint, or pass '
-                         'resume_only_model=True')
-    saved_mesh = trainer_state.get('mesh', {})
-    for key in ('tp_size', 'pp_size', 'ep_size'):
-        if saved_mesh.get(key, 1) != getattr(model.mesh, key):
-            raise CheckpointError(f'{folder} was saved with {key}={saved_mesh.get(key, 1)} but this model uses '
-                                  f'{getattr(model.mesh, key)}; optimizer state resumes only on the same layout '
-                                  f'(resume_only_model=True loads the weights alone)')
-    if saved_mesh.get('dp_size', 1) * saved_mesh.get('fsdp_size', 1) != model.mesh.dp_fsdp_world_size:
-        raise CheckpointError(f'{folder} was saved with another data-parallel size; optimizer state resumes only '
-                              f'on the same layout (resume_only_model=True loads the weights alone)')
-    _load_optimizer_state(session.optimizer, torch.load(folder / OPTIMIZER_DIR / f'rank{context_rank():05d}.pt',
-                                                        weights_only=False, map_location=model.device))
-    restore_training_state(folder, session, trainer_state, result, context_rank())
-    return result

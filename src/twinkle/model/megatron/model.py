@@ -2,36 +2,30 @@
 
 The facade holds this rank's ``GPTModel`` shard (built from a Hugging Face config and filled from its
 safetensors by ``bridge`` / ``shard``), the megatron-core wrappers (``Float16Module`` for bf16/fp16,
-``DistributedDataParallel``) built at ``set_optimizer``, and one ``TrainingSession`` (full training or
-one LoRA adapter). Losses are sums over tokens (``twinkle.loss``); gradients of a whole accumulation
-window are divided by the window's token count over all data-parallel ranks at the step, as in
-TransformersModel.
+``DistributedDataParallel``) built at ``set_optimizer``, and the backend hooks of ``TrainingCore`` with
+one session (full training or one LoRA adapter). Losses are sums over tokens (``twinkle.loss``);
+gradients of a whole accumulation window are divided by the window's token count over all
+data-parallel ranks at the step, as in TransformersModel.
 """
 from __future__ import annotations
 
-import logging
-import time
+import contextlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 
-from ...loss.base import (LossOutput, bind_loss_template, combine_metrics, reported_loss, window_reduction,
-                          window_scale)
-from ...registry import resolve
+from ...loss.base import LossOutput, bind_loss_template, combine_metrics, reported_loss, window_reduction, window_scale
 from ...runtime import context
 from ...runtime.remote import remote_class, remote_function
-from ..base import TwinkleModel
-from ..components import TemplateProcessorMixin
+from ..core import TrainingCore
+from ..inputs import prepare_batch
 from ..session import TrainingSession
-from ..transformers.inputs import prepare_batch
-from . import lora, optim, parallel, step
-from . import io as mio
+from . import io as mio, lora, optim, parallel, step
 from ._compat import require_megatron
 from .builder import build_gpt, load_hf_weights
 from .config import build_transformer_config, hf_to_spec
 
-logger = logging.getLogger(__name__)
 _OWN_KWARGS = ('output_dir', 'log_dir', 'report_to_tensorboard', 'seed')
 PRECISIONS = ('no', 'fp16', 'bf16')
 
@@ -43,7 +37,7 @@ def require_cuda() -> None:
 
 
 @remote_class
-class MegatronModel(TemplateProcessorMixin, TwinkleModel):
+class MegatronModel(TrainingCore):
 
     def __init__(self, model_id: str, config: Optional[Any] = None, device_mesh: Optional[Any] = None,
                  mixed_precision: str = 'bf16', **kwargs: Any):
@@ -57,17 +51,15 @@ class MegatronModel(TemplateProcessorMixin, TwinkleModel):
         from transformers import AutoConfig
 
         from ...hub import resolve as hub_resolve
-        from ...metric import MetricWriter
-        from ...settings import get_settings
 
         self.model_id = model_id
-        self.output_dir = Path(own.get('output_dir', 'output'))
         self.mesh = device_mesh or context.get_device_mesh() or _default_mesh()
         self.device = context.device()
         require_cuda()
         parallel.initialize(self.mesh, seed=int(own.get('seed', context.state().seed or 42)),
                             device_type=self.device.type)
         self.coords = parallel.coords()
+        self.comm = parallel.MegatronCommunication(self.device)
         self.model_dir = hub_resolve(model_id)
         self.hf_config = config if config is not None else AutoConfig.from_pretrained(self.model_dir)
         self.spec = hf_to_spec(self.hf_config, tp_size=self.mesh.tp_size)
@@ -79,50 +71,31 @@ class MegatronModel(TemplateProcessorMixin, TwinkleModel):
         load_hf_weights(self.gpt, self.model_dir, self.spec, self.tf_config, self.coords)
         self.ddp: Optional[torch.nn.Module] = None
         self.lora_spec: Optional[lora.LoraSpec] = None
-        self.sessions: Dict[Optional[str], TrainingSession] = {}
-        self._template: Any = None
-        self._processor: Any = None
-        self._patches: List[Any] = []
-        log_dir = own.get('log_dir') or str(get_settings().log_dir / f'{time.strftime("%Y%m%d-%H%M%S")}-megatron')
-        self._writer = MetricWriter(log_dir, enabled=own.get('report_to_tensorboard', True) and self.is_main)
+        self._init_core(own, run_name='megatron')
 
     # ------------------------------------------------------------------ plumbing
-    @property
-    def is_main(self) -> bool:
-        return context.rank() == 0
-
     @property
     def is_last_stage(self) -> bool:
         return self.coords['pp'] == self.mesh.pp_size - 1
 
     @property
-    def adapter_names(self) -> List[str]:
-        return [n for n in self.sessions if n is not None]
+    def _holds_outputs(self) -> bool:
+        return self.is_last_stage
 
-    def _session(self, adapter_name: Optional[str]) -> TrainingSession:
-        if adapter_name is None or adapter_name in self.sessions:
-            if adapter_name is None and self.adapter_names:
-                return self.sessions[self.adapter_names[0]]
-            return self.sessions.setdefault(adapter_name, TrainingSession(name=adapter_name))
-        raise ValueError(f'adapter {adapter_name!r} does not exist; adapters: {self.adapter_names or "none"}. '
-                         f'Add it with add_adapter_to_model({adapter_name!r}, LoraConfig(...)) first')
+    def _share_metrics(self, metrics: Optional[Dict[str, float]]) -> Dict[str, float]:
+        return step.broadcast_from_last_stage(metrics)
 
     @property
     def module(self) -> torch.nn.Module:
         return self.ddp if self.ddp is not None else self.gpt
 
-    def _dp_sum(self, value: torch.Tensor) -> torch.Tensor:
-        from megatron.core import parallel_state as ps
-        if ps.get_data_parallel_world_size() == 1:
-            return value
-        import torch.distributed as dist
-        value = value.to(self.device)
-        dist.all_reduce(value, group=ps.get_data_parallel_group())
-        return value.cpu()
+    @property
+    def shard(self) -> mio.Shard:
+        return mio.Shard(self.gpt, self.spec, self.tf_config, self.coords)
 
     # ------------------------------------------------------------------ forward / backward
-    def _batch(self, inputs: Any, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-        batch = prepare_batch(inputs, self, kwargs)
+    def _batch(self, inputs: Any) -> Dict[str, Any]:
+        batch = prepare_batch(inputs, self)
         step.check_positions(batch)
         multiple = self.mesh.tp_size if self.tf_config.sequence_parallel else 1
         pad_id = getattr(self.hf_config, 'pad_token_id', None) or 0
@@ -138,7 +111,7 @@ class MegatronModel(TemplateProcessorMixin, TwinkleModel):
         loss_kwargs = kwargs.pop('loss_kwargs', {})
         microbatches = int(kwargs.pop('num_microbatches', 1))
         temperature = kwargs.pop('temperature', 1.0)
-        batch = self._batch(inputs, kwargs)
+        batch = self._batch(inputs)
         bind_loss_template(session.loss, self._template)
         module = self.module
         module.train(not forward_only)
@@ -220,33 +193,26 @@ class MegatronModel(TemplateProcessorMixin, TwinkleModel):
         if session.scheduler is not None:
             session.scheduler.step(increment=1)
 
-    @remote_function(dispatch='all', collect='first')
-    def clip_grad_and_step(self, max_grad_norm: float = 1.0, norm_type: float = 2.0, *,
-                           adapter_name: Optional[str] = None,
-                           gradient_accumulation_steps: Optional[int] = None) -> Dict[str, Any]:
-        from megatron.core.distributed import finalize_model_grads
-        session = self._session(adapter_name)
-        if gradient_accumulation_steps is not None:
-            session.grad_accum_steps = int(gradient_accumulation_steps)
-        if session.window_micro_steps == 0 or not session.at_accumulation_boundary:
-            return {'stepped': False, 'micro_steps_in_window': session.window_micro_steps}
+    def _check_norm_type(self, norm_type: float) -> None:
         if norm_type != 2.0:
             raise ValueError('megatron-core clips by the L2 norm only (norm_type=2.0)')
-        if window_scale(session.window_reduction, float(self._dp_sum(session.window_items.clone()))) is None:
-            logger.warning('accumulation window had no label tokens: optimizer step skipped')
-            self.zero_grad(adapter_name=session.name)
-            return {'stepped': False, 'micro_steps_in_window': 0}
+
+    def _normalise_window(self, session: TrainingSession) -> bool:
+        from megatron.core.distributed import finalize_model_grads
+        if window_scale(session.window_reduction, float(self.comm.reduce_sum(session.window_items.clone()))) is None:
+            return False
         # Sums gradients over data-parallel ranks (per-token-loss mode) and, for 'mean' losses, divides them
         # by the window's units over all ranks; 'sum' losses keep the global sum (see twinkle.loss.base).
         tokens = None
         if session.window_reduction != 'sum':
             tokens = torch.tensor(float(session.window_items), dtype=torch.float32, device=self.device)
         finalize_model_grads([self.ddp], num_tokens=tokens)
+        return True
+
+    def _clip_and_step(self, session: TrainingSession, max_grad_norm: float, norm_type: float) -> Optional[float]:
         session.optimizer.config.clip_grad = float(max_grad_norm or 0.0)
         self.step(adapter_name=session.name)
-        self.lr_step(adapter_name=session.name)
-        self.zero_grad(adapter_name=session.name)
-        return {'stepped': True, 'step': session.optimizer_step, 'grad_norm': session.last_grad_norm}
+        return session.last_grad_norm
 
     @remote_function(dispatch='all', collect='first')
     def set_optimizer(self, optimizer_cls: Any = 'default', *, adapter_name: Optional[str] = None,
@@ -254,7 +220,7 @@ class MegatronModel(TemplateProcessorMixin, TwinkleModel):
         session = self._session(adapter_name)
         if session.optimizer is not None:
             raise ValueError('the optimizer is already set: megatron-core wraps the model once')
-        self.ddp, session.optimizer, session.optimizer_kwargs = optim.build_optimizer(
+        self.ddp, session.optimizer, session.optimizer_kwargs = optim.wrap_with_optimizer(
             optimizer_cls, self.gpt, self.tf_config, self.precision, kwargs)
         session.start_window()
 
@@ -266,50 +232,6 @@ class MegatronModel(TemplateProcessorMixin, TwinkleModel):
             raise ValueError('set_optimizer(...) must come before set_lr_scheduler(...)')
         session.scheduler = optim.build_scheduler(scheduler_cls, session.optimizer, kwargs)
 
-    @remote_function(dispatch='all', collect='first')
-    def set_loss(self, loss: Any, *, adapter_name: Optional[str] = None, **kwargs: Any) -> None:
-        loss_obj = resolve('loss', loss)
-        if isinstance(loss_obj, type):
-            loss_obj = loss_obj(**kwargs)
-        self._session(adapter_name).set_loss(loss_obj)
-
-    @remote_function(dispatch='all', collect='first')
-    def add_metric(self, metric: Any, *, adapter_name: Optional[str] = None, is_training: bool = True,
-                   **kwargs: Any) -> None:
-        metric_obj = resolve('metric', metric)
-        if isinstance(metric_obj, type):
-            metric_obj = metric_obj(**kwargs)
-        session = self._session(adapter_name)
-        (session.metrics if is_training else session.eval_metrics).append(metric_obj)
-
-    @remote_function(dispatch='all', collect='first')
-    def calculate_metric(self, is_training: bool = True, *, adapter_name: Optional[str] = None) -> Dict[str, float]:
-        session = self._session(adapter_name)
-        metrics: Optional[Dict[str, float]] = None
-        if self.is_last_stage:
-            metrics = {}
-            for metric in (session.metrics if is_training else session.eval_metrics):
-                metrics.update(metric.compute(self._dp_sum))
-                if not is_training:
-                    metric.reset()
-            if is_training:
-                elapsed = max(time.perf_counter() - session.report_started, 1e-9)
-                tokens = float(self._dp_sum(torch.tensor(float(session.tokens_since_report), dtype=torch.float64)))
-                metrics['tokens_per_s'] = tokens / elapsed
-        metrics = step.broadcast_from_last_stage(metrics)
-        if is_training:
-            if session.optimizer is not None:
-                metrics['lr'] = float(session.optimizer.param_groups[0]['lr'])
-            if session.last_grad_norm is not None:
-                metrics['grad_norm'] = session.last_grad_norm
-            metrics['step'] = session.optimizer_step
-            metrics['micro_step'] = session.micro_step
-            session.reset_report()
-        if self.is_main:
-            self._writer.write(metrics, session.optimizer_step,
-                               prefix=f'{"train" if is_training else "eval"}/{session.name or "full"}')
-        return metrics
-
     # ------------------------------------------------------------------ components
     @remote_function(dispatch='all', collect='first')
     def add_adapter_to_model(self, adapter_name: str, config_or_dir: Any, *,
@@ -318,34 +240,43 @@ class MegatronModel(TemplateProcessorMixin, TwinkleModel):
             raise ValueError('MegatronModel trains one adapter (or all parameters); it already has '
                              f'{self.adapter_names or "a full-parameter session"}. Add the adapter before set_optimizer')
         if isinstance(config_or_dir, (str, Path)):
-            self.lora_spec = mio.attach_saved_adapter(self, str(config_or_dir))
+            self.lora_spec = mio.attach_saved_adapter(self.shard, str(config_or_dir))
         else:
             self.lora_spec = lora.spec_from_config(config_or_dir)
             lora.attach(self.gpt, self.lora_spec, self.tf_config)
-        self.sessions[adapter_name] = TrainingSession(name=adapter_name,
-                                                      grad_accum_steps=int(gradient_accumulation_steps))
+        self._new_adapter_session(adapter_name, gradient_accumulation_steps)
 
     def apply_patch(self, patch: Any, **kwargs: Any) -> Any:
         raise NotImplementedError('patches target the Hugging Face module of TransformersModel; MegatronModel '
                                   'has none')
 
-    # ------------------------------------------------------------------ checkpoints
-    @remote_function(dispatch='all', collect='first')
-    def save(self, name: str, output_dir: Optional[str] = None, save_optimizer: bool = False,
-             consumed_train_samples: Optional[int] = None, *, adapter_name: Optional[str] = None) -> str:
-        return mio.save(self, name, output_dir, save_optimizer, consumed_train_samples, adapter_name)
+    # ------------------------------------------------------------------ checkpoint hooks
+    def _gather_weights(self, session: TrainingSession) -> Optional[Dict[str, Any]]:
+        return mio.hf_state_dict(self.shard, adapter=session.name is not None)
 
-    @remote_function(dispatch='all', collect='first')
-    def load(self, checkpoint_dir: str, *, adapter_name: Optional[str] = None) -> None:
-        mio.load_weights(self, checkpoint_dir, self._session(adapter_name))
+    def _write_weights(self, folder: Path, session: TrainingSession, weights: Dict[str, Any]) -> None:
+        mio.write_weights(folder, weights, lora_spec=self.lora_spec if session.name is not None else None,
+                          hf_config=self.hf_config, model_id=self.model_id)
+        with contextlib.suppress(Exception):  # a checkpoint without a tokenizer is still a checkpoint
+            self.tokenizer.save_pretrained(str(folder))
 
-    @remote_function(dispatch='all', collect='first')
-    def resume_from_checkpoint(self, checkpoint_dir: str, resume_only_model: bool = False, *,
-                               adapter_name: Optional[str] = None) -> Dict[str, int]:
-        return mio.resume(self, checkpoint_dir, resume_only_model, adapter_name)
+    def _load_weights(self, folder: Path, session: TrainingSession) -> None:
+        mio.load_weights(folder, self.shard, self.lora_spec if session.name is not None else None, session.optimizer)
+
+    def _save_optimizer_state(self, folder: Path, session: TrainingSession) -> None:
+        mio.save_optimizer_state(folder, session.optimizer, self.comm.rank)
+
+    def _load_optimizer_state(self, folder: Path, session: TrainingSession) -> None:
+        mio.load_optimizer_state(folder, session.optimizer, self.comm.rank, self.device)
+
+    def _trainer_state_extra(self) -> Dict[str, Any]:
+        return {'world_size': self.mesh.world_size, 'strategy': 'megatron', 'mesh': self.mesh.to_dict()}
+
+    def _check_resume_layout(self, folder: Path, trainer_state: Dict[str, Any]) -> None:
+        mio.check_layout(folder, trainer_state, self.mesh)
 
     def get_state_dict(self, *, adapter_name: Optional[str] = None) -> Dict[str, Any]:
-        return mio.hf_state_dict(self, self._session(adapter_name))
+        return mio.hf_state_dict(self.shard, adapter=self._session(adapter_name).name is not None)
 
     def get_train_configs(self, *, adapter_name: Optional[str] = None) -> Dict[str, Any]:
         session = self._session(adapter_name)

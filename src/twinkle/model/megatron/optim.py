@@ -44,8 +44,8 @@ def optimizer_config(precision: str, kwargs: Dict[str, Any]) -> Any:
     return OptimizerConfig(**base)
 
 
-def build_optimizer(optimizer_cls: Any, gpt: torch.nn.Module, tf_config: Any, precision: str,
-                    kwargs: Dict[str, Any]) -> Tuple[torch.nn.Module, Any, Dict[str, Any]]:
+def wrap_with_optimizer(optimizer_cls: Any, gpt: torch.nn.Module, tf_config: Any, precision: str,
+                        kwargs: Dict[str, Any]) -> Tuple[torch.nn.Module, Any, Dict[str, Any]]:
     """Wrap ``gpt`` (Float16Module for bf16/fp16, then DistributedDataParallel) and build the optimizer."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import get_megatron_optimizer

@@ -12,6 +12,7 @@ import logging
 from typing import Any, Dict, Optional
 
 from ...mesh import DeviceMesh
+from ..communication import TorchCommunication
 
 logger = logging.getLogger(__name__)
 
@@ -91,3 +92,23 @@ def coords() -> Dict[str, int]:
     return {'pp': ps.get_pipeline_model_parallel_rank(), 'tp': ps.get_tensor_model_parallel_rank(),
             'ep': ps.get_expert_model_parallel_rank(), 'dp': ps.get_data_parallel_rank(),
             'cp': ps.get_context_parallel_rank()}
+
+
+class MegatronCommunication(TorchCommunication):
+    """The communication half over megatron-core's groups: figures of the global batch are summed
+    over the data-parallel group; objects are gathered, barriers held and checkpoint folders shared
+    over the whole world, whose rank 0 writes."""
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+
+    @property
+    def data_group(self) -> Any:
+        from megatron.core import parallel_state as ps
+        return ps.get_data_parallel_group()
+
+    def reduce_sum(self, tensor: Any) -> Any:
+        from megatron.core import parallel_state as ps
+        if ps.get_data_parallel_world_size() == 1:
+            return tensor
+        return super().reduce_sum(tensor)

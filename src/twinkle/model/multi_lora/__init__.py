@@ -4,8 +4,20 @@ The base model's matmuls run once for all rows; each adapter's low-rank update r
 by adapter into batched matmuls. Adapters keep their own rank, alpha (rslora too), dropout and dropout RNG, and
 move in and out as plain PEFT LoRA adapters.
 """
-from .inject import (adapter_config, adapter_names, adapter_parameters, adapter_state_dict, add_adapter,
-                     from_peft, inject, load_adapter, multi_lora_layers, remove_adapter, route, save_adapter)
+from .inject import (
+                     adapter_config,
+                     adapter_names,
+                     adapter_parameters,
+                     adapter_state_dict,
+                     add_adapter,
+                     from_peft,
+                     inject,
+                     load_adapter,
+                     multi_lora_layers,
+                     remove_adapter,
+                     route,
+                     save_adapter,
+)
 from .layer import AdapterSpec, MultiLoraLinear
 from .routing import Routing, RoutingPlan
 

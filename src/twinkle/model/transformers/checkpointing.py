@@ -29,7 +29,7 @@ from torch import nn
 def _contexts() -> Tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
     # The recompute runs in the backward, outside the forward's context: state the forward set up around
     # the layers (the context-parallel ring attention) has to be set up again for it.
-    from .context_parallel.seam import recompute_context
+    from ..forward_seam import recompute_context
     return contextlib.nullcontext(), recompute_context()
 
 

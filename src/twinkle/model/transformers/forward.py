@@ -7,9 +7,8 @@ import torch
 from torch import nn
 
 from ...loss.utils import loss_mask, token_logprobs
-from ...patch.chunked_ce import chunked_logps
-from ...patch.logit_head import LogitHead, final_softcap, logit_transform, owner_of
 from . import packed
+from .logit_head import LogitHead, chunked_logps, final_softcap, logit_transform, owner_of
 
 MODEL_INPUT_KEYS = ('input_ids', 'attention_mask', 'position_ids')
 

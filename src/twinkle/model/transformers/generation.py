@@ -3,19 +3,25 @@ the generation core (``twinkle.sampler.core``); beam search goes to transformers
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Protocol, Sequence, Tuple
 
 import torch
 
-from ...sampler.core import DecodeSpec, GenerationRequest, left_padded
-from ...sampler.core import generate as core_generate
+from ...sampler.core import DecodeSpec, GenerationRequest, generate as core_generate, left_padded
 from ...sampler.kv_cache import check_cache_implementation, prepare_cache
 
-if TYPE_CHECKING:
-    from .model import TransformersModel
+
+class Host(Protocol):
+    """What generation reads of the model it runs on (``TransformersModel``)."""
+    template: Any
+    module: torch.nn.Module
+    hf_model: torch.nn.Module
+    strategy: Any
+    precision: Any
+    device: torch.device
 
 
-def as_prompts(model: 'TransformersModel', inputs: Any) -> List[List[int]]:
+def as_prompts(model: Host, inputs: Any) -> List[List[int]]:
     """One list of token ids per prompt, from: a conversation (list of messages), several
     conversations, trajectories ({'messages': ...}), a list of token ids, or several."""
     if isinstance(inputs, Mapping):
@@ -41,7 +47,7 @@ def as_prompts(model: 'TransformersModel', inputs: Any) -> List[List[int]]:
 
 
 @torch.no_grad()
-def generate(model: 'TransformersModel', inputs: Any, generation_config: Any = None,
+def generate(model: Host, inputs: Any, generation_config: Any = None,
              **kwargs: Any) -> List[Dict[str, Any]]:
     """``num_return_sequences`` (n) results per prompt, in prompt order: results ``[i * n, (i + 1) * n)``
     belong to prompt ``i`` (each carries its ``prompt_index``). ``token_ids`` end at the first end token
@@ -61,7 +67,7 @@ def generate(model: 'TransformersModel', inputs: Any, generation_config: Any = N
     return [{'token_ids': s.token_ids, 'text': s.text, 'prompt_index': row // n} for row, s in enumerate(sequences)]
 
 
-def merged_config(model: 'TransformersModel', generation_config: Any, kwargs: Dict[str, Any]) -> Tuple[Any, int]:
+def merged_config(model: Host, generation_config: Any, kwargs: Dict[str, Any]) -> Tuple[Any, int]:
     """The model's generation config updated by the caller's config and keyword arguments, checked, and
     ``num_return_sequences`` (taken out: transformers refuses n > 1 for greedy decoding)."""
     from transformers import GenerationConfig
@@ -109,7 +115,7 @@ def decode_spec(config: Any, prompt_width: int) -> DecodeSpec:
 
 
 @contextlib.contextmanager
-def inference_mode(model: 'TransformersModel', hf: torch.nn.Module) -> Iterator[None]:
+def inference_mode(model: Host, hf: torch.nn.Module) -> Iterator[None]:
     """Eval mode (no dropout) and the model's autocast for the duration; the train/eval mode is put back."""
     was_training = hf.training
     hf.eval()
@@ -120,7 +126,7 @@ def inference_mode(model: 'TransformersModel', hf: torch.nn.Module) -> Iterator[
         hf.train(was_training)
 
 
-def _beam_search(model: 'TransformersModel', hf: torch.nn.Module, prompts: List[List[int]], config: Any,
+def _beam_search(model: Host, hf: torch.nn.Module, prompts: List[List[int]], config: Any,
                  n: int) -> List[Dict[str, Any]]:
     config.num_return_sequences = n
     ids, mask, width = left_padded(prompts, config.pad_token_id)

@@ -1,14 +1,13 @@
 """TransformersModel: a thin facade over a Hugging Face causal LM.
 
-It holds the wrapped module and its Strategy (how it is laid out across processes), one forward core,
-and a TrainingSession per adapter. Saving and loading live in ``io.py``, adapters in ``adapters.py``,
-generation in ``generation.py``.
+It holds the wrapped module and its Strategy (how it is laid out across processes, and its
+communication), one forward core, and the backend hooks of ``TrainingCore`` (sessions, metrics, the
+accumulation window and the checkpoint flow are the core's). Weights I/O lives in ``io.py``, adapters
+in ``adapters.py``, generation in ``generation.py``.
 """
 from __future__ import annotations
 
 import contextlib
-import logging
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Type, Union
 
@@ -16,29 +15,25 @@ import torch
 from torch import nn
 
 from ...loss.base import bind_loss_template, reported_loss, window_reduction, window_scale
-from ...registry import resolve
 from ...runtime.remote import remote_class, remote_function
-from ..base import TwinkleModel
-from ..components import TemplateProcessorMixin
+from ..core import TrainingCore
+from ..inputs import prepare_batch
 from ..session import TrainingSession
 from . import adapters, checkpointing, generation, io, quantization
 from .context_parallel import seam as context_parallel_seam
-from .sequence_parallel import ulysses as ulysses_seam
 from .forward import ForwardCore
-from .inputs import prepare_batch
 from .precision import Precision
 from .router_loss import add_router_aux_loss
+from .sequence_parallel import ulysses as ulysses_seam
 from .strategy import scale_, trainable_named_params
 from .strategy_factory import build_strategy, expert_parallel_forward
-
-logger = logging.getLogger(__name__)
 
 # Constructor options that belong to Twinkle; everything else goes to from_pretrained / from_config.
 _OWN_KWARGS = ('output_dir', 'log_dir', 'report_to_tensorboard')
 
 
 @remote_class
-class TransformersModel(TemplateProcessorMixin, TwinkleModel):
+class TransformersModel(TrainingCore):
 
     def __init__(self,  # noqa: C901 - the signature is the public contract
                  model_cls: Optional[Union[Type[nn.Module], str]] = None,
@@ -54,11 +49,11 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
                  gradient_checkpointing: bool = False,
                  **kwargs: Any):
         own = {k: kwargs.pop(k) for k in _OWN_KWARGS if k in kwargs}
-        self.output_dir = Path(own.get('output_dir', 'output'))
         self.model_id = model_id
         self.strategy = build_strategy(strategy, device_mesh=device_mesh, mixed_precision=mixed_precision,
                                        ddp_config=ddp_config, fsdp_config=fsdp_config,
                                        memory_efficient_init=memory_efficient_init)
+        self.comm = self.strategy
         self.device = self.strategy.device
         self.precision = Precision(mixed_precision, self.device, grad_scaler_config,
                                    handled_by_wrapper=self.strategy.handles_mixed_precision)
@@ -78,39 +73,10 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
         self._cp_forward = (context_parallel_seam.build(self.strategy, self.forward_core)
                             or ulysses_seam.build(self.strategy, self.forward_core, hf_model)
                             or expert_parallel_forward(self.strategy, self.forward_core, hf_model))
-        self.sessions: Dict[Optional[str], TrainingSession] = {}
         self._active_adapter: Optional[str] = None
-        self._template: Any = None
-        self._processor: Any = None
-        self._patches: List[Any] = []
-        self._writer = io.metric_writer(own.get('log_dir'), model_id, self.strategy,
-                                        own.get('report_to_tensorboard', True))
+        self._init_core(own, run_name=(model_id or 'model').split('/')[-1].replace(':', ''))
 
     # ------------------------------------------------------------------ plumbing
-    @property
-    def adapter_names(self) -> List[str]:
-        return [n for n in self.sessions if n is not None]
-
-    def _session(self, adapter_name: Optional[str], create: bool = True) -> TrainingSession:
-        if adapter_name is None:
-            names = self.adapter_names
-            if not names:
-                if None not in self.sessions:
-                    if not create:
-                        raise ValueError('no training session yet: call set_optimizer first')
-                    self.sessions[None] = TrainingSession(name=None)
-                return self.sessions[None]
-            if len(names) == 1:
-                adapter_name = names[0]
-            elif 'default' in names:
-                adapter_name = 'default'
-            else:
-                raise ValueError(f'several adapters exist ({", ".join(names)}): pass adapter_name=')
-        if adapter_name not in self.sessions:
-            raise ValueError(f'adapter {adapter_name!r} does not exist; adapters: {self.adapter_names or "none"}. '
-                             f'Add it with add_adapter_to_model({adapter_name!r}, LoraConfig(...)) first')
-        return self.sessions[adapter_name]
-
     def _wrapped_module(self) -> nn.Module:
         if self._wrapped is None:
             self._wrapped = self.strategy.wrap(self.module)
@@ -123,7 +89,7 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
 
     # ------------------------------------------------------------------ forward / loss / backward
     def _run_forward(self, inputs: Any, session: TrainingSession, **kwargs: Any) -> Dict[str, Any]:
-        batch = prepare_batch(inputs, self, kwargs)
+        batch = prepare_batch(inputs, self)
         bind_loss_template(session.loss, self._template)
         self._use_adapter(session)
         module = self._wrapped_module()
@@ -179,7 +145,7 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
                              f'(the optimizer decides which parameters train)')
         loss_kwargs = kwargs.pop('loss_kwargs', {})
         # Gradients are synchronised only on the window's last backward.
-        last_in_window = session.window_micro_steps + 1 >= session.grad_accum_steps
+        last_in_window = session.window_micro_steps + 1 >= session.gradient_accumulation_steps
         module = self._wrapped_module()
         module.train()
         sync = contextlib.nullcontext() if last_in_window else self.strategy.no_sync(module)
@@ -244,25 +210,11 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
         if session.scheduler is not None:
             session.scheduler.step()
 
-    @remote_function(dispatch='all', collect='first')
-    def clip_grad_and_step(self, max_grad_norm: float = 1.0, norm_type: float = 2.0, *,
-                           adapter_name: Optional[str] = None,
-                           gradient_accumulation_steps: Optional[int] = None) -> Dict[str, Any]:
-        session = self._session(adapter_name)
-        if gradient_accumulation_steps is not None:
-            session.grad_accum_steps = int(gradient_accumulation_steps)
-        if session.window_micro_steps == 0 or not session.at_accumulation_boundary:
-            return {'stepped': False, 'micro_steps_in_window': session.window_micro_steps}
-        if not self._normalise_window(session):
-            logger.warning('accumulation window had no label tokens: optimizer step skipped')
-            self.zero_grad(adapter_name=session.name)
-            return {'stepped': False, 'micro_steps_in_window': 0}
+    def _clip_and_step(self, session: TrainingSession, max_grad_norm: float, norm_type: float) -> Optional[float]:
         grad_norm = self.clip_grad_norm(max_grad_norm, norm_type, adapter_name=session.name) \
             if max_grad_norm and max_grad_norm > 0 else None
         self.step(adapter_name=session.name)
-        self.lr_step(adapter_name=session.name)
-        self.zero_grad(adapter_name=session.name)
-        return {'stepped': True, 'step': session.optimizer_step, 'grad_norm': grad_norm}
+        return grad_norm
 
     @remote_function(dispatch='all', collect='first')
     def set_optimizer(self, optimizer_cls: Any = 'AdamW', *, adapter_name: Optional[str] = None,
@@ -287,49 +239,6 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
             raise ValueError('set_optimizer(...) must come before set_lr_scheduler(...)')
         session.scheduler = build_scheduler(scheduler_cls, session.optimizer, **kwargs)
 
-    @remote_function(dispatch='all', collect='first')
-    def set_loss(self, loss: Any, *, adapter_name: Optional[str] = None, **kwargs: Any) -> None:
-        loss_obj = resolve('loss', loss)
-        if isinstance(loss_obj, type):
-            loss_obj = loss_obj(**kwargs)
-        elif not callable(loss_obj):
-            raise TypeError(f'loss must be a twinkle.loss.Loss, a registered name or a callable; got {loss!r}')
-        self._session(adapter_name).set_loss(loss_obj)
-
-    @remote_function(dispatch='all', collect='first')
-    def add_metric(self, metric: Any, *, adapter_name: Optional[str] = None, is_training: bool = True,
-                   **kwargs: Any) -> None:
-        metric_obj = resolve('metric', metric)
-        if isinstance(metric_obj, type):
-            metric_obj = metric_obj(**kwargs)
-        session = self._session(adapter_name)
-        (session.metrics if is_training else session.eval_metrics).append(metric_obj)
-
-    @remote_function(dispatch='all', collect='first')
-    def calculate_metric(self, is_training: bool = True, *, adapter_name: Optional[str] = None) -> Dict[str, float]:
-        session = self._session(adapter_name)
-        metrics: Dict[str, float] = {}
-        for metric in (session.metrics if is_training else session.eval_metrics):
-            metrics.update(metric.compute(self.strategy.reduce_sum))
-            if not is_training:
-                metric.reset()
-        if is_training:
-            elapsed = max(time.perf_counter() - session.report_started, 1e-9)
-            tokens = float(self.strategy.reduce_sum(torch.tensor(float(session.tokens_since_report),
-                                                                 dtype=torch.float64)))
-            metrics['tokens_per_s'] = tokens / elapsed
-            if session.optimizer is not None:
-                metrics['lr'] = float(session.optimizer.param_groups[0]['lr'])
-            if session.last_grad_norm is not None:
-                metrics['grad_norm'] = session.last_grad_norm
-            metrics['step'] = session.optimizer_step
-            metrics['micro_step'] = session.micro_step
-            session.reset_report()
-        if self.strategy.is_main_process:
-            self._writer.write(metrics, session.optimizer_step,
-                               prefix=f'{"train" if is_training else "eval"}/{session.name or "full"}')
-        return metrics
-
     # ------------------------------------------------------------------ components
     @remote_function(dispatch='all', collect='first')
     def add_adapter_to_model(self, adapter_name: str, config_or_dir: Any, *,
@@ -346,8 +255,7 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
         if self._wrapped is not None:
             self._wrapped = None
         self._active_adapter = None
-        self.sessions[adapter_name] = TrainingSession(name=adapter_name,
-                                                      grad_accum_steps=int(gradient_accumulation_steps))
+        self._new_adapter_session(adapter_name, gradient_accumulation_steps)
 
     def remove_adapter(self, adapter_name: str) -> None:
         session = self._session(adapter_name)
@@ -363,37 +271,36 @@ class TransformersModel(TemplateProcessorMixin, TwinkleModel):
         (non-reentrant, per layer); may be switched at any time, also after wrapping."""
         checkpointing.set_activation_checkpointing(self.hf_model, bool(enabled))
 
-    def apply_patch(self, patch: Any, **kwargs: Any) -> Any:
-        patch_obj = resolve('patch', patch)
-        if isinstance(patch_obj, type):
-            patch_obj = patch_obj(**kwargs)
-        patch_obj.apply(self)
-        self._patches.append(patch_obj)
-        return patch_obj
+    # ------------------------------------------------------------------ checkpoint hooks
+    def _gather_weights(self, session: TrainingSession) -> Optional[Dict[str, Any]]:
+        return io.weights_of(self.strategy, self.module, session.name)
 
-    # ------------------------------------------------------------------ checkpoints
-    @remote_function(dispatch='all', collect='first')
-    def save(self, name: str, output_dir: Optional[str] = None, save_optimizer: bool = False,
-             consumed_train_samples: Optional[int] = None, *, adapter_name: Optional[str] = None) -> str:
-        return io.save(self, name, output_dir, save_optimizer, consumed_train_samples, adapter_name)
+    def _write_weights(self, folder: Path, session: TrainingSession, weights: Dict[str, Any]) -> None:
+        io.write_weights(folder, weights, module=self.module, hf_model=self.strategy.unwrap(self.hf_model),
+                         adapter_name=session.name)
+        if self._template is not None or self.model_dir is not None:
+            self.tokenizer.save_pretrained(str(folder))
 
-    @remote_function(dispatch='all', collect='first')
-    def load(self, checkpoint_dir: str, *, adapter_name: Optional[str] = None) -> None:
-        io.load_weights(self, checkpoint_dir, self._session(adapter_name))
+    def _load_weights(self, folder: Path, session: TrainingSession) -> None:
+        io.load_weights(folder, self.strategy, self.module, session.name)
 
-    @remote_function(dispatch='all', collect='first')
-    def resume_from_checkpoint(self, checkpoint_dir: str, resume_only_model: bool = False, *,
-                               adapter_name: Optional[str] = None) -> Dict[str, int]:
-        return io.resume(self, checkpoint_dir, resume_only_model, adapter_name)
+    def _save_optimizer_state(self, folder: Path, session: TrainingSession) -> None:
+        self.strategy.save_optimizer_state(folder, self._wrapped_module(), session.optimizer)
+
+    def _load_optimizer_state(self, folder: Path, session: TrainingSession) -> None:
+        self.strategy.load_optimizer_state(folder, self._wrapped_module(), session.optimizer)
+
+    def _trainer_state_extra(self) -> Dict[str, Any]:
+        return {'world_size': self.strategy.grad_reduce_world, 'strategy': self.strategy.name}
 
     def get_state_dict(self, *, adapter_name: Optional[str] = None) -> Dict[str, Any]:
-        return io.state_dict_for(self, self._session(adapter_name))
+        return io.weights_of(self.strategy, self.module, self._session(adapter_name).name)
 
     def get_train_configs(self, *, adapter_name: Optional[str] = None) -> Dict[str, Any]:
         session = self._session(adapter_name)
         return {
             'model_id': self.model_id, 'adapter_name': session.name, 'strategy': self.strategy.name,
-            'mixed_precision': self.precision.mode, 'gradient_accumulation_steps': session.grad_accum_steps,
+            'mixed_precision': self.precision.mode, 'gradient_accumulation_steps': session.gradient_accumulation_steps,
             'optimizer': session.optimizer_kwargs,
             'scheduler': type(session.scheduler).__name__ if session.scheduler is not None else None,
             'loss': type(session.loss).__name__,

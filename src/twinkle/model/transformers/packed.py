@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..inputs import sequence_starts
+
 _ATTENTION_LAYERS = frozenset({'full_attention', 'sliding_attention', 'chunked_attention', 'attention'})
 _MASK_BASED = frozenset({'eager', 'sdpa', 'flex_attention'})
 # Layers that carry a state along the sequence (their outputs depend on every earlier token, whatever
@@ -58,13 +60,6 @@ class Layout:
         out = flat.new_zeros((self.shape[0] * self.shape[1], *rest))
         out = out.index_copy(0, self.index, flat)
         return out.view(*self.shape, *rest)
-
-
-def sequence_starts(position_ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """Bool [B, T]: the real tokens that start a sequence."""
-    prev_pos = F.pad(position_ids[:, :-1], (1, 0), value=0)
-    prev_real = F.pad(real[:, :-1], (1, 0), value=False)
-    return real & (~prev_real | (position_ids != prev_pos + 1))
 
 
 def plan(hf_model: nn.Module, model_inputs: Mapping[str, Any]) -> Optional[Layout]:

@@ -1,5 +1,6 @@
-"""How a module is laid out across processes. One Strategy per layout; the model only talks to this
-protocol, never probes for features."""
+"""How a module is laid out across processes (``Layout``) and how its ranks talk (``Communication``).
+One Strategy per layout; the model only talks to these protocols and reads their capability flags,
+never probes names."""
 from __future__ import annotations
 
 import contextlib
@@ -9,7 +10,7 @@ from typing import Any, ContextManager, Dict, Iterable, List, Optional, Protocol
 import torch
 from torch import nn
 
-from ..checkpoint import atomic_folder
+from ..communication import Communication, LocalCommunication
 
 
 def scale_(tensors: List[torch.Tensor], factor: float) -> None:
@@ -22,33 +23,27 @@ def scale_(tensors: List[torch.Tensor], factor: float) -> None:
 
 
 @runtime_checkable
-class Strategy(Protocol):
+class Layout(Protocol):
+    """How the module is laid out: wrapped, kept from synchronising, its state gathered and sharded.
+    The capability flags say what the layout allows, so callers never probe names."""
     name: str
     device: torch.device
-    grad_reduce_world: int
-    """How many ranks' gradients the wrapper averages (DDP/FSDP: the data-parallel size; else 1)."""
+    mesh: Optional[Any]
+    """The twinkle DeviceMesh the layout spans; None in one process."""
     handles_mixed_precision: bool
     """True when the wrapper casts itself (FSDP2's MixedPrecisionPolicy); the model then skips autocast."""
     meta_init: bool
     """True when this rank builds the model on the meta device and receives its weights at wrap time
     (FSDP2's memory-efficient init on ranks other than 0)."""
+    head_outside_forward: bool
+    """True when the output projection can be applied outside the module's forward (its weight is a
+    plain tensor there); False under FSDP2, where it is a sharded DTensor gathered only in the forward."""
 
     def wrap(self, module: nn.Module) -> nn.Module: ...
 
     def unwrap(self, module: nn.Module) -> nn.Module: ...
 
     def no_sync(self, module: nn.Module) -> ContextManager: ...
-
-    def clip_grad_norm(self, params: List[torch.Tensor], max_norm: float, norm_type: float) -> torch.Tensor: ...
-
-    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
-
-    def gather_object(self, obj: Any) -> Optional[List[Any]]: ...
-
-    def barrier(self) -> None: ...
-
-    @property
-    def is_main_process(self) -> bool: ...
 
     def full_state_dict(self, module: nn.Module) -> Dict[str, torch.Tensor]: ...
 
@@ -61,21 +56,27 @@ class Strategy(Protocol):
     def load_adapter_state_dict(self, module: nn.Module, state_dict: Dict[str, torch.Tensor],
                                 adapter_name: str) -> None: ...
 
-    def shared_folder(self, target: Path) -> ContextManager[Path]:
-        """A temporary folder every rank writes into, renamed to ``target`` once all are done."""
 
-    @property
-    def rank(self) -> int: ...
+@runtime_checkable
+class Strategy(Layout, Communication, Protocol):
+    """A layout and the communication over its ranks (``twinkle.model.communication``), plus what
+    needs both: gradient clipping over the ranks' shards."""
+    grad_reduce_world: int
+    """How many ranks' gradients the wrapper averages (DDP/FSDP: the data-parallel size; else 1)."""
+
+    def clip_grad_norm(self, params: List[torch.Tensor], max_norm: float, norm_type: float) -> torch.Tensor: ...
 
     def shutdown(self) -> None: ...
 
 
-class SingleProcessStrategy:
+class SingleProcessStrategy(LocalCommunication):
     """One process, one device: the module as it is."""
     name = 'single'
+    mesh = None
     grad_reduce_world = 1
     handles_mixed_precision = False
     meta_init = False
+    head_outside_forward = True
     OPTIMIZER_FILE = 'optimizer.pt'
 
     def __init__(self, device: Optional[torch.device] = None):
@@ -92,19 +93,6 @@ class SingleProcessStrategy:
 
     def clip_grad_norm(self, params: List[torch.Tensor], max_norm: float, norm_type: float) -> torch.Tensor:
         return clip_grad_norm_fp64(params, max_norm, norm_type)
-
-    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
-
-    def gather_object(self, obj: Any) -> Optional[List[Any]]:
-        return [obj]
-
-    def barrier(self) -> None:
-        pass
-
-    @property
-    def is_main_process(self) -> bool:
-        return True
 
     def full_state_dict(self, module: nn.Module) -> Dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in module.state_dict().items()}
@@ -127,13 +115,6 @@ class SingleProcessStrategy:
     def load_adapter_state_dict(self, module: nn.Module, state_dict: Dict[str, torch.Tensor],
                                 adapter_name: str) -> None:
         load_adapter_weights(module, state_dict, adapter_name)
-
-    def shared_folder(self, target: Path) -> ContextManager[Path]:
-        return atomic_folder(target)
-
-    @property
-    def rank(self) -> int:
-        return 0
 
     def shutdown(self) -> None:
         pass

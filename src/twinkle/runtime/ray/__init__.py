@@ -7,7 +7,7 @@ collect as their ``@remote_function`` declarations say. ``twinkle.runtime.shutdo
 exit) tears everything down.
 """
 from twinkle.runtime.ray.cluster import construct, handles, init_ray, shutdown
-from twinkle.runtime.ray.handle import LazyResult, RemoteError, RemoteHandle, RemoteMethod
+from twinkle.runtime.ray.handle import LazyResult, RemoteError, RemoteHandle, RemoteMethod, WorkerError
 
 __all__ = ['init_ray', 'shutdown', 'construct', 'handles', 'RemoteHandle', 'RemoteMethod', 'RemoteError',
-           'LazyResult']
+           'WorkerError', 'LazyResult']

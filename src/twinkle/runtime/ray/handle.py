@@ -16,6 +16,7 @@ import re
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
+from twinkle.errors import RemoteError
 from twinkle.mesh import DeviceMesh
 from twinkle.runtime.ray import collect as collect_mod
 from twinkle.runtime.ray.worker import _DONE, SELF
@@ -26,7 +27,7 @@ DEFAULT_SPEC = RemoteSpec(dispatch='all', collect='first', lazy=False)
 _POLL_S = 1.0
 
 
-class RemoteError(RuntimeError):
+class WorkerError(RemoteError):
     """A remote component's method failed on some rank (its traceback is part of the message)."""
 
     def __init__(self, message: str, *, group: str, rank: Optional[int], method: str,
@@ -141,7 +142,7 @@ class RemoteHandle:
     # ------------------------------------------------------------------ waiting and failures
     def _check_usable(self, method: str) -> None:
         if self._tw_broken is not None:
-            raise RemoteError(f'{self._tw_cls.__name__} on group {self._tw_group!r} is no longer usable, so '
+            raise WorkerError(f'{self._tw_cls.__name__} on group {self._tw_group!r} is no longer usable, so '
                               f'{method}() cannot run: {self._tw_broken}', group=self._tw_group, rank=None,
                               method=method)
 
@@ -192,13 +193,13 @@ class RemoteHandle:
         where = f'{self._tw_cls.__name__}.{method}'
         if attribute and isinstance(cause, AttributeError):
             return AttributeError(f'{where}: {cause} (read from rank 0 of group {self._tw_group!r})')
-        return RemoteError(f'{where} failed on rank {rank} of group {self._tw_group!r} with '
+        return WorkerError(f'{where} failed on rank {rank} of group {self._tw_group!r} with '
                           f'{type(cause).__name__ if cause is not None else "an error"}: {cause}\n'
                           f'--- remote traceback (rank {rank}) ---\n{tb.rstrip()}',
                           group=self._tw_group, rank=rank, method=method, cause=cause, remote_traceback=tb)
 
-    def _died_error(self, exc: Any, rank: int, method: str) -> RemoteError:
-        return RemoteError(f'rank {rank} of group {self._tw_group!r} ({self._tw_cls.__name__}) died during '
+    def _died_error(self, exc: Any, rank: int, method: str) -> WorkerError:
+        return WorkerError(f'rank {rank} of group {self._tw_group!r} ({self._tw_cls.__name__}) died during '
                           f'{method}(): its process exited (crash, os._exit, out of memory or killed). '
                           f'Ray says: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}',
                           group=self._tw_group, rank=rank, method=method, cause=exc)

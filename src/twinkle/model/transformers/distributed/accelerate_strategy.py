@@ -95,6 +95,7 @@ def build_accelerate(mesh: DeviceMesh, device: torch.device, mixed_precision: st
     _reset_accelerate_state()
     if mesh.fsdp_size == 1:
         from accelerate.utils import DistributedDataParallelKwargs
+
         from .ddp import DDP_OPTIONS
         ddp_config = dict(ddp_config or {})
         unknown = sorted(set(ddp_config) - set(DDP_OPTIONS))
@@ -112,7 +113,8 @@ def build_accelerate(mesh: DeviceMesh, device: torch.device, mixed_precision: st
         _reset_accelerate_state()
         return FSDP2Strategy(mesh, device, mixed_precision, fsdp_config, memory_efficient_init)
     from accelerate import FullyShardedDataParallelPlugin
-    from .fsdp2 import FSDP_OPTIONS, _PARAM_DTYPES
+
+    from .fsdp2 import _PARAM_DTYPES, FSDP_OPTIONS
     fsdp_config = dict(fsdp_config or {})
     unknown = sorted(set(fsdp_config) - set(FSDP_OPTIONS))
     if unknown:

@@ -1,20 +1,18 @@
-"""What every torch.distributed strategy shares: the data-parallel group, collectives, the shared
-checkpoint folder and teardown."""
+"""What every torch.distributed strategy shares: the mesh's process groups (the collectives over them are
+``TorchCommunication``'s) and teardown."""
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import weakref
-from pathlib import Path
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ....mesh import DeviceMesh
-from ...checkpoint import atomic_folder
+from ...communication import TorchCommunication
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +39,12 @@ def check_mesh(mesh: DeviceMesh, strategy: str, supported: Tuple[str, ...] = ())
                          f'{dist.get_world_size()}; pass a mesh whose sizes multiply to the world size')
 
 
-class TorchDistributedStrategy:
-    """Base for strategies whose wrapper averages gradients over the mesh's data-parallel ranks."""
+class TorchDistributedStrategy(TorchCommunication):
+    """Base for strategies whose wrapper averages gradients over the mesh's data-parallel ranks; its
+    communication half runs over the mesh's groups."""
     name = 'distributed'
     handles_mixed_precision = False
+    head_outside_forward = True
     parallel_dims: Tuple[str, ...] = ()  # mesh sizes beyond dp / fsdp this strategy lays out
 
     def __init__(self, mesh: DeviceMesh, device: torch.device, mixed_precision: str = 'no') -> None:
@@ -73,17 +73,8 @@ class TorchDistributedStrategy:
         return self._group
 
     @property
-    def rank(self) -> int:
-        return dist.get_rank()
-
-    @property
-    def is_main_process(self) -> bool:
-        return self.rank == self.mesh.global_ranks[0]
-
-    @property
-    def _comm_device(self) -> torch.device:
-        # NCCL reduces only CUDA tensors; gloo takes CPU ones.
-        return self.device if dist.get_backend(self.group) == 'nccl' else torch.device('cpu')
+    def main_rank(self) -> int:
+        return self.mesh.global_ranks[0]
 
     @property
     def data_group(self) -> Any:
@@ -101,44 +92,6 @@ class TorchDistributedStrategy:
                     if own in ranks:
                         self._data_group = made
         return self._data_group
-
-    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum of a figure of the global batch (losses, token counts) over the ranks holding its parts."""
-        work = tensor.detach().to(self._comm_device, copy=True)
-        dist.all_reduce(work, op=dist.ReduceOp.SUM, group=self.data_group)
-        return work.to(tensor.device)
-
-    def gather_object(self, obj: Any) -> Optional[List[Any]]:
-        out: List[Any] = [None] * len(self.mesh.global_ranks)
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
-
-    def broadcast_object(self, obj: Any) -> Any:
-        box = [obj]
-        dist.broadcast_object_list(box, src=self.mesh.global_ranks[0], group=self.group)
-        return box[0]
-
-    def barrier(self) -> None:
-        dist.barrier(group=self.group)
-
-    # ------------------------------------------------------------------ checkpoint folders
-    @contextlib.contextmanager
-    def shared_folder(self, target: Path) -> Iterator[Path]:
-        """Rank 0 picks the temporary folder and tells the others; every rank writes into it; after a
-        barrier rank 0 renames it to ``target``; a second barrier makes the final folder visible to all.
-        The folder must be on a filesystem every rank sees (one node, or a shared mount)."""
-        target = Path(target)
-        if self.is_main_process:
-            with atomic_folder(target) as tmp:
-                self.broadcast_object(str(tmp))
-                yield tmp
-                self.barrier()
-            self.barrier()
-        else:
-            tmp = Path(self.broadcast_object(None))
-            yield tmp
-            self.barrier()
-            self.barrier()
 
     # ------------------------------------------------------------------ teardown
     def release(self) -> None:

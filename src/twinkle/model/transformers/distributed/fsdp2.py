@@ -49,6 +49,8 @@ def decoder_layers(module: nn.Module) -> List[nn.Module]:
 class FSDP2Strategy(TorchDistributedStrategy):
     name = 'native_fsdp'
     handles_mixed_precision = True
+    # The output projection's weight is a sharded DTensor outside the module's own forward.
+    head_outside_forward = False
 
     def __init__(self, mesh: DeviceMesh, device: torch.device, mixed_precision: str = 'no',
                  fsdp_config: Optional[Dict[str, Any]] = None, memory_efficient_init: bool = False) -> None:

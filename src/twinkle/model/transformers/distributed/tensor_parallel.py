@@ -65,6 +65,7 @@ class TensorParallelStrategy(FSDP2Strategy):
     decoder layer over ``dp x fsdp`` with FSDP2."""
     name = 'tensor_parallel'
     parallel_dims = ('tp_size',)
+    head_outside_forward = True  # no FSDP wrapper: parameters stay whole (or plain DTensors) outside the forward
 
     def __init__(self, mesh: DeviceMesh, device: torch.device, mixed_precision: str = 'no',
                  fsdp_config: Optional[Dict[str, Any]] = None, memory_efficient_init: bool = False) -> None:
@@ -149,6 +150,7 @@ class TensorParallelStrategy(FSDP2Strategy):
 
     def _shard_data_parallel(self, module: nn.Module, ignored: Set[nn.Parameter]) -> None:
         from torch.distributed.fsdp import fully_shard
+
         from .fsdp2 import decoder_layers
         kwargs = {**self._shard_kwargs(), 'ignored_params': ignored or None}
         for layer in decoder_layers(module):

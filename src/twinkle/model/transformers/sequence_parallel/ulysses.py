@@ -2,7 +2,7 @@
 
 The ranks of a ulysses group receive the same samples (the DataLoader slices by ``data_rank``, which
 folds the group). Around the model's forward core, as for context parallelism (the padding, label
-shift and log-probability gather are :class:`..context_parallel.seam.ContextParallelForward`'s):
+shift and log-probability gather are :class:`twinkle.model.forward_seam.SequenceSplitForward`'s):
 
 1. the batch is padded on the right to a multiple of ``N`` tokens; ``input_ids``, the global
    ``position_ids`` and the next-token labels are cut into ``N`` contiguous pieces, one per rank;
@@ -34,8 +34,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ...forward_seam import SequenceSplitForward, active_attention, own_group
 from .. import packed
-from ..context_parallel import seam
 
 ATTENTION_NAME = 'twinkle_ulysses'
 
@@ -89,10 +89,7 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
                sliding_window: Optional[int] = None, softcap: Optional[float] = None,
                **kwargs: Any) -> Tuple[torch.Tensor, None]:
     """transformers attention function: [B, H, L/N, D] pieces in, [B, L/N, H, D] out."""
-    state = seam._ACTIVE
-    if state.get('attention') != ATTENTION_NAME:
-        raise RuntimeError(f"attention implementation {ATTENTION_NAME!r} runs only inside TransformersModel's "
-                           f'sequence-parallel (ulysses_size > 1) forward')
+    state = active_attention(ATTENTION_NAME, 'sequence-parallel (ulysses_size > 1) forward')
     if sliding_window is not None or softcap is not None:
         raise ValueError('ulysses: sliding-window and soft-capped attention are not supported (layers with '
                          'sliding_window / attn_logit_softcapping); use ulysses_size=1 for this model')
@@ -143,7 +140,7 @@ class _GatherContiguous(torch.autograd.Function):
         return grad.narrow(1, ctx.rank * ctx.length, ctx.length).contiguous(), None, None, None
 
 
-class UlyssesForward(seam.ContextParallelForward):
+class UlyssesForward(SequenceSplitForward):
     """Wraps the forward core: contiguous pieces of the sequence, all-to-all attention, gathered
     log-probabilities."""
     feature, switch = 'ulysses', 'ulysses_size'
@@ -194,11 +191,11 @@ class UlyssesForward(seam.ContextParallelForward):
 def build(strategy: Any, core: Callable[..., Dict[str, Any]], hf_model: nn.Module) -> Optional[UlyssesForward]:
     """The Ulysses forward for the strategy's mesh, or None when ``ulysses_size`` is 1. Collective
     (creates the ulysses process groups): every rank calls it."""
-    mesh = getattr(strategy, 'mesh', None)
+    mesh = strategy.mesh
     if mesh is None or mesh.ulysses_size == 1:
         return None
     if mesh.cp_size > 1:
         raise NotImplementedError(f'{mesh!r}: ulysses_size and cp_size cannot both exceed 1 on TransformersModel; '
                                   f'choose one way to split the sequence')
     check_heads(hf_model.config, mesh.ulysses_size)
-    return UlyssesForward(core, seam.own_group(mesh, 'ulysses'), mesh.ulysses_rank, mesh.ulysses_size)
+    return UlyssesForward(core, own_group(mesh, 'ulysses'), mesh.ulysses_rank, mesh.ulysses_size)

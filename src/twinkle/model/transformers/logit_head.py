@@ -6,6 +6,10 @@ Some families change the logits after the output projection inside ``ForCausalLM
 transforms, or its log-probabilities are those of another model. ``verify_head`` compares against
 the model's own forward on a few tokens, so a family whose head does something not listed here is
 refused instead of trained on wrong numbers.
+
+``chunked_logps`` runs such a head on chunks of positions under activation checkpointing, so that only
+one chunk of logits exists at a time (the forward core's chunked mode, switched on by
+``ChunkedCrossEntropyPatch``).
 """
 from __future__ import annotations
 
@@ -13,6 +17,10 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ...loss.utils import loss_mask
+from ...types import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -120,3 +128,29 @@ def owner_of(root: nn.Module, target: nn.Module) -> tuple:
             if child is target:
                 return module, child_name
     raise RuntimeError('could not locate the output projection to patch')
+
+
+def _chunk_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    logits = lm_head(hidden).float()
+    safe = torch.where(target == IGNORE_INDEX, torch.zeros_like(target), target)
+    picked = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def chunked_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                  chunk_size: int) -> torch.Tensor:
+    """``logps`` [B, T] aligned with ``labels`` from the final hidden states [B, T, H]."""
+    batch, seq, width = hidden.shape
+    mask = loss_mask(labels)
+    pred = hidden[:, :-1].reshape(-1, width)
+    target = labels[:, 1:].reshape(-1)
+    pieces = []
+    for start in range(0, pred.shape[0], chunk_size):
+        h, t = pred[start:start + chunk_size], target[start:start + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            pieces.append(checkpoint(_chunk_logps, lm_head, h, t, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logps(lm_head, h, t))
+    shifted = torch.cat(pieces).view(batch, seq - 1) if pieces else hidden.new_zeros((batch, 0))
+    logps = torch.cat([shifted.new_zeros((batch, 1)), shifted], dim=1)
+    return logps.masked_fill(~mask, 0.0)

@@ -1,17 +1,18 @@
-"""Turn whatever a caller passes as ``inputs`` into one validated batch of tensors on the device."""
+"""Turn whatever a caller passes as ``inputs`` into one validated batch of tensors on the device (every
+backend takes its inputs through here)."""
 from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping
 
 import torch
+import torch.nn.functional as F
 
-from ...types import IGNORE_INDEX
-from .packed import sequence_starts
+from ..types import IGNORE_INDEX
 
 _INT_FIELDS = ('input_ids', 'labels', 'attention_mask', 'position_ids')
 
 
-def prepare_batch(inputs: Any, model: Any, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+def prepare_batch(inputs: Any, model: Any) -> Dict[str, Any]:
     """Accepts collated tensors (a dict), encoded samples (a list of dicts with ``input_ids``), or raw
     trajectories (a list of dicts with ``messages``, encoded through the model's template)."""
     if isinstance(inputs, Mapping) and 'messages' in inputs:
@@ -83,3 +84,10 @@ def _validate_and_move(batch: Dict[str, Any], device: torch.device) -> Dict[str,
         real = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
         batch['labels'] = labels.masked_fill(sequence_starts(positions, real), IGNORE_INDEX)
     return batch
+
+
+def sequence_starts(position_ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Bool [B, T]: the real tokens that start a sequence."""
+    prev_pos = F.pad(position_ids[:, :-1], (1, 0), value=0)
+    prev_real = F.pad(real[:, :-1], (1, 0), value=False)
+    return real & (~prev_real | (position_ids != prev_pos + 1))

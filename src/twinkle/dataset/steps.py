@@ -1,0 +1,37 @@
+"""The pieces both dataset kinds (``Dataset``, ``IterableDataset``) build their chains from: map and
+filter steps given by name, class or callable, and the template that encodes rows."""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional
+
+from twinkle.registry import resolve
+
+
+def instantiate(kind: str, obj: Any, kwargs: Dict[str, Any]) -> Callable:
+    """A registered name or a class (built with ``kwargs``), or a ready callable."""
+    obj = resolve(kind, obj)
+    if isinstance(obj, type):
+        obj = obj(**kwargs)
+    elif kwargs:
+        raise ValueError(f'keyword arguments {sorted(kwargs)} are only used when the {kind} is given by name or '
+                         f'class; pass them to its constructor instead')
+    if not callable(obj):
+        raise ValueError(f'a {kind} must be callable (row -> ...), got {type(obj).__name__}')
+    return obj
+
+
+def step_name(fn: Any) -> str:
+    return getattr(fn, 'name', None) or getattr(fn, '__name__', None) or type(fn).__name__
+
+
+def build_template(template: Any, model_id: Optional[str] = None, **template_kwargs: Any) -> Any:
+    """The ``Template`` a ``set_template`` call names: a registered name, a class, or an instance."""
+    obj = resolve('template', template)
+    if isinstance(obj, type):
+        obj = obj(model_id=model_id, **template_kwargs) if model_id is not None else obj(**template_kwargs)
+    elif model_id is not None or template_kwargs:
+        raise ValueError('set_template: model_id and template keyword arguments apply only when the template is '
+                         'given by name or class, not to an instance')
+    if not callable(getattr(obj, 'encode', None)):
+        raise ValueError(f'set_template: {type(obj).__name__} has no encode(trajectory) method')
+    return obj
