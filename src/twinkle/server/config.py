@@ -17,8 +17,8 @@ class Limits(BaseModel):
     """Sampling adapters kept loaded per tenant; older ones are unloaded and reloaded on demand."""
     max_tokens_per_request: int = Field(65536, ge=1)
     """Tokens in one training / forward / sampling request (prompt plus requested completion)."""
-    max_new_tokens: int = Field(1024, ge=1)
-    """Longest completion one sample may ask for."""
+    max_new_tokens: int = Field(8192, ge=1)
+    """Longest completion one sample may ask for (recipes commonly ask 2048-8192)."""
     max_lora_rank: int = Field(256, ge=1)
     """Largest LoRA rank, also for every entry of a rank_pattern."""
     max_lora_alpha: float = Field(1024.0, gt=0, allow_inf_nan=False)
@@ -48,6 +48,9 @@ class ServerSettings(BaseModel):
     """The base model every tenant trains adapters on (hub id or local folder, resolved by twinkle.hub)."""
     model_name: Optional[str] = None
     """The name clients use for the base model (Tinker's base_model); default: ``model``."""
+    model_aliases: List[str] = Field(default_factory=list)
+    """More names the same base model answers to, so clients written for different model names (e.g. recipe
+    defaults) can share one server; each run reports the name it was created with."""
     tokenizer_id: Optional[str] = None
     """What get_info reports as tokenizer id (a hub name clients can load); default: the model id without
     its scheme. Never a server path."""
@@ -90,9 +93,26 @@ class ServerSettings(BaseModel):
             raise ValueError(f"mixed_precision must be 'auto', 'no', 'bf16' or 'fp16', got {value!r}")
         return value
 
+    @field_validator('model_aliases')
+    @classmethod
+    def _aliases(cls, aliases: List[str]) -> List[str]:
+        for i, alias in enumerate(aliases):
+            if not alias.strip():
+                raise ValueError(f'model_aliases[{i}] is empty; give the name clients pass as base_model')
+        return aliases
+
     @property
     def served_name(self) -> str:
         return self.model_name or self.model
+
+    @property
+    def served_names(self) -> List[str]:
+        """Every name a client may pass as base_model: the served name first, then the aliases, then the id."""
+        names: List[str] = []
+        for name in [self.served_name, *self.model_aliases, self.model]:
+            if name not in names:
+                names.append(name)
+        return names
 
     def precision(self) -> str:
         if self.mixed_precision != 'auto':
@@ -103,6 +123,10 @@ class ServerSettings(BaseModel):
 
 class ConfigError(ValueError):
     pass
+
+
+# Limits that also have their own command-line option (twinkle serve --max-new-tokens ...).
+_LIMIT_OPTIONS = ('max_new_tokens', 'max_tokens_per_request')
 
 
 def load_settings(config_file: Optional[str] = None, **overrides: Any) -> ServerSettings:
@@ -121,10 +145,18 @@ def load_settings(config_file: Optional[str] = None, **overrides: Any) -> Server
             raise ConfigError(f'server config {config_file} must be a mapping of options, got {type(loaded).__name__}')
         data.update(loaded)
     for key, value in overrides.items():
-        if value is None or (key == 'api_keys' and not value):
+        if value is None:
             continue
-        if key == 'api_keys':
-            value = list(data.get('api_keys') or []) + list(value)
+        if key in ('api_keys', 'model_aliases'):
+            if not value:
+                continue
+            value = list(data.get(key) or []) + list(value)
+        if key in _LIMIT_OPTIONS:
+            data.setdefault('limits', {})
+            if not isinstance(data['limits'], dict):
+                raise ConfigError(f'limits in {config_file} must be a mapping of limit names to values')
+            data['limits'] = {**data['limits'], key: value}
+            continue
         data[key] = value
     try:
         return ServerSettings(**data)

@@ -34,9 +34,14 @@ def build_router(ctx: ServerContext) -> APIRouter:
         return t
 
     def check_base(base_model: Optional[str]) -> None:
-        names = {ctx.settings.served_name, ctx.settings.model}
+        names = ctx.settings.served_names
         if base_model is not None and base_model not in names:
-            raise BadRequest(f'base_model {base_model!r} is not served here; this server trains {sorted(names)}')
+            raise BadRequest(f'base_model {base_model!r} is not served here; this server trains {names} (one base '
+                             f'model; more names for it: twinkle serve --model-alias NAME)')
+
+    def base_name(model: Any) -> str:
+        """The name a run answers to: the one it was created with (an alias, say), else the served name."""
+        return model.base_model if model.base_model in ctx.settings.served_names else ctx.settings.served_name
 
     def accepted(fut: Any, model_id: Optional[str] = None, **extra: Any) -> Dict[str, Any]:
         return {'request_id': fut.request_id, 'model_id': model_id, **extra}
@@ -74,8 +79,10 @@ def build_router(ctx: ServerContext) -> APIRouter:
     async def capabilities(request: Request) -> Dict[str, Any]:
         tenant(request)
         config = ctx.engine.model.hf_model.config
-        return {'supported_models': [{'model_name': ctx.settings.served_name, 'trainable': True, 'sampleable': True,
-                                      'max_context_length': getattr(config, 'max_position_embeddings', None)}]}
+        context = getattr(config, 'max_position_embeddings', None)
+        names = [n for n in ctx.settings.served_names if n != ctx.settings.model or n == ctx.settings.served_name]
+        return {'supported_models': [{'model_name': name, 'trainable': True, 'sampleable': True,
+                                      'max_context_length': context} for name in names]}
 
     @r.post('/create_session')
     async def create_session(request: Request) -> Dict[str, Any]:
@@ -125,6 +132,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
         lora = state.lora_from_tinker(body.lora_config.model_dump())
         ctx.engine.lora_config(lora)  # rank within the limits: a 400 now, not a failed future
         model = state.new_model(t, session, body.model_seq_id, lora)
+        model.base_model = body.base_model
         seed = body.lora_config.seed
 
         def run() -> Dict[str, Any]:
@@ -133,7 +141,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
             except Exception:
                 state.models.pop(model.model_id, None)
                 raise
-            ctx.store.tenant(t).add_run(model.model_id, {'kind': 'tinker', 'base_model': ctx.settings.served_name,
+            ctx.store.tenant(t).add_run(model.model_id, {'kind': 'tinker', 'base_model': base_name(model),
                                                          'lora': lora, 'lora_rank': lora['r'],
                                                          'user_metadata': body.user_metadata or {}})
             return out
@@ -149,8 +157,8 @@ def build_router(ctx: ServerContext) -> APIRouter:
         model = state.model(t, body.model_id)
         arch = (getattr(ctx.engine.model.hf_model.config, 'architectures', None) or [None])[0]
         return {'type': 'get_info', 'model_id': model.model_id, 'is_lora': True, 'lora_rank': model.lora['r'],
-                'model_name': ctx.settings.served_name, 'optimizer_config': {'type': 'adamw'},
-                'model_data': {'arch': arch, 'model_name': ctx.settings.served_name,
+                'model_name': base_name(model), 'optimizer_config': {'type': 'adamw'},
+                'model_data': {'arch': arch, 'model_name': base_name(model),
                                'tokenizer_id': tokenizer_id(ctx)}}
 
     def gated(t: str, model: Any, seq_id: Optional[int], key: Tuple[str, str], prepare: Callable[[], Any]) -> Any:
@@ -280,6 +288,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
         store.check_run_room(ctx.settings.limits.max_runs_per_tenant)
         lora = ckpt.get('lora') or {}
         model = state.new_model(t, session, body.model_seq_id, lora)
+        model.base_model = body.base_model or ckpt.get('base_model')
 
         def run() -> Dict[str, Any]:
             try:
@@ -287,7 +296,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
             except Exception:
                 state.models.pop(model.model_id, None)
                 raise
-            store.add_run(model.model_id, {'kind': 'tinker', 'base_model': ctx.settings.served_name, 'lora': lora,
+            store.add_run(model.model_id, {'kind': 'tinker', 'base_model': base_name(model), 'lora': lora,
                                            'lora_rank': lora.get('r'), 'loaded_from': body.path,
                                            'user_metadata': body.user_metadata or {}})
             return out
@@ -458,11 +467,13 @@ def sample_request(ctx: ServerContext, body: B.Sample) -> Dict[str, Any]:
     max_tokens = params.max_tokens or min(16, limits.max_new_tokens)
     if max_tokens > limits.max_new_tokens:
         raise TooLarge(f'max_tokens={max_tokens} is above this server\'s limit of {limits.max_new_tokens} '
-                       f'(limits.max_new_tokens)')
+                       f'(limits.max_new_tokens); ask for fewer, or start the server with a higher limit: '
+                       f'twinkle serve --max-new-tokens N (or limits: {{max_new_tokens: N}} in --config)')
     total = (len(tokens) + max_tokens) * body.num_samples
     if total > limits.max_tokens_per_request:
         raise TooLarge(f'this sample request needs {total} tokens ((prompt + max_tokens) x num_samples); the limit is '
-                       f'{limits.max_tokens_per_request} (limits.max_tokens_per_request)')
+                       f'{limits.max_tokens_per_request} (limits.max_tokens_per_request; twinkle serve '
+                       f'--max-tokens-per-request N raises it)')
     if body.prompt_logprobs_last_n is not None:
         if not (body.prompt_logprobs or body.topk_prompt_logprobs):
             raise BadRequest('prompt_logprobs_last_n needs prompt_logprobs=true (or topk_prompt_logprobs)')

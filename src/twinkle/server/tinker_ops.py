@@ -39,6 +39,7 @@ class TinkerModel:
     gate: SeqGate
     lora: Dict[str, Any]
     adapter: Optional[Adapter] = None
+    base_model: Optional[str] = None      # the name (served name or alias) the client created it with
 
 
 @dataclass
@@ -180,7 +181,7 @@ class TinkerState:
         self.ctx.engine.save(self._adapter(model), folder, with_optimizer=kind == 'weights')
         store.add_checkpoint(ckpt_id, model.model_id, kind, name, folder,
                              {'lora': model.lora, 'user_metadata': user_metadata or {},
-                              'base_model': self.ctx.settings.served_name})
+                              'base_model': model.base_model or self.ctx.settings.served_name})
         store.touch_run(model.model_id)
         return format_path(model.model_id, kind, name)
 
