@@ -12,8 +12,8 @@ It writes, under ``DIR``:
   ``Anthropic/hh-rlhf`` (preference pairs) in the datasets cache, under those names.
 
 The stand-ins are arithmetic questions in the recipes' own formats: the supervised set teaches answers written
-inside ``\\boxed{}`` to exactly the questions the RL set asks (with the same few-shot prefix ``rl_loop`` uses),
-so a tiny model fine-tuned on the first earns reward on the second.
+inside ``\\boxed{}`` to exactly the questions the RL set asks (some rows with the few-shot prefix ``rl_loop``
+puts before each question), so a tiny model fine-tuned on the first earns reward on the second.
 """
 from __future__ import annotations
 
@@ -51,10 +51,13 @@ def gsm8k_rows(ps: List[Dict[str, int]]) -> List[Dict[str, str]]:
             for p in ps]
 
 
-def no_robots_rows(ps: List[Dict[str, int]]) -> List[Dict[str, object]]:
+def no_robots_rows(ps: List[Dict[str, int]], prefix_every: int = 4) -> List[Dict[str, object]]:
     rows = []
     for i, p in enumerate(ps):
-        messages = [*FEW_SHOT, {'role': 'user', 'content': question(p) + SUFFIX},
+        # Every few rows carry rl_loop's few-shot exchange; the others skip it, which keeps steps short (it is
+        # most of a row's tokens) while the model still sees the prompt it will be sampled with.
+        prefix = FEW_SHOT if random.Random(i).randrange(prefix_every) == 0 else []
+        messages = [*prefix, {'role': 'user', 'content': question(p) + SUFFIX},
                     {'role': 'assistant', 'content': f"\\boxed{{{p['a'] + p['b']}}}"}]
         rows.append({'prompt': question(p), 'prompt_id': f'{i:06d}', 'messages': messages, 'category': 'Math'})
     return rows
@@ -69,23 +72,31 @@ def hh_rlhf_rows(ps: List[Dict[str, int]]) -> List[Dict[str, str]]:
 
 
 def write_dataset(cache_dir: Path, repo_id: str, config_name: str, splits: Dict[str, list]) -> None:
-    """Write splits where ``load_dataset(repo_id, config_name)`` looks offline: the datasets cache, under the
-    builder name and config the hub download would have used (the packaged JSON builder with ``repo_id``)."""
+    """Write splits where ``load_dataset(repo_id, config_name)`` looks offline: the datasets cache folder
+    ``{org}___{name}/{config}/{version}/{hash}`` that a hub download fills, with its ``dataset_info.json``."""
     import json
     import tempfile
 
     from datasets.packaged_modules.json.json import Json
 
+    org, name = repo_id.split('/')
+    digest = hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest()[:16]
+    target = cache_dir / f'{org}___{name}' / config_name / '0.0.0' / digest
+    if (target / 'dataset_info.json').is_file():
+        return
     with tempfile.TemporaryDirectory() as tmp:
         files = {}
         for split, rows in splits.items():
             path = Path(tmp) / f'{split}.jsonl'
             path.write_text(''.join(json.dumps(row) + '\n' for row in rows))
             files[split] = [str(path)]
-        digest = hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest()[:16]
-        builder = Json(cache_dir=str(cache_dir), dataset_name=repo_id.split('/')[-1], repo_id=repo_id,
-                       config_name=config_name, data_files=files, hash=digest)
+        # The packaged JSON builder writes the arrow files and info (named after dataset_name); its folder is
+        # keyed by the data files, so it is moved to where the cache lookup of the hub name expects it.
+        builder = Json(cache_dir=str(Path(tmp) / 'build'), dataset_name=name, config_name=config_name,
+                       data_files=files, hash=digest)
         builder.download_and_prepare()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(builder.cache_dir, target)
 
 
 def write_tokenizer(hub_dir: Path, model_name: str, tokenizer_dir: Path) -> None:
@@ -102,7 +113,7 @@ def write_tokenizer(hub_dir: Path, model_name: str, tokenizer_dir: Path) -> None
 
 
 def build(hf_home: Path, tokenizer_dir: Path, model_names: List[str], train_size: int = 512,
-          distinct: int = 16) -> None:
+          distinct: int = 8) -> None:
     for name in model_names:
         write_tokenizer(hf_home / 'hub', name, tokenizer_dir)
     datasets_dir = hf_home / 'datasets'

@@ -89,6 +89,9 @@ class Server:
         for alias in ALIASES:
             cmd += ['--model-alias', alias]
         env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(ROOT / 'src'), os.environ.get('PYTHONPATH', '')])}
+        # The tiny model gains nothing from several threads, and on a busy machine torch's thread pool spends
+        # most of each step waiting at barriers for its other threads to be scheduled.
+        env.setdefault('OMP_NUM_THREADS', '1')
         self.log = open(work / 'server.log', 'w')
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 180
@@ -170,10 +173,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument('--work-dir', type=Path, help='where logs, the HF cache and server data go (default: temp)')
     parser.add_argument('--url', help='a running server (then give its key in TINKER_API_KEY); default: start one')
     parser.add_argument('--model', default='builtin://tiny-qwen3', help='what twinkle serve loads')
-    parser.add_argument('--sl-steps', type=int, default=48)
-    parser.add_argument('--sl-batch', type=int, default=16)
-    parser.add_argument('--rl-steps', type=int, default=6)
-    parser.add_argument('--rl-batch', type=int, default=4)
+    parser.add_argument('--sl-steps', type=int, default=32)
+    parser.add_argument('--sl-batch', type=int, default=8)
+    parser.add_argument('--rl-steps', type=int, default=3)
+    parser.add_argument('--rl-batch', type=int, default=2)
     parser.add_argument('--group', type=int, default=4)
     parser.add_argument('--steps', type=int, default=2, help='steps of sl_basic, rl_basic and dpo')
     parser.add_argument('--timeout', type=float, default=900, help='seconds per recipe')
@@ -192,7 +195,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'VIRTUAL_ENV')}
     env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', TRANSFORMERS_OFFLINE='1',
                TINKER_API_KEY=os.environ.get('TINKER_API_KEY', API_KEY) if args.url else API_KEY,
-               WANDB_MODE='disabled', TOKENIZERS_PARALLELISM='false')
+               WANDB_MODE='disabled', TOKENIZERS_PARALLELISM='false', OMP_NUM_THREADS='1')
     if args.cookbook == '0.6.1':
         env['PYTHONPATH'] = str(env_dir / 'cookbook-0.6.1')
 
