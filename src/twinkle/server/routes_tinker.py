@@ -19,7 +19,7 @@ from . import tinker_data
 from .context import ServerContext
 from .errors import BadRequest, Conflict, Gone, TooLarge, TooMany
 from .store import check_name, parse_path
-from .tinker_ops import Sampler, TinkerSession, TinkerState
+from .tinker_ops import Sampler, TinkerSession, TinkerState, check_adam_params
 
 
 def build_router(ctx: ServerContext) -> APIRouter:
@@ -213,6 +213,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
             if params.type not in (None, 'adam', 'adamw'):
                 raise BadRequest(f'optimizer parameters of type {params.type!r} are not supported; use AdamParams')
             values = params.model_dump(exclude={'type'})
+            check_adam_params(values)
             return lambda: state.op_optim_step(model, values)
 
         fut = gated(t, model, body.seq_id, await json_key('optim_step', request), prepare)
