@@ -51,7 +51,7 @@ def gsm8k_rows(ps: List[Dict[str, int]]) -> List[Dict[str, str]]:
             for p in ps]
 
 
-def no_robots_rows(ps: List[Dict[str, int]], prefix_every: int = 4) -> List[Dict[str, object]]:
+def no_robots_rows(ps: List[Dict[str, int]], prefix_every: int = 2) -> List[Dict[str, object]]:
     rows = []
     for i, p in enumerate(ps):
         # Every few rows carry rl_loop's few-shot exchange; the others skip it, which keeps steps short (it is
@@ -113,7 +113,7 @@ def write_tokenizer(hub_dir: Path, model_name: str, tokenizer_dir: Path) -> None
 
 
 def build(hf_home: Path, tokenizer_dir: Path, model_names: List[str], train_size: int = 512,
-          distinct: int = 8) -> None:
+          distinct: int = 4) -> None:
     for name in model_names:
         write_tokenizer(hf_home / 'hub', name, tokenizer_dir)
     datasets_dir = hf_home / 'datasets'

@@ -41,6 +41,7 @@ VENV_CACHE = Path(os.environ.get('TWINKLE_TEST_VENVS', Path.home() / '.cache' / 
 REQUIREMENTS = ['tinker==0.38.0', 'tinker-cookbook[math-rl]==0.5.8']
 NEWER_COOKBOOK = 'tinker-cookbook==0.6.1'
 MODEL_NAME = 'Qwen/Qwen3.5-9B-Base'            # every recipe's default model
+RENDERER = 'role_colon'                         # the cookbook's renderer for MODEL_NAME (a base model)
 ALIASES = ['Qwen/Qwen3-8B', 'meta-llama/Llama-3.2-1B']
 API_KEY = 'tml-cookbook-recipes-0123456789'
 RL_LOSSES = ('stable_reinforce', 'importance_sampling', 'cispo', 'gspo')
@@ -120,20 +121,26 @@ def recipe_args(recipe: str, log: Path, url: str, size: Dict[str, int]) -> List[
     common = [f'base_url={url}', f'model_name={MODEL_NAME}', f'log_path={log}']
     if name == 'sl_loop':
         return ['tinker_cookbook.recipes.sl_loop', *common, f"batch_size={size['sl_batch']}",
-                f"max_steps={size['sl_steps']}", 'learning_rate=3e-3', 'lora_rank=8', 'save_every=0',
-                'max_length=512']
+                f"max_steps={size['sl_steps']}", f"learning_rate={size['sl_lr']}", 'lora_rank=8', 'save_every=0', 'max_length=512']
     if name == 'rl_loop':
         return ['tinker_cookbook.recipes.rl_loop', *common, f"batch_size={size['rl_batch']}",
                 f"group_size={size['group']}", f"max_steps={size['rl_steps']}", 'max_tokens=16',
                 'learning_rate=1e-3', 'lora_rank=8', 'save_every=0', *([f'loss_fn={loss}'] if loss else [])]
+    # sl_basic and rl_basic build their data set object in code; chz only takes sizes for it when the command
+    # line names the builder class as well, with every field the recipe filled in.
     if name == 'sl_basic':
-        return ['tinker_cookbook.recipes.sl_basic', *common, f"dataset_builder.common_config.batch_size="
-                f"{size['sl_batch']}", 'dataset_builder.common_config.max_length=512', f"max_steps={size['steps']}",
+        data = 'dataset_builder.common_config'
+        return ['tinker_cookbook.recipes.sl_basic', *common,
+                'dataset_builder=tinker_cookbook.recipes.chat_sl.chat_datasets:NoRobotsBuilder',
+                f'{data}.model_name_for_tokenizer={MODEL_NAME}', f'{data}.renderer_name={RENDERER}',
+                f"{data}.batch_size={size['sl_batch']}", f'{data}.max_length=512', f"max_steps={size['steps']}",
                 'lora_rank=8', 'eval_every=2', 'save_every=0']
     if name == 'rl_basic':
-        return ['tinker_cookbook.recipes.rl_basic', *common, f"dataset_builder.batch_size={size['rl_batch']}",
-                f"dataset_builder.group_size={size['group']}", f"max_steps={size['steps']}", 'max_tokens=16',
-                'lora_rank=8', 'save_every=0']
+        return ['tinker_cookbook.recipes.rl_basic', *common,
+                'dataset_builder=tinker_cookbook.recipes.math_rl.math_env:Gsm8kDatasetBuilder',
+                f'dataset_builder.model_name_for_tokenizer={MODEL_NAME}', f'dataset_builder.renderer_name={RENDERER}',
+                f"dataset_builder.batch_size={size['rl_batch']}", f"dataset_builder.group_size={size['group']}",
+                f"max_steps={size['steps']}", 'max_tokens=16', 'lora_rank=8', 'save_every=0']
     if name == 'dpo':
         return ['tinker_cookbook.recipes.preference.dpo.train', *common, f"batch_size={size['sl_batch']}",
                 f"max_steps={size['steps']}", 'max_length=512', 'behavior_if_log_dir_exists=delete']
@@ -154,9 +161,12 @@ def metrics(log: Path) -> List[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
 
 
-def summarise(recipe: str, log: Path, finished: bool) -> dict:
+def summarise(recipe: str, log: Path, finished: bool, output: str) -> dict:
     rows = metrics(log)
     out: dict = {'recipe': recipe, 'finished': finished, 'steps_logged': len(rows)}
+    if recipe.startswith('rl_loop'):
+        # rl_loop skips the training step of a batch whose rewards are all equal (no advantage to learn from).
+        out['steps_trained'] = len(rows) - output.count('skipping training step')
     for key in ('reward/total', 'env/all/reward/total', 'train_mean_nll', 'dpo_loss', 'train/dpo_loss'):
         values = [row[key] for row in rows if key in row]
         if values:
@@ -175,13 +185,14 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument('--model', default='builtin://tiny-qwen3', help='what twinkle serve loads')
     parser.add_argument('--sl-steps', type=int, default=32)
     parser.add_argument('--sl-batch', type=int, default=8)
+    parser.add_argument('--sl-lr', type=float, default=1e-2)
     parser.add_argument('--rl-steps', type=int, default=3)
     parser.add_argument('--rl-batch', type=int, default=2)
     parser.add_argument('--group', type=int, default=4)
     parser.add_argument('--steps', type=int, default=2, help='steps of sl_basic, rl_basic and dpo')
     parser.add_argument('--timeout', type=float, default=900, help='seconds per recipe')
     args = parser.parse_args(argv)
-    size = {'sl_steps': args.sl_steps, 'sl_batch': args.sl_batch, 'rl_steps': args.rl_steps,
+    size = {'sl_steps': args.sl_steps, 'sl_batch': args.sl_batch, 'sl_lr': args.sl_lr, 'rl_steps': args.rl_steps,
             'rl_batch': args.rl_batch, 'group': args.group, 'steps': args.steps}
 
     env_dir = ensure_venv(args.base_python.split())
@@ -214,7 +225,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
                 proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=args.timeout,
                                       cwd=work)
             finished = proc.returncode == 0
-            result = summarise(recipe, log, finished)
+            result = summarise(recipe, log, finished, (work / f"{recipe.replace(':', '-')}.log").read_text())
             result['seconds'] = round(time.time() - started, 1)
             results.append(result)
             print(json.dumps(result), flush=True)
