@@ -12,8 +12,8 @@ It writes, under ``DIR``:
   ``Anthropic/hh-rlhf`` (preference pairs) in the datasets cache, under those names.
 
 The stand-ins are arithmetic questions in the recipes' own formats: the supervised set teaches answers written
-inside ``\\boxed{}`` to exactly the questions the RL set asks (some rows with the few-shot prefix ``rl_loop``
-puts before each question), so a tiny model fine-tuned on the first earns reward on the second.
+inside ``\\boxed{}`` to exactly the questions the RL set asks (after the few-shot exchange ``rl_loop`` puts
+before each question), so a tiny model fine-tuned on the first earns reward on the second.
 """
 from __future__ import annotations
 
@@ -51,11 +51,12 @@ def gsm8k_rows(ps: List[Dict[str, int]]) -> List[Dict[str, str]]:
             for p in ps]
 
 
-def no_robots_rows(ps: List[Dict[str, int]], prefix_every: int = 2) -> List[Dict[str, object]]:
+def no_robots_rows(ps: List[Dict[str, int]], prefix_every: int = 1) -> List[Dict[str, object]]:
     rows = []
     for i, p in enumerate(ps):
-        # Every few rows carry rl_loop's few-shot exchange; the others skip it, which keeps steps short (it is
-        # most of a row's tokens) while the model still sees the prompt it will be sampled with.
+        # One row in ``prefix_every`` carries rl_loop's few-shot exchange (most of a row's tokens). With the
+        # default 1 every row does: the tiny model then learns its answers in the very context it is sampled in,
+        # which needs fewer steps than learning them apart from it.
         prefix = FEW_SHOT if random.Random(i).randrange(prefix_every) == 0 else []
         messages = [*prefix, {'role': 'user', 'content': question(p) + SUFFIX},
                     {'role': 'assistant', 'content': f"\\boxed{{{p['a'] + p['b']}}}"}]
@@ -112,14 +113,14 @@ def write_tokenizer(hub_dir: Path, model_name: str, tokenizer_dir: Path) -> None
     (repo / 'refs' / 'main').write_text(revision)
 
 
-def build(hf_home: Path, tokenizer_dir: Path, model_names: List[str], train_size: int = 512,
+def build(hf_home: Path, tokenizer_dir: Path, model_names: List[str], train_size: int = 1024,
           distinct: int = 4) -> None:
     for name in model_names:
         write_tokenizer(hf_home / 'hub', name, tokenizer_dir)
     datasets_dir = hf_home / 'datasets'
     # A few distinct problems, repeated: the supervised warm-up can memorise them within a minute on a CPU.
     train = [ps for ps in problems(distinct, seed=0)] * (train_size // distinct)
-    test = problems(distinct, seed=0)
+    test = problems(distinct, seed=0) * 4  # at least one batch of the recipes' evaluators
     write_dataset(datasets_dir, 'HuggingFaceH4/no_robots', 'default',
                   {'train': no_robots_rows(train), 'test': no_robots_rows(test)})
     write_dataset(datasets_dir, 'openai/gsm8k', 'main', {'train': gsm8k_rows(train), 'test': gsm8k_rows(test)})
@@ -132,7 +133,7 @@ def main() -> None:
     parser.add_argument('--hf-home', required=True, type=Path)
     parser.add_argument('--tokenizer-dir', required=True, type=Path)
     parser.add_argument('--model-name', action='append', required=True, dest='model_names')
-    parser.add_argument('--train-size', type=int, default=512)
+    parser.add_argument('--train-size', type=int, default=1024)
     args = parser.parse_args()
     build(args.hf_home, args.tokenizer_dir, args.model_names, args.train_size)
 

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -75,6 +76,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In the server's process: end it when this script ends, even when the script is killed (Linux)."""
+    if sys.platform.startswith('linux'):
+        import ctypes
+        ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class Server:
     """``twinkle serve`` in a subprocess of this (the project's) Python."""
 
@@ -94,7 +102,8 @@ class Server:
         # most of each step waiting at barriers for its other threads to be scheduled.
         env.setdefault('OMP_NUM_THREADS', '1')
         self.log = open(work / 'server.log', 'w')
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     preexec_fn=_die_with_parent)
         deadline = time.time() + 180
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -121,7 +130,8 @@ def recipe_args(recipe: str, log: Path, url: str, size: Dict[str, int]) -> List[
     common = [f'base_url={url}', f'model_name={MODEL_NAME}', f'log_path={log}']
     if name == 'sl_loop':
         return ['tinker_cookbook.recipes.sl_loop', *common, f"batch_size={size['sl_batch']}",
-                f"max_steps={size['sl_steps']}", f"learning_rate={size['sl_lr']}", 'lora_rank=8', 'save_every=0', 'max_length=512']
+                f"max_steps={size['sl_steps']}", f"learning_rate={size['sl_lr']}", 'lora_rank=8', 'save_every=0',
+                'max_length=512', 'train_on_what=last_assistant_message']
     if name == 'rl_loop':
         return ['tinker_cookbook.recipes.rl_loop', *common, f"batch_size={size['rl_batch']}",
                 f"group_size={size['group']}", f"max_steps={size['rl_steps']}", 'max_tokens=16',
@@ -183,9 +193,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument('--work-dir', type=Path, help='where logs, the HF cache and server data go (default: temp)')
     parser.add_argument('--url', help='a running server (then give its key in TINKER_API_KEY); default: start one')
     parser.add_argument('--model', default='builtin://tiny-qwen3', help='what twinkle serve loads')
-    parser.add_argument('--sl-steps', type=int, default=32)
+    parser.add_argument('--sl-steps', type=int, default=24)
     parser.add_argument('--sl-batch', type=int, default=8)
-    parser.add_argument('--sl-lr', type=float, default=1e-2)
+    parser.add_argument('--sl-lr', type=float, default=3e-3)
     parser.add_argument('--rl-steps', type=int, default=3)
     parser.add_argument('--rl-batch', type=int, default=2)
     parser.add_argument('--group', type=int, default=4)
@@ -240,5 +250,6 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
 
 if __name__ == '__main__':
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up in main's finally
     done = main()
     sys.exit(0 if all(r['finished'] for r in done['results']) else 1)

@@ -41,12 +41,14 @@ def run_recipes(tmp_path: Path, *args: str, timeout: float = 1200) -> dict:
 
 
 def test_sl_loop_then_warm_started_rl_loop_earns_reward(tmp_path):
-    results = run_recipes(tmp_path, '--recipes', 'sl_loop', 'rl_loop', '--sl-steps', '24', '--rl-steps', '3')
+    results = run_recipes(tmp_path, '--recipes', 'sl_loop', 'rl_loop')
     sl, rl = results['sl_loop'], results['rl_loop']
     assert sl['finished'] and rl['finished']
     nll = sl['train_mean_nll']
-    assert len(nll) == 24 and nll[-1] < 0.5 * nll[0], nll
+    assert len(nll) == 24 and max(nll[-4:]) < 0.1 * nll[0], nll
     rewards = rl['reward/total']
     assert len(rewards) == 3
     # A fresh adapter on the random tiny model earns nothing; sl_loop's answers in \boxed{} carry over.
-    assert sum(rewards) / len(rewards) > 0.25, rewards
+    assert max(rewards) > 0, rewards
+    # rl_loop's default loss (stable_reinforce in 0.6.1) trained on at least one batch with mixed rewards.
+    assert rl['steps_trained'] >= 1, rl
