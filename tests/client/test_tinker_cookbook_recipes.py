@@ -48,7 +48,7 @@ def test_sl_loop_then_warm_started_rl_loop_earns_reward(tmp_path):
     assert len(nll) == 24 and max(nll[-4:]) < 0.1 * nll[0], nll
     rewards = rl['reward/total']
     assert len(rewards) == 3
-    # A fresh adapter on the random tiny model earns nothing; sl_loop's answers in \boxed{} carry over.
+    # The reward comes from what sl_loop taught: the answers to these questions, written inside \boxed{}.
     assert max(rewards) > 0, rewards
     # rl_loop's default loss (stable_reinforce in 0.6.1) trained on at least one batch with mixed rewards.
     assert rl['steps_trained'] >= 1, rl
