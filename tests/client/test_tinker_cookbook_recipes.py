@@ -45,7 +45,7 @@ def test_sl_loop_then_warm_started_rl_loop_earns_reward(tmp_path):
     sl, rl = results['sl_loop'], results['rl_loop']
     assert sl['finished'] and rl['finished']
     nll = sl['train_mean_nll']
-    assert len(nll) == 24 and max(nll[-4:]) < 0.1 * nll[0], nll
+    assert len(nll) == 32 and max(nll[-4:]) < 0.1 * nll[0], nll
     rewards = rl['reward/total']
     assert len(rewards) == 3
     # The reward comes from what sl_loop taught: the answers to these questions, written inside \boxed{}.
