@@ -7,6 +7,7 @@ also in CI. ``TWINKLE_PYTHON312`` names another interpreter.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -18,6 +19,37 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / 'cookbook' / 'client' / 'tinker_cookbook_recipes.py'
+
+
+def runner():
+    spec = importlib.util.spec_from_file_location('tinker_cookbook_recipes', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_warm_start_resumes_rl_loop_from_sl_loops_last_state(tmp_path):
+    sl, rl = tmp_path / 'sl', tmp_path / 'rl'
+    sl.mkdir()
+    (sl / 'checkpoints.jsonl').write_text(
+        json.dumps({'name': '000020', 'batch': 20, 'state_path': 'tinker://r/weights/000020'}) + '\n'
+        + json.dumps({'name': 'final', 'batch': 64, 'state_path': 'tinker://r/weights/final',
+                      'sampler_path': 'tinker://r/sampler_weights/final'}) + '\n')
+    runner().warm_start(rl, sl)
+    record = json.loads((rl / 'checkpoints.jsonl').read_text())
+    # rl_loop resumes from its log folder's last record, at that record's batch: its own first batch.
+    assert record == {'name': 'warm-start', 'batch': 0, 'state_path': 'tinker://r/weights/final'}
+
+
+def test_recipe_overrides_name_the_loss_and_refuse_unknown_recipes(tmp_path):
+    module = runner()
+    size = {'sl_steps': 2, 'sl_batch': 4, 'sl_lr': 1e-3, 'rl_steps': 1, 'rl_batch': 1, 'group': 2, 'steps': 1}
+    args = module.recipe_args('rl_loop:gspo', tmp_path, 'http://h', size)
+    assert args[0] == 'tinker_cookbook.recipes.rl_loop' and 'loss_fn=gspo' in args
+    assert f'model_name={module.MODEL_NAME}' in args and 'base_url=http://h' in args
+    assert not any(a.startswith('loss_fn=') for a in module.recipe_args('rl_loop', tmp_path, 'http://h', size))
+    with pytest.raises(SystemExit, match='unknown recipe'):
+        module.recipe_args('sl_fancy', tmp_path, 'http://h', size)
 
 
 def python312() -> str:
