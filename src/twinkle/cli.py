@@ -16,6 +16,9 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser('serve', help='run the multi-tenant training server (native and Tinker-compatible APIs)')
     serve.add_argument('--model', help='base model id (builtin://tiny-qwen3, hf://org/name, ms://org/name, folder)')
     serve.add_argument('--model-name', help='the name clients use for the base model (default: --model)')
+    serve.add_argument('--model-alias', action='append', default=[], dest='model_aliases',
+                       help='another name the base model answers to (repeat for several), e.g. the model names '
+                            'of recipes written for other models')
     serve.add_argument('--tokenizer-id', help='tokenizer id reported to clients (a hub name they can load)')
     serve.add_argument('--host', help='address to listen on (default 127.0.0.1)')
     serve.add_argument('--port', type=int, help='port (default 8000)')
@@ -25,6 +28,10 @@ def _parser() -> argparse.ArgumentParser:
                             '(comma-separated)')
     serve.add_argument('--config', help='YAML file with the same options plus limits (validated); every option '
                                         'can also be a TWINKLE_SERVER_<NAME> environment variable')
+    serve.add_argument('--max-new-tokens', type=int,
+                       help='longest completion one sample may ask for (limits.max_new_tokens, default 8192)')
+    serve.add_argument('--max-tokens-per-request', type=int,
+                       help='tokens one request may use, prompt plus completions (limits.max_tokens_per_request)')
     serve.add_argument('--mixed-precision', choices=('auto', 'no', 'bf16', 'fp16'))
     serve.add_argument('--log-level', choices=('debug', 'info', 'warning', 'error'))
     serve.add_argument('--mesh', help='place the base model on N ranks through Ray, e.g. fsdp=2 (name=size[,...])')
@@ -38,6 +45,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .server.config import ConfigError, load_settings
         try:  # flags over TWINKLE_SERVER_* variables over the file: pydantic-settings merges them
             settings = load_settings(args.config, model=args.model, model_name=args.model_name,
+                                     model_aliases=args.model_aliases, max_new_tokens=args.max_new_tokens,
+                                     max_tokens_per_request=args.max_tokens_per_request,
                                      tokenizer_id=args.tokenizer_id, host=args.host, port=args.port,
                                      data_dir=args.data_dir, api_keys=args.api_keys,
                                      mixed_precision=args.mixed_precision, log_level=args.log_level,

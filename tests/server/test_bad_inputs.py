@@ -221,7 +221,14 @@ def test_non_finite_learning_rate_and_diverged_weights(conn):
     assert conn.post('/api/v1/forward_backward', raw=fb_body(model_id, 4), content_type=PROTO)[0] == 200
     assert conn.post('/api/v1/optim_step', {'model_id': model_id, 'seq_id': 5,
                                             'adam_params': {'learning_rate': 1e30}})[0] == 200
-    snap = conn.post('/api/v1/save_weights_for_sampler', {'model_id': model_id, 'seq_id': 6, 'path': 'diverged'})[1]
+    # A rate whose first Adam step overflows float32 is refused up front, naming the field (it used to fail
+    # inside torch halfway through the update, a 500).
+    for seq, params, field in ((6, {'learning_rate': 1e300}, 'learning_rate'),
+                               (7, {'learning_rate': 1e-3, 'eps': 1e300}, 'eps'),
+                               (8, {'learning_rate': 1e30, 'weight_decay': 1e30}, 'weight_decay')):
+        expect_4xx(conn, conn.post('/api/v1/optim_step', {'model_id': model_id, 'seq_id': seq, 'adam_params': params}),
+                   field, 'overflow')
+    snap = conn.post('/api/v1/save_weights_for_sampler', {'model_id': model_id, 'seq_id': 9, 'path': 'diverged'})[1]
     path = poll(conn, snap['request_id'])['path']
     sample = conn.post('/api/v1/asample', {'model_path': path, 'prompt': {'chunks': [{'tokens': [5, 6, 7]}]},
                                            'sampling_params': {'max_tokens': 2}})[1]

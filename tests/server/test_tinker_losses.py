@@ -121,6 +121,11 @@ def test_provenance_is_checked_against_the_records():
     assert old.tolist() == [0.0, 0.0, -0.5, -1.0, -1.5] and sampled.tolist() == [0, 0, 1, 1, 1]
     with pytest.raises(BadRequest, match='differ'):
         resolve(store, 'a', 'data[0]', tokens, np.array([2, 3, 7, 8, 4]), ins, outs)
+    # Targets under the prompt span carry no loss: padding there (as tinker-cookbook's rl_loop sends) is fine.
+    padded_old, padded_sampled = resolve(store, 'a', 'data[0]', tokens, np.array([0, 0, 7, 8, 9]), ins, outs)
+    assert padded_old.tolist() == old.tolist() and padded_sampled.tolist() == sampled.tolist()
+    with pytest.raises(BadRequest, match='differ'):
+        resolve(store, 'a', 'data[0]', np.array([1, 2, 4, 7, 8]), targets, ins, outs)  # the input is checked
     with pytest.raises(BadRequest, match='names no recorded sample'):
         resolve(store, 'b', 'data[0]', tokens, targets, ins, outs)  # another tenant's sequence
     with pytest.raises(BadRequest, match='tile'):

@@ -241,11 +241,12 @@ def test_forward_backward_custom_runs_the_loss_on_the_client(service):
     assert norm == pytest.approx(_same_gradient_by_cross_entropy(tc, [(PROMPT + COMPLETION,)], [2 * lp]), rel=1e-3)
 
 
-def _provenance_datum(seq, adv: float, prompt=PROMPT) -> types.Datum:
+def _provenance_datum(seq, adv: float, prompt=PROMPT, pad_prompt_targets: bool = False) -> types.Datum:
     tokens = prompt + list(seq.tokens)
     n = len(prompt) - 1
+    targets = ([0] * n + list(seq.tokens)) if pad_prompt_targets else tokens[1:]
     datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={
-        'target_tokens': np.array(tokens[1:], dtype=np.int64),
+        'target_tokens': np.array(targets, dtype=np.int64),
         'logprobs': np.array([0.0] * n + list(seq.logprobs), dtype=np.float32),
         'advantages': np.array([0.0] * n + [adv] * len(seq.tokens), dtype=np.float32)})
     sid = seq.sequence_id
@@ -306,6 +307,17 @@ def test_stable_reinforce_refuses_unrecorded_or_altered_provenance(service):
                              'stable_reinforce').result()
     tc4 = service.create_lora_training_client(base_model=MODEL, rank=4, seed=9).result()
     tc4.forward_backward([_provenance_datum(seq, 1.0)], 'stable_reinforce').result()
+
+
+def test_stable_reinforce_takes_zero_padded_prompt_targets_as_the_cookbook_sends(service):
+    # tinker-cookbook's rl_loop sends target_tokens [0] * (len(prompt) - 1) + sampled under a prompt span.
+    tc = service.create_lora_training_client(base_model=MODEL, rank=4, seed=10).result()
+    sampler = tc.save_weights_and_get_sampling_client(record_stability_info=True).result()
+    seq = sampler.sample(types.ModelInput.from_ints(PROMPT), 1, types.SamplingParams(max_tokens=4, seed=0)).result() \
+        .sequences[0]
+    exact, padded = _provenance_datum(seq, 1.0), _provenance_datum(seq, 1.0, pad_prompt_targets=True)
+    losses = [tc.forward_backward([d], 'stable_reinforce').result().metrics['loss:sum'] for d in (exact, padded)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6) and losses[0] != 0.0
 
 
 def test_unsupported_loss_and_config_are_clear_errors(service, trained):

@@ -31,8 +31,8 @@ class Limits(BaseModel):
     """Sampling adapters kept loaded per tenant; older ones are unloaded and reloaded on demand."""
     max_tokens_per_request: int = Field(65536, ge=1)
     """Tokens in one training / forward / sampling request (prompt plus requested completion)."""
-    max_new_tokens: int = Field(1024, ge=1)
-    """Longest completion one sample may ask for."""
+    max_new_tokens: int = Field(8192, ge=1)
+    """Longest completion one sample may ask for (recipes commonly ask 2048-8192)."""
     max_lora_rank: int = Field(256, ge=1)
     """Largest LoRA rank, also for every entry of a rank_pattern."""
     max_lora_alpha: float = Field(1024.0, gt=0, allow_inf_nan=False)
@@ -85,6 +85,9 @@ class ServerSettings(BaseSettings):
     """The base model every tenant trains adapters on (hub id or local folder, resolved by twinkle.hub)."""
     model_name: Optional[str] = None
     """The name clients use for the base model (Tinker's base_model); default: ``model``."""
+    model_aliases: List[str] = Field(default_factory=list)
+    """More names the same base model answers to, so clients written for different model names (e.g. recipe
+    defaults) can share one server; each run reports the name it was created with."""
     tokenizer_id: Optional[str] = None
     """What get_info reports as tokenizer id (a hub name clients can load); default: the model id without
     its scheme. Never a server path."""
@@ -168,9 +171,26 @@ class ServerSettings(BaseSettings):
     def _mesh(cls, value: Any) -> Any:
         return parse_mesh(value)
 
+    @field_validator('model_aliases')
+    @classmethod
+    def _aliases(cls, aliases: List[str]) -> List[str]:
+        for i, alias in enumerate(aliases):
+            if not alias.strip():
+                raise ValueError(f'model_aliases[{i}] is empty; give the name clients pass as base_model')
+        return aliases
+
     @property
     def served_name(self) -> str:
         return self.model_name or self.model
+
+    @property
+    def served_names(self) -> List[str]:
+        """Every name a client may pass as base_model: the served name first, then the aliases, then the id."""
+        names: List[str] = []
+        for name in [self.served_name, *self.model_aliases, self.model]:
+            if name not in names:
+                names.append(name)
+        return names
 
     def precision(self) -> str:
         if self.mixed_precision != 'auto':
@@ -215,6 +235,10 @@ def parse_mesh(value: Any) -> Optional[Dict[str, int]]:
     return mesh
 
 
+# Limits that also have their own command-line option (twinkle serve --max-new-tokens ...).
+_LIMIT_OPTIONS = ('max_new_tokens', 'max_tokens_per_request')
+
+
 def load_settings(config_file: Optional[str] = None, **flags: Any) -> ServerSettings:
     """Settings from ``flags`` (None values are left out), the environment and a YAML file (optional)."""
     import yaml
@@ -223,9 +247,14 @@ def load_settings(config_file: Optional[str] = None, **flags: Any) -> ServerSett
         path = Path(config_file)
         if not path.is_file():
             raise ConfigError(f'server config {config_file} does not exist')
+    given = {k: v for k, v in flags.items() if v is not None and v != []}
+    # Limits with a command-line option of their own: the library merges this into the other sources' limits.
+    limits = {k: given.pop(k) for k in _LIMIT_OPTIONS if k in given}
+    if limits:
+        given['limits'] = limits
     token = _config_file.set(path)
     try:
-        return ServerSettings(**{k: v for k, v in flags.items() if v is not None and v != []})
+        return ServerSettings(**given)
     except ValidationError as exc:
         problems = '; '.join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         source = f' in {config_file}' if config_file else ''

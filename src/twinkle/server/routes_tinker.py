@@ -34,6 +34,7 @@ from .responses import answers
 from .store import check_name, parse_path
 from .tinker_checks import (
     accepted,
+    base_name,
     body_key,
     check_base,
     check_capacity,
@@ -42,7 +43,7 @@ from .tinker_checks import (
     replayed_creation,
     tokenizer_id,
 )
-from .tinker_ops import SamplingSession, TinkerSession, TinkerState
+from .tinker_ops import SamplingSession, TinkerSession, TinkerState, check_adam_params
 
 router = APIRouter(prefix='/api/v1')
 
@@ -70,8 +71,9 @@ async def telemetry(t: str = Depends(tenant)) -> Dict[str, Any]:
 
 @router.get('/get_server_capabilities', **answers(R.Capabilities))
 async def capabilities(t: str = Depends(tenant), ctx: ServerContext = Depends(context)) -> Dict[str, Any]:
-    return {'supported_models': [{'model_name': ctx.settings.served_name, 'trainable': True, 'sampleable': True,
-                                  'max_context_length': ctx.engine.max_context_length}]}
+    names = [n for n in ctx.settings.served_names if n != ctx.settings.model or n == ctx.settings.served_name]
+    return {'supported_models': [{'model_name': name, 'trainable': True, 'sampleable': True,
+                                  'max_context_length': ctx.engine.max_context_length} for name in names]}
 
 
 @router.post('/create_session', **answers(R.SessionCreated))
@@ -126,6 +128,7 @@ async def create_model(req: SessionRequest = Depends(session_request(B.CreateMod
     lora = state.lora_from_tinker(body.lora_config.model_dump())
     ctx.engine.lora_config(lora)  # rank within the limits: a 400 now, not a failed future
     model = state.new_model(t, session, body.model_seq_id, lora)
+    model.base_model = body.base_model
     seed = body.lora_config.seed
 
     def run() -> Dict[str, Any]:
@@ -134,7 +137,7 @@ async def create_model(req: SessionRequest = Depends(session_request(B.CreateMod
         except Exception:
             state.models.pop(model.model_id, None)
             raise
-        ctx.store.tenant(t).add_run(model.model_id, {'kind': 'tinker', 'base_model': ctx.settings.served_name,
+        ctx.store.tenant(t).add_run(model.model_id, {'kind': 'tinker', 'base_model': base_name(ctx, model),
                                                      'lora': lora, 'lora_rank': lora['r'],
                                                      'user_metadata': body.user_metadata or {}})
         return out
@@ -150,8 +153,8 @@ async def get_info(req: ModelRequest = Depends(model_request(B.ModelId, compute=
                    ctx: ServerContext = Depends(context)) -> Dict[str, Any]:
     model = req.model
     return {'type': 'get_info', 'model_id': model.model_id, 'is_lora': True, 'lora_rank': model.lora['r'],
-            'model_name': ctx.settings.served_name, 'optimizer_config': {'type': 'adamw'},
-            'model_data': {'arch': ctx.engine.architecture, 'model_name': ctx.settings.served_name,
+            'model_name': base_name(ctx, model), 'optimizer_config': {'type': 'adamw'},
+            'model_data': {'arch': ctx.engine.architecture, 'model_name': base_name(ctx, model),
                            'tokenizer_id': tokenizer_id(ctx)}}
 
 
@@ -190,6 +193,7 @@ async def optim_step(req: ModelRequest = Depends(model_request(B.OptimStep)),
         if params.type not in (None, 'adam', 'adamw'):
             raise BadRequest(f'optimizer parameters of type {params.type!r} are not supported; use AdamParams')
         values = params.model_dump(exclude={'type'})
+        check_adam_params(values)
         return lambda: state.op_optim_step(model, values)
 
     fut = gated(ctx, state, t, model, body.seq_id, body_key('optim_step', body), prepare)
@@ -274,6 +278,7 @@ async def load_weights(body: B.LoadWeights, t: str = Depends(compute_tenant),
     store.check_run_room(ctx.settings.limits.max_runs_per_tenant)
     lora = ckpt.get('lora') or {}
     model = state.new_model(t, session, body.model_seq_id, lora)
+    model.base_model = body.base_model or ckpt.get('base_model')
 
     def run() -> Dict[str, Any]:
         try:
@@ -281,7 +286,7 @@ async def load_weights(body: B.LoadWeights, t: str = Depends(compute_tenant),
         except Exception:
             state.models.pop(model.model_id, None)
             raise
-        store.add_run(model.model_id, {'kind': 'tinker', 'base_model': ctx.settings.served_name, 'lora': lora,
+        store.add_run(model.model_id, {'kind': 'tinker', 'base_model': base_name(ctx, model), 'lora': lora,
                                        'lora_rank': lora.get('r'), 'loaded_from': body.path,
                                        'user_metadata': body.user_metadata or {}})
         return out

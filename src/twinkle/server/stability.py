@@ -3,7 +3,8 @@
 A sample request with ``record_stability_info`` stores, per sampled sequence (named by its ``sequence_id``),
 the prompt, the sampled tokens and the sampler's logprobs of them. A training datum names those sequences
 through provenance spans: ``loss_fn_input_spans`` tile its targets, ``model_input_spans`` its input tokens.
-Resolving a datum checks every claimed token against the record and yields, per target position, the
+Resolving a datum checks every claimed input token and sampled target against the record (targets under
+a prompt span carry no loss and may be padding) and yields, per target position, the
 recorded sampler logprob and whether that position was sampled (only sampled positions carry the loss).
 
 Records belong to the tenant that sampled them, live a day from their last use, and are capped per tenant in
@@ -130,7 +131,9 @@ def resolve(store: StabilityStore, tenant: str, where: str, tokens: np.ndarray, 
     for kind, sid, offset, length in target_spans:
         rec = store.get(tenant, sid)
         want = _claimed(rec, kind, offset, length, f'{where}.loss_fn_input_spans', sid)
-        if [int(t) for t in targets[pos:pos + length]] != want:
+        # Targets under a prompt span carry no loss, and clients pad them (tinker-cookbook's rl_loop sends
+        # zeros there), so only the sampled targets, the ones trained on, must be the recorded tokens.
+        if kind == 'sampled' and [int(t) for t in targets[pos:pos + length]] != want:
             raise BadRequest(f'{where}.loss_fn_input_spans: target_tokens {pos}..{pos + length} differ from the '
                              f'{kind} tokens of sequence {sid!r} they claim to be')
         if kind == 'sampled':

@@ -31,9 +31,15 @@ def accepted(fut: ServerFuture, model_id: Optional[str] = None, **extra: Any) ->
 
 
 def check_base(ctx: ServerContext, base_model: Optional[str]) -> None:
-    names = {ctx.settings.served_name, ctx.settings.model}
+    names = ctx.settings.served_names
     if base_model is not None and base_model not in names:
-        raise BadRequest(f'base_model {base_model!r} is not served here; this server trains {sorted(names)}')
+        raise BadRequest(f'base_model {base_model!r} is not served here; this server trains {names} (one base '
+                         f'model; more names for it: twinkle serve --model-alias NAME)')
+
+
+def base_name(ctx: ServerContext, model: Any) -> str:
+    """The name a run answers to: the one it was created with (an alias, say), else the served name."""
+    return model.base_model if model.base_model in ctx.settings.served_names else ctx.settings.served_name
 
 
 def check_capacity(ctx: ServerContext, state: TinkerState, t: str) -> None:
@@ -127,11 +133,13 @@ def sample_request(ctx: ServerContext, body: B.Sample) -> Dict[str, Any]:
     max_tokens = params.max_tokens or min(16, limits.max_new_tokens)
     if max_tokens > limits.max_new_tokens:
         raise TooLarge(f'max_tokens={max_tokens} is above this server\'s limit of {limits.max_new_tokens} '
-                       f'(limits.max_new_tokens)')
+                       f'(limits.max_new_tokens); ask for fewer, or start the server with a higher limit: '
+                       f'twinkle serve --max-new-tokens N (or limits: {{max_new_tokens: N}} in --config)')
     total = (len(tokens) + max_tokens) * body.num_samples
     if total > limits.max_tokens_per_request:
         raise TooLarge(f'this sample request needs {total} tokens ((prompt + max_tokens) x num_samples); the limit is '
-                       f'{limits.max_tokens_per_request} (limits.max_tokens_per_request)')
+                       f'{limits.max_tokens_per_request} (limits.max_tokens_per_request; twinkle serve '
+                       f'--max-tokens-per-request N raises it)')
     if body.prompt_logprobs_last_n is not None:
         if not (body.prompt_logprobs or body.topk_prompt_logprobs):
             raise BadRequest('prompt_logprobs_last_n needs prompt_logprobs=true (or topk_prompt_logprobs)')

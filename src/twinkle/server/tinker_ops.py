@@ -39,6 +39,7 @@ class TinkerModel:
     gate: SeqGate
     lora: Dict[str, Any]
     adapter: Optional[Adapter] = None
+    base_model: Optional[str] = None      # the name (served name or alias) the client created it with
 
 
 @dataclass
@@ -54,6 +55,26 @@ class SamplingSession:
 
 
 Sampler = SamplingSession  # the former name
+
+
+# Largest Adam step scale, learning rate over (1 - beta1) (the first step's bias correction), and largest
+# lr * weight_decay and eps: beyond these torch's float32 update overflows inside the step (a RuntimeError
+# halfway through the parameters) instead of merely producing non-finite weights.
+MAX_ADAM_SCALE = float(torch.finfo(torch.float32).max) / 10
+
+
+def check_adam_params(params: Dict[str, Any]) -> None:
+    """Refuse Adam settings whose update cannot be represented in float32 (a 400 naming the field)."""
+    lr = float(params.get('learning_rate', 1e-4))
+    beta1 = float(params.get('beta1', 0.9))
+    if lr / (1.0 - beta1) > MAX_ADAM_SCALE:
+        raise BadRequest(f'adam_params.learning_rate={lr:g} is too large: the first Adam step (learning_rate / '
+                         f'(1 - beta1)) would overflow float32; use a learning rate below '
+                         f'{MAX_ADAM_SCALE * (1.0 - beta1):.3g}')
+    if lr * float(params.get('weight_decay', 0.0)) > MAX_ADAM_SCALE:
+        raise BadRequest('adam_params.weight_decay x learning_rate overflows float32; lower weight_decay')
+    if float(params.get('eps', 1e-12)) > MAX_ADAM_SCALE:
+        raise BadRequest(f'adam_params.eps={params["eps"]:g} overflows float32; use a small positive eps')
 
 
 class TinkerState:
@@ -163,7 +184,7 @@ class TinkerState:
         self.ctx.engine.save(self._adapter(model), folder, with_optimizer=kind == 'weights')
         store.add_checkpoint(ckpt_id, model.model_id, kind, name, folder,
                              {'lora': model.lora, 'user_metadata': user_metadata or {},
-                              'base_model': self.ctx.settings.served_name})
+                              'base_model': model.base_model or self.ctx.settings.served_name})
         store.touch_run(model.model_id)
         return format_path(model.model_id, kind, name)
 
