@@ -69,6 +69,17 @@ class ServerSettings(BaseModel):
     job_slice_s: Optional[float] = Field(1.0, gt=0)
     """How long a sampling job computes before it lets other tenants' waiting jobs run (it resumes afterwards
     where it stopped, so one tenant's long sample cannot hold the model for everyone); None: never."""
+    batch_window_ms: Optional[float] = Field(5.0, ge=0, le=1000)
+    """Tinker forward / forward_backward requests of different tenants that are waiting together run as one
+    batched forward and backward (each tenant's rows through its own adapter). The worker waits up to this long
+    for the other recently active tenants' requests to arrive; 0: batch only what is already queued; None: no
+    batching (one request at a time)."""
+    batch_max_tokens: int = Field(8192, ge=1)
+    """Padded tokens (rows x longest row) one batched forward may hold."""
+    fwdbwd_slice_tokens: Optional[int] = Field(2048, ge=1)
+    """A Tinker forward(_backward) larger than this many padded tokens runs in micro-batches of about this size
+    (gradients accumulated, losses summed: the same result), and between them lets other tenants' waiting jobs
+    run, like a sliced sampling job; None: one piece."""
     session_timeout_s: float = Field(300.0, gt=0)
     """A Tinker session without a heartbeat for this long is finished and its adapters unloaded (the SDK beats
     every 10 s); its runs and checkpoints stay."""

@@ -188,7 +188,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
             ctx.engine.check_tokens([r['tokens'].tolist() + r['target_tokens'].astype('int64').tolist()
                                      for r in rows], 'data')
             forward_only = bool(msg.forward_only)
-            return lambda: state.op_forward_backward(model, msg, forward_only)
+            return state.fwdbwd_work(model, msg, forward_only)
 
         fut = gated(t, model, msg.seq_id, key, prepare)
         return accepted(fut, model.model_id)

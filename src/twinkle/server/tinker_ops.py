@@ -127,28 +127,13 @@ class TinkerState:
             raise BadRequest(f'model {model.model_id} was not created successfully; create a new one')
         return model.adapter
 
+    def fwdbwd_work(self, model: TinkerModel, msg: Any, forward_only: bool) -> Any:
+        """The work of a forward(_backward) request: run alone when called, or batched with other tenants'."""
+        from .batching import FwdBwdWork
+        return FwdBwdWork(self, model, msg, forward_only)
+
     def op_forward_backward(self, model: TinkerModel, msg: Any, forward_only: bool) -> bytes:
-        engine, limits = self.ctx.engine, self.ctx.settings.limits
-        adapter = self._adapter(model)
-        rows = tinker_data.datum_rows(msg, msg.loss_fn, limits.max_tokens_per_request)
-        tinker_data.apply_provenance(rows, self.stability, model.tenant)
-        loss_fn = tinker_data.make_loss(msg.loss_fn, tinker_data.loss_config(msg))
-        batch = tinker_data.build_batch(rows, engine.model.template.pad_token_id)
-        with engine.using(adapter):
-            if forward_only:
-                with torch.no_grad():
-                    outputs = engine.model.forward(inputs=batch, adapter_name=adapter.name)
-                    loss = loss_fn(outputs['inputs'], outputs)
-            else:
-                outputs = engine.model.forward(inputs=batch, adapter_name=adapter.name)
-                loss = loss_fn(outputs['inputs'], outputs)
-                engine.model.backward(loss, adapter_name=adapter.name)
-        metrics = {'loss:sum': float(loss.loss.detach())}
-        for key in ('num_tokens',):
-            if key in loss.metrics:
-                metrics[f'{key}:sum'] = float(loss.metrics[key])
-        weights = outputs['inputs'].get('weights')
-        return tinker_data.output_proto(rows, outputs['logps'], weights, msg.loss_fn, metrics)
+        return self.fwdbwd_work(model, msg, forward_only)()
 
     def op_optim_step(self, model: TinkerModel, params: Dict[str, Any]) -> Dict[str, Any]:
         engine = self.ctx.engine
