@@ -163,3 +163,33 @@ def test_four_tenants_batched_get_exactly_what_they_get_alone_and_a_bad_request_
             torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=tol, msg=lambda m, i=solo.index, k=key: f'tenant {i} {k}: {m}')
     # Different tenants really trained differently (the comparison above is not vacuous).
     assert not close(alone[0].results[-1][0], alone[3].results[-1][0])
+
+
+def test_a_large_request_runs_in_slices_that_let_a_small_one_through_with_the_same_result(server):
+    ctx = server.ctx
+    big, small = Tenant(server, 1), Tenant(server, 0)
+    saved = ctx.settings.fwdbwd_slice_tokens, ctx.worker.slice_s
+    ctx.settings.fwdbwd_slice_tokens, ctx.worker.slice_s = 20, 0.01   # each datum of the big request a slice
+    try:
+        gate = held(server)
+        big_id = big.post_fb(0)          # 2 datums of 16 tokens: two micro-batches
+        small_id = small.post_fb(0)
+        wait_queued(server, 2)
+        gate.set()
+        big.collect(big_id)
+        small.collect(small_id)
+        big_fut = ctx.futures.get(ctx.keys.tenant_of(KEYS[big.index]), big_id)
+        small_fut = ctx.futures.get(ctx.keys.tenant_of(KEYS[small.index]), small_id)
+        assert small_fut.finished_at < big_fut.finished_at   # it ran between the big request's slices
+        ctx.settings.fwdbwd_slice_tokens = None
+        sliced = big.results[0]
+        whole_id = big.post_fb(0)
+    finally:
+        ctx.settings.fwdbwd_slice_tokens, ctx.worker.slice_s = saved
+    big.collect(whole_id)
+    whole = big.results[1]
+    # The second request ran on weights the first one's gradients did not move (no optim_step in between).
+    assert close(sliced[0], whole[0], sum(float(np.abs(a).sum()) for a in whole[1]))
+    for a, b in zip(sliced[1], whole[1]):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * max(1.0, float(np.abs(b).max())))
+
