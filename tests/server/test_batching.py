@@ -160,7 +160,8 @@ def test_four_tenants_batched_get_exactly_what_they_get_alone_and_a_bad_request_
         assert wa.keys() == wb.keys()
         for key in wa:
             tol = 1e-6 * max(1.0, float(wa[key].abs().max()))
-            torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=tol, msg=lambda m, i=solo.index, k=key: f'tenant {i} {k}: {m}')
+            torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=tol,
+                                       msg=lambda m, i=solo.index, k=key: f'tenant {i} {k}: {m}')
     # Different tenants really trained differently (the comparison above is not vacuous).
     assert not close(alone[0].results[-1][0], alone[3].results[-1][0])
 

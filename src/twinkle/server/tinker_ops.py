@@ -6,8 +6,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-import torch
-
 from . import tinker_data
 from .context import ServerContext
 from .engine import TINKER_TARGETS, Adapter
