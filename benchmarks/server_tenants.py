@@ -223,7 +223,7 @@ def run_tinker(args: argparse.Namespace, n: int, size: int, window_ms: Optional[
         clients = []
         for i, key in enumerate(keys):
             service = tinker.ServiceClient(base_url=url, api_key=key)
-            clients.append((service, service.create_lora_training_client(base_model=args.model, rank=8, seed=i)))
+            clients.append((service, service.create_lora_training_client(base_model=args.model, rank=8, seed=i).result()))
         rng = np.random.default_rng(0)
         data = [[types.Datum(model_input=types.ModelInput.from_ints(t[:-1].tolist()),
                              loss_fn_inputs={'target_tokens': t[1:].astype(np.int64)})
