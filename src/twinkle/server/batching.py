@@ -227,6 +227,7 @@ class Batcher:
         self.max_tokens = max_tokens
         self._recent: Dict[str, float] = {}
         self.sizes: Deque[int] = collections.deque(maxlen=10000)   # requests per batch, newest last
+        self._routable_names: Dict[str, bool] = {}
 
     def usable(self) -> bool:
         model = self.engine_of().model
@@ -273,8 +274,15 @@ class Batcher:
             return
         run_batch(engine, [(job.work, job.future) for job in jobs])
 
-    @staticmethod
-    def _routable(engine: Any, work: FwdBwdWork) -> bool:
+    def _routable(self, engine: Any, work: FwdBwdWork) -> bool:
         from ..model.multi_lora import routable
         adapter = work.model.adapter
-        return adapter is not None and routable(engine.model.module, adapter.name)
+        if adapter is None or engine.adapters.get(adapter.name) is not adapter:
+            return False
+        # An adapter's LoRA variant and dropout are fixed when it is created; names are never reused.
+        known = self._routable_names.get(adapter.name)
+        if known is None:
+            if len(self._routable_names) > 10000:
+                self._routable_names.clear()
+            known = self._routable_names[adapter.name] = routable(engine.model.module, adapter.name)
+        return known
