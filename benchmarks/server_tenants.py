@@ -22,7 +22,15 @@ tokens:
   batched forwards.
 
     python benchmarks/server_tenants.py [--model builtin://tiny-qwen3] [--tenants 1 2 4] [--steps 8]
+* tinker fairness: one tenant keeps sending large forward_backward requests (8 x 1024 tokens) while another
+  sends one-datum ones; p50 / p99 latency of the small ones with the large ones in one piece and sliced into
+  micro-batches (``fwdbwd_slice_tokens``).
+
+On a machine shared with other work, run with ``OMP_NUM_THREADS=1``: OpenMP threads spinning against other
+processes otherwise make every step take seconds and the figures meaningless.
+
     python benchmarks/server_tenants.py --tinker-only [--tinker-tenants 1 2 4 8 16] [--tinker-sizes 32 128 512]
+    python benchmarks/server_tenants.py --big-fairness-only [--big-rows 8] [--big-tokens 1024]
     python benchmarks/server_tenants.py --fairness-only [--sample-rows 8] [--sample-tokens 512] [--probes 20]
 """
 from __future__ import annotations
@@ -223,7 +231,8 @@ def run_tinker(args: argparse.Namespace, n: int, size: int, window_ms: Optional[
         clients = []
         for i, key in enumerate(keys):
             service = tinker.ServiceClient(base_url=url, api_key=key)
-            clients.append((service, service.create_lora_training_client(base_model=args.model, rank=8, seed=i).result()))
+            training = service.create_lora_training_client(base_model=args.model, rank=8, seed=i).result()
+            clients.append((service, training))
         rng = np.random.default_rng(0)
         data = [[types.Datum(model_input=types.ModelInput.from_ints(t[:-1].tolist()),
                              loss_fn_inputs={'target_tokens': t[1:].astype(np.int64)})
@@ -256,6 +265,57 @@ def run_tinker(args: argparse.Namespace, n: int, size: int, window_ms: Optional[
             service.close('success')
     tokens = n * args.tinker_steps * size
     return {'tok_s': tokens / wall, 'step_p50': _percentile(latencies, 50)}
+
+
+def run_big_fairness(args: argparse.Namespace, slice_tokens: Optional[int]) -> Dict[str, float]:
+    """Latency of one tenant's one-datum Tinker forward_backward while another sends large ones."""
+    import numpy as np
+    import tinker
+    from tinker import types
+    keys = ['tml-bench-big-000000', 'tml-bench-small-0000']
+    config = f'fwdbwd_slice_tokens: {"null" if slice_tokens is None else slice_tokens}\njob_slice_s: 0.2\n'
+    rng = np.random.default_rng(0)
+
+    def datum(n: int) -> Any:
+        t = rng.integers(3, 4000, n + 1)
+        return types.Datum(model_input=types.ModelInput.from_ints(t[:-1].tolist()),
+                           loss_fn_inputs={'target_tokens': t[1:].astype(np.int64)})
+
+    with serve(args, keys, config) as (url, _):
+        services = [tinker.ServiceClient(base_url=url, api_key=k) for k in keys]
+        big, small = (s.create_lora_training_client(base_model=args.model, rank=8).result() for s in services)
+        large = [datum(args.big_tokens) for _ in range(args.big_rows)]
+        probe = [datum(32)]
+        stop = threading.Event()
+
+        def keep_sending() -> None:
+            while not stop.is_set():
+                big.forward_backward(large, 'cross_entropy').result()
+
+        thread = threading.Thread(target=keep_sending, daemon=True)
+        thread.start()
+        time.sleep(1.0)
+        latencies = []
+        for _ in range(args.probes):
+            t0 = time.perf_counter()
+            small.forward_backward(probe, 'cross_entropy').result()
+            latencies.append(time.perf_counter() - t0)
+            time.sleep(0.1)
+        stop.set()
+        thread.join()
+        for service in services:
+            service.close('success')
+    return {'p50': _percentile(latencies, 50), 'p99': _percentile(latencies, 99), 'max': max(latencies)}
+
+
+def big_fairness(args: argparse.Namespace) -> None:
+    print(f'\nTinker: one tenant keeps sending forward_backward of {args.big_rows} x {args.big_tokens} tokens; '
+          f'another sends one-datum (32 tokens) ones\n')
+    print('| large requests | small fwd_bwd p50 s | p99 s | max s |')
+    print('|---|---|---|---|')
+    for label, tokens in (('one piece (fwdbwd_slice_tokens: null)', None), ('sliced (2048 tokens)', 2048)):
+        r = run_big_fairness(args, tokens)
+        print(f"| {label} | {r['p50']:.2f} | {r['p99']:.2f} | {r['max']:.2f} |", flush=True)
 
 
 def tinker_curve(args: argparse.Namespace) -> None:
@@ -291,6 +351,9 @@ def main() -> None:
     parser.add_argument('--tinker-sizes', type=int, nargs='+', default=[32, 128, 512])
     parser.add_argument('--tinker-steps', type=int, default=10)
     parser.add_argument('--window-ms', type=float, default=5.0, help='batch_window_ms of the batched server')
+    parser.add_argument('--big-rows', type=int, default=8, help='datums of the large requests (Tinker fairness)')
+    parser.add_argument('--big-tokens', type=int, default=1024, help='tokens per datum of the large requests')
+    parser.add_argument('--big-fairness-only', action='store_true', help='run only the large-request fairness')
     parser.add_argument('--local-worker', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.local_worker:
@@ -298,9 +361,12 @@ def main() -> None:
     os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
     if args.tinker_only:
         return tinker_curve(args)
+    if args.big_fairness_only:
+        return big_fairness(args)
     if not args.fairness_only:
         throughput(args)
         tinker_curve(args)
+        big_fairness(args)
     print(f'\nfairness: one tenant samples {args.sample_rows} x {args.sample_tokens} tokens per call without '
           f'pause; another sends one-datum ({args.seq_len} tokens) forward_backward requests\n')
     print('| sampling jobs | fwd_bwd p50 s | fwd_bwd p99 s | fwd_bwd max s | idle p50 s | one sample call s |')
