@@ -14,6 +14,10 @@ with its KV cache and everything else still on its stack, when its turn comes ag
 second worker for sampling: PEFT's active adapter, the module's train/eval mode and the RNG are state of the
 one shared model, so two threads cannot compute on it at once; instead the engine's ``save_state`` captures
 that state when a job pauses and puts it back when the job resumes.
+
+Jobs that carry a batchable ``work`` (Tinker forward / forward_backward) go to the worker's batcher, which
+takes the waiting first jobs of other tenants that can join them (``take_heads``) and runs them as one batch
+(see batching.py).
 """
 from __future__ import annotations
 
