@@ -16,7 +16,27 @@ tokens:
   one piece (``job_slice_s: null``, how the server behaved before slicing) and sliced (the default), each
   against a fresh server, next to their latency on an idle server.
 
+* tinker: N tenants (Tinker SDK, one thread each) all at once send one-datum forward_backward requests of
+  ``S`` tokens, each followed by optim_step; aggregate tokens/s with batching across tenants (the default) and
+  with the serial server (``batch_window_ms: null``) in the same run, their ratio, and the mean size of the
+  batched forwards.
+
     python benchmarks/server_tenants.py [--model builtin://tiny-qwen3] [--tenants 1 2 4] [--steps 8]
+* tinker fairness: one tenant keeps sending large forward_backward requests (8 x 1024 tokens) while another
+  sends one-datum ones; p50 / p99 latency of the small ones with the large ones in one piece and sliced into
+  micro-batches (``fwdbwd_slice_tokens``).
+
+Measured (tiny-qwen3, 2 CPU cores shared with other work, OMP_NUM_THREADS=1, 4 steps per tenant; single
+runs, so +-30% noise: one tenant, where nothing is batched, reads 0.5x-1.3x): batched / serial tokens/s for
+1, 2, 4, 8, 16 tenants: 32 tokens 0.82, 0.88, 1.71, 1.54, 2.17x; 128 tokens 0.53, 0.68, 1.44, 1.23, 1.21x;
+512 tokens 0.88, 1.08, 0.90, 0.96, 1.11x (8 x 32 tokens: 591 -> 911 tok/s). Large-request fairness (8 x 1024
+tokens): the small request's p50 / p99 11.2 / 15.0 s in one piece, 0.53 / 0.69 s sliced.
+
+On a machine shared with other work, run with ``OMP_NUM_THREADS=1``: OpenMP threads spinning against other
+processes otherwise make every step take seconds and the figures meaningless.
+
+    python benchmarks/server_tenants.py --tinker-only [--tinker-tenants 1 2 4 8 16] [--tinker-sizes 32 128 512]
+    python benchmarks/server_tenants.py --big-fairness-only [--big-rows 8] [--big-tokens 1024]
     python benchmarks/server_tenants.py --fairness-only [--sample-rows 8] [--sample-tokens 512] [--probes 20]
 """
 from __future__ import annotations
@@ -205,6 +225,120 @@ def run_fairness(args: argparse.Namespace, slice_s: Optional[float]) -> Dict[str
             'max': max(busy), 'sample_s': sum(samples) / max(1, len(samples))}
 
 
+# ---------------------------------------------------------------------------------------------- tinker batching
+def run_tinker(args: argparse.Namespace, n: int, size: int, window_ms: Optional[float]) -> Dict[str, float]:
+    """Aggregate tokens/s of ``n`` Tinker SDK tenants each training ``args.tinker_steps`` one-datum steps."""
+    import numpy as np
+    import tinker
+    from tinker import types
+    keys = [f'tml-bench-tinker-{i:04d}' for i in range(n)]
+    config = f'batch_window_ms: {"null" if window_ms is None else window_ms}\n'
+    with serve(args, keys, config) as (url, _):
+        clients = []
+        for i, key in enumerate(keys):
+            service = tinker.ServiceClient(base_url=url, api_key=key)
+            training = service.create_lora_training_client(base_model=args.model, rank=8, seed=i).result()
+            clients.append((service, training))
+        rng = np.random.default_rng(0)
+        data = [[types.Datum(model_input=types.ModelInput.from_ints(t[:-1].tolist()),
+                             loss_fn_inputs={'target_tokens': t[1:].astype(np.int64)})
+                 for t in rng.integers(3, 4000, (args.tinker_steps + 1, size + 1))] for _ in range(n)]
+        latencies: List[float] = []
+
+        def tenant(i: int) -> None:
+            tc = clients[i][1]
+            for step, datum in enumerate(data[i]):
+                t0 = time.perf_counter()
+                fwd = tc.forward_backward([datum], 'cross_entropy')
+                opt = tc.optim_step(types.AdamParams(learning_rate=1e-4))
+                fwd.result()
+                opt.result()
+                if step:   # the first step warms the connection up
+                    latencies.append(time.perf_counter() - t0)
+                if step == 0:
+                    barrier.wait()
+                    if i == 0:
+                        started.append(time.perf_counter())
+
+        barrier, started = threading.Barrier(n), []
+        threads = [threading.Thread(target=tenant, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - started[0]
+        for service, _ in clients:
+            service.close('success')
+    tokens = n * args.tinker_steps * size
+    return {'tok_s': tokens / wall, 'step_p50': _percentile(latencies, 50)}
+
+
+def run_big_fairness(args: argparse.Namespace, slice_tokens: Optional[int]) -> Dict[str, float]:
+    """Latency of one tenant's one-datum Tinker forward_backward while another sends large ones."""
+    import numpy as np
+    import tinker
+    from tinker import types
+    keys = ['tml-bench-big-000000', 'tml-bench-small-0000']
+    config = f'fwdbwd_slice_tokens: {"null" if slice_tokens is None else slice_tokens}\njob_slice_s: 0.2\n'
+    rng = np.random.default_rng(0)
+
+    def datum(n: int) -> Any:
+        t = rng.integers(3, 4000, n + 1)
+        return types.Datum(model_input=types.ModelInput.from_ints(t[:-1].tolist()),
+                           loss_fn_inputs={'target_tokens': t[1:].astype(np.int64)})
+
+    with serve(args, keys, config) as (url, _):
+        services = [tinker.ServiceClient(base_url=url, api_key=k) for k in keys]
+        big, small = (s.create_lora_training_client(base_model=args.model, rank=8).result() for s in services)
+        large = [datum(args.big_tokens) for _ in range(args.big_rows)]
+        probe = [datum(32)]
+        stop = threading.Event()
+
+        def keep_sending() -> None:
+            while not stop.is_set():
+                big.forward_backward(large, 'cross_entropy').result()
+
+        thread = threading.Thread(target=keep_sending, daemon=True)
+        thread.start()
+        time.sleep(1.0)
+        latencies = []
+        for _ in range(args.probes):
+            t0 = time.perf_counter()
+            small.forward_backward(probe, 'cross_entropy').result()
+            latencies.append(time.perf_counter() - t0)
+            time.sleep(0.1)
+        stop.set()
+        thread.join()
+        for service in services:
+            service.close('success')
+    return {'p50': _percentile(latencies, 50), 'p99': _percentile(latencies, 99), 'max': max(latencies)}
+
+
+def big_fairness(args: argparse.Namespace) -> None:
+    print(f'\nTinker: one tenant keeps sending forward_backward of {args.big_rows} x {args.big_tokens} tokens; '
+          f'another sends one-datum (32 tokens) ones\n')
+    print('| large requests | small fwd_bwd p50 s | p99 s | max s |')
+    print('|---|---|---|---|')
+    for label, tokens in (('one piece (fwdbwd_slice_tokens: null)', None), ('sliced (2048 tokens)', 2048)):
+        r = run_big_fairness(args, tokens)
+        print(f"| {label} | {r['p50']:.2f} | {r['p99']:.2f} | {r['max']:.2f} |", flush=True)
+
+
+def tinker_curve(args: argparse.Namespace) -> None:
+    print(f'\nTinker SDK tenants, each {args.tinker_steps} steps of one datum forward_backward + optim_step, '
+          f'all at once; batched (batch_window_ms={args.window_ms}) vs serial (batch_window_ms=null)\n')
+    print('| tenants | tokens/request | serial tok/s | batched tok/s | ratio | serial step p50 ms | batched step p50 '
+          'ms |')
+    print('|---|---|---|---|---|---|---|')
+    for size in args.tinker_sizes:
+        for n in args.tinker_tenants:
+            serial = run_tinker(args, n, size, None)
+            batched = run_tinker(args, n, size, args.window_ms)
+            print(f"| {n} | {size} | {serial['tok_s']:.0f} | {batched['tok_s']:.0f} | "
+                  f"{batched['tok_s'] / serial['tok_s']:.2f}x | {1000 * serial['step_p50']:.0f} | "
+                  f"{1000 * batched['step_p50']:.0f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--model', default='builtin://tiny-qwen3')
@@ -218,13 +352,27 @@ def main() -> None:
     parser.add_argument('--probes', type=int, default=20, help='forward_backward requests measured (fairness)')
     parser.add_argument('--slice-s', type=float, default=1.0, help='job_slice_s of the sliced run (fairness)')
     parser.add_argument('--fairness-only', action='store_true', help='run only the fairness measurement')
+    parser.add_argument('--tinker-only', action='store_true', help='run only the Tinker batching curve')
+    parser.add_argument('--tinker-tenants', type=int, nargs='+', default=[1, 2, 4, 8, 16])
+    parser.add_argument('--tinker-sizes', type=int, nargs='+', default=[32, 128, 512])
+    parser.add_argument('--tinker-steps', type=int, default=10)
+    parser.add_argument('--window-ms', type=float, default=5.0, help='batch_window_ms of the batched server')
+    parser.add_argument('--big-rows', type=int, default=8, help='datums of the large requests (Tinker fairness)')
+    parser.add_argument('--big-tokens', type=int, default=1024, help='tokens per datum of the large requests')
+    parser.add_argument('--big-fairness-only', action='store_true', help='run only the large-request fairness')
     parser.add_argument('--local-worker', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.local_worker:
         return local_worker(args)
     os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+    if args.tinker_only:
+        return tinker_curve(args)
+    if args.big_fairness_only:
+        return big_fairness(args)
     if not args.fairness_only:
         throughput(args)
+        tinker_curve(args)
+        big_fairness(args)
     print(f'\nfairness: one tenant samples {args.sample_rows} x {args.sample_tokens} tokens per call without '
           f'pause; another sends one-datum ({args.seq_len} tokens) forward_backward requests\n')
     print('| sampling jobs | fwd_bwd p50 s | fwd_bwd p99 s | fwd_bwd max s | idle p50 s | one sample call s |')

@@ -68,6 +68,10 @@ class ServerContext:
         scrub.add(str(get_settings().cache_dir))
         if not self.engine.distributed:  # on ranks elsewhere a sampling job cannot pause mid-decode
             self.worker.save_state = self.engine.save_state
+            if self.settings.batch_window_ms is not None:  # batching runs the shared module in this process
+                from .batching import Batcher
+                self.worker.batcher = Batcher(self.queue, lambda: self.engine, self.settings.batch_window_ms / 1000.0,
+                                              self.settings.batch_max_tokens)
         self.worker.start()
         self.ready = True
 
@@ -88,10 +92,14 @@ class ServerContext:
             except BaseException as exc:  # reported to the caller through the future
                 fut.set_error(exc)
 
+        # Work that may run batched with other tenants' (batching.FwdBwdWork) travels with its future.
+        if getattr(fn, 'batchable', False) and self.worker.batcher is not None:
+            run.work, run.future = fn, fut  # type: ignore[attr-defined]
+        run.sliced = bool(getattr(fn, 'sliced', False))  # type: ignore[attr-defined]
         return fut, run
 
     def enqueue(self, tenant: str) -> Callable[[Callable], None]:
-        return lambda job: self.queue.put(tenant, job)
+        return lambda job: self.worker.put(tenant, job, sliced=bool(getattr(job, 'sliced', False)))
 
     def submit(self, tenant: str, fn: Callable[[], Any], model_id: Optional[str] = None,
                sliced: bool = False) -> ServerFuture:

@@ -14,6 +14,10 @@ with its KV cache and everything else still on its stack, when its turn comes ag
 second worker for sampling: PEFT's active adapter, the module's train/eval mode and the RNG are state of the
 one shared model, so two threads cannot compute on it at once; instead the engine's ``save_state`` captures
 that state when a job pauses and puts it back when the job resumes.
+
+Jobs that carry a batchable ``work`` (Tinker forward / forward_backward) go to the worker's batcher, which
+takes the waiting first jobs of other tenants that can join them (``take_heads``) and runs them as one batch
+(see batching.py).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import collections
 import logging
 import threading
 import time
-from typing import Callable, Collection, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Collection, Deque, Dict, List, Optional, Tuple
 
 logger = logging.getLogger('twinkle.server')
 Job = Callable[[], None]
@@ -73,6 +77,42 @@ class FairQueue:
                 self._turns.append(tenant)
             return job
 
+    def take_heads(self, accept: Callable[[str, Job], bool]) -> List[Tuple[str, Job]]:
+        """Remove and return the first job of every tenant whose first job ``accept(tenant, job)`` takes (in turn
+        order); each such tenant moves to the back of the turns, as if its job had been taken by ``get``."""
+        taken = []
+        with self._cv:
+            for tenant in list(self._turns):
+                queue = self._jobs[tenant]
+                if queue and accept(tenant, queue[0]):
+                    taken.append((tenant, queue.popleft()))
+                    self._turns.remove(tenant)
+                    if queue:
+                        self._turns.append(tenant)
+        return taken
+
+    def take_other(self, busy: Collection[str]) -> Optional[Job]:
+        """The first job of the next tenant outside ``busy`` if it is a plain job (not sliced, not batchable)."""
+        with self._cv:
+            for tenant in list(self._turns):
+                queue = self._jobs[tenant]
+                if tenant in busy or not queue:
+                    continue
+                job = queue[0]
+                if isinstance(job, SlicedJob) or getattr(job, 'work', None) is not None:
+                    continue
+                queue.popleft()
+                self._turns.remove(tenant)
+                if queue:
+                    self._turns.append(tenant)
+                return job
+        return None
+
+    def wait_put(self, timeout: float) -> None:
+        """Wait until a job is queued (or ``timeout`` seconds pass)."""
+        with self._cv:
+            self._cv.wait(max(0.0, timeout))
+
     def depth(self, tenant: Optional[str] = None) -> int:
         with self._cv:
             if tenant is not None:
@@ -83,21 +123,6 @@ class FairQueue:
         with self._cv:
             self._closed = True
             self._cv.notify_all()
-
-    # -- batching hook: a running job may take other tenants' next jobs to compute them together ----------------
-    def take_heads(self, match: Callable[[Job], bool], skip: Collection[str]) -> List[Tuple[str, Job]]:
-        """Remove and return the next job of each tenant not in ``skip`` for which ``match`` holds. Only a
-        tenant's next job is looked at, so each tenant's jobs still start in order."""
-        taken = []
-        with self._cv:
-            for tenant in list(self._turns):
-                queue = self._jobs[tenant]
-                if tenant in skip or not queue or not match(queue[0]):
-                    continue
-                taken.append((tenant, queue.popleft()))
-                if not queue:
-                    self._turns.remove(tenant)
-        return taken
 
 
 SaveState = Callable[[], Callable[[], None]]
@@ -177,6 +202,7 @@ class Worker:
         self.busy = False
         self.slice_s = slice_s
         self.save_state: Optional[SaveState] = None
+        self.batcher: Any = None   # batching.Batcher: runs jobs that carry a ``work`` with others of their kind
 
     def put(self, tenant: str, job: Job, sliced: bool = False) -> None:
         self.queue.put(tenant, SlicedJob(self, tenant, job) if sliced else job)
@@ -191,7 +217,10 @@ class Worker:
                 return
             self.busy = True
             try:
-                job()
+                if self.batcher is not None and getattr(job, 'work', None) is not None:
+                    self.batcher.run(job)
+                else:
+                    job()
             except BaseException:  # jobs report their own errors; this only guards the thread
                 logger.exception('model job raised outside its error handling')
             finally:

@@ -174,7 +174,7 @@ async def forward_backward(request: Request, t: str = Depends(compute_tenant), c
         ctx.engine.check_tokens([r['tokens'].tolist() + r['target_tokens'].astype('int64').tolist()
                                  for r in rows], 'data')
         loss_name, forward_only = msg.loss_fn, bool(msg.forward_only)
-        return lambda: state.op_forward_backward(model, rows, loss_fn, loss_name, forward_only)
+        return state.fwdbwd_work(model, rows, loss_fn, loss_name, forward_only)
 
     return accepted(gated(ctx, state, t, model, msg.seq_id, key, prepare), model.model_id)
 

@@ -51,8 +51,10 @@ def gather(leader: SampleWork) -> List[SampleWork]:
     taken: List[SampleWork] = []
     tenants = {leader.session.tenant}
     while room > 0:
-        fits = lambda job: _is_pending_sample(job) and job.fn.rows <= room  # noqa: E731
-        for tenant, job in ctx.queue.take_heads(fits, tenants):
+        def fits(tenant: str, job: Any, room: int = room) -> bool:
+            return tenant not in tenants and _is_pending_sample(job) and job.fn.rows <= room
+
+        for tenant, job in ctx.queue.take_heads(fits):
             if job.fn.rows > room:  # another taken in this round used the room: back to the front of its queue
                 ctx.queue.put_front(tenant, job)
                 continue

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
-
-import torch
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import tinker_data
 from .context import ServerContext
@@ -151,6 +149,15 @@ class TinkerState:
         if model.adapter is None:
             raise BadRequest(f'model {model.model_id} was not created successfully; create a new one')
         return model.adapter
+
+    def fwdbwd_work(self, model: TinkerModel, rows: List[Dict[str, Any]], loss_fn: Any, loss_name: str,
+                    forward_only: bool) -> Callable[[], bytes]:
+        """The work of a forward(_backward) request: run alone when called, or batched with other tenants'
+        (in-process engine only; on a distributed engine every request runs alone on the ranks)."""
+        if self.ctx.engine.distributed:
+            return lambda: self.op_forward_backward(model, rows, loss_fn, loss_name, forward_only)
+        from .batching import FwdBwdWork
+        return FwdBwdWork(self, model, rows, loss_fn, loss_name, forward_only)
 
     def op_forward_backward(self, model: TinkerModel, rows: List[Dict[str, Any]], loss_fn: Any, loss_name: str,
                             forward_only: bool) -> bytes:

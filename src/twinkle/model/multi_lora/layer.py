@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
@@ -187,35 +187,8 @@ class MultiLoraLinear(nn.Module):
 
     def _grouped_delta(self, x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         """The LoRA update of the routed tokens, in ``plan.src`` order (the identity when ``plan.dense``)."""
-        groups, seg = plan.num_groups, plan.seg_len
-        dtype = self.lora_A[plan.names[0]].dtype
-        x = x.to(dtype)
-        if plan.dense:
-            xg = x.view(groups, seg, self.in_features)
-        elif not plan.padded:
-            xg = x.index_select(0, plan.src).view(groups, seg, self.in_features)
-        else:
-            xg = x.new_zeros(groups * seg, self.in_features).index_copy(0, plan.dest, x.index_select(0, plan.src))
-            xg = xg.view(groups, seg, self.in_features)
-        if self.training:
-            mask = self._dropout_mask(plan, xg)
-            if mask is not None:
-                xg = xg * mask
-        parts = []
-        # split, not slicing: its backward is one concatenation, where each slice's backward would build a
-        # zero-filled gradient of the whole layout.
-        chunks = torch.split(xg, [end - first for _, first, end in plan.rank_slices]) \
-            if len(plan.rank_slices) > 1 else (xg,)
-        for (r, first, end), chunk in zip(plan.rank_slices, chunks):
-            names = plan.names[first:end]
-            stack_a = torch.stack([self.lora_A[n] for n in names])                       # g, r, in
-            stack_b = torch.stack([self.lora_B[n] for n in names])                       # g, out, r
-            scale = torch.tensor([self.specs[n].scaling(r) for n in names], dtype=dtype, device=x.device)
-            h = torch.bmm(chunk, stack_a.transpose(1, 2))
-            parts.append(torch.bmm(h, stack_b.transpose(1, 2)) * scale.view(-1, 1, 1))
-        delta = parts[0] if len(parts) == 1 else torch.cat(parts)
-        delta = delta.reshape(groups * seg, self.out_features)
-        return delta.index_select(0, plan.dest) if plan.padded else delta
+        mask_fn = self._dropout_mask if self.training else None
+        return grouped_delta(x, plan, self.lora_A, self.lora_B, lambda n, r: self.specs[n].scaling(r), mask_fn)
 
     def _dropout_mask(self, plan: RoutingPlan, xg: torch.Tensor) -> Optional[torch.Tensor]:
         """Inverted-dropout mask in the padded layout, each adapter's part drawn from its own generator."""
@@ -248,3 +221,47 @@ class MultiLoraLinear(nn.Module):
     def extra_repr(self) -> str:
         ranks = {name: self.rank(name) for name in self.specs}
         return f'in_features={self.in_features}, out_features={self.out_features}, adapters={ranks}'
+
+
+def grouped_delta(x: torch.Tensor, plan: RoutingPlan, lora_a: Mapping[str, torch.Tensor],
+                  lora_b: Mapping[str, torch.Tensor], scaling: Callable[[str, int], float],
+                  mask_fn: Optional[Callable[[RoutingPlan, torch.Tensor], Optional[torch.Tensor]]] = None
+                  ) -> torch.Tensor:
+    """The LoRA update of the routed tokens of a flattened ``(N, in)`` input, in ``plan.src`` order (the identity
+    when ``plan.dense``): ``scaling(name, r) * B_name @ A_name @ x`` per adapter group.
+
+    ``lora_a[name]`` is ``r x in`` and ``lora_b[name]`` ``out x r`` (PEFT's weight shapes), so the same arithmetic
+    serves :class:`MultiLoraLinear` and PEFT's own LoRA layers. ``mask_fn(plan, xg)``, if given, returns a dropout
+    mask for the padded layout (or None).
+    """
+    groups, seg = plan.num_groups, plan.seg_len
+    first = lora_a[plan.names[0]]
+    dtype = first.dtype
+    in_features = first.shape[1]
+    x = x.to(dtype)
+    if plan.dense:
+        xg = x.view(groups, seg, in_features)
+    elif not plan.padded:
+        xg = x.index_select(0, plan.src).view(groups, seg, in_features)
+    else:
+        xg = x.new_zeros(groups * seg, in_features).index_copy(0, plan.dest, x.index_select(0, plan.src))
+        xg = xg.view(groups, seg, in_features)
+    if mask_fn is not None:
+        mask = mask_fn(plan, xg)
+        if mask is not None:
+            xg = xg * mask
+    parts = []
+    # split, not slicing: its backward is one concatenation, where each slice's backward would build a
+    # zero-filled gradient of the whole layout.
+    chunks = torch.split(xg, [end - start for _, start, end in plan.rank_slices]) \
+        if len(plan.rank_slices) > 1 else (xg,)
+    for (r, start, end), chunk in zip(plan.rank_slices, chunks):
+        names = plan.names[start:end]
+        stack_a = torch.stack([lora_a[n] for n in names])                       # g, r, in
+        stack_b = torch.stack([lora_b[n] for n in names])                       # g, out, r
+        scale = torch.tensor([scaling(n, r) for n in names], dtype=dtype, device=x.device)
+        h = torch.bmm(chunk, stack_a.transpose(1, 2))
+        parts.append(torch.bmm(h, stack_b.transpose(1, 2)) * scale.view(-1, 1, 1))
+    delta = parts[0] if len(parts) == 1 else torch.cat(parts)
+    delta = delta.reshape(groups * seg, delta.shape[-1])
+    return delta.index_select(0, plan.dest) if plan.padded else delta

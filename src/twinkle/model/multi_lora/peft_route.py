@@ -1,0 +1,106 @@
+"""Route the rows of one batch through different adapters of a PEFT LoRA model, without converting it.
+
+A model serving many tenants keeps its adapters as ordinary PEFT adapters (their optimizers, checkpoints and
+gradient windows stay PEFT's). For one forward, :func:`route_peft` makes every PEFT LoRA ``Linear`` compute
+``base(x)`` once for the whole batch plus each row's own adapter update, grouped by adapter exactly as
+:class:`~twinkle.model.multi_lora.MultiLoraLinear` does, reading the adapter weights PEFT holds. Gradients
+therefore land in PEFT's own parameters, each adapter's only from its own rows.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Collection, Dict, Iterator, List, Sequence, Union
+
+import torch
+from torch import nn
+
+from .layer import grouped_delta
+from .routing import Routing
+
+
+def peft_lora_layers(model: nn.Module) -> List[nn.Module]:
+    """The PEFT LoRA linear layers of ``model`` (a ``PeftModel`` or the model inside it)."""
+    from peft.tuners.lora import Linear as PeftLinear
+    return [m for m in model.modules() if isinstance(m, PeftLinear)]
+
+
+def routable(model: nn.Module, name: str, layers: Sequence[nn.Module] = ()) -> bool:
+    """True if adapter ``name`` computes the same routed as alone: plain LoRA (no DoRA or other variant) and no
+    dropout, whose draws would come from the shared random stream in an order that depends on the batch."""
+    found = False
+    for layer in layers or peft_lora_layers(model):
+        if name not in layer.lora_A:
+            continue
+        found = True
+        if layer.use_dora.get(name, False) or name in getattr(layer, 'lora_variant', {}):
+            return False
+        dropout = layer.lora_dropout[name]
+        if isinstance(dropout, nn.Dropout) and dropout.p > 0:
+            return False
+    return found
+
+
+def _routed_forward(layer: nn.Module, routing: Routing, frozen: Collection[str], x: torch.Tensor,
+                    *args, **kwargs) -> torch.Tensor:
+    result = layer.base_layer(x, *args, **kwargs)
+    in_features = x.shape[-1]
+    batch = x.shape[0]
+    seq = x.numel() // max(batch * in_features, 1)
+    ranks = tuple(int(layer.r[n]) if n in layer.lora_A else 0 for n in routing.names)
+    plan = routing.plan(batch, seq, ranks, x.device)
+    if plan.num_groups == 0:
+        return result
+    # Adapters that only read (forward-only requests) use detached weights: no gradient, not even a zero one,
+    # may reach them, or their optimizer would step on it.
+    weights_a: Dict[str, torch.Tensor] = {}
+    weights_b: Dict[str, torch.Tensor] = {}
+    for n in plan.names:
+        a, b = layer.lora_A[n].weight, layer.lora_B[n].weight
+        weights_a[n], weights_b[n] = (a.detach(), b.detach()) if n in frozen else (a, b)
+    delta = grouped_delta(x.reshape(batch * seq, in_features), plan, weights_a, weights_b,
+                          lambda n, r: layer.scaling[n])
+    out_features = result.shape[-1]
+    flat = result.reshape(batch * seq, out_features)
+    if plan.dense:
+        flat = flat + delta.to(flat.dtype)
+    else:
+        flat = flat.index_add(0, plan.src, delta.to(flat.dtype))
+    return flat.view_as(result)
+
+
+@contextmanager
+def route_peft(model: nn.Module, adapters: Union[Routing, Sequence[object]],
+               frozen: Collection[str] = ()) -> Iterator[Routing]:
+    """Within the block, forwards of the PEFT model ``model`` apply ``adapters[b]`` to row ``b`` (``None``: the
+    base model alone), whatever adapter PEFT has active; adapters in ``frozen`` get no gradient.
+
+    Every routed adapter must be :func:`routable`. The trainable adapters' weights require grad inside the block
+    (PEFT leaves only its active adapter trainable); the flags are put back afterwards, so run backward inside the
+    block (autograd skips a leaf that no longer requires grad).
+    """
+    routing = adapters if isinstance(adapters, Routing) else Routing(list(adapters))
+    layers = peft_lora_layers(model)
+    if not layers:
+        raise ValueError('route_peft needs a PEFT model with LoRA linear layers')
+    for name in routing.names:
+        if not routable(model, name, layers):
+            raise ValueError(f'adapter {name!r} cannot be routed: it is missing, uses a LoRA variant (DoRA), or has '
+                             f'lora_dropout > 0; run it alone through PEFT instead')
+    if any(getattr(layer, 'merged', False) for layer in layers):
+        raise ValueError('route_peft needs unmerged adapters (unmerge_adapter() first)')
+    trainable = [n for n in routing.names if n not in frozen]
+    flags = []
+    for layer in layers:
+        for n in trainable:
+            if n in layer.lora_A:
+                for p in (layer.lora_A[n].weight, layer.lora_B[n].weight):
+                    flags.append((p, p.requires_grad))
+                    p.requires_grad_(True)
+        layer.forward = (lambda lyr: lambda x, *a, **k: _routed_forward(lyr, routing, frozen, x, *a, **k))(layer)
+    try:
+        yield routing
+    finally:
+        for layer in layers:
+            del layer.forward      # back to the class's (PEFT's) forward
+        for p, flag in flags:
+            p.requires_grad_(flag)

@@ -1,0 +1,286 @@
+"""Tinker forward / forward_backward requests: alone (in micro-batches when large) or batched across tenants.
+
+Batched, the waiting requests of several tenants run as one forward through the shared base model, each
+tenant's rows through its own adapter (``multi_lora.route_peft``), and one backward. Each tenant's loss is
+computed on its own rows with its own loss function; since its adapter's weights only touch its own rows,
+its gradients are those of its own loss alone. Its gradient window, optimizer step and random stream are not
+touched by the others (adapters with dropout, whose draws would depend on the batch, are never batched).
+
+Large requests run alone in micro-batches of about ``fwdbwd_slice_tokens`` padded tokens; Tinker's losses are
+sums over tokens, so the summed micro-batch losses and accumulated gradients are those of the whole request.
+Such a request runs as a sliced job (see queue.py): between micro-batches it lets other tenants' jobs run.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from . import tinker_data
+from .errors import BadRequest
+
+logger = logging.getLogger('twinkle.server')
+RECENT_S = 2.0   # a tenant that sent batchable work this recently is waited for (up to the window)
+
+
+def padded_tokens(rows: List[Dict[str, np.ndarray]]) -> int:
+    return len(rows) * (max(r['tokens'].size for r in rows) + 1)
+
+
+def micro_batches(rows: List[Dict[str, np.ndarray]], budget: Optional[int]) -> List[List[Dict[str, np.ndarray]]]:
+    """Consecutive groups of rows of at most ``budget`` padded tokens each (a longer row is a group alone)."""
+    if budget is None or padded_tokens(rows) <= budget:
+        return [rows]
+    groups: List[List[Dict[str, np.ndarray]]] = [[]]
+    for row in rows:
+        if groups[-1] and padded_tokens(groups[-1] + [row]) > budget:
+            groups.append([])
+        groups[-1].append(row)
+    return groups
+
+
+def _rows_tensor(parts: List[torch.Tensor]) -> torch.Tensor:
+    """Row tensors of different widths, right-padded with zeros into one (rows, width) tensor."""
+    width = max(p.shape[1] for p in parts)
+    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
+
+
+class FwdBwdWork:
+    """One Tinker forward_backward (or forward) request. Called, it runs alone; ``Batcher`` may instead run it
+    with other tenants' requests. ``sliced``: it is large and runs in micro-batches as a sliced job."""
+
+    def __init__(self, state: Any, model: Any, rows: List[Dict[str, np.ndarray]], loss_fn: Any, loss_name: str,
+                 forward_only: bool) -> None:
+        # rows and loss_fn come validated from the route (tinker_data.datum_rows, make_loss)
+        self.state, self.model, self.rows, self.loss_fn = state, model, rows, loss_fn
+        self.loss_name, self.forward_only = loss_name, forward_only
+        self.tenant = model.tenant
+        budget = state.ctx.settings.fwdbwd_slice_tokens
+        self.tokens = padded_tokens(rows)
+        self.sliced = budget is not None and self.tokens > budget
+
+    @property
+    def batchable(self) -> bool:
+        return not self.sliced
+
+    def prepare(self) -> Tuple[List[Dict[str, np.ndarray]], Any, Any]:
+        """(rows, loss function, adapter), the adapter checked to be still loaded."""
+        adapter = self.state._adapter(self.model)
+        if self.state.ctx.engine.adapters.get(adapter.name) is not adapter:
+            raise BadRequest('this adapter is no longer loaded on the server (released or evicted)')
+        return self.rows, self.loss_fn, adapter
+
+    def __call__(self) -> bytes:
+        engine = self.state.ctx.engine
+        rows, loss_fn, adapter = self.prepare()
+        pad = engine.pad_token_id
+        loss_sum, num_tokens, logps, weights = 0.0, 0.0, [], []
+        with engine.using(adapter):
+            for group in micro_batches(rows, self.state.ctx.settings.fwdbwd_slice_tokens):
+                batch = tinker_data.build_batch(group, pad)
+                with torch.set_grad_enabled(not self.forward_only):
+                    outputs = engine.model.forward(inputs=batch, adapter_name=adapter.name)
+                    loss = loss_fn(outputs['inputs'], outputs)
+                    if not self.forward_only:
+                        engine.model.backward(loss, adapter_name=adapter.name)
+                loss_sum += float(loss.loss.detach())
+                num_tokens += float(loss.metrics.get('num_tokens', 0.0))
+                logps.append(outputs['logps'].detach())
+                w = outputs['inputs'].get('weights')
+                weights.append(w.detach() if w is not None else None)
+        return _output(rows, self.loss_name, loss_sum, num_tokens, logps, weights)
+
+
+def _output(rows: List[Dict[str, np.ndarray]], loss_fn: str, loss_sum: float, num_tokens: float,
+            logps: List[torch.Tensor], weights: List[Optional[torch.Tensor]]) -> bytes:
+    metrics = {'loss:sum': loss_sum, 'num_tokens:sum': num_tokens}
+    merged_w = None if any(w is None for w in weights) else _rows_tensor(weights)
+    return tinker_data.output_proto(rows, _rows_tensor(logps), merged_w, loss_fn, metrics)
+
+
+@dataclass
+class _Segment:
+    work: FwdBwdWork
+    future: Any
+    rows: List[Dict[str, np.ndarray]]
+    loss_fn: Any
+    adapter: Any
+    batch: Dict[str, Any]
+
+
+def run_batch(engine: Any, items: List[Tuple[FwdBwdWork, Any]]) -> None:
+    """Run the requests ``items`` ((work, future) pairs, one per tenant) as one batched forward and backward and
+    complete their futures. A request that fails its own checks or loss fails alone."""
+    from ..loss.base import window_reduction
+    from ..model.multi_lora import route_peft
+    from ..model.inputs import prepare_batch
+    model = engine.model
+    pad = model.template.pad_token_id
+    segments: List[_Segment] = []
+    for work, fut in items:
+        try:
+            rows, loss_fn, adapter = work.prepare()
+            segments.append(_Segment(work, fut, rows, loss_fn, adapter, tinker_data.build_batch(rows, pad)))
+        except Exception as exc:  # this request's own problem: it fails alone
+            fut.set_error(exc)
+    if len(segments) <= 1:
+        for seg in segments:
+            _run_alone(seg.work, seg.future)
+        return
+    width = max(seg.batch['input_ids'].shape[1] for seg in segments)
+    combined: Dict[str, torch.Tensor] = {}
+    for key, fill in (('input_ids', pad), ('labels', -100), ('attention_mask', 0)):
+        combined[key] = torch.cat([torch.nn.functional.pad(seg.batch[key], (0, width - seg.batch[key].shape[1]),
+                                                           value=fill) for seg in segments])
+    names = [seg.adapter.name for seg in segments for _ in seg.rows]
+    frozen = {seg.adapter.name for seg in segments if seg.work.forward_only}
+    training = any(not seg.work.forward_only for seg in segments)
+    module = model._wrapped_module()
+    module.train()
+    try:
+        with torch.set_grad_enabled(training), route_peft(model.module, names, frozen=frozen):
+            inputs = prepare_batch(combined, model, {})
+            with model.precision.autocast():
+                outputs = model.forward_core(module, model.hf_model, inputs)
+            losses = _segment_losses(model, segments, outputs, window_reduction)
+            trained = [(seg, loss) for seg, loss in losses if not seg.work.forward_only]
+            if trained:
+                torch.autograd.backward(sum(loss.loss for _, loss in trained))
+    except Exception:
+        # The shared forward or backward failed (e.g. out of memory): nothing was accumulated unless backward
+        # ran part-way, which raises only on internal errors. Run each request alone so that it fails alone.
+        logger.warning('a batched forward_backward failed; running its requests one by one', exc_info=True)
+        for seg in segments:
+            if not seg.future.done:
+                _run_alone(seg.work, seg.future)
+        return
+    row = 0
+    starts = {}
+    for seg in segments:
+        starts[id(seg)] = row
+        row += len(seg.rows)
+    for seg, loss in losses:
+        if not seg.work.forward_only:
+            model._session(seg.adapter.name).add_to_window(loss)
+        seg.adapter.last_used = time.monotonic()
+        first, w = starts[id(seg)], seg.batch['input_ids'].shape[1]
+        logps = outputs['logps'][first:first + len(seg.rows), :w].detach()
+        weights = seg.batch.get('weights')
+        try:
+            seg.future.set_result(_output(seg.rows, seg.work.loss_name, float(loss.loss.detach()),
+                                          float(loss.metrics.get('num_tokens', 0.0)), [logps], [weights]))
+        except Exception as exc:
+            seg.future.set_error(exc)
+
+
+def _segment_losses(model: Any, segments: List[_Segment], outputs: Dict[str, Any],
+                    window_reduction: Callable) -> List[Tuple[_Segment, Any]]:
+    """Each segment's loss on its own rows; a segment whose loss fails fails alone (its future is set)."""
+    from ..model.inputs import prepare_batch
+    losses = []
+    row = 0
+    for seg in segments:
+        rows, w = len(seg.rows), seg.batch['input_ids'].shape[1]
+        part = slice(row, row + rows)
+        row += rows
+        try:
+            seg_inputs = prepare_batch(seg.batch, model, {})
+            seg_outputs = {k: (v[part, :w] if isinstance(v, torch.Tensor) and v.dim() >= 2 else v)
+                           for k, v in outputs.items() if k != 'inputs'}
+            seg_outputs['inputs'] = seg_inputs
+            loss = seg.loss_fn(seg_inputs, seg_outputs)
+            if not seg.work.forward_only:
+                window_reduction(model._session(seg.adapter.name).window_reduction, loss)
+                if not loss.loss.requires_grad:
+                    raise BadRequest('the loss of this request does not depend on the adapter')
+            losses.append((seg, loss))
+        except Exception as exc:
+            seg.future.set_error(exc)
+    return losses
+
+
+def _run_alone(work: FwdBwdWork, fut: Any) -> None:
+    try:
+        fut.set_result(work())
+    except BaseException as exc:  # reported to the caller through the future
+        fut.set_error(exc)
+
+
+class Batcher:
+    """Gathers waiting batchable requests of other tenants around the one the worker took, then runs them.
+
+    It waits up to ``window_s`` for the tenants that sent batchable work in the last ``RECENT_S`` seconds (a lone
+    tenant never waits); meanwhile it runs other tenants' small jobs (optimizer steps, say), so that the
+    waiting costs them nothing either."""
+
+    def __init__(self, queue: Any, engine_of: Callable[[], Any], window_s: float, max_tokens: int) -> None:
+        self.queue = queue
+        self.engine_of = engine_of
+        self.window_s = window_s
+        self.max_tokens = max_tokens
+        self._recent: Dict[str, float] = {}
+        self.sizes: Deque[int] = collections.deque(maxlen=10000)   # requests per batch, newest last
+        self._routable_names: Dict[str, bool] = {}
+
+    def usable(self) -> bool:
+        model = self.engine_of().model
+        return model.precision.mode != 'fp16' and model._cp_forward is None
+
+    def run(self, first: Any) -> None:
+        engine = self.engine_of()
+        work = first.work
+        if not self.usable() or not self._routable(engine, work):
+            first()
+            return
+        jobs = [first]
+        tenants = {work.tenant}
+        tokens = work.tokens
+        now = time.monotonic()
+        self._recent[work.tenant] = now
+        deadline = now + self.window_s
+
+        def fits(tenant: str, job: Any) -> bool:
+            w = getattr(job, 'work', None)
+            return (w is not None and w.batchable and tenant not in tenants and tokens + w.tokens <= self.max_tokens
+                    and self._routable(engine, w))
+
+        while True:
+            for tenant, job in self.queue.take_heads(fits):
+                jobs.append(job)
+                tenants.add(tenant)
+                tokens += job.work.tokens
+                self._recent[tenant] = time.monotonic()
+            now = time.monotonic()
+            expected = {t for t, seen in self._recent.items() if now - seen < RECENT_S}
+            if now >= deadline or expected <= tenants:
+                break
+            other = self.queue.take_other(tenants)
+            if other is not None:
+                other()
+            else:
+                self.queue.wait_put(deadline - now)
+        for t in [t for t, seen in self._recent.items() if now - seen >= RECENT_S]:
+            self._recent.pop(t, None)
+        self.sizes.append(len(jobs))
+        if len(jobs) == 1:
+            first()
+            return
+        run_batch(engine, [(job.work, job.future) for job in jobs])
+
+    def _routable(self, engine: Any, work: FwdBwdWork) -> bool:
+        from ..model.multi_lora import routable
+        adapter = work.model.adapter
+        if adapter is None or engine.adapters.get(adapter.name) is not adapter:
+            return False
+        # An adapter's LoRA variant and dropout are fixed when it is created; names are never reused.
+        known = self._routable_names.get(adapter.name)
+        if known is None:
+            if len(self._routable_names) > 10000:
+                self._routable_names.clear()
+            known = self._routable_names[adapter.name] = routable(engine.model.module, adapter.name)
+        return known
