@@ -117,8 +117,6 @@ def run_batch(engine: Any, items: List[Tuple[FwdBwdWork, Any]]) -> None:
     """Run the requests ``items`` ((work, future) pairs, one per tenant) as one batched forward and backward and
     complete their futures. A request that fails its own checks or loss fails alone."""
     from ..loss.base import window_reduction
-    from ..model.multi_lora import route_peft
-    from ..model.inputs import prepare_batch
     model = engine.model
     pad = model.template.pad_token_id
     segments: List[_Segment] = []
@@ -143,11 +141,11 @@ def run_batch(engine: Any, items: List[Tuple[FwdBwdWork, Any]]) -> None:
     module = model._wrapped_module()
     module.train()
     try:
-        with torch.set_grad_enabled(training), route_peft(model.module, names, frozen=frozen):
-            inputs = prepare_batch(combined, model, {})
+        with torch.set_grad_enabled(training), engine.rows_routed(names, frozen):
+            inputs = engine.prepare_inputs(combined)
             with model.precision.autocast():
                 outputs = model.forward_core(module, model.hf_model, inputs)
-            losses = _segment_losses(model, segments, outputs, window_reduction)
+            losses = _segment_losses(engine, segments, outputs, window_reduction)
             trained = [(seg, loss) for seg, loss in losses if not seg.work.forward_only]
             if trained:
                 torch.autograd.backward(sum(loss.loss for _, loss in trained))
@@ -178,10 +176,10 @@ def run_batch(engine: Any, items: List[Tuple[FwdBwdWork, Any]]) -> None:
             seg.future.set_error(exc)
 
 
-def _segment_losses(model: Any, segments: List[_Segment], outputs: Dict[str, Any],
+def _segment_losses(engine: Any, segments: List[_Segment], outputs: Dict[str, Any],
                     window_reduction: Callable) -> List[Tuple[_Segment, Any]]:
     """Each segment's loss on its own rows; a segment whose loss fails fails alone (its future is set)."""
-    from ..model.inputs import prepare_batch
+    model = engine.model
     losses = []
     row = 0
     for seg in segments:
@@ -189,7 +187,7 @@ def _segment_losses(model: Any, segments: List[_Segment], outputs: Dict[str, Any
         part = slice(row, row + rows)
         row += rows
         try:
-            seg_inputs = prepare_batch(seg.batch, model, {})
+            seg_inputs = engine.prepare_inputs(seg.batch)
             seg_outputs = {k: (v[part, :w] if isinstance(v, torch.Tensor) and v.dim() >= 2 else v)
                            for k, v in outputs.items() if k != 'inputs'}
             seg_outputs['inputs'] = seg_inputs
@@ -273,7 +271,6 @@ class Batcher:
         run_batch(engine, [(job.work, job.future) for job in jobs])
 
     def _routable(self, engine: Any, work: FwdBwdWork) -> bool:
-        from ..model.multi_lora import routable
         adapter = work.model.adapter
         if adapter is None or engine.adapters.get(adapter.name) is not adapter:
             return False
@@ -282,5 +279,5 @@ class Batcher:
         if known is None:
             if len(self._routable_names) > 10000:
                 self._routable_names.clear()
-            known = self._routable_names[adapter.name] = routable(engine.model.module, adapter.name)
+            known = self._routable_names[adapter.name] = engine.routable(adapter.name)
         return known

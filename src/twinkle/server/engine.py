@@ -12,7 +12,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Collection, Dict, Iterator, List, Optional
 
 import torch
 
@@ -206,21 +206,21 @@ class Engine:
                              f'rewrite the base weights every tenant trains on); use one of {list(_SAFE_INITS)}')
         if not isinstance(lora.get('use_rslora', False), bool):
             raise BadRequest(f"use_rslora must be true or false, got {lora['use_rslora']!r}")
-        for field, check in (('rank_pattern', self._rank), ('alpha_pattern', self._alpha)):
-            pattern = lora.get(field)
+        for option, check in (('rank_pattern', self._rank), ('alpha_pattern', self._alpha)):
+            pattern = lora.get(option)
             if pattern is None:
                 continue
             if not isinstance(pattern, dict) or len(pattern) > _MAX_PATTERNS:
-                raise BadRequest(f'{field} must be a mapping of up to {_MAX_PATTERNS} module-name patterns to values')
+                raise BadRequest(f'{option} must be a mapping of up to {_MAX_PATTERNS} module-name patterns to values')
             for key, value in pattern.items():
                 if not isinstance(key, str) or not key or len(key) > _MAX_PATTERN_LEN:
-                    raise BadRequest(f'{field} keys must be module-name patterns of 1..{_MAX_PATTERN_LEN} '
+                    raise BadRequest(f'{option} keys must be module-name patterns of 1..{_MAX_PATTERN_LEN} '
                                      f'characters, got {key!r}')
                 try:
                     re.compile(key)
                 except re.error as exc:
-                    raise BadRequest(f'{field} key {key!r} is not a valid pattern: {exc}') from None
-                check(value, f'{field}[{key!r}]')
+                    raise BadRequest(f'{option} key {key!r} is not a valid pattern: {exc}') from None
+                check(value, f'{option}[{key!r}]')
         layers = lora.get('layers_to_transform')
         if layers is not None:
             count = self.num_hidden_layers
@@ -272,6 +272,23 @@ class Engine:
         self.require_local('decoding in the server process')
         with inference(self.model) as hf:
             yield hf
+
+    # -- batched forward/backward across tenants (in-process model only; see batching.py) -------------------------
+    @contextlib.contextmanager
+    def rows_routed(self, names: List[str], frozen: Collection[str]) -> Iterator[None]:
+        """Each batch row through its own adapter (``names[i]`` for row i); ``frozen`` adapters get no gradient."""
+        from ..model.multi_lora import route_peft
+        with route_peft(self.model.module, names, frozen=frozen):
+            yield
+
+    def prepare_inputs(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        from ..model.inputs import prepare_batch
+        return prepare_batch(batch, self.model, {})
+
+    def routable(self, adapter_name: str) -> bool:
+        """Whether the adapter can share a batched forward (no dropout or variant drawing per batch)."""
+        from ..model.multi_lora import routable
+        return routable(self.model.module, adapter_name)
 
     @contextlib.contextmanager
     def using(self, adapter: Adapter) -> Iterator[None]:

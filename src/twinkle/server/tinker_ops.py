@@ -6,6 +6,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import numpy as np
+import torch
+
 from . import tinker_data
 from .context import ServerContext
 from .engine import TINKER_TARGETS, Adapter
@@ -58,7 +61,7 @@ Sampler = SamplingSession  # the former name
 # Largest Adam step scale, learning rate over (1 - beta1) (the first step's bias correction), and largest
 # lr * weight_decay and eps: beyond these torch's float32 update overflows inside the step (a RuntimeError
 # halfway through the parameters) instead of merely producing non-finite weights.
-MAX_ADAM_SCALE = float(torch.finfo(torch.float32).max) / 10
+MAX_ADAM_SCALE = float(np.finfo(np.float32).max) / 10
 
 
 def check_adam_params(params: Dict[str, Any]) -> None:
