@@ -21,7 +21,7 @@ def test_cli_aliases_and_limit_options_reach_the_settings(tmp_path):
     config.write_text('model_aliases: [from/file]\nlimits:\n  max_new_tokens: 100\n  max_lora_rank: 16\n')
     settings = load_settings(str(config), model_name=args.model_name, model_aliases=args.model_aliases,
                              max_new_tokens=args.max_new_tokens, max_tokens_per_request=args.max_tokens_per_request)
-    assert settings.served_names == [NAME, 'from/file', ALIAS, 'x/y', 'builtin://tiny-qwen3']
+    assert settings.served_names == [NAME, ALIAS, 'x/y', 'from/file', 'builtin://tiny-qwen3']  # flags, then file
     # the command line wins over the file; other limits of the file stay
     assert settings.limits.max_new_tokens == 4096 and settings.limits.max_tokens_per_request == 9000
     assert settings.limits.max_lora_rank == 16

@@ -55,13 +55,16 @@ class Limits(BaseModel):
     """Largest user_metadata (as JSON) stored with a run or checkpoint."""
 
 
+# List settings whose entries from every source add up.
+ADDITIVE_LISTS = ('api_keys', 'model_aliases')
+
 # The YAML file of the settings being built (load_settings sets it around one construction).
 _config_file: ContextVar[Optional[Path]] = ContextVar('twinkle_server_config_file', default=None)
 
 
-class _KeysOfEverySource(PydanticBaseSettingsSource):
-    """API keys add up across sources instead of the strongest one winning: a file can list some tenants'
-    keys and the command line or the environment add more."""
+class _ListsOfEverySource(PydanticBaseSettingsSource):
+    """API keys and model aliases add up across sources instead of the strongest one winning: a file can list
+    some tenants' keys (or names) and the command line or the environment add more."""
 
     def __init__(self, settings_cls: Type[BaseSettings], sources: Tuple[PydanticBaseSettingsSource, ...]) -> None:
         super().__init__(settings_cls)
@@ -71,11 +74,15 @@ class _KeysOfEverySource(PydanticBaseSettingsSource):
         return None, field_name, False  # unused: __call__ answers for the one field
 
     def __call__(self) -> Dict[str, Any]:
-        keys: List[Any] = []
-        for source in self.sources:
-            found = source().get('api_keys')
-            keys += ServerSettings.split_keys(found) if found else []
-        return {'api_keys': keys} if keys else {}
+        merged: Dict[str, Any] = {}
+        for name in ADDITIVE_LISTS:
+            values: List[Any] = []
+            for source in self.sources:  # the flags' entries first, then the environment's, the file's
+                found = source().get(name)
+                values += ServerSettings.split_keys(found) if found else []
+            if values:
+                merged[name] = list(dict.fromkeys(values)) if name == 'model_aliases' else values
+        return merged
 
 
 class ServerSettings(BaseSettings):
@@ -85,7 +92,7 @@ class ServerSettings(BaseSettings):
     """The base model every tenant trains adapters on (hub id or local folder, resolved by twinkle.hub)."""
     model_name: Optional[str] = None
     """The name clients use for the base model (Tinker's base_model); default: ``model``."""
-    model_aliases: List[str] = Field(default_factory=list)
+    model_aliases: Annotated[List[str], NoDecode] = Field(default_factory=list)
     """More names the same base model answers to, so clients written for different model names (e.g. recipe
     defaults) can share one server; each run reports the name it was created with."""
     tokenizer_id: Optional[str] = None
@@ -149,7 +156,7 @@ class ServerSettings(BaseSettings):
         config_file = _config_file.get()
         if config_file is not None:
             sources += (YamlConfigSettingsSource(settings_cls, yaml_file=config_file),)
-        return (_KeysOfEverySource(settings_cls, sources),) + sources
+        return (_ListsOfEverySource(settings_cls, sources),) + sources
 
     @staticmethod
     def split_keys(value: Any) -> List[Any]:
@@ -157,7 +164,7 @@ class ServerSettings(BaseSettings):
             return [k.strip() for k in value.split(',') if k.strip()]
         return list(value)
 
-    @field_validator('api_keys', mode='before')
+    @field_validator('api_keys', 'model_aliases', mode='before')
     @classmethod
     def _key_list(cls, value: Any) -> List[Any]:
         return cls.split_keys(value)
