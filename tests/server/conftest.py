@@ -23,7 +23,8 @@ def server(tmp_path_factory):
     # Many short-lived runs per key across the modules: room for them all (production default is 8).
     # One datum per forward_backward request: the SDK then sends chunks in parallel, the first one last.
     srv = ThreadServer(str(tmp_path_factory.mktemp('server-data')), [KEY_A, KEY_B, KEY_C], model=MODEL,
-                       long_poll_s=5.0, limits={'max_adapters_per_tenant': 64, 'max_sessions_per_tenant': 1000}, fwdbwd_chunk_len=1)
+                       long_poll_s=5.0, limits={'max_adapters_per_tenant': 64, 'max_sessions_per_tenant': 1000},
+                       fwdbwd_chunk_len=1)
     yield srv
     srv.stop()
 

@@ -213,7 +213,8 @@ def test_non_finite_learning_rate_and_diverged_weights(conn):
     expect_4xx(conn, conn.post('/api/v1/optim_step', raw=b'{"model_id": "%s", "seq_id": 1, "adam_params": '
                                                          b'{"learning_rate": Infinity}}' % model_id.encode()),
                'learning_rate')
-    # The refused request used up seq_id 1. A finite but absurd rate makes the weights non-finite: sampling from them is refused with the reason.
+    # The refused request used up seq_id 1. A finite but absurd rate makes the weights non-finite: sampling from
+    # them is refused with the reason.
     from .test_tinker_protocol import fb_body
     assert conn.post('/api/v1/forward_backward', raw=fb_body(model_id, 2), content_type=PROTO)[0] == 200
     assert conn.post('/api/v1/optim_step', {'model_id': model_id, 'seq_id': 3,

@@ -165,7 +165,7 @@ def test_sliced_job_runs_through_when_nobody_waits_or_slicing_is_off():
         q, worker, pause_point, saved, _ = _sliced_worker(slice_s)
         done = threading.Event()
 
-        def job():
+        def job(pause_point=pause_point, done=done):
             for _ in range(10):
                 threading.Event().wait(0.005)
                 pause_point()

@@ -274,7 +274,7 @@ def test_stable_reinforce_trains_on_recorded_samples_by_the_formula(service):
          for d in data], 'cross_entropy').result().loss_fn_outputs]
     out = tc.forward_backward(data, 'stable_reinforce', {'kl_coeff': k}).result()
     expected, dloss, cases = 0.0, [], []
-    for seq, adv, lp, d in zip(res.sequences, advs, current, data):
+    for seq, adv, lp in zip(res.sequences, advs, current):
         n = len(PROMPT) - 1
         q = np.array(seq.logprobs, dtype=np.float64)
         r = np.exp(lp[n:] - q)

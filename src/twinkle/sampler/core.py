@@ -180,7 +180,8 @@ class _Chooser:
         chooser = self
 
         class _Done(StoppingCriteria):
-            def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+            def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor,
+                         **kwargs: Any) -> torch.BoolTensor:
                 return chooser.done.to(input_ids.device).clone()
 
         return _Done()

@@ -52,7 +52,8 @@ async def create_sampling_session(req: SessionRequest = Depends(session_request(
 
 
 @router.get('/samplers/{sampler_id}', **answers(R.SamplerInfo))
-async def get_sampler(s: SamplingSession = Depends(sampler_in_path), ctx: ServerContext = Depends(context)) -> Dict[str, Any]:
+async def get_sampler(s: SamplingSession = Depends(sampler_in_path),
+                      ctx: ServerContext = Depends(context)) -> Dict[str, Any]:
     return {'sampler_id': s.sampler_id, 'base_model': ctx.settings.served_name, 'model_path': s.model_path}
 
 

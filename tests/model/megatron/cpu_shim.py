@@ -1,10 +1,10 @@
 """Test-only shim: lets megatron-core's TP=1 forward and backward run on CPU.
 
-megatron-core 0.16 assumes CUDA in a few places that do not compute anything: it asks for the
-current CUDA device to place small buffers, keeps CUDA RNG states for dropout, allocates scalars with device="cuda" and
-asserts that gradients are CUDA tensors before clipping. Here the device becomes the CPU, the RNG tracker a no-op (dropout is 0 in these
-tests), those scalars are made on the CPU, and clipping uses the same coefficient without the
-assertion. The arithmetic is megatron-core's own.
+megatron-core 0.16 assumes CUDA in a few places that do not compute anything: it asks for the current CUDA
+device to place small buffers, keeps CUDA RNG states for dropout, allocates scalars with device="cuda" and
+asserts that gradients are CUDA tensors before clipping. Here the device becomes the CPU, the RNG tracker a
+no-op (dropout is 0 in these tests), those scalars are made on the CPU, and clipping uses the same coefficient
+without the assertion. The arithmetic is megatron-core's own.
 """
 from __future__ import annotations
 

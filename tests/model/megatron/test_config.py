@@ -105,4 +105,4 @@ def test_missing_megatron_core_gives_install_hint(monkeypatch):
         _compat.require_megatron()
     import twinkle.model
     with pytest.raises(ImportError, match='megatron-core'):
-        twinkle.model.MegatronModel
+        _ = twinkle.model.MegatronModel

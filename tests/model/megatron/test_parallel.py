@@ -53,7 +53,8 @@ def test_two_process_gloo_training_matches_transformers(mode, tmp_path):
     worker = Path(__file__).with_name('tp2_worker.py')
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
-                           '--master_port', '29577' if mode == 'tp' else '29578', str(worker), mode], capture_output=True, text=True,
+                           '--master_port', '29577' if mode == 'tp' else '29578', str(worker), mode],
+                          capture_output=True, text=True,
                           timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert 'rank 0 ok' in proc.stdout and 'rank 1 ok' in proc.stdout

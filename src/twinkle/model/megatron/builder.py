@@ -33,7 +33,8 @@ def build_gpt(spec: ModelSpec, config: Any) -> Any:
         position_embedding_type='rope', rotary_base=int(spec.rotary_base), **spec.rope_scaling)
 
 
-def rank_shard(hf_state: Dict[str, torch.Tensor], spec: ModelSpec, config: Any, coords: Dict[str, int]) -> Dict[str, torch.Tensor]:
+def rank_shard(hf_state: Dict[str, torch.Tensor], spec: ModelSpec, config: Any,
+               coords: Dict[str, int]) -> Dict[str, torch.Tensor]:
     full = hf_to_mcore(hf_state, spec)
     return shard_state(full, spec, layout_of(config), coords['pp'], coords['tp'], coords['ep'])
 

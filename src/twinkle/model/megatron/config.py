@@ -146,7 +146,8 @@ def check_overrides(overrides: Mapping[str, Any], known: Mapping[str, Any]) -> N
 
 
 def build_transformer_config(spec: ModelSpec, parallel: Mapping[str, Any], precision: str,
-                             overrides: Optional[Mapping[str, Any]] = None, use_cpu_initialization: bool = False) -> Any:
+                             overrides: Optional[Mapping[str, Any]] = None,
+                             use_cpu_initialization: bool = False) -> Any:
     """The ``TransformerConfig``: mapped fields, then the mesh's parallel sizes, then user overrides."""
     import torch
     import torch.nn.functional as F

@@ -237,8 +237,9 @@ class MegatronModel(TrainingCore):
     def add_adapter_to_model(self, adapter_name: str, config_or_dir: Any, *,
                              gradient_accumulation_steps: int = 1, **kwargs: Any) -> None:
         if self.sessions:
-            raise ValueError('MegatronModel trains one adapter (or all parameters); it already has '
-                             f'{self.adapter_names or "a full-parameter session"}. Add the adapter before set_optimizer')
+            current = self.adapter_names or 'a full-parameter session'
+            raise ValueError(f'MegatronModel trains one adapter (or all parameters); it already has {current}. '
+                             f'Add the adapter before set_optimizer')
         if isinstance(config_or_dir, (str, Path)):
             self.lora_spec = mio.attach_saved_adapter(self.shard, str(config_or_dir))
         else:

@@ -45,7 +45,7 @@ def load_hf_model(model_cls: Any, model_id: Optional[str], config: Any, kwargs: 
         # Memory-efficient init: only the shape here; rank 0 sends this rank its shards when wrapping.
         if isinstance(config, (str, os.PathLike)) or config is None:
             config = AutoConfig.from_pretrained(config or model_dir)
-        from_config = getattr(model_cls, 'from_config', None) or getattr(model_cls, '_from_config')
+        from_config = getattr(model_cls, 'from_config', None) or model_cls._from_config
         with torch.device('meta'):
             model = from_config(config, **kwargs)
     elif model_dir is not None:
@@ -54,7 +54,7 @@ def load_hf_model(model_cls: Any, model_id: Optional[str], config: Any, kwargs: 
     else:
         if isinstance(config, (str, os.PathLike)):
             config = AutoConfig.from_pretrained(config)
-        from_config = getattr(model_cls, 'from_config', None) or getattr(model_cls, '_from_config')
+        from_config = getattr(model_cls, 'from_config', None) or model_cls._from_config
         model = from_config(config, **kwargs)
     return model_dir, model
 

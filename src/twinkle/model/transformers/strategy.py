@@ -175,7 +175,8 @@ def _load_into(module: nn.Module, state_dict: Dict[str, torch.Tensor], strict: b
 
 def _is_tied_alias(module: nn.Module, key: str) -> bool:
     # Tied output embeddings are saved once by safetensors; their alias is legitimately absent.
-    return key.endswith('lm_head.weight') and bool(getattr(getattr(module, 'config', None), 'tie_word_embeddings', False))
+    config = getattr(module, 'config', None)
+    return key.endswith('lm_head.weight') and bool(getattr(config, 'tie_word_embeddings', False))
 
 
 def trainable_named_params(module: nn.Module, adapter_name: Optional[str]) -> Iterable[tuple]:
