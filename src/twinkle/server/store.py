@@ -108,7 +108,8 @@ class TenantStore:
             stored = len(self.runs)
         if stored >= limit:
             raise ApiError(f'this API key stores {stored} training runs (limits.max_runs_per_tenant is {limit}); '
-                           f'delete finished ones (TwinkleClient.delete_run) first', 429, headers={'x-should-retry': 'false'})
+                           f'delete finished ones (TwinkleClient.delete_run) first', 429,
+                           headers={'x-should-retry': 'false'})
 
     def delete_run(self, run_id: str) -> int:
         """Forget a run and delete its checkpoints; returns how many checkpoints went."""
