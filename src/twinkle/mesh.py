@@ -31,11 +31,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from .device_group import DEVICE_TYPES, DeviceGroup  # noqa: F401  (re-exported: twinkle.mesh.DeviceGroup)
+from .mesh_args import DIM_NAMES, check_size, check_unsupported, from_array
 
 if TYPE_CHECKING:
     import numpy as np
 
-DIM_NAMES: Tuple[str, ...] = ('pp', 'dp', 'fsdp', 'cp', 'tp')
+
 # Groups that are not mesh axes but folds over them (see the module docstring).
 FOLDED_GROUPS: Tuple[str, ...] = ('ep', 'edp', 'ulysses', 'data')
 
@@ -61,51 +62,6 @@ def _bound(hook: Optional[Callable[..., Any]]) -> Callable[..., Any]:
     if hook is None:
         raise RuntimeError('twinkle.runtime is not imported: import twinkle before using a DeviceMesh')
     return hook
-
-
-def _check_size(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f'DeviceMesh: {name}={value!r} must be a positive integer')
-    return value
-
-
-def _from_array(mesh: Any, names: Optional[Sequence[str]]) -> Tuple[Dict[str, int], Optional[Tuple[int, ...]],
-                                                                      Tuple[str, ...]]:
-    """Sizes, canonical-order ranks and the given axis order of a named rank array."""
-    import numpy as np
-
-    if mesh is None or names is None:
-        raise ValueError('DeviceMesh: mesh= and mesh_dim_names= go together, e.g. '
-                         "DeviceMesh(mesh=np.arange(4).reshape(2, 2), mesh_dim_names=('dp', 'tp'))")
-    names = (names,) if isinstance(names, str) else tuple(names)
-    array = np.asarray(mesh)
-    if not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f'DeviceMesh: mesh must hold integer ranks, got dtype {array.dtype}')
-    if array.ndim != len(names):
-        raise ValueError(f'DeviceMesh: mesh has {array.ndim} axes but mesh_dim_names={names} names {len(names)}')
-    unknown = [n for n in names if n not in DIM_NAMES]
-    if unknown:
-        raise ValueError(f'DeviceMesh: mesh_dim_names {unknown} are not axes; use one of {DIM_NAMES} '
-                         f'(expert parallel and Ulysses fold over them: pass ep_size= / ulysses_size=)')
-    if len(set(names)) != len(names):
-        raise ValueError(f'DeviceMesh: mesh_dim_names={names} repeats a dimension')
-    sizes = {f'{n}_size': 1 for n in DIM_NAMES}
-    sizes.update({f'{n}_size': int(s) for n, s in zip(names, array.shape)})
-    # Transpose into the canonical order, adding size-1 axes for the dimensions not named.
-    canonical = array.transpose([names.index(n) for n in DIM_NAMES if n in names])
-    flat = [int(r) for r in canonical.reshape(-1)]
-    ranks = None if flat == list(range(len(flat))) else tuple(flat)
-    return sizes, ranks, names
-
-
-def _check_unsupported(etp_size: Optional[int], vpp_size: Optional[int], tp_size: int) -> None:
-    # Accepted for scripts that pass them, as long as they ask for the only layout supported.
-    if etp_size not in (None, tp_size):
-        raise ValueError(f'DeviceMesh: etp_size={etp_size} must equal tp_size={tp_size} (or be None): experts are '
-                         f'split over the same tensor-parallel ranks as the dense layers')
-    if vpp_size not in (None, 1):
-        raise ValueError(f'DeviceMesh: vpp_size={vpp_size} (virtual pipeline stages) is not supported; use '
-                         f'pp_size alone')
 
 
 @dataclass(frozen=True, init=False)
@@ -146,10 +102,10 @@ class DeviceMesh:
             if ranks is not None or dim_order is not None or any(v != 1 for v in sizes.values()):
                 raise ValueError('DeviceMesh: pass either mesh=/mesh_dim_names= or the *_size keywords '
                                  '(and ranks=), not both')
-            sizes, ranks, dim_order = _from_array(mesh, mesh_dim_names)
+            sizes, ranks, dim_order = from_array(mesh, mesh_dim_names)
         if device_type not in DEVICE_TYPES + ('npu', 'mps'):
             raise ValueError(f'DeviceMesh: device_type={device_type!r} must be one of {DEVICE_TYPES + ("npu", "mps")}')
-        _check_unsupported(etp_size, vpp_size, sizes['tp_size'])
+        check_unsupported(etp_size, vpp_size, sizes['tp_size'])
         for name, value in sizes.items():
             object.__setattr__(self, name, value)
         object.__setattr__(self, 'ep_size', 1 if ep_size is None else ep_size)
@@ -162,7 +118,7 @@ class DeviceMesh:
 
     def __post_init__(self) -> None:
         for name in ('pp_size', 'dp_size', 'fsdp_size', 'cp_size', 'tp_size', 'ep_size', 'ulysses_size'):
-            _check_size(name, getattr(self, name))
+            check_size(name, getattr(self, name))
         expert_block = self.dp_size * self.fsdp_size * self.cp_size
         if expert_block % self.ep_size:
             raise ValueError(
@@ -203,11 +159,11 @@ class DeviceMesh:
             1 if v is None else v for v in (fsdp_size, tp_size, pp_size, cp_size, ep_size, ulysses_size))
         for name, value in (('fsdp_size', fsdp_size), ('tp_size', tp_size), ('pp_size', pp_size),
                             ('cp_size', cp_size), ('ep_size', ep_size), ('ulysses_size', ulysses_size)):
-            _check_size(name, value)
+            check_size(name, value)
         others = fsdp_size * tp_size * pp_size * cp_size
         detail = f'(fsdp_size={fsdp_size}, tp_size={tp_size}, pp_size={pp_size}, cp_size={cp_size})'
         if world_size is not None:
-            _check_size('world_size', world_size)
+            check_size('world_size', world_size)
         if dp_size is None:
             if world_size is None:
                 dp_size = ulysses_size // math.gcd(ulysses_size, fsdp_size)
@@ -216,7 +172,7 @@ class DeviceMesh:
                                  f'fsdp_size*tp_size*pp_size*cp_size={others} {detail}')
             else:
                 dp_size = world_size // others
-        _check_size('dp_size', dp_size)
+        check_size('dp_size', dp_size)
         if world_size is not None and dp_size * others != world_size:
             raise ValueError(f'DeviceMesh: dp_size={dp_size} times fsdp_size*tp_size*pp_size*cp_size={others} '
                              f'{detail} is {dp_size * others}, not world_size={world_size}')

@@ -67,11 +67,3 @@ class SamplingParamsDict(TypedDict, total=False):
     seed: Optional[int]
     stop: List[Any]
     n: int
-
-
-def __getattr__(name: str) -> Any:
-    # One SamplingParams: the sampler's dataclass (imported lazily, the sampler package imports this module).
-    if name == 'SamplingParams':
-        from twinkle.sampler.types import SamplingParams
-        return SamplingParams
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

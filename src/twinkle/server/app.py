@@ -14,6 +14,7 @@ from .config import ServerSettings, load_settings
 from .context import ServerContext
 from .errors import ApiError, BadRequest, describe, scrub
 from .responses import Status, answers
+from .tinker_ops import TinkerState
 
 logger = logging.getLogger('twinkle.server')
 
@@ -23,6 +24,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     if not settings.api_keys:
         raise ValueError('the server needs at least one API key (--api-key KEY, or api_keys in the config file)')
     ctx = ServerContext(settings)
+    ctx.tinker = TinkerState(ctx)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

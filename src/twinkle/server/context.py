@@ -52,8 +52,7 @@ class ServerContext:
         self.ready = False
         self.started = time.time()
         from .native_objects import ObjectTable
-        from .tinker_ops import TinkerState
-        self.tinker = TinkerState(self)                # Tinker sessions, training models, samplers
+        self.tinker: Any = None                        # Tinker sessions, training models, samplers (app.py)
         self.objects = ObjectTable(settings.limits)   # objects of the native API
         scrub.add(str(self.data_dir))
 

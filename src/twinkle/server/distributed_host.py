@@ -88,13 +88,14 @@ class RayHost:
         shutdown()
 
 
-def sample_on_ranks(engine: Any, calls: Sequence[Any]) -> List[Any]:
+def sample_on_ranks(engine: Any, calls: Sequence[Any], decode_mode: Callable[[Any], Any]) -> List[Any]:
     """``sampling.sample_many`` on every rank (same prompts, same streams: the same tokens, the same number of
-    forward passes, as FSDP2 needs); each adapter's stream moves on as it would in one process."""
+    forward passes, as FSDP2 needs); each adapter's stream moves on as it would in one process. ``decode_mode``:
+    the engine's context manager that puts a model in decoding mode (``engine.inference``), run on each rank."""
     for call in calls:
         if engine.adapters.get(call.adapter.name) is not call.adapter:
             raise BadRequest('this adapter is no longer loaded on the server (released or evicted)')
-    results, streams = engine.host.call(sample_here, list(calls))
+    results, streams = engine.host.call(sample_here, list(calls), decode_mode)
     for call, (rng, cuda_rng) in zip(calls, streams):
         call.adapter.rng = rng
         if cuda_rng is not None:
@@ -102,9 +103,10 @@ def sample_on_ranks(engine: Any, calls: Sequence[Any]) -> List[Any]:
     return results
 
 
-def sample_here(model: Any, calls: List[Any]) -> Tuple[List[Any], List[Tuple[Any, Any]]]:
+def sample_here(model: Any, calls: List[Any], decode_mode: Callable[[Any], Any]
+                ) -> Tuple[List[Any], List[Tuple[Any, Any]]]:
     from .sampling import sample_many
-    results = sample_many(_RankView(model), calls)
+    results = sample_many(_RankView(model, decode_mode), calls)
     return results, [(c.adapter.rng, c.adapter.cuda_rng) for c in calls]
 
 
@@ -112,13 +114,13 @@ class _RankView:
     """What ``sample_many`` needs of an engine, on one rank: the model, decoding mode, adapter streams."""
     distributed = False
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, decode_mode: Callable[[Any], Any]) -> None:
         self.model = model
+        self.decode_mode = decode_mode
 
     @contextlib.contextmanager
     def inference(self) -> Iterator[torch.nn.Module]:
-        from .engine import inference
-        with inference(self.model) as hf:
+        with self.decode_mode(self.model) as hf:
             _fsdp_generate(hf)
             yield hf
 

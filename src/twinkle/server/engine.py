@@ -10,15 +10,15 @@ import contextlib
 import re
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Collection, Dict, Iterator, List, Optional
+from typing import Any, Callable, Collection, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
 from . import model_host as ops
 from .config import ServerSettings
 from .errors import BadRequest, TooMany
+from .model_host import Adapter
 from .queue import pause_point
 
 # Tinker's three switches -> the projection names of Llama/Qwen-style decoders.
@@ -37,19 +37,6 @@ _MAX_PATTERNS = 64          # entries of rank_pattern / alpha_pattern
 _MAX_PATTERN_LEN = 200      # characters of one pattern (PEFT matches them as regular expressions)
 
 
-@dataclass
-class Adapter:
-    tenant: str
-    run_id: str
-    name: str                    # internal adapter name in the model
-    role: str                    # 'train' | 'sampler'
-    lora: Dict[str, Any]
-    rng: torch.Tensor
-    cuda_rng: Optional[List[torch.Tensor]] = None  # the same stream on each GPU (LoRA dropout, sampling)
-    last_used: float = field(default_factory=time.monotonic)
-    optimizer_config: Dict[str, Any] = field(default_factory=dict)
-
-
 @contextlib.contextmanager
 def inference(model: Any) -> Iterator[torch.nn.Module]:
     """``model``'s unwrapped module in eval mode under its autocast, for decoding (also on a model's ranks)."""
@@ -59,12 +46,19 @@ def inference(model: Any) -> Iterator[torch.nn.Module]:
         yield hf
 
 
+def make_host(settings: ServerSettings, log_dir: Path) -> Any:
+    if settings.mesh:
+        from .distributed_host import RayHost
+        return RayHost(settings, log_dir)
+    return ops.LocalHost(settings, log_dir)
+
+
 class Engine:
 
     def __init__(self, settings: ServerSettings, log_dir: Path) -> None:
         self.settings = settings
         # Where the model lives (this process, or a Ray device group): every shared operation goes through it.
-        self.host = ops.make_host(settings, log_dir)
+        self.host = make_host(settings, log_dir)
         self.model = self.host.model  # the in-process model; None when it lives on ranks elsewhere
         try:
             self._describe()
@@ -272,6 +266,14 @@ class Engine:
         self.require_local('decoding in the server process')
         with inference(self.model) as hf:
             yield hf
+
+    def sample_many(self, calls: Sequence[Any]) -> List[Any]:
+        """``sampling.sample_many`` here, or on the model's ranks when it lives elsewhere."""
+        from .sampling import sample_many
+        if self.distributed:  # the decode loop runs on every rank, each from the same streams
+            from .distributed_host import sample_on_ranks
+            return sample_on_ranks(self, calls, inference)
+        return sample_many(self, calls)
 
     # -- batched forward/backward across tenants (in-process model only; see batching.py) -------------------------
     @contextlib.contextmanager

@@ -9,6 +9,8 @@ same state, so LoRA init, dropout and sampling draw the same numbers on every ra
 """
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -36,6 +38,20 @@ def with_rng(fn: Callable[..., Any], model: Any, args: tuple, rng: Optional[torc
         return result, torch.get_rng_state(), (torch.cuda.get_rng_state_all() if devs else None)
 
 
+@dataclass
+class Adapter:
+    tenant: str
+    run_id: str
+    name: str                    # internal adapter name in the model
+    role: str                    # 'train' | 'sampler'
+    lora: Dict[str, Any]
+    rng: torch.Tensor
+    cuda_rng: Optional[List[torch.Tensor]] = None  # the same stream on each GPU (LoRA dropout, sampling)
+    last_used: float = field(default_factory=time.monotonic)
+    optimizer_config: Dict[str, Any] = field(default_factory=dict)
+
+
+
 class LocalHost:
     """The model in the server process (the default)."""
     local = True
@@ -55,13 +71,6 @@ class LocalHost:
 
     def shutdown(self) -> None:
         pass
-
-
-def make_host(settings: ServerSettings, log_dir: Path) -> Any:
-    if settings.mesh:
-        from .distributed_host import RayHost
-        return RayHost(settings, log_dir)
-    return LocalHost(settings, log_dir)
 
 
 # -- operations (run where the model is) ---------------------------------------------------------------------

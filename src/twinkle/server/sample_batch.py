@@ -10,14 +10,10 @@ model to other tenants' waiting jobs every ``job_slice_s``.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Dict, List
+from typing import Any, Dict, List
 
 from .futures import ServerFuture
 from .queue import SlicedJob
-from .sampling import sample_many
-
-if TYPE_CHECKING:
-    from .tinker_ops import SamplingSession, TinkerState
 
 _POLL_S = 0.002
 
@@ -25,7 +21,7 @@ _POLL_S = 0.002
 class SampleWork:
     """One queued sample request; called on the worker, it runs itself and the requests it gathers."""
 
-    def __init__(self, state: 'TinkerState', session: 'SamplingSession', req: Dict[str, Any],
+    def __init__(self, state: Any, session: Any, req: Dict[str, Any],
                  fut: ServerFuture) -> None:
         self.state, self.session, self.req, self.fut = state, session, req, fut
 
@@ -68,7 +64,7 @@ def gather(leader: SampleWork) -> List[SampleWork]:
     return taken
 
 
-def run_batch(state: 'TinkerState', works: List[SampleWork]) -> None:
+def run_batch(state: Any, works: List[SampleWork]) -> None:
     """Decode ``works`` together and complete each one's future (a failure only fails its own request,
     except one of the shared decode loop, which fails them all)."""
     ready, calls = [], []
@@ -81,7 +77,7 @@ def run_batch(state: 'TinkerState', works: List[SampleWork]) -> None:
     if not ready:
         return
     try:
-        results = sample_many(state.ctx.engine, calls)
+        results = state.ctx.engine.sample_many(calls)
     except BaseException as exc:  # noqa: BLE001
         for work in ready:
             work.fut.set_error(exc)

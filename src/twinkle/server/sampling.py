@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from ..sampler.core import DecodeSpec, GenerationRequest, generate as core_generate
 from ..sampler.types import SampledSequence
-from .engine import Adapter, Engine
 from .errors import BadRequest
+from .model_host import Adapter
 
 MASK_LOGPROB = -99999.0  # the SDK's filler for a position without top-k entries
 
@@ -65,7 +65,7 @@ class SampleCall:
     scores: PromptScores = field(default_factory=PromptScores)
 
 
-def sample(engine: Engine, adapter: Adapter, prompt: Sequence[int], num_samples: int, max_tokens: int,
+def sample(engine: Any, adapter: Adapter, prompt: Sequence[int], num_samples: int, max_tokens: int,
            temperature: float = 1.0, top_k: int = -1, top_p: float = 1.0, seed: Optional[int] = None,
            stop_tokens: Sequence[int] = (), stop_strings: Sequence[str] = (), prompt_logprobs: bool = False,
            prompt_logprobs_last_n: Optional[int] = None, scores: Optional[PromptScores] = None) -> TinkerSampleResult:
@@ -82,12 +82,9 @@ def sample(engine: Engine, adapter: Adapter, prompt: Sequence[int], num_samples:
     return result
 
 
-def sample_many(engine: Engine, calls: Sequence[SampleCall]) -> List[Union[TinkerSampleResult, BaseException]]:
+def sample_many(engine: Any, calls: Sequence[SampleCall]) -> List[Union[TinkerSampleResult, BaseException]]:
     """Every call's completions from one decode loop (each row with its call's adapter); then each call's
     prompt-side scores. A call's own failure (e.g. a bad score request) is returned in its place."""
-    if engine.distributed:  # the decode loop runs on the model's ranks, each from the same streams
-        from .distributed_host import sample_on_ranks
-        return sample_on_ranks(engine, calls)
     model = engine.model
     eos = model.template.tokenizer.eos_token_id
     requests, unseeded = [], []
@@ -123,7 +120,7 @@ def sample_many(engine: Engine, calls: Sequence[SampleCall]) -> List[Union[Tinke
     return results
 
 
-def _generator(engine: Engine, call: SampleCall) -> torch.Generator:
+def _generator(engine: Any, call: SampleCall) -> torch.Generator:
     """The call's random stream: its seed, or else its adapter's own stream (see ``Engine.using``)."""
     device = engine.model.device
     gen = torch.Generator(device=device)
@@ -144,7 +141,7 @@ def _cpu(state: torch.Tensor) -> torch.Generator:
     return gen
 
 
-def _store_stream(engine: Engine, adapter: Adapter, gen: torch.Generator) -> None:
+def _store_stream(engine: Any, adapter: Adapter, gen: torch.Generator) -> None:
     if gen.device.type == 'cpu':
         adapter.rng = gen.get_state()
     elif adapter.cuda_rng is not None:
@@ -157,7 +154,7 @@ def _generation_config(model) -> object:
     return GenerationConfig.from_dict(base.to_dict()) if base is not None else GenerationConfig()
 
 
-def _with_prompt_scores(engine: Engine, call: SampleCall, result: TinkerSampleResult) -> TinkerSampleResult:
+def _with_prompt_scores(engine: Any, call: SampleCall, result: TinkerSampleResult) -> TinkerSampleResult:
     scores, prompt, temperature, seed = call.scores, call.prompt, call.temperature, call.seed
     if not (call.prompt_logprobs or scores.topk or scores.target is not None or scores.alt_k):
         return result

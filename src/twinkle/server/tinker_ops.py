@@ -14,7 +14,7 @@ from .context import ServerContext
 from .engine import TINKER_TARGETS, Adapter
 from .errors import BadRequest, Gone, NotFound
 from .futures import SeqGate, ServerFuture
-from .sampling import PromptScores, SampleCall, TinkerSampleResult, sample_many
+from .sampling import PromptScores, SampleCall, TinkerSampleResult
 from .stability import StabilityStore
 from .store import TenantStore, check_name, format_path
 
@@ -234,7 +234,7 @@ class TinkerState:
         return fut
 
     def op_sample(self, s: SamplingSession, req: Dict[str, Any]) -> bytes:
-        result = sample_many(self.ctx.engine, [self.prepare_sample(s, req)])[0]
+        result = self.ctx.engine.sample_many([self.prepare_sample(s, req)])[0]
         if isinstance(result, BaseException):
             raise result
         return self.finish_sample(s, req, result)
