@@ -20,7 +20,7 @@ import torch
 from ..runtime.remote import remote_class
 from .config import ServerSettings
 from .errors import BadRequest
-from .model_host import devices, with_rng
+from .model_host import adapter_stream, with_rng
 
 logger = logging.getLogger(__name__)
 GROUP = 'served-model'
@@ -126,17 +126,8 @@ class _RankView:
 
     @contextlib.contextmanager
     def using(self, adapter: Any) -> Iterator[None]:
-        devs = devices()
-        with torch.random.fork_rng(devices=devs):
-            torch.set_rng_state(adapter.rng)
-            if devs and adapter.cuda_rng is not None:
-                torch.cuda.set_rng_state_all(adapter.cuda_rng)
-            try:
-                yield
-            finally:
-                adapter.rng = torch.get_rng_state()
-                if devs:
-                    adapter.cuda_rng = torch.cuda.get_rng_state_all()
+        with adapter_stream(adapter):
+            yield
 
 
 def _fsdp_generate(module: torch.nn.Module) -> None:

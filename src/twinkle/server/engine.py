@@ -297,18 +297,10 @@ class Engine:
         """Run with the adapter's own RNG stream, and keep the stream's new state afterwards."""
         if self.adapters.get(adapter.name) is not adapter:
             raise BadRequest('this adapter is no longer loaded on the server (released or evicted)')
-        devices = self._devices()
-        # fork_rng puts every generator back afterwards, GPUs included: no tenant moves another's stream.
-        with torch.random.fork_rng(devices=devices):
-            torch.set_rng_state(adapter.rng)
-            if devices and adapter.cuda_rng is not None:
-                torch.cuda.set_rng_state_all(adapter.cuda_rng)
+        with ops.adapter_stream(adapter):
             try:
                 yield
             finally:
-                adapter.rng = torch.get_rng_state()
-                if devices:
-                    adapter.cuda_rng = torch.cuda.get_rng_state_all()
                 adapter.last_used = time.monotonic()
 
     @staticmethod

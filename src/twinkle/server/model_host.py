@@ -9,10 +9,11 @@ same state, so LoRA init, dropout and sampling draw the same numbers on every ra
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -50,6 +51,23 @@ class Adapter:
     last_used: float = field(default_factory=time.monotonic)
     optimizer_config: Dict[str, Any] = field(default_factory=dict)
 
+
+
+@contextlib.contextmanager
+def adapter_stream(adapter: Adapter) -> Iterator[None]:
+    """Run with the adapter's own RNG stream and keep the stream's new state afterwards. fork_rng puts every
+    generator back afterwards, GPUs included: no tenant moves another's stream."""
+    devs = devices()
+    with torch.random.fork_rng(devices=devs):
+        torch.set_rng_state(adapter.rng)
+        if devs and adapter.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(adapter.cuda_rng)
+        try:
+            yield
+        finally:
+            adapter.rng = torch.get_rng_state()
+            if devs:
+                adapter.cuda_rng = torch.cuda.get_rng_state_all()
 
 
 class LocalHost:
