@@ -23,12 +23,19 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from twinkle.sampler.stop_strings import StopStringWatcher, first_stop
 from twinkle.sampler.types import SampledSequence
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
+    # A causal LM that generates: its own generate, or PEFT's around it (with peft_config).
+    GenerativeModel = Union[PreTrainedModel, PeftModel]
 
 BASE_ADAPTER = '__base__'   # PEFT's name for "no adapter" in a mixed-adapter batch
 Decode = Callable[[List[int]], str]
@@ -105,10 +112,13 @@ class _Chooser:
         start = 0
         for req in requests:
             spec = req.spec
-            if spec.stop_strings and decode is None:
-                raise ValueError('stop strings need a tokenizer to decode completions; give the sampler a template')
-            group = _Group(start, start + len(req.rows), req,
-                           StopStringWatcher(spec.stop_strings, decode) if spec.stop_strings else None)
+            watcher = None
+            if spec.stop_strings:
+                if decode is None:
+                    raise ValueError('stop strings need a tokenizer to decode completions; give the sampler a '
+                                     'template')
+                watcher = StopStringWatcher(spec.stop_strings, decode)
+            group = _Group(start, start + len(req.rows), req, watcher)
             if spec.repetition_penalty != 1.0:
                 group.penalty = RepetitionPenaltyLogitsProcessor(float(spec.repetition_penalty))
             if not spec.greedy:  # transformers' own warpers, in the order its sampling applies them
@@ -130,7 +140,7 @@ class _Chooser:
         self.done = torch.zeros(rows, dtype=torch.bool)
 
     # -- as a logits processor ----------------------------------------------------------------------------------
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.Tensor:
         chosen = scores.argmax(dim=-1)   # finished requests: anything, their rows are ignored
         for g in self.groups:
             if g.finished:
@@ -181,7 +191,7 @@ class _Chooser:
 
         class _Done(StoppingCriteria):
             def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor,
-                         **kwargs: Any) -> torch.BoolTensor:
+                         **kwargs: Any) -> torch.Tensor:
                 return chooser.done.to(input_ids.device).clone()
 
         return _Done()
@@ -221,7 +231,7 @@ def left_padded(rows: Sequence[Sequence[int]], pad: int) -> Tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def generate(module: torch.nn.Module, requests: Sequence[GenerationRequest], generation_config: Any, *,
+def generate(module: GenerativeModel, requests: Sequence[GenerationRequest], generation_config: Any, *,
              pad_id: int, device: Any, decode: Optional[Decode] = None) -> List[List[SampledSequence]]:
     """Decode every request's rows in one loop; ``out[i][j]`` is row ``j`` of ``requests[i]``.
 
@@ -249,7 +259,7 @@ def generate(module: torch.nn.Module, requests: Sequence[GenerationRequest], gen
 
 
 @contextlib.contextmanager
-def _route(module: torch.nn.Module, requests: Sequence[GenerationRequest]) -> Iterator[None]:
+def _route(module: GenerativeModel, requests: Sequence[GenerationRequest]) -> Iterator[None]:
     """Per-row adapters: PEFT's mixed-adapter batches, or the multi-LoRA layer's routing (the latter applies to
     every forward of the module while it lasts)."""
     if all(req.adapter is None for req in requests):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, cast
 
 import torch
 from torch import nn
@@ -23,6 +23,9 @@ from twinkle.sampler.kv_cache import check_cache_implementation, prepare_cache
 from twinkle.sampler.types import SampleResult, SamplingParams
 from twinkle.sampler.weights import as_peft_config, base_state_dict, copy_into, named_targets
 from twinkle.types import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +68,7 @@ class TorchSampler(Sampler):
         self.device = torch.device(device) if device is not None else _default_device()
         self.dtype = dtype or (torch.bfloat16 if self.device.type == 'cuda' else torch.float32)
         self.max_batch_size = max_batch_size
-        self.model_dir = None
+        self.model_dir: Optional[str] = None
         self.hf_model = self._load(model_id, model, model_kwargs).to(self.device).eval()
         self.hf_model.requires_grad_(False)
         self.module: nn.Module = self.hf_model  # a PeftModel once an adapter exists
@@ -148,7 +151,7 @@ class TorchSampler(Sampler):
     @remote_function(dispatch='all', collect='first')
     def remove_adapter(self, adapter_name: str) -> None:
         self._require_adapter(adapter_name)
-        self.module.delete_adapter(adapter_name)
+        cast('PeftModel', self.module).delete_adapter(adapter_name)  # an adapter exists: a PeftModel
 
     def _require_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.adapter_names:
@@ -178,10 +181,11 @@ class TorchSampler(Sampler):
         """The module to run: the named adapter active, or the base model with adapters disabled."""
         if adapter_name is not None:
             self._require_adapter(adapter_name)
-            self.module.set_adapter(adapter_name)
-            yield self.module
+            peft_model = cast('PeftModel', self.module)   # adapters exist only on a PeftModel
+            peft_model.set_adapter(adapter_name)
+            yield peft_model
         elif self.adapter_names:
-            with self.module.disable_adapter():
+            with cast('PeftModel', self.module).disable_adapter():
                 yield self.module
         else:
             yield self.hf_model

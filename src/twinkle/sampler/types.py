@@ -31,11 +31,10 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, (str, int)):
             self.stop = [self.stop]
-        stops = list(self.stop or [])
+        stops: List[Any] = list(self.stop or [])   # as given: strings, and token ids from some clients
         # Token ids given among the stop strings (as Tinker-style clients do) become stop tokens.
-        self.stop = [s for s in stops if not isinstance(s, int) or isinstance(s, bool)]
-        self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])] + \
-            [s for s in stops if isinstance(s, int) and not isinstance(s, bool)]
+        self.stop = [s for s in stops if not _is_token_id(s)]
+        self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])] + [s for s in stops if _is_token_id(s)]
         self.validate()
 
     def validate(self) -> None:
@@ -88,6 +87,11 @@ class SamplingParams:
         if unknown:
             raise ValueError(f'unknown sampling parameter(s) {unknown}; known: {sorted(known)}')
         return cls(**values)
+
+
+def _is_token_id(stop: Any) -> bool:
+    # bool is an int subclass but never a token id.
+    return isinstance(stop, int) and not isinstance(stop, bool)
 
 
 def _from_generation_config(config: Any) -> Dict[str, Any]:

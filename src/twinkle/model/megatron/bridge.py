@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -101,16 +101,16 @@ def hf_to_mcore(hf: Dict[str, Tensor], spec: ModelSpec, layers: Optional[Tuple[i
     elif not spec.tie_word_embeddings and not partial:
         raise ConversionError("the checkpoint has no 'lm_head.weight' but tie_word_embeddings is false")
     qkv, fc1 = family.linear('linear_qkv'), family.linear('linear_fc1')
-    start, end = layers if partial else (0, spec.num_layers)
+    start, end = layers if layers is not None else (0, spec.num_layers)
     for i in range(start, end):
         p, m = f'model.layers.{i}.', f'decoder.layers.{i}.'
         attn = qkv.hf_block + '.'
-        out[m + 'self_attention.linear_qkv.weight'] = fuse_qkv(
-            *(take(f'{p}{attn}{proj}.weight') for proj in qkv.hf_parts), heads, groups)
+        q, k, v = (take(f'{p}{attn}{proj}.weight') for proj in qkv.hf_parts)
+        out[m + 'self_attention.linear_qkv.weight'] = fuse_qkv(q, k, v, heads, groups)
         if t['add_qkv_bias']:
-            out[m + 'self_attention.linear_qkv.bias'] = fuse_qkv(
-                *(take(f'{p}{attn}{proj}.bias') for proj in qkv.hf_parts), heads, groups)
-        if spec.is_moe and _is_moe_layer(spec, i):
+            q, k, v = (take(f'{p}{attn}{proj}.bias') for proj in qkv.hf_parts)
+            out[m + 'self_attention.linear_qkv.bias'] = fuse_qkv(q, k, v, heads, groups)
+        if spec.num_experts is not None and _is_moe_layer(spec, i):
             for e in range(spec.num_experts):
                 if experts is not None and not experts(e):
                     continue
@@ -220,14 +220,16 @@ def read_hf_folder(folder: str, keys: Optional[Iterable[str]] = None) -> Dict[st
     return state
 
 
-def write_hf_folder(folder: str, hf_state: Dict[str, Tensor], hf_config: object,
+def write_hf_folder(folder: str, hf_state: Dict[str, Tensor], hf_config: Any,
                     max_shard_bytes: int = 5 * 1024 ** 3) -> None:
     """Write ``config.json`` and safetensors shards that ``AutoModelForCausalLM.from_pretrained`` reads."""
     from safetensors.torch import save_file
     path = Path(folder)
     path.mkdir(parents=True, exist_ok=True)
     hf_config.save_pretrained(str(path))
-    shards, current, size = [], {}, 0
+    shards: List[Dict[str, Tensor]] = []
+    current: Dict[str, Tensor] = {}
+    size = 0
     for key in sorted(hf_state):
         tensor = hf_state[key].detach().cpu().contiguous()
         nbytes = tensor.numel() * tensor.element_size()

@@ -113,12 +113,12 @@ def hf_to_spec(hf: Any, tp_size: int = 1) -> ModelSpec:
         'persist_layer_norm': False,
     }
     num_experts = None
-    if family.is_moe:
+    if family.moe_fields is not None:
         transformer.update(family.moe_fields(hf))
         num_experts = int(transformer['num_moe_experts'])
     vocab = int(hf.vocab_size)
     return ModelSpec(
-        model_type=model_type, transformer=transformer, vocab_size=vocab,
+        model_type=family.model_type, transformer=transformer, vocab_size=vocab,
         padded_vocab_size=int(math.ceil(vocab / tp_size) * tp_size),
         max_sequence_length=int(getattr(hf, 'max_position_embeddings', 4096)),
         rotary_base=_rope_theta(hf), tie_word_embeddings=bool(getattr(hf, 'tie_word_embeddings', False)),

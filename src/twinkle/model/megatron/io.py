@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -57,6 +57,7 @@ def full_mcore_state(shard: Shard) -> Optional[Dict[str, torch.Tensor]]:
                 {k: v.detach().float().cpu() for k, v in shard.gpt.state_dict().items()
                  if isinstance(v, torch.Tensor)})
     dist = _dist()
+    pieces: Optional[List[Optional[Tuple[Tuple[int, int, int], Dict[str, torch.Tensor]]]]]
     if dist is None or dist.get_world_size() == 1:
         pieces = [mine]
     else:
@@ -64,6 +65,8 @@ def full_mcore_state(shard: Shard) -> Optional[Dict[str, torch.Tensor]]:
         dist.gather_object(mine, pieces, dst=0)
         if dist.get_rank() != 0:
             return None
+    if pieces is None:   # only non-zero ranks receive no gather list, and they returned above
+        raise RuntimeError('full_mcore_state: rank 0 received no gathered shards')
     shards = dict(p for p in pieces if p is not None)
     return merge_shards(shards, shard.spec, layout_of(shard.tf_config))
 
@@ -78,6 +81,7 @@ def _to_peft(full: Dict[str, torch.Tensor], spec: Any) -> Dict[str, torch.Tensor
         layer_no, rest = head[len('decoder.layers.'):].split('.', 1)
         target = rest.rsplit('.', 1)[-1]
         block, projs = _hf_parts(spec, target)
+        parts: Sequence[torch.Tensor]
         if factor.startswith('A'):
             parts = [value.clone() for _ in projs]
         elif target == 'linear_qkv':
@@ -108,8 +112,11 @@ def _from_peft(state: Dict[str, torch.Tensor], lora_spec: LoraSpec, spec: Any) -
                 raise CheckpointError(f'layer {i}: {"/".join(projs)} have different lora_A matrices; megatron-core '
                                       f'fuses them into {target}, which needs one shared lora_A')
             b = [state[k] for k in keys['B']]
-            fused_b = fuse_qkv(*b, t['num_attention_heads'], t['num_query_groups']) if target == 'linear_qkv' \
-                else torch.cat(b, dim=0)
+            if target == 'linear_qkv':
+                q, k, v = b
+                fused_b = fuse_qkv(q, k, v, t['num_attention_heads'], t['num_query_groups'])
+            else:
+                fused_b = torch.cat(b, dim=0)
             out[f'decoder.layers.{i}.{sub}.{target}.lora_A.weight'] = a[0]
             out[f'decoder.layers.{i}.{sub}.{target}.lora_B.weight'] = fused_b
     return out

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Tuple, cast
 
 import torch
 from torch import nn
@@ -101,11 +101,13 @@ class _LoraHook:
 
     def __call__(self, module: nn.Module, args: Tuple[Any, ...], output: Any) -> Any:
         x = self.dropout(args[0])
+        # attach() set both factors as submodules.
+        lora_a, lora_b = cast(nn.Module, module.lora_A), cast(nn.Module, module.lora_B)
         if self.kind == 'column':
-            delta, _ = module.lora_B(module.lora_A(x))
+            delta, _ = lora_b(lora_a(x))
         else:
-            hidden, _ = module.lora_A(x)
-            delta = module.lora_B(hidden)
+            hidden, _ = lora_a(x)
+            delta = lora_b(hidden)
         out, bias = output
         return out + delta.to(out.dtype) * self.scaling, bias
 
@@ -132,7 +134,8 @@ def attach(model: nn.Module, spec: LoraSpec, config: Any, seed: int = 0) -> List
                                      bias=False, gather_output=False, skip_bias_add=True)
             with torch.no_grad():
                 b.weight.zero_()
-            a.weight.sequence_parallel = bool(config.sequence_parallel)
+            # megatron-core's own flag on parameters (torch's stubs allow no extra attributes).
+            a.weight.sequence_parallel = bool(config.sequence_parallel)  # type: ignore[attr-defined]
             kind = 'column'
         elif isinstance(module, RowParallelLinear):
             tp = config.tensor_model_parallel_size
@@ -142,7 +145,8 @@ def attach(model: nn.Module, spec: LoraSpec, config: Any, seed: int = 0) -> List
             b = nn.Linear(spec.r, out_features, bias=False, dtype=dtype, device=weight.device)
             with torch.no_grad():
                 b.weight.zero_()
-            b.weight.sequence_parallel = bool(config.sequence_parallel)
+            # megatron-core's own flag on parameters (torch's stubs allow no extra attributes).
+            b.weight.sequence_parallel = bool(config.sequence_parallel)  # type: ignore[attr-defined]
             kind = 'row'
         else:
             continue

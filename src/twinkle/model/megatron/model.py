@@ -69,7 +69,8 @@ class MegatronModel(TrainingCore):
         # Some modules (torch norms) allocate on the CPU whatever megatron-core's init device is.
         self.gpt = build_gpt(self.spec, self.tf_config).to(self.device)
         load_hf_weights(self.gpt, self.model_dir, self.spec, self.tf_config, self.coords)
-        self.ddp: Optional[torch.nn.Module] = None
+        # megatron-core's DistributedDataParallel (built at set_optimizer); its buffer methods are not nn.Module's.
+        self.ddp: Optional[Any] = None
         self.lora_spec: Optional[lora.LoraSpec] = None
         self._init_core(own, run_name='megatron')
 
@@ -176,7 +177,7 @@ class MegatronModel(TrainingCore):
 
     def step(self, *, adapter_name: Optional[str] = None) -> None:
         session = self._session(adapter_name)
-        ok, grad_norm, _ = session.optimizer.step()
+        ok, grad_norm, _ = _mcore_optimizer(session).step()
         session.last_grad_norm = float(grad_norm) if grad_norm is not None else None
         if ok:
             session.optimizer_step += 1
@@ -185,7 +186,7 @@ class MegatronModel(TrainingCore):
         session = self._session(adapter_name)
         if self.ddp is not None:
             self.ddp.zero_grad_buffer()
-        session.optimizer.zero_grad()
+        _mcore_optimizer(session).zero_grad()
         session.start_window()
 
     def lr_step(self, *, adapter_name: Optional[str] = None) -> None:
@@ -210,7 +211,7 @@ class MegatronModel(TrainingCore):
         return True
 
     def _clip_and_step(self, session: TrainingSession, max_grad_norm: float, norm_type: float) -> Optional[float]:
-        session.optimizer.config.clip_grad = float(max_grad_norm or 0.0)
+        _mcore_optimizer(session).config.clip_grad = float(max_grad_norm or 0.0)
         self.step(adapter_name=session.name)
         return session.last_grad_norm
 
@@ -300,3 +301,10 @@ class MegatronModel(TrainingCore):
 def _default_mesh() -> Any:
     from ...mesh import DeviceMesh
     return DeviceMesh.from_sizes(world_size=context.world_size())
+
+
+def _mcore_optimizer(session: TrainingSession) -> Any:
+    """The session's megatron-core optimizer (its step returns (ok, grad_norm, zeros), unlike torch's)."""
+    if session.optimizer is None:
+        raise ValueError(f'call set_optimizer(...) for adapter {session.name!r} first')
+    return session.optimizer

@@ -90,7 +90,7 @@ def rank_hf_keys(keys: Iterable[str], spec: ModelSpec, layout: Layout, pp_rank: 
     _check_groups(spec, layout)
     start, end = layout.layer_ranges(spec.num_layers)[pp_rank]
     first, last = pp_rank == 0, pp_rank == layout.pp - 1
-    per_rank = spec.num_experts // layout.ep if spec.is_moe else 0
+    per_rank = spec.num_experts // layout.ep if spec.num_experts is not None else 0
 
     def mine(e: int) -> bool:
         return e // per_rank == ep_rank
@@ -118,7 +118,7 @@ def _check_groups(spec: ModelSpec, layout: Layout) -> None:
     if groups % layout.tp:
         raise ValueError(f'tp_size={layout.tp} must divide num_key_value_heads={groups}: tensor parallelism '
                          f'splits whole key/value groups')
-    if spec.is_moe and spec.num_experts % layout.ep:
+    if spec.num_experts is not None and spec.num_experts % layout.ep:
         raise ValueError(f'ep_size={layout.ep} must divide the number of experts ({spec.num_experts})')
 
 
@@ -128,7 +128,7 @@ def shard_state(full: Mapping[str, Tensor], spec: ModelSpec, layout: Layout,
     _check_groups(spec, layout)
     start, end = layout.layer_ranges(spec.num_layers)[pp_rank]
     first, last = pp_rank == 0, pp_rank == layout.pp - 1
-    experts_per_rank = spec.num_experts // layout.ep if spec.is_moe else 0
+    experts_per_rank = spec.num_experts // layout.ep if spec.num_experts is not None else 0
     out: Dict[str, Tensor] = {}
     for name, value in full.items():
         match = _LAYER.match(name)
@@ -176,7 +176,7 @@ def merge_shards(shards: Mapping[Tuple[int, int, int], Mapping[str, Tensor]], sp
     if missing:
         raise ValueError(f'shards of ranks (pp, tp, ep) {missing[:4]} are missing')
     ranges = layout.layer_ranges(spec.num_layers)
-    experts_per_rank = spec.num_experts // layout.ep if spec.is_moe else 0
+    experts_per_rank = spec.num_experts // layout.ep if spec.num_experts is not None else 0
     pieces: Dict[str, Dict[int, Tensor]] = {}
     kinds: Dict[str, Optional[str]] = {}
     for (p, t, e), shard in shards.items():

@@ -13,13 +13,16 @@ import json
 import os
 import re
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import nn
 
 from .layer import AdapterSpec, MultiLoraLinear, check_adapter_name
 from .routing import Routing
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 PEFT_PREFIX = 'base_model.model.'
 CONFIG_NAME = 'adapter_config.json'
@@ -76,7 +79,8 @@ def inject(model: nn.Module, target_modules: TargetModules = 'all-linear',
         raise ValueError(f'target_modules={target_modules!r} matches no nn.Linear of {type(model).__name__}; '
                          "use 'all-linear' or names such as ['q_proj', 'v_proj']")
     for path in chosen:
-        _set_submodule(model, path, MultiLoraLinear(model.get_submodule(path)))
+        # Only nn.Linear paths were chosen above.
+        _set_submodule(model, path, MultiLoraLinear(cast(nn.Linear, model.get_submodule(path))))
     for param in model.parameters():
         param.requires_grad_(False)
     for layer in multi_lora_layers(model).values():
@@ -156,7 +160,7 @@ def route(model: nn.Module, adapters: Union[Routing, Sequence[Optional[str]]]) -
 
 # ---- PEFT interoperability ---------------------------------------------------------------------------------
 
-def from_peft(peft_model: nn.Module) -> nn.Module:
+def from_peft(peft_model: PeftModel) -> nn.Module:
     """Convert a ``PeftModel``'s LoRA linear layers (every adapter, with its rank, alpha, rslora and dropout)
     into :class:`MultiLoraLinear` and return the underlying model; the ``PeftModel`` must not be used after."""
     from peft.tuners.lora import Linear as PeftLinear

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional
+from typing import Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -198,19 +198,22 @@ class MultiLoraLinear(nn.Module):
         # Activation checkpointing reruns this forward inside backward; the generator state from the first run
         # is kept on the routing so that the rerun draws the same masks and leaves the generator where it was.
         recompute = torch._C._current_graph_task_id() != -1
+        routing = self.routing
+        if routing is None:
+            raise RuntimeError('MultiLoraLinear dropout needs the routing of the current forward; none is set')
         mask = torch.ones_like(xg)
         for g, (name, p, count) in enumerate(zip(plan.names, probs, plan.counts)):
             if p <= 0:
                 continue
             gen = self.specs[name].generator(xg.device)
             key = (id(self), name)
-            saved = self.routing.dropout_states.get(key) if recompute else None
+            saved = routing.dropout_states.get(key) if recompute else None
             resume = None
             if saved is not None:
                 resume = gen.get_state()
                 gen.set_state(saved)
             else:
-                self.routing.dropout_states[key] = gen.get_state()
+                routing.dropout_states[key] = gen.get_state()
             keep = torch.empty(count, self.in_features, dtype=xg.dtype, device=xg.device)
             keep.bernoulli_(1.0 - p, generator=gen)
             if resume is not None:
@@ -223,8 +226,8 @@ class MultiLoraLinear(nn.Module):
         return f'in_features={self.in_features}, out_features={self.out_features}, adapters={ranks}'
 
 
-def grouped_delta(x: torch.Tensor, plan: RoutingPlan, lora_a: Mapping[str, torch.Tensor],
-                  lora_b: Mapping[str, torch.Tensor], scaling: Callable[[str, int], float],
+def grouped_delta(x: torch.Tensor, plan: RoutingPlan, lora_a: Union[Mapping[str, torch.Tensor], nn.ParameterDict],
+                  lora_b: Union[Mapping[str, torch.Tensor], nn.ParameterDict], scaling: Callable[[str, int], float],
                   mask_fn: Optional[Callable[[RoutingPlan, torch.Tensor], Optional[torch.Tensor]]] = None
                   ) -> torch.Tensor:
     """The LoRA update of the routed tokens of a flattened ``(N, in)`` input, in ``plan.src`` order (the identity

@@ -9,7 +9,7 @@ therefore land in PEFT's own parameters, each adapter's only from its own rows.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Collection, Dict, Iterator, List, Sequence, Union
+from typing import TYPE_CHECKING, Collection, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -17,14 +17,17 @@ from torch import nn
 from .layer import grouped_delta
 from .routing import Routing
 
+if TYPE_CHECKING:
+    from peft.tuners.lora import Linear as PeftLinear
 
-def peft_lora_layers(model: nn.Module) -> List[nn.Module]:
+
+def peft_lora_layers(model: nn.Module) -> List[PeftLinear]:
     """The PEFT LoRA linear layers of ``model`` (a ``PeftModel`` or the model inside it)."""
     from peft.tuners.lora import Linear as PeftLinear
     return [m for m in model.modules() if isinstance(m, PeftLinear)]
 
 
-def routable(model: nn.Module, name: str, layers: Sequence[nn.Module] = ()) -> bool:
+def routable(model: nn.Module, name: str, layers: Sequence[PeftLinear] = ()) -> bool:
     """True if adapter ``name`` computes the same routed as alone: plain LoRA (no DoRA or other variant) and no
     dropout, whose draws would come from the shared random stream in an order that depends on the batch."""
     found = False
@@ -40,7 +43,7 @@ def routable(model: nn.Module, name: str, layers: Sequence[nn.Module] = ()) -> b
     return found
 
 
-def _routed_forward(layer: nn.Module, routing: Routing, frozen: Collection[str], x: torch.Tensor,
+def _routed_forward(layer: PeftLinear, routing: Routing, frozen: Collection[str], x: torch.Tensor,
                     *args, **kwargs) -> torch.Tensor:
     result = layer.base_layer(x, *args, **kwargs)
     in_features = x.shape[-1]
@@ -69,7 +72,7 @@ def _routed_forward(layer: nn.Module, routing: Routing, frozen: Collection[str],
 
 
 @contextmanager
-def route_peft(model: nn.Module, adapters: Union[Routing, Sequence[object]],
+def route_peft(model: nn.Module, adapters: Union[Routing, Sequence[Optional[str]]],
                frozen: Collection[str] = ()) -> Iterator[Routing]:
     """Within the block, forwards of the PEFT model ``model`` apply ``adapters[b]`` to row ``b`` (``None``: the
     base model alone), whatever adapter PEFT has active; adapters in ``frozen`` get no gradient.

@@ -93,10 +93,17 @@ class Routing:
         self.dropout_states = {}
         return self
 
+    def _ids(self) -> torch.Tensor:
+        # Exactly one of the two is set: per row by __init__, per token by per_token.
+        ids = self._row_ids if self._row_ids is not None else self._token_ids
+        if ids is None:
+            raise RuntimeError('Routing has neither row nor token adapter ids; build it with Routing(...) '
+                               'or Routing.per_token(...)')
+        return ids
+
     @property
     def num_rows(self) -> int:
-        ids = self._row_ids if self._row_ids is not None else self._token_ids
-        return int(ids.shape[0])
+        return int(self._ids().shape[0])
 
     def token_ids(self, batch: int, seq: int) -> torch.Tensor:
         """``(batch * seq,)`` indices into ``self.names`` for a flattened input of that shape."""
@@ -105,10 +112,11 @@ class Routing:
                              'adapter name per row')
         if self._row_ids is not None:
             return self._row_ids.repeat_interleave(seq)
-        if tuple(self._token_ids.shape) != (batch, seq):
-            raise ValueError(f'token_adapter_ids has shape {tuple(self._token_ids.shape)} but the input has '
+        token_ids = self._ids()
+        if tuple(token_ids.shape) != (batch, seq):
+            raise ValueError(f'token_adapter_ids has shape {tuple(token_ids.shape)} but the input has '
                              f'(batch, seq) = {(batch, seq)}')
-        return self._token_ids.reshape(-1)
+        return token_ids.reshape(-1)
 
     def plan(self, batch: int, seq: int, ranks: Tuple[int, ...], device: torch.device) -> RoutingPlan:
         """The grouped layout for a layer where adapter ``names[i]`` has rank ``ranks[i]`` (0: the layer lacks it,
@@ -127,7 +135,7 @@ def _build_plan(ids: torch.Tensor, names: Tuple[str, ...], ranks: Tuple[int, ...
     ids = torch.where(keep[ids], ids, torch.full_like(ids, -1))
     counts_all = torch.bincount(ids[ids >= 0], minlength=len(names))
     used = sorted((i for i in range(len(names)) if int(counts_all[i]) > 0), key=lambda i: ranks[i])
-    rank_slices = []
+    rank_slices: List[List[int]] = []
     for g, i in enumerate(used):
         if rank_slices and rank_slices[-1][0] == ranks[i]:
             rank_slices[-1][2] = g + 1
@@ -151,5 +159,5 @@ def _build_plan(ids: torch.Tensor, names: Tuple[str, ...], ranks: Tuple[int, ...
     padded = not (routed == ids.numel() and len(set(counts)) <= 1)
     dense = not padded and bool((src == torch.arange(routed)).all())
     return RoutingPlan(names=tuple(names[i] for i in used), counts=counts, seg_len=seg_len,
-                       rank_slices=tuple(tuple(x) for x in rank_slices), src=src.to(device), dest=dest.to(device),
-                       dense=dense, padded=padded)
+                       rank_slices=tuple((x[0], x[1], x[2]) for x in rank_slices), src=src.to(device),
+                       dest=dest.to(device), dense=dense, padded=padded)
