@@ -278,7 +278,10 @@ class MegatronModel(TrainingCore):
         mio.check_layout(folder, trainer_state, self.mesh)
 
     def get_state_dict(self, *, adapter_name: Optional[str] = None) -> Dict[str, Any]:
-        return mio.hf_state_dict(self.shard, adapter=self._session(adapter_name).name is not None)
+        """Hugging Face (or PEFT) tensors of the whole model on global rank 0; an empty dict on the other ranks
+        (as a full state dict gathered by FSDP2)."""
+        state = mio.hf_state_dict(self.shard, adapter=self._session(adapter_name).name is not None)
+        return state if state is not None else {}
 
     def get_train_configs(self, *, adapter_name: Optional[str] = None) -> Dict[str, Any]:
         session = self._session(adapter_name)
