@@ -234,15 +234,15 @@ async def save_for_sampler(req: ModelRequest = Depends(model_request(B.SaveForSa
                             'type': 'save_weights_for_sampler'}
         if body.sampling_session_seq_id is None:
             raise BadRequest('save_weights_for_sampler needs a path (a name) or a sampling_session_seq_id')
+        seq_id = body.sampling_session_seq_id
         session = state.session(t, model.session_id)
-        sampler_id = f'{session.session_id}:sample:{body.sampling_session_seq_id}'
+        sampler_id = f'{session.session_id}:sample:{seq_id}'
 
         def run() -> Dict[str, Any]:
             name = 'snap-' + uuid.uuid4().hex[:12]
-            state.op_save(model, name, 'snapshot', True, None)
-            ckpt = ctx.store.tenant(t).find(model.model_id, 'snapshot', name)
+            ckpt = ctx.store.tenant(t).resolve(state.op_save(model, name, 'snapshot', True, None))
             state.samplers[sampler_id] = SamplingSession(sampler_id, t, None, ckpt['checkpoint_id'])
-            session.samplers[body.sampling_session_seq_id] = sampler_id
+            session.samplers[seq_id] = sampler_id
             return {'sampling_session_id': sampler_id, 'type': 'save_weights_for_sampler'}
         return run
 
