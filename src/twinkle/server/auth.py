@@ -11,7 +11,7 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, Mapping, Optional
 
 from .errors import Unauthorized
 
@@ -57,7 +57,7 @@ class KeyRing:
         raise Unauthorized('unknown API key')
 
 
-def key_from_headers(headers: Dict[str, str]) -> Optional[str]:
+def key_from_headers(headers: Mapping[str, str]) -> Optional[str]:
     key = headers.get('x-api-key')
     if key:
         return key.strip()

@@ -99,7 +99,8 @@ class FwdBwdWork:
 def _output(rows: List[Dict[str, np.ndarray]], loss_fn: str, loss_sum: float, num_tokens: float,
             logps: List[torch.Tensor], weights: List[Optional[torch.Tensor]]) -> bytes:
     metrics = {'loss:sum': loss_sum, 'num_tokens:sum': num_tokens}
-    merged_w = None if any(w is None for w in weights) else _rows_tensor(weights)
+    present = [w for w in weights if w is not None]
+    merged_w = _rows_tensor(present) if len(present) == len(weights) else None
     return tinker_data.output_proto(rows, _rows_tensor(logps), merged_w, loss_fn, metrics)
 
 

@@ -77,7 +77,8 @@ def model_request(body_cls: Type[Any], compute: bool = True) -> Callable[..., An
 
     async def parsed(body: body_cls, t: str = Depends(caller),  # type: ignore[valid-type]
                      state: TinkerState = Depends(tinker_state)) -> ModelRequest:
-        return ModelRequest(body, t, state.model(t, body.model_id))
+        fields: Any = body  # its class is the route's, known only at run time
+        return ModelRequest(body, t, state.model(t, fields.model_id))
     return parsed
 
 
@@ -85,5 +86,6 @@ def session_request(body_cls: Type[Any]) -> Callable[..., Any]:
     """Like ``model_request``, for a compute request that names a session."""
     async def parsed(body: body_cls, t: str = Depends(compute_tenant),  # type: ignore[valid-type]
                      state: TinkerState = Depends(tinker_state)) -> SessionRequest:
-        return SessionRequest(body, t, state.session(t, body.session_id))
+        fields: Any = body  # its class is the route's, known only at run time
+        return SessionRequest(body, t, state.session(t, fields.session_id))
     return parsed

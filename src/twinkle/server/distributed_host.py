@@ -60,8 +60,10 @@ class RayHost:
         initialize(mode='ray', groups=[DeviceGroup(name=GROUP, ranks=ranks, device_type=device_type)],
                    global_device_mesh=mesh, address=settings.ray_address)
         try:
-            self.handle = RankHost(settings.model, settings.precision(), str(log_dir), device_mesh=mesh,
-                                   remote_group=GROUP)
+            # remote_class takes ``remote_group`` at run time and answers a handle to the ranks, not a RankHost.
+            placed: Any = RankHost
+            self.handle = placed(settings.model, settings.precision(), str(log_dir), device_mesh=mesh,
+                                 remote_group=GROUP)
         except BaseException:
             shutdown()
             raise
@@ -72,10 +74,10 @@ class RayHost:
 
     def call_with_rng(self, fn: Callable[..., Any], args: tuple, rng: Optional[torch.Tensor],
                       cuda_rng: Optional[List[torch.Tensor]]) -> Tuple[Any, Any, Any]:
-        from ..runtime.ray import RemoteError
+        from ..runtime.ray import WorkerError
         try:
             return self.handle.call_with_rng(fn, args, rng, cuda_rng)
-        except RemoteError as exc:
+        except WorkerError as exc:  # the only remote failure a rank handle raises
             # A refusal raised on the ranks (a bad checkpoint, a bad request) is the caller's error, as it is
             # in one process; anything else stays a server error with the ranks' traceback.
             from .errors import ApiError
@@ -136,7 +138,8 @@ def _fsdp_generate(module: torch.nn.Module) -> None:
     from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
     if isinstance(module, FSDPModule) and not getattr(module, '_twinkle_generate_hooked', False):
         register_fsdp_forward_method(module, 'generate')
-        module._twinkle_generate_hooked = True
+        # torch types Module.__setattr__ for tensors and submodules only; a plain flag is set as on any object.
+        module._twinkle_generate_hooked = True  # type: ignore[assignment]
 
 
 def describe_ranks(model: Any) -> Dict[str, Any]:

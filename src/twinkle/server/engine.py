@@ -285,7 +285,7 @@ class Engine:
 
     def prepare_inputs(self, batch: Dict[str, Any]) -> Dict[str, Any]:
         from ..model.inputs import prepare_batch
-        return prepare_batch(batch, self.model, {})
+        return prepare_batch(batch, self.model)
 
     def routable(self, adapter_name: str) -> bool:
         """Whether the adapter can share a batched forward (no dropout or variant drawing per batch)."""

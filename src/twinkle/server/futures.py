@@ -182,8 +182,9 @@ class SeqGate:
         now = time.monotonic()
         failed = []
         # Refused requests (no future) stay: they hold nothing and must not leave a gap once the wait ends.
-        for seq in [s for s, (t, f, _) in self._waiting.items() if f is not None and now - t > older_than_s]:
-            _, fut, _ = self._waiting.pop(seq)
+        expired = [(s, f) for s, (t, f, _) in self._waiting.items() if f is not None and now - t > older_than_s]
+        for seq, fut in expired:
+            del self._waiting[seq]
             fut.set_error(BadRequest(f'seq_id {seq} waited {older_than_s:.0f}s for seq_id {self.next_seq}, which never '
                                      f'arrived'))
             failed.append(fut)

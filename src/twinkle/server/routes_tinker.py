@@ -234,15 +234,18 @@ async def save_for_sampler(req: ModelRequest = Depends(model_request(B.SaveForSa
                             'type': 'save_weights_for_sampler'}
         if body.sampling_session_seq_id is None:
             raise BadRequest('save_weights_for_sampler needs a path (a name) or a sampling_session_seq_id')
+        seq_id = body.sampling_session_seq_id
         session = state.session(t, model.session_id)
-        sampler_id = f'{session.session_id}:sample:{body.sampling_session_seq_id}'
+        sampler_id = f'{session.session_id}:sample:{seq_id}'
 
         def run() -> Dict[str, Any]:
             name = 'snap-' + uuid.uuid4().hex[:12]
             state.op_save(model, name, 'snapshot', True, None)
             ckpt = ctx.store.tenant(t).find(model.model_id, 'snapshot', name)
+            if ckpt is None:  # op_save has just recorded it: only a broken store loses it
+                raise RuntimeError(f'snapshot {name} of {model.model_id} was saved but is not in the store')
             state.samplers[sampler_id] = SamplingSession(sampler_id, t, None, ckpt['checkpoint_id'])
-            session.samplers[body.sampling_session_seq_id] = sampler_id
+            session.samplers[seq_id] = sampler_id
             return {'sampling_session_id': sampler_id, 'type': 'save_weights_for_sampler'}
         return run
 

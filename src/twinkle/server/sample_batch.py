@@ -10,7 +10,7 @@ model to other tenants' waiting jobs every ``job_slice_s``.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, cast
 
 from .futures import ServerFuture
 from .queue import SlicedJob
@@ -51,12 +51,13 @@ def gather(leader: SampleWork) -> List[SampleWork]:
             return tenant not in tenants and _is_pending_sample(job) and job.fn.rows <= room
 
         for tenant, job in ctx.queue.take_heads(fits):
-            if job.fn.rows > room:  # another taken in this round used the room: back to the front of its queue
+            work = cast(SampleWork, cast(SlicedJob, job).fn)  # ``fits`` took pending sample jobs only
+            if work.rows > room:  # another taken in this round used the room: back to the front of its queue
                 ctx.queue.put_front(tenant, job)
                 continue
-            taken.append(job.fn)
+            taken.append(work)
             tenants.add(tenant)
-            room -= job.fn.rows
+            room -= work.rows
         left = deadline - time.monotonic()
         if left <= 0:
             break

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, ContextManager, List, Optional, Protocol, Sequence, Tuple, Union, cast
 
 import numpy as np
 import torch
@@ -22,6 +22,20 @@ from .errors import BadRequest
 from .model_host import Adapter
 
 MASK_LOGPROB = -99999.0  # the SDK's filler for a position without top-k entries
+
+
+class DecodingEngine(Protocol):
+    """What decoding needs of an engine: the server's :class:`Engine`, or one rank's view of its model share."""
+
+    @property
+    def distributed(self) -> bool: ...
+
+    @property
+    def model(self) -> Any: ...
+
+    def inference(self) -> ContextManager[torch.nn.Module]: ...
+
+    def using(self, adapter: Adapter) -> ContextManager[None]: ...
 
 
 @dataclass
@@ -82,7 +96,7 @@ def sample(engine: Any, adapter: Adapter, prompt: Sequence[int], num_samples: in
     return result
 
 
-def sample_many(engine: Any, calls: Sequence[SampleCall]) -> List[Union[TinkerSampleResult, BaseException]]:
+def sample_many(engine: DecodingEngine, calls: Sequence[SampleCall]) -> List[Union[TinkerSampleResult, BaseException]]:
     """Every call's completions from one decode loop (each row with its call's adapter); then each call's
     prompt-side scores. A call's own failure (e.g. a bad score request) is returned in its place."""
     model = engine.model
@@ -111,8 +125,11 @@ def sample_many(engine: Any, calls: Sequence[SampleCall]) -> List[Union[TinkerSa
     for call, seqs in zip(calls, sequences):
         for seq in seqs:
             if seq.topk is not None:
-                seq.topk = (np.asarray([ids for ids, _ in seq.topk], dtype=np.int32).reshape(len(seq.topk), -1),
-                            np.asarray([lps for _, lps in seq.topk], dtype=np.float32).reshape(len(seq.topk), -1))
+                # The core's per-position pairs become the wire form, (ids [len, k], logprobs [len, k]), which
+                # tinker_data.sample_proto reads; the core's field is typed for the pairs only.
+                seq.topk = cast(Any, (
+                    np.asarray([ids for ids, _ in seq.topk], dtype=np.int32).reshape(len(seq.topk), -1),
+                    np.asarray([lps for _, lps in seq.topk], dtype=np.float32).reshape(len(seq.topk), -1)))
         try:
             results.append(_with_prompt_scores(engine, call, TinkerSampleResult(seqs, None)))
         except Exception as exc:  # noqa: BLE001 - reported to that call's caller only
@@ -120,7 +137,7 @@ def sample_many(engine: Any, calls: Sequence[SampleCall]) -> List[Union[TinkerSa
     return results
 
 
-def _generator(engine: Any, call: SampleCall) -> torch.Generator:
+def _generator(engine: DecodingEngine, call: SampleCall) -> torch.Generator:
     """The call's random stream: its seed, or else its adapter's own stream (see ``Engine.using``)."""
     device = engine.model.device
     gen = torch.Generator(device=device)
@@ -141,7 +158,7 @@ def _cpu(state: torch.Tensor) -> torch.Generator:
     return gen
 
 
-def _store_stream(engine: Any, adapter: Adapter, gen: torch.Generator) -> None:
+def _store_stream(engine: DecodingEngine, adapter: Adapter, gen: torch.Generator) -> None:
     if gen.device.type == 'cpu':
         adapter.rng = gen.get_state()
     elif adapter.cuda_rng is not None:
@@ -154,7 +171,7 @@ def _generation_config(model) -> object:
     return GenerationConfig.from_dict(base.to_dict()) if base is not None else GenerationConfig()
 
 
-def _with_prompt_scores(engine: Any, call: SampleCall, result: TinkerSampleResult) -> TinkerSampleResult:
+def _with_prompt_scores(engine: DecodingEngine, call: SampleCall, result: TinkerSampleResult) -> TinkerSampleResult:
     scores, prompt, temperature, seed = call.scores, call.prompt, call.temperature, call.seed
     if not (call.prompt_logprobs or scores.topk or scores.target is not None or scores.alt_k):
         return result

@@ -186,7 +186,8 @@ def datum_rows(msg: Any, loss_fn: str, max_tokens: int) -> List[Dict[str, np.nda
             raise BadRequest(f'data[{i}].loss_fn_inputs for {loss_fn!r} needs {list(required)}'
                              f'{" (optional " + str(list(optional)) + ")" if optional else ""}; '
                              f'missing {missing}, unexpected {extra}')
-        row = {'tokens': tokens}
+        # Besides arrays, a row may carry provenance spans (lists), read by the stability check.
+        row: Dict[str, Any] = {'tokens': tokens}
         if loss_fn in NEEDS_PROVENANCE:
             from .stability import spans_of
             row['input_spans'] = spans_of(datum.model_input_spans)

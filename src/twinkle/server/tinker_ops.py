@@ -2,6 +2,7 @@
 does on the model worker."""
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -265,7 +266,7 @@ class TinkerState:
         for session in list(self.sessions.values()):
             if not session.finished and now - session.last_heartbeat > timeout_s:
                 session.finished = True
-                self.ctx.submit(session.tenant, lambda s=session: self.release_session(s))
+                self.ctx.submit(session.tenant, functools.partial(self.release_session, session))
 
     def release_session(self, session: TinkerSession) -> None:
         """Unload a finished session's adapters (on the worker); runs and checkpoints stay in the store."""
