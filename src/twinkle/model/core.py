@@ -113,6 +113,9 @@ class TrainingCore(TemplateProcessorMixin, TwinkleModel):
 
     def _share_metrics(self, metrics: Optional[Dict[str, float]]) -> Dict[str, float]:
         """The figures of the ranks that hold outputs, on every rank."""
+        if metrics is None:
+            raise RuntimeError(f'{type(self).__name__}: this rank holds no metrics; a model whose _holds_outputs '
+                               f'can be False must override _share_metrics to receive them from a rank that does')
         return metrics
 
     @remote_function(dispatch='all', collect='first')

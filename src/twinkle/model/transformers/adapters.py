@@ -2,27 +2,29 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 
 def add(module: nn.Module, hf_model: nn.Module, adapter_name: str, config_or_dir: Any, **kwargs: Any) -> nn.Module:
     """Return the PeftModel holding the new adapter (created around ``hf_model`` for the first one)."""
     from peft import PeftConfig, PeftModel, get_peft_model
 
-    is_peft = isinstance(module, PeftModel)
     if isinstance(config_or_dir, (str, Path)):
         folder = _resolve_folder(config_or_dir)
-        if is_peft:
+        if isinstance(module, PeftModel):
             module.load_adapter(folder, adapter_name=adapter_name, is_trainable=True, **kwargs)
             return module
         return PeftModel.from_pretrained(hf_model, folder, adapter_name=adapter_name, is_trainable=True, **kwargs)
     if not isinstance(config_or_dir, PeftConfig):
         raise TypeError(f'add_adapter_to_model({adapter_name!r}, ...) takes a peft config (e.g. LoraConfig) or the '
                         f'folder of a saved adapter; got {type(config_or_dir).__name__}')
-    if is_peft:
+    if isinstance(module, PeftModel):
         module.add_adapter(adapter_name, config_or_dir)
         return module
     return get_peft_model(hf_model, config_or_dir, adapter_name=adapter_name)
@@ -37,17 +39,17 @@ def _resolve_folder(path: Any) -> str:
 
 
 def activate(module: nn.Module, adapter_name: str) -> None:
-    module.set_adapter(adapter_name)
+    cast('PeftModel', module).set_adapter(adapter_name)
 
 
 def remove(module: nn.Module, adapter_name: str) -> None:
-    module.delete_adapter(adapter_name)
+    cast('PeftModel', module).delete_adapter(adapter_name)
 
 
 def config_dict(module: nn.Module, adapter_name: Optional[str]) -> Optional[Dict[str, Any]]:
     if adapter_name is None:
         return None
-    config = module.peft_config[adapter_name]
+    config = cast('PeftModel', module).peft_config[adapter_name]
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
 
 

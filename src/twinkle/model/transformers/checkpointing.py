@@ -21,9 +21,12 @@ We use the Hugging Face layers' own switch (``activation_checkpointing_enable``)
 from __future__ import annotations
 
 import contextlib
-from typing import List, Tuple
+from typing import TYPE_CHECKING, List, Tuple, cast
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def _contexts() -> Tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
@@ -49,13 +52,14 @@ def set_activation_checkpointing(hf_model: nn.Module, enabled: bool) -> None:
     if not getattr(hf_model, 'supports_gradient_checkpointing', False):
         raise ValueError(f'gradient_checkpointing=True: {type(hf_model).__name__} does not support activation '
                          f'checkpointing (its layers have no gradient_checkpointing switch); leave it False')
+    hf = cast('PreTrainedModel', hf_model)
     if enabled:
-        hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs=dict(CHECKPOINT_KWARGS))
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs=dict(CHECKPOINT_KWARGS))
         if not checkpointed_layers(hf_model):
             raise ValueError(f'gradient_checkpointing=True: {type(hf_model).__name__} has no decoder layers that '
                              f'can be checkpointed one by one; leave it False')
     else:
-        hf_model.activation_checkpointing_disable()
+        hf.activation_checkpointing_disable()
         # Enabling made the embeddings' output require grad (needed by reentrant checkpointing only);
         # without checkpointing that extra gradient is wasted work.
-        hf_model.disable_input_require_grads()
+        hf.disable_input_require_grads()

@@ -1,7 +1,7 @@
 """The one forward path every training and evaluation call goes through."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple, cast
 
 import torch
 from torch import nn
@@ -9,6 +9,9 @@ from torch import nn
 from ...loss.utils import loss_mask, token_logprobs
 from . import packed
 from .logit_head import LogitHead, chunked_logps, final_softcap, logit_transform, owner_of
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 MODEL_INPUT_KEYS = ('input_ids', 'attention_mask', 'position_ids')
 
@@ -69,7 +72,7 @@ class ForwardCore:
         """(model output, final hidden states, output projection) of a forward that skips the projection."""
         # The wrapper (DDP) must still see the call, so the output projection is swapped for a
         # pass-through for the duration of this forward.
-        lm_head = hf_model.get_output_embeddings()
+        lm_head = cast('PreTrainedModel', hf_model).get_output_embeddings()
         owner, attr = owner_of(hf_model, lm_head)
         capture = _Capture()
         setattr(owner, attr, capture)

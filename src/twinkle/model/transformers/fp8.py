@@ -10,7 +10,7 @@ torchao is optional: imported only when ``mixed_precision='fp8'`` is asked for.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -40,7 +40,7 @@ def require_torchao() -> Any:
     return convert_to_float8_training
 
 
-def _eligible(module: nn.Module, name: str, output_layer: nn.Module) -> bool:
+def _eligible(module: nn.Module, name: str, output_layer: Optional[nn.Module]) -> bool:
     if not isinstance(module, nn.Linear) or module is output_layer:
         return False
     return module.in_features % _ALIGN == 0 and module.out_features % _ALIGN == 0
@@ -49,7 +49,8 @@ def _eligible(module: nn.Module, name: str, output_layer: nn.Module) -> bool:
 def convert(hf_model: nn.Module) -> int:
     """Swap the eligible linear layers of ``hf_model`` for torchao's Float8Linear, in place; returns how many."""
     convert_to_float8_training = require_torchao()
-    output_layer = hf_model.get_output_embeddings() if hasattr(hf_model, 'get_output_embeddings') else None
+    get_output = getattr(hf_model, 'get_output_embeddings', None)
+    output_layer: Optional[nn.Module] = get_output() if get_output is not None else None
     chosen = [name for name, m in hf_model.named_modules() if _eligible(m, name, output_layer)]
     if not chosen:
         raise ValueError("mixed_precision='fp8': the model has no linear layer with both dimensions multiples of "

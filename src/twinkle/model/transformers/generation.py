@@ -3,22 +3,27 @@ the generation core (``twinkle.sampler.core``); beam search goes to transformers
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, List, Mapping, Protocol, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Protocol, Sequence, Tuple, cast
 
 import torch
 
 from ...sampler.core import DecodeSpec, GenerationRequest, generate as core_generate, left_padded
 from ...sampler.kv_cache import check_cache_implementation, prepare_cache
 
+if TYPE_CHECKING:
+    from transformers import GenerationMixin
+
 
 class Host(Protocol):
     """What generation reads of the model it runs on (``TransformersModel``)."""
-    template: Any
     module: torch.nn.Module
     hf_model: torch.nn.Module
     strategy: Any
     precision: Any
     device: torch.device
+
+    @property
+    def template(self) -> Any: ...
 
 
 def as_prompts(model: Host, inputs: Any) -> List[List[int]]:
@@ -131,8 +136,8 @@ def _beam_search(model: Host, hf: torch.nn.Module, prompts: List[List[int]], con
     config.num_return_sequences = n
     ids, mask, width = left_padded(prompts, config.pad_token_id)
     with inference_mode(model, hf):
-        out = hf.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                          generation_config=config)
+        out = cast('GenerationMixin', hf).generate(input_ids=ids.to(model.device),
+                                                   attention_mask=mask.to(model.device), generation_config=config)
     eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
     results = []
     # Beam search returns its n best beams per prompt, in order.

@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, cast
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..checkpoint import ADAPTER_WEIGHTS, CheckpointError
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 
 # ---------------------------------------------------------------------------- base model
@@ -73,21 +77,21 @@ def write_weights(folder: Path, weights: Dict[str, torch.Tensor], *, module: nn.
                   adapter_name: Optional[str]) -> None:
     """A PEFT adapter folder (``module`` is the PeftModel) or a full Hugging Face model folder."""
     if adapter_name is not None:
-        config = module.peft_config[adapter_name]
+        config = cast('PeftModel', module).peft_config[adapter_name]
         config.save_pretrained(str(folder))
         save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / ADAPTER_WEIGHTS),
                   metadata={'format': 'pt'})
         return
     # Full training has no PEFT wrapper, so names already match the Hugging Face layout.
-    hf_model.save_pretrained(str(folder), state_dict={k: v.contiguous() for k, v in weights.items()},
-                             safe_serialization=True)
+    cast('PreTrainedModel', hf_model).save_pretrained(
+        str(folder), state_dict={k: v.contiguous() for k, v in weights.items()}, safe_serialization=True)
 
 
 def load_weights(folder: Path, strategy: Any, module: nn.Module, adapter_name: Optional[str]) -> None:
     """Load an adapter folder (into ``adapter_name``) or a full-model folder into the running module."""
     if adapter_name is not None:
-        state = load_file(str(folder / ADAPTER_WEIGHTS))
-        strategy.load_adapter_state_dict(module, state, adapter_name)
+        adapter_state = load_file(str(folder / ADAPTER_WEIGHTS))
+        strategy.load_adapter_state_dict(module, adapter_state, adapter_name)
         return
     files = sorted(folder.glob('model*.safetensors'))
     if not files:

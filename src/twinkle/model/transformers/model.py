@@ -165,7 +165,8 @@ class TransformersModel(TrainingCore):
 
     # ------------------------------------------------------------------ optimisation
     def _trainable(self, session: TrainingSession) -> List[torch.Tensor]:
-        return [p for group in session.optimizer.param_groups for p in group['params']]
+        optimizer = _optimizer(session, 'clipping or scaling gradients')
+        return [p for group in optimizer.param_groups for p in group['params']]
 
     def clip_grad_norm(self, max_grad_norm: float = 1.0, norm_type: float = 2.0, *,
                        adapter_name: Optional[str] = None) -> float:
@@ -202,7 +203,7 @@ class TransformersModel(TrainingCore):
 
     def zero_grad(self, *, adapter_name: Optional[str] = None) -> None:
         session = self._session(adapter_name)
-        session.optimizer.zero_grad(set_to_none=True)
+        _optimizer(session, 'zero_grad').zero_grad(set_to_none=True)
         session.start_window()
 
     def lr_step(self, *, adapter_name: Optional[str] = None) -> None:
@@ -285,10 +286,10 @@ class TransformersModel(TrainingCore):
         io.load_weights(folder, self.strategy, self.module, session.name)
 
     def _save_optimizer_state(self, folder: Path, session: TrainingSession) -> None:
-        self.strategy.save_optimizer_state(folder, self._wrapped_module(), session.optimizer)
+        self.strategy.save_optimizer_state(folder, self._wrapped_module(), _optimizer(session, 'saving its state'))
 
     def _load_optimizer_state(self, folder: Path, session: TrainingSession) -> None:
-        self.strategy.load_optimizer_state(folder, self._wrapped_module(), session.optimizer)
+        self.strategy.load_optimizer_state(folder, self._wrapped_module(), _optimizer(session, 'loading its state'))
 
     def _trainer_state_extra(self) -> Dict[str, Any]:
         return {'world_size': self.strategy.grad_reduce_world, 'strategy': self.strategy.name}
@@ -324,3 +325,10 @@ class TransformersModel(TrainingCore):
     def __repr__(self) -> str:
         return (f'TransformersModel(model_id={self.model_id!r}, strategy={self.strategy.name!r}, '
                 f'precision={self.precision.mode!r}, adapters={self.adapter_names})')
+
+
+def _optimizer(session: TrainingSession, action: str) -> torch.optim.Optimizer:
+    """The session's optimizer, or a clear error when ``set_optimizer`` has not been called yet."""
+    if session.optimizer is None:
+        raise ValueError(f'call set_optimizer(...) for adapter {session.name!r} before {action}')
+    return session.optimizer

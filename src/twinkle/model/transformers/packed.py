@@ -73,7 +73,7 @@ def plan(hf_model: nn.Module, model_inputs: Mapping[str, Any]) -> Optional[Layou
     starts = sequence_starts(position_ids, real)
     if bool((starts.sum(dim=1) <= 1).all()):
         return None
-    config = hf_model.config
+    config: Any = hf_model.config  # a Hugging Face config; its fields vary by model
     text = config.get_text_config() if hasattr(config, 'get_text_config') else config
     impl = str(getattr(text, '_attn_implementation', None) or 'eager')
     # Models outside transformers' attention interface (ALiBi models among them) and layers with a
@@ -95,7 +95,7 @@ def plan(hf_model: nn.Module, model_inputs: Mapping[str, Any]) -> Optional[Layou
 
 
 def _has_stateful_layers(hf_model: nn.Module) -> bool:
-    config = hf_model.config
+    config: Any = hf_model.config  # a Hugging Face config; its fields vary by model
     text = config.get_text_config() if hasattr(config, 'get_text_config') else config
     types = getattr(text, 'layer_types', None)
     if types and any(t not in _ATTENTION_LAYERS for t in types):

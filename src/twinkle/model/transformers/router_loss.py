@@ -18,7 +18,7 @@ from ...loss.base import LossOutput
 
 
 def router_coef(hf_model: nn.Module) -> float:
-    config = hf_model.config
+    config: Any = hf_model.config  # a Hugging Face config; its fields vary by model
     coef = getattr(config, 'router_aux_loss_coef', None)
     if coef is None and hasattr(config, 'get_text_config'):
         coef = getattr(config.get_text_config(), 'router_aux_loss_coef', None)

@@ -28,8 +28,6 @@ class Layout(Protocol):
     The capability flags say what the layout allows, so callers never probe names."""
     name: str
     device: torch.device
-    mesh: Optional[Any]
-    """The twinkle DeviceMesh the layout spans; None in one process."""
     handles_mixed_precision: bool
     """True when the wrapper casts itself (FSDP2's MixedPrecisionPolicy); the model then skips autocast."""
     meta_init: bool
@@ -38,6 +36,11 @@ class Layout(Protocol):
     head_outside_forward: bool
     """True when the output projection can be applied outside the module's forward (its weight is a
     plain tensor there); False under FSDP2, where it is a sharded DTensor gathered only in the forward."""
+
+    @property
+    def mesh(self) -> Optional[Any]:
+        """The twinkle DeviceMesh the layout spans; None in one process. Read-only here so that layouts
+        may narrow it (the distributed ones always hold a DeviceMesh)."""
 
     def wrap(self, module: nn.Module) -> nn.Module: ...
 

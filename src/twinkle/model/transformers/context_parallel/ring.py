@@ -20,7 +20,7 @@ while the current one is being computed.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, cast
 
 import torch
 import torch.distributed as dist
@@ -92,7 +92,7 @@ def _scores(q: torch.Tensor, k: torch.Tensor, scale: float, diagonal: bool) -> t
 
 def _merge(out: Optional[torch.Tensor], lse: Optional[torch.Tensor], block_out: torch.Tensor,
            block_lse: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    if out is None:
+    if out is None or lse is None:
         return block_out, block_lse
     new_lse = torch.logaddexp(lse, block_lse)
     return (out * torch.exp(lse - new_lse).unsqueeze(-1)
@@ -102,7 +102,7 @@ def _merge(out: Optional[torch.Tensor], lse: Optional[torch.Tensor], block_out: 
 class _RingAttention(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, q, k, v, group, scale, causal):  # type: ignore[override]
+    def forward(ctx, q, k, v, group, scale, causal):
         ring = _Ring(group)
         n, rank = ring.size, ring.rank
         groups = q.shape[1] // k.shape[1]
@@ -122,13 +122,15 @@ class _RingAttention(torch.autograd.Function):
                 outs[a], lses[a] = _merge(outs[a], lses[a], block_out, block_lse)
             if pending is not None:
                 kv = ring.finish(*pending)
-        out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)  # every query chunk met its own diagonal
+        # Every query chunk met its own diagonal, so no entry is still None.
+        out = torch.cat(cast(List[torch.Tensor], outs), dim=2)
+        lse = torch.cat(cast(List[torch.Tensor], lses), dim=2)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.group, ctx.scale, ctx.causal = group, scale, causal
         return out.to(q.dtype)
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         ring = _Ring(ctx.group)
         n, rank = ring.size, ring.rank

@@ -23,7 +23,7 @@ one sequence per row; left padding and padding-free packing are refused with an 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, cast
 
 import torch
 import torch.distributed as dist
@@ -73,7 +73,9 @@ def torch_context_parallel_attention(query: torch.Tensor, key: torch.Tensor, val
     if groups > 1:
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     q, k, v = (DTensor.from_local(t.contiguous(), mesh, [Shard(2)], run_check=False) for t in (query, key, value))
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).to_local()
+    # SDPA on DTensors returns a DTensor (torch's signature says Tensor).
+    out = cast(DTensor, F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale))
+    return out.to_local()
 
 
 def register_attention() -> None:
@@ -86,14 +88,14 @@ class _GatherSequence(torch.autograd.Function):
     (every rank computes the same loss from the gathered tensor, so no gradient needs exchanging)."""
 
     @staticmethod
-    def forward(ctx, local, group, rank, size):  # type: ignore[override]
+    def forward(ctx, local, group, rank, size):
         ctx.rank, ctx.size = rank, size
         parts = [torch.empty_like(local) for _ in range(size)]
         dist.all_gather(parts, local.contiguous(), group=group)
         return unshard(parts, dim=1)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         return shard(grad, 1, ctx.rank, ctx.size), None, None, None
 
 

@@ -17,6 +17,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from ....mesh import DeviceMesh
+from ..strategy import Strategy
 from .accelerate_strategy import AccelerateDDPStrategy, AccelerateFSDPStrategy, build_accelerate
 from .base import TorchDistributedStrategy
 from .ddp import DDPStrategy
@@ -30,7 +31,7 @@ __all__ = ['build', 'DDPStrategy', 'FSDP2Strategy', 'AccelerateDDPStrategy', 'Ac
 
 def build(strategy: str, *, mesh: DeviceMesh, device: torch.device, mixed_precision: str,
           ddp_config: Optional[Dict[str, Any]] = None, fsdp_config: Optional[Dict[str, Any]] = None,
-          memory_efficient_init: bool = False) -> TorchDistributedStrategy:
+          memory_efficient_init: bool = False) -> Strategy:
     if strategy in ('native_fsdp', 'ddp', 'accelerate') and mesh.ep_size > 1:
         if mesh.tp_size > 1:
             raise NotImplementedError(f'{mesh!r}: tp_size and ep_size cannot both exceed 1 on TransformersModel; '

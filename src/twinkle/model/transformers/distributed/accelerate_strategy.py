@@ -13,7 +13,7 @@ the user did not ask for never trains.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, cast
 
 import torch
 from torch import nn
@@ -75,7 +75,7 @@ class AccelerateFSDPStrategy(FSDP2Strategy):
         if not isinstance(wrapped, FSDPModule):
             raise RuntimeError(f'accelerate prepared a {type(wrapped).__name__} where FSDP2 was asked for by '
                                f'{self.mesh!r}; refusing to train with another layout')
-        return wrapped
+        return cast(nn.Module, wrapped)  # fully_shard makes the module an instance of both classes
 
     def release(self) -> None:
         super().release()

@@ -61,7 +61,13 @@ class TorchDistributedStrategy(TorchCommunication):
         # Wrapped modules must not outlive the process group: drop their communication state first.
         from ....runtime.local import on_shutdown
         ref = weakref.ref(self)
-        on_shutdown(lambda: ref() is not None and ref().release())
+
+        def _release() -> None:
+            strategy = ref()
+            if strategy is not None:
+                strategy.release()
+
+        on_shutdown(_release)
 
     # ------------------------------------------------------------------ groups and collectives
     @property

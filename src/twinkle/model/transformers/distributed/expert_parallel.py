@@ -19,7 +19,7 @@ hidden)``, ``down_proj`` of ``(experts, hidden, inter)``: Qwen3-MoE, Qwen2-MoE, 
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Set
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, cast
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,9 @@ from torch import nn
 
 from ....mesh import DeviceMesh
 from .fsdp2 import FSDP2Strategy, decoder_layers
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +61,7 @@ def check_no_adapter_on_experts(module: nn.Module, names: List[str]) -> None:
 
 
 def _check_experts(name: str, experts: nn.Module, ep_size: int) -> int:
-    num = int(experts.gate_up_proj.shape[0])
+    num = int(cast(torch.Tensor, experts.gate_up_proj).shape[0])
     if num % ep_size:
         raise ValueError(f'ep_size={ep_size} does not divide the {num} experts of {name}; pick an ep_size that '
                          f'divides the model\'s num_experts')
@@ -76,10 +79,10 @@ class ExpertParallelExperts(nn.Module):
                  comm_device: torch.device) -> None:
         super().__init__()
         from torch.distributed.tensor import DTensor, Replicate, Shard
-        self.num_experts = int(original.gate_up_proj.shape[0])
+        self.num_experts = int(cast(torch.Tensor, original.gate_up_proj).shape[0])
         self.num_local = self.num_experts // ep_size
         self.first = ep_rank * self.num_local
-        self.act_fn = original.act_fn
+        self.act_fn = cast(nn.Module, original.act_fn)
         self.ep_group, self.ep_size, self.comm_device = ep_group, ep_size, comm_device
         placements = [Replicate(), Shard(0)]  # (edp, ep)
         for attr in _EXPERT_WEIGHTS:
@@ -118,7 +121,9 @@ class ExpertParallelExperts(nn.Module):
         return out.index_add(0, token_of, (back * weights[:, None]).to(out.dtype))
 
     def _run_local(self, x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
-        gate_up, down = self.gate_up_proj.to_local(), self.down_proj.to_local()
+        # Set in __init__ as parameters over DTensor shards.
+        gate_up = cast('DTensor', self.gate_up_proj).to_local()
+        down = cast('DTensor', self.down_proj).to_local()
         out = torch.zeros_like(x)
         for j in range(self.num_local):
             # Every local expert runs, with no rows when no token chose it, so that each rank's gradients

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Set, cast
 
 import torch
 import torch.distributed as dist
@@ -34,7 +34,7 @@ _PARAM_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 def decoder_layers(module: nn.Module) -> List[nn.Module]:
     """The repeated blocks to shard one by one: the classes the model marks as not splittable
     (``_no_split_modules``), else the children of the first ``ModuleList``."""
-    names = set()
+    names: Set[str] = set()
     for sub in module.modules():
         names.update(getattr(sub, '_no_split_modules', None) or [])
     layers = [m for m in module.modules() if type(m).__name__ in names]
@@ -86,6 +86,7 @@ class FSDP2Strategy(TorchDistributedStrategy):
         param_dtype = _PARAM_DTYPES.get(self.mixed_precision)
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype \
             else MixedPrecisionPolicy()
+        offload: OffloadPolicy
         if self.fsdp_config.get('cpu_offload'):
             offload = CPUOffloadPolicy(pin_memory=bool(self.fsdp_config.get('pin_memory', self.device.type == 'cuda')))
         else:
@@ -113,8 +114,9 @@ class FSDP2Strategy(TorchDistributedStrategy):
         target = torch.device('cpu') if self.fsdp_config.get('cpu_offload') else self.device
         if self.meta_init:
             module.to_empty(device=target)
-        set_model_state_dict(module, full or {}, options=StateDictOptions(full_state_dict=True,
-                                                                          broadcast_from_rank0=True))
+        # torch types the values as its own union; plain tensors are among its members.
+        set_model_state_dict(module, cast(Dict[str, Any], full or {}),
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         # Buffers (e.g. rotary frequencies) are not sharded and partly not in the state dict.
         src = self.mesh.global_ranks[0]
         for _, buf in module.named_buffers():
@@ -159,7 +161,9 @@ class FSDP2Strategy(TorchDistributedStrategy):
         if not optim_state.is_sharded(module):
             return {k: v.detach().cpu() for k, v in module.state_dict().items()} if self.is_main_process else {}
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # A full state dict offloaded to the CPU holds plain tensors only.
+        state = cast(Dict[str, torch.Tensor],
+                     get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
         # Gathering copies tied parameters (embeddings / output projection) into separate tensors; share
         # them again so that saving writes them once, as it does in one process.
         names: Dict[int, List[str]] = {}
@@ -177,8 +181,8 @@ class FSDP2Strategy(TorchDistributedStrategy):
             from ..strategy import _load_into
             _load_into(module, state_dict, strict)
             return
-        result = set_model_state_dict(module, state_dict, options=StateDictOptions(full_state_dict=True,
-                                                                                   strict=False))
+        result = set_model_state_dict(module, cast(Dict[str, Any], state_dict),
+                                      options=StateDictOptions(full_state_dict=True, strict=False))
         missing = [k for k in result.missing_keys if not _is_tied_alias(module, k)]
         if strict and (missing or result.unexpected_keys):
             raise ValueError(f'checkpoint does not match the model: missing {missing[:5]}, '

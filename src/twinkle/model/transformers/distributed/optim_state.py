@@ -89,7 +89,7 @@ def _load_plain_into_sharded(state: Dict[str, Any], module: nn.Module, optimizer
         raise CheckpointError(f'the checkpoint optimizer covers {len(saved)} parameters, this model trains '
                               f'{len(names)}: were they saved with other trainable parameters?')
     by_pos = dict(zip(saved, names))
-    named = {
+    named: Dict[str, Any] = {
         'state': {by_pos[i]: s for i, s in state['state'].items()},
         'param_groups': [{**g, 'params': [by_pos[i] for i in g['params']]} for g in state['param_groups']],
     }

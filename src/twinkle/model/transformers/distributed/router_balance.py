@@ -43,7 +43,8 @@ class GlobalRouterLoss:
         try:
             outputs = self.core(module, hf_model, batch, **kwargs)
             if isinstance(outputs.get('aux_loss'), torch.Tensor) and self._logits:
-                router = self.routers[0]
+                # Top-k routers hold plain ints here (see _routers); nn.Module's typing cannot say so.
+                router: Any = self.routers[0]
                 outputs['aux_loss'] = self.global_loss(self._logits, batch.get('attention_mask'),
                                                        int(router.num_experts), int(router.top_k))
         finally:

@@ -19,7 +19,7 @@ Saving gathers full tensors, so checkpoints are plain Hugging Face folders.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple, cast
 
 import torch
 import torch.distributed as dist
@@ -131,7 +131,7 @@ class TensorParallelStrategy(FSDP2Strategy):
         if isinstance(module, FSDPModule):
             return module
         plan = tp_plan(_hf_model(module).config, self.mesh.tp_size)
-        base = _hf_model(module).base_model  # the decoder the plan's names are relative to
+        base = cast(nn.Module, _hf_model(module).base_model)  # the decoder the plan's names are relative to
         mesh = self.torch_mesh['tp']
         summed: List[nn.Parameter] = []
         for pattern, style in plan.items():
@@ -214,7 +214,7 @@ def _parallelize(sub: nn.Module, style: str, mesh: Any, name: str) -> None:
                                   f'not sharded; use plain LoRA (use_dora=False) with tp_size > 1')
     if not _is_sharded(base_layer):
         parallelize_module(base_layer, mesh, make())
-    sharded = sub.lora_B if style == 'colwise' else sub.lora_A
+    sharded = cast(nn.ModuleDict, sub.lora_B if style == 'colwise' else sub.lora_A)  # adapter name -> layer
     for adapter in sharded:
         if not _is_sharded(sharded[adapter]):
             parallelize_module(sharded[adapter], mesh, make())

@@ -56,12 +56,12 @@ def _exchange(x: torch.Tensor, scatter_dim: int, gather_dim: int, group: Any) ->
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scatter_dim, gather_dim, group):  # type: ignore[override]
+    def forward(ctx, x, scatter_dim, gather_dim, group):
         ctx.dims, ctx.group = (scatter_dim, gather_dim), group
         return _exchange(x, scatter_dim, gather_dim, group)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         scatter_dim, gather_dim = ctx.dims
         return _exchange(grad.contiguous(), gather_dim, scatter_dim, ctx.group), None, None, None
 
@@ -129,14 +129,14 @@ class _GatherContiguous(torch.autograd.Function):
     (every rank computes the same loss from the gathered tensor)."""
 
     @staticmethod
-    def forward(ctx, local, group, rank, size):  # type: ignore[override]
+    def forward(ctx, local, group, rank, size):
         ctx.rank, ctx.length = rank, local.shape[1]
         parts = [torch.empty_like(local) for _ in range(size)]
         dist.all_gather(parts, local.contiguous(), group=group)
         return torch.cat(parts, dim=1)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         return grad.narrow(1, ctx.rank * ctx.length, ctx.length).contiguous(), None, None, None
 
 
