@@ -9,7 +9,7 @@ from setuptools.command.egg_info import egg_info
 
 # Every module of the distribution; tests/client/test_thin_install.py checks this is what the client imports.
 CLIENT_MODULES = {
-    'twinkle': ('__init__', 'device_group', 'errors', 'mesh', 'platform'),
+    'twinkle': ('__init__', 'device_group', 'errors', 'mesh', 'mesh_args', 'platform'),
     'twinkle.runtime': ('__init__', 'context', 'remote'),
     'twinkle.client': ('__init__', 'codec', 'http', 'methods', 'proxy'),
     'twinkle.wire': ('__init__', 'codec', 'methods'),
