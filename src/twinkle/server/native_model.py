@@ -19,6 +19,7 @@ import torch
 from ..model import TransformersModel as SharedModel
 from ..wire import codec
 from ..wire.methods import MODEL
+from . import native_slices
 from .context import ServerContext
 from .engine import Adapter
 from .errors import BadRequest, Forbidden, TooLarge
@@ -27,6 +28,9 @@ from .store import check_name, format_path, parse_path
 
 _GENERATE_KWARGS = ('max_new_tokens', 'do_sample', 'temperature', 'top_k', 'top_p', 'repetition_penalty')
 _FORWARD_KWARGS = ('temperature', 'loss_kwargs')
+# Methods that run as sliced jobs (queue.py): generate between decoding steps, the forward passes between
+# micro-batches (native_slices.py).
+SLICED_METHODS = frozenset({'generate', 'forward_backward', 'forward_only'})
 DEFAULT_SEED = 42  # the seed twinkle.initialize uses, so a LoRA starts as it would locally
 
 
@@ -200,6 +204,10 @@ class ModelSession:
         store = self.ctx.store.tenant(self.tenant)
         return store.folder(store.resolve(path))
 
+    @property
+    def _slice_tokens(self) -> Optional[int]:
+        return self.ctx.settings.fwdbwd_slice_tokens
+
     def release(self) -> None:
         for adapter in self.adapters.values():
             self.engine.remove(adapter)
@@ -216,8 +224,13 @@ class ModelSession:
     def do_forward_only(self, *, inputs: Any, adapter_name: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:
         a = self._adapter(adapter_name)
         kwargs = self._kwargs(kwargs, ('temperature',), 'forward_only')
+        batch = self._batch(inputs)
         with self.engine.using(a):
-            out = self.engine.model.forward_only(inputs=self._batch(inputs), adapter_name=a.name, **kwargs)
+            parts = native_slices.split(self.engine.model, a.name, batch, kwargs, self._slice_tokens)
+            if parts is not None:
+                return native_slices.forward_only(self.engine.model, a.name, parts, kwargs,
+                                                  batch['input_ids'].shape[1])
+            out = self.engine.model.forward_only(inputs=batch, adapter_name=a.name, **kwargs)
         loss = out['loss']
         items = float(loss.num_items)
         total = float(loss.loss.detach())
@@ -250,8 +263,12 @@ class ModelSession:
     def do_forward_backward(self, *, inputs: Any, adapter_name: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:
         a = self._with_optimizer(self._adapter(adapter_name), 'forward_backward')
         kwargs = self._kwargs(kwargs, _FORWARD_KWARGS, 'forward_backward')
+        batch = self._batch(inputs)
         with self.engine.using(a):
-            return self.engine.model.forward_backward(inputs=self._batch(inputs), adapter_name=a.name, **kwargs)
+            parts = native_slices.split(self.engine.model, a.name, batch, kwargs, self._slice_tokens)
+            if parts is not None:
+                return native_slices.forward_backward(self.engine.model, a.name, parts, kwargs)
+            return self.engine.model.forward_backward(inputs=batch, adapter_name=a.name, **kwargs)
 
     # -- optimisation --------------------------------------------------------------------------------------
     def do_clip_grad_norm(self, max_grad_norm: float = 1.0, norm_type: float = 2.0, *,

@@ -14,7 +14,7 @@ from . import responses as R
 from .context import ServerContext
 from .deps import compute_tenant, context, object_table, tenant, tenant_store
 from .errors import BadRequest, Conflict, NotFound
-from .native_model import ModelSession, Ref
+from .native_model import SLICED_METHODS, ModelSession, Ref
 from .native_objects import DataLoaderObject, DatasetObject, ObjectTable, decode_args
 from .responses import answers
 from .store import TenantStore, format_path
@@ -92,8 +92,8 @@ async def call(object_id: str, method: str, body: CallBody, t: str = Depends(com
         raise NotFound(f'{entry.class_name} has no remote method {method!r}; available: {sorted(spec.methods)}')
     args, kwargs = _decoded(table, t, body)
     if spec.executor == 'model':
-        # generate is the one long job a single call can ask for: it runs sliced (queue.py).
-        result = await ctx.run_model(t, lambda: entry.obj.call(method, args, kwargs), sliced=method == 'generate')
+        # Long jobs a single call can ask for run sliced (queue.py): other tenants' jobs run in between.
+        result = await ctx.run_model(t, lambda: entry.obj.call(method, args, kwargs), sliced=method in SLICED_METHODS)
     else:
         result = await asyncio.to_thread(_call_data, entry.obj, method, args, kwargs)
         if result is _STOP:

@@ -137,12 +137,9 @@ class TransformersModel(TrainingCore):
         self.precision.backward(loss_output.loss, session)
         session.add_to_window(loss_output)
 
-    @remote_function(dispatch='slice', collect='mean')
-    def forward_backward(self, *, inputs: Any, adapter_name: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:
-        session = self._session(adapter_name)
-        if session.optimizer is None:
-            raise ValueError(f'call set_optimizer(...) for adapter {session.name!r} before forward_backward '
-                             f'(the optimizer decides which parameters train)')
+    def _backprop(self, session: TrainingSession, inputs: Any, **kwargs: Any) -> Any:
+        """Forward, loss and backward of one micro-batch, counted in the training metrics but not yet in
+        the window (``session.add_to_window``): a caller may run one call's rows as several of these."""
         loss_kwargs = kwargs.pop('loss_kwargs', {})
         # Gradients are synchronised only on the window's last backward.
         last_in_window = session.window_micro_steps + 1 >= session.gradient_accumulation_steps
@@ -152,10 +149,22 @@ class TransformersModel(TrainingCore):
         with sync:
             outputs = self._run_forward(inputs, session, **kwargs)
             loss_output = self._loss(session, outputs, **loss_kwargs)
-            self.backward(loss_output, adapter_name=session.name)
+            # Refuse a window mixing reductions before any gradient of it exists.
+            window_reduction(session.window_reduction, loss_output)
+            self.precision.backward(loss_output.loss, session)
         for metric in session.metrics:
             metric.update(outputs['inputs'], outputs, loss_output)
         session.tokens_since_report += int(outputs['inputs']['num_tokens'])
+        return loss_output
+
+    @remote_function(dispatch='slice', collect='mean')
+    def forward_backward(self, *, inputs: Any, adapter_name: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:
+        session = self._session(adapter_name)
+        if session.optimizer is None:
+            raise ValueError(f'call set_optimizer(...) for adapter {session.name!r} before forward_backward '
+                             f'(the optimizer decides which parameters train)')
+        loss_output = self._backprop(session, inputs, **kwargs)
+        session.add_to_window(loss_output)
         # The figure of the whole global batch: sums over the data-parallel ranks, then the mean.
         loss_sum, num_items = self.strategy.reduce_sum(torch.stack([
             loss_output.loss.detach().to('cpu', torch.float64),
