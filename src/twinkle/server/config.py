@@ -29,6 +29,10 @@ class Limits(BaseModel):
     """Training runs (LoRA adapters) a tenant may hold loaded at once."""
     max_sampling_sessions_per_tenant: int = Field(8, ge=1)
     """Sampling adapters kept loaded per tenant; older ones are unloaded and reloaded on demand."""
+    max_sampler_records_per_tenant: int = Field(512, ge=1)
+    """Tinker sampling sessions a tenant's clients keep on record (one per sampling client, sampler weights save
+    or model path sampled from directly). Beyond it the least recently used go first, after those whose
+    checkpoint was deleted; using a dropped one answers 404 (a direct sample just records it again)."""
     max_tokens_per_request: int = Field(65536, ge=1)
     """Tokens in one training / forward / sampling request (prompt plus requested completion)."""
     max_new_tokens: int = Field(8192, ge=1)

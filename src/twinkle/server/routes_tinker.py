@@ -244,8 +244,7 @@ async def save_for_sampler(req: ModelRequest = Depends(model_request(B.SaveForSa
             ckpt = ctx.store.tenant(t).find(model.model_id, 'snapshot', name)
             if ckpt is None:  # op_save has just recorded it: only a broken store loses it
                 raise RuntimeError(f'snapshot {name} of {model.model_id} was saved but is not in the store')
-            state.samplers[sampler_id] = SamplingSession(sampler_id, t, None, ckpt['checkpoint_id'])
-            session.samplers[seq_id] = sampler_id
+            state.add_sampler(SamplingSession(sampler_id, t, None, ckpt['checkpoint_id']), session, seq_id)
             return {'sampling_session_id': sampler_id, 'type': 'save_weights_for_sampler'}
         return run
 

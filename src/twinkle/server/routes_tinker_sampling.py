@@ -1,6 +1,7 @@
 """Tinker routes for sampling sessions, futures and session listings (``/api/v1/...``)."""
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any, Dict, Optional
 
@@ -46,8 +47,8 @@ async def create_sampling_session(req: SessionRequest = Depends(session_request(
     sampler_id = session.samplers.get(body.sampling_session_seq_id)
     if sampler_id is None:
         sampler_id = f'{session.session_id}:sample:{body.sampling_session_seq_id}'
-        state.samplers[sampler_id] = new_sampler(ctx, t, sampler_id, body.model_path, body.base_model)
-        session.samplers[body.sampling_session_seq_id] = sampler_id
+        state.add_sampler(new_sampler(ctx, t, sampler_id, body.model_path, body.base_model), session,
+                          body.sampling_session_seq_id)
     return {'type': 'create_sampling_session', 'sampling_session_id': sampler_id}
 
 
@@ -64,8 +65,9 @@ async def asample(body: B.Sample, t: str = Depends(compute_tenant),
         s = state.sampler(t, body.sampling_session_id)
     else:
         direct = f'{t}:direct:{body.model_path or body.base_model}'
-        s = state.samplers.get(direct) or new_sampler(ctx, t, direct, body.model_path, body.base_model)
-        state.samplers[direct] = s
+        s = state.samplers.get(direct) or state.add_sampler(new_sampler(ctx, t, direct, body.model_path,
+                                                                        body.base_model))
+        s.used = time.monotonic()
     key = body_key('asample', body)
     if body.seq_id is not None and body.seq_id in s.seen:
         seen_key, fut = s.seen[body.seq_id]
@@ -81,7 +83,7 @@ async def asample(body: B.Sample, t: str = Depends(compute_tenant),
     fut = state.submit_sample(t, s, req)
     fut.extra['sequence_ids'] = sequence_ids
     if body.seq_id is not None:
-        s.seen[body.seq_id] = (key, fut)
+        s.remember(body.seq_id, key, fut)
     return accepted(fut, sample_sequence_ids=fut.extra['sequence_ids'])
 
 

@@ -54,9 +54,20 @@ class SamplingSession:
     adapter: Optional[Adapter] = None
     seen: Dict[int, Tuple[Tuple[str, str], ServerFuture]] = field(default_factory=dict)  # seq_id -> (key, future)
     clients: int = 0                      # clones that joined (join_sampling_session)
+    session_id: Optional[str] = None      # the Tinker session that named it, and its seq_id there
+    seq_id: Optional[int] = None
+    used: float = field(default_factory=time.monotonic)
+
+    def remember(self, seq_id: int, key: Tuple[str, str], fut: ServerFuture) -> None:
+        """Keep a sample request's future for replays of its seq_id; only the newest ``SEEN_PER_SAMPLER``, since
+        clients retry a request within seconds and each future holds its result."""
+        self.seen[seq_id] = (key, fut)
+        while len(self.seen) > SEEN_PER_SAMPLER:
+            del self.seen[next(iter(self.seen))]
 
 
 Sampler = SamplingSession  # the former name
+SEEN_PER_SAMPLER = 1024
 
 
 # Largest Adam step scale, learning rate over (1 - beta1) (the first step's bias correction), and largest
@@ -109,8 +120,45 @@ class TinkerState:
     def sampler(self, tenant: str, sampler_id: Any) -> SamplingSession:
         s = self.samplers.get(sampler_id) if isinstance(sampler_id, str) else None
         if s is None or s.tenant != tenant:
-            raise NotFound(f'sampling session {sampler_id!r} not found')
+            raise NotFound(f'sampling session {sampler_id!r} not found (its session finished, or it was the least '
+                           f'recently used beyond limits.max_sampler_records_per_tenant): create a new one')
+        s.used = time.monotonic()
         return s
+
+    def add_sampler(self, s: SamplingSession, session: Optional[TinkerSession] = None,
+                    seq_id: Optional[int] = None) -> SamplingSession:
+        """Record a sampling session (named by ``seq_id`` in ``session`` if given); beyond the tenant's
+        ``limits.max_sampler_records_per_tenant`` its other records go: first those whose checkpoint was deleted
+        (they can never sample again), then the least recently used."""
+        if session is not None and seq_id is not None:
+            s.session_id, s.seq_id = session.session_id, seq_id
+            session.samplers[seq_id] = s.sampler_id
+        self.samplers[s.sampler_id] = s
+        mine = [r for r in self.samplers.values() if r.tenant == s.tenant and r is not s]
+        excess = len(mine) + 1 - self.ctx.settings.limits.max_sampler_records_per_tenant
+        if excess > 0:
+            checkpoints = self.ctx.store.tenant(s.tenant).checkpoints
+            mine.sort(key=lambda r: (r.checkpoint_id is None or r.checkpoint_id in checkpoints, r.used))
+            for r in mine[:excess]:
+                self.drop_sampler(r)
+        return s
+
+    def drop_sampler(self, s: SamplingSession) -> None:
+        """Forget a sampling session; its sampler adapter, if loaded, is unloaded on the worker."""
+        if self.samplers.get(s.sampler_id) is s:
+            del self.samplers[s.sampler_id]
+        session = self.sessions.get(s.session_id) if s.session_id is not None else None
+        if session is not None and s.seq_id is not None and session.samplers.get(s.seq_id) == s.sampler_id:
+            del session.samplers[s.seq_id]
+        adapter, s.adapter = s.adapter, None
+        if adapter is not None:
+            engine = self.ctx.engine
+
+            def unload() -> None:
+                if engine.adapters.get(adapter.name) is adapter:
+                    engine.remove(adapter)
+
+            self.ctx.submit(s.tenant, unload)
 
     def new_model(self, tenant: str, session: TinkerSession, model_seq_id: int, lora: Dict[str, Any]) -> TinkerModel:
         model_id = f'{session.session_id}:train:{model_seq_id}'
@@ -275,7 +323,7 @@ class TinkerState:
             model = self.models.pop(model_id, None)
             if model is not None and model.adapter is not None:
                 engine.remove(model.adapter)
-        for sampler_id in session.samplers.values():
+        for sampler_id in list(session.samplers.values()):
             s = self.samplers.pop(sampler_id, None)
             if s is not None and s.adapter is not None:
                 engine.remove(s.adapter)
