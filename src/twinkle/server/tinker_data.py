@@ -19,14 +19,16 @@ _DTYPES = {1: np.float32, 2: np.int64, 3: np.int32}
 # loss_fn -> (required inputs, optional inputs, accepted loss_fn_config keys)
 LOSSES: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...], Tuple[str, ...]]] = {
     'cross_entropy': (('target_tokens',), ('weights',), ()),
-    'importance_sampling': (('target_tokens', 'logprobs', 'advantages'), (), ()),
-    'ppo': (('target_tokens', 'logprobs', 'advantages'), (), ('clip_low_threshold', 'clip_high_threshold')),
-    'cispo': (('target_tokens', 'logprobs', 'advantages'), (), ('clip_low_threshold', 'clip_high_threshold')),
-    'dro': (('target_tokens', 'logprobs', 'advantages'), (), ('beta',)),
-    'gspo': (('target_tokens', 'logprobs', 'advantages'), ('sequence_ratio_mask',),
+    # 'weights' multiply each target's term of the RL losses too (tinker_losses.py).
+    'importance_sampling': (('target_tokens', 'logprobs', 'advantages'), ('weights',), ()),
+    'ppo': (('target_tokens', 'logprobs', 'advantages'), ('weights',), ('clip_low_threshold', 'clip_high_threshold')),
+    'cispo': (('target_tokens', 'logprobs', 'advantages'), ('weights',),
+              ('clip_low_threshold', 'clip_high_threshold')),
+    'dro': (('target_tokens', 'logprobs', 'advantages'), ('weights',), ('beta',)),
+    'gspo': (('target_tokens', 'logprobs', 'advantages'), ('sequence_ratio_mask', 'weights'),
              ('clip_low_threshold', 'clip_high_threshold')),
     # The sampler logprobs come from the records sampling made; a datum's own 'logprobs' are not used.
-    'stable_reinforce': (('target_tokens', 'advantages'), ('logprobs',), ('kl_coeff',)),
+    'stable_reinforce': (('target_tokens', 'advantages'), ('logprobs', 'weights'), ('kl_coeff',)),
 }
 # Losses whose datums must carry provenance spans (resolved against the sampling records).
 NEEDS_PROVENANCE = ('stable_reinforce',)
@@ -101,7 +103,7 @@ def check_loss_fn(loss_fn: str) -> None:
 
 def make_loss(loss_fn: str, config: Mapping[str, Any]) -> Any:
     from ..loss import CISPOLoss, CrossEntropyLoss, ImportanceSamplingLoss, PPOLoss
-    from .tinker_losses import DROLoss, GSPOLoss, StableReinforceLoss
+    from .tinker_losses import DROLoss, GSPOLoss, StableReinforceLoss, TokenWeighted
     check_loss_fn(loss_fn)
     allowed = LOSSES[loss_fn][2]
     unknown = sorted(set(config) - set(allowed))
@@ -115,17 +117,17 @@ def make_loss(loss_fn: str, config: Mapping[str, Any]) -> Any:
     if loss_fn == 'cross_entropy':
         return CrossEntropyLoss(reduction='sum')
     if loss_fn == 'importance_sampling':
-        return ImportanceSamplingLoss(loss_type='sum')
+        return TokenWeighted(ImportanceSamplingLoss(loss_type='sum'))
     try:
         if loss_fn == 'ppo':
-            return PPOLoss(loss_type='sum', **kwargs)
+            return TokenWeighted(PPOLoss(loss_type='sum', **kwargs))
         if loss_fn == 'dro':
             return DROLoss(**kwargs)
         if loss_fn == 'gspo':
             return GSPOLoss(**kwargs)
         if loss_fn == 'stable_reinforce':
             return StableReinforceLoss(**kwargs)
-        return CISPOLoss(loss_type='sum', **kwargs)
+        return TokenWeighted(CISPOLoss(loss_type='sum', **kwargs))
     except ValueError as exc:
         raise BadRequest(f'loss_fn_config for {loss_fn!r}: {exc}') from None
 
