@@ -24,7 +24,7 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 
 from ..loss import PolicyLoss
-from ..loss.base import LossOutput
+from ..loss.base import LossOutput, Number
 from ..loss.utils import masked_sum
 
 DRO_DEFAULT_BETA = 0.05
@@ -73,7 +73,7 @@ class TokenWeighted:
         loss = masked_sum(token * w.to(token.dtype), batch.mask)
         metrics = self.loss._metrics(batch, ratio, clipped, None, outputs)
         # Token means but the num_tokens count, as the library loss reports them.
-        metric_weights: Dict[str, Optional[float]] = {
+        metric_weights: Dict[str, Optional[Number]] = {
             key: (None if key == 'num_tokens' else metrics['num_tokens']) for key in metrics}
         return LossOutput(loss=loss, num_items=1, metrics=metrics, reduction='sum', metric_weights=metric_weights)
 
