@@ -67,8 +67,8 @@ class TokenWeighted:
             return self.loss(inputs, outputs)
         labels = inputs['labels']
         w = torch.as_tensor(w).to(labels.device)
-        unweighted = {**inputs, 'labels': labels.masked_fill(w == 0, -100)}
-        batch = self.loss._prepare(unweighted, outputs)
+        targets = {**inputs, 'labels': labels.masked_fill(w == 0, -100)}  # weight 0: no target
+        batch = self.loss._prepare(targets, outputs)
         token, ratio, clipped = self.loss.token_loss(batch)
         loss = masked_sum(token * w.to(token.dtype), batch.mask)
         metrics = self.loss._metrics(batch, ratio, clipped, None, outputs)

@@ -129,12 +129,13 @@ class TinkerState:
                     seq_id: Optional[int] = None) -> SamplingSession:
         """Record a sampling session (named by ``seq_id`` in ``session`` if given); beyond the tenant's
         ``limits.max_sampler_records_per_tenant`` its other records go: first those whose checkpoint was deleted
-        (they can never sample again), then the least recently used."""
+        (their sampler can never be loaded again), then the least recently used."""
         if session is not None and seq_id is not None:
             s.session_id, s.seq_id = session.session_id, seq_id
             session.samplers[seq_id] = s.sampler_id
         self.samplers[s.sampler_id] = s
-        mine = [r for r in self.samplers.values() if r.tenant == s.tenant and r is not s]
+        # A copy first: the worker (save_weights_for_sampler) and the event loop both add records.
+        mine = [r for r in list(self.samplers.values()) if r.tenant == s.tenant and r is not s]
         excess = len(mine) + 1 - self.ctx.settings.limits.max_sampler_records_per_tenant
         if excess > 0:
             checkpoints = self.ctx.store.tenant(s.tenant).checkpoints
