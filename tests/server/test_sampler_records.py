@@ -92,3 +92,18 @@ def test_replayable_sample_requests_are_the_newest_only():
         s.remember(seq_id, ('asample', str(seq_id)), None)  # type: ignore[arg-type]
     assert len(s.seen) == SEEN_PER_SAMPLER
     assert min(s.seen) == 10 and max(s.seen) == SEEN_PER_SAMPLER + 9
+
+
+def test_stability_records_take_their_bounds_from_the_settings():
+    from types import SimpleNamespace
+
+    from twinkle.server.config import Limits
+    from twinkle.server.tinker_ops import TinkerState
+    limits = Limits(max_recorded_samples_per_tenant=3, max_recorded_tokens_per_tenant=1000)
+    state = TinkerState(SimpleNamespace(settings=SimpleNamespace(limits=limits)))  # type: ignore[arg-type]
+    for i in range(10):
+        state.stability.record('t', [f's{i}'], [1, 2], [([3, 4], [-0.5, -0.5])])
+    state.stability.get('t', 's9')   # the newest are kept
+    with pytest.raises(Exception, match='names no recorded sample'):
+        state.stability.get('t', 's6')
+

@@ -33,6 +33,10 @@ class Limits(BaseModel):
     """Tinker sampling sessions a tenant's clients keep on record (one per sampling client, sampler weights save
     or model path sampled from directly). Beyond it the least recently used go first, after those whose
     checkpoint was deleted; using a dropped one answers 404 (a direct sample just records it again)."""
+    max_recorded_samples_per_tenant: int = Field(20000, ge=1)
+    """Sampled sequences kept for stable_reinforce (``record_stability_info``) per tenant, the oldest dropped."""
+    max_recorded_tokens_per_tenant: int = Field(4_000_000, ge=1)
+    """Tokens held by those records per tenant (a prompt counted once per request), the oldest dropped."""
     max_tokens_per_request: int = Field(65536, ge=1)
     """Tokens in one training / forward / sampling request (prompt plus requested completion)."""
     max_new_tokens: int = Field(8192, ge=1)

@@ -97,7 +97,9 @@ class TinkerState:
         self.sessions: Dict[str, TinkerSession] = {}
         self.models: Dict[str, TinkerModel] = {}
         self.samplers: Dict[str, SamplingSession] = {}
-        self.stability = StabilityStore()
+        limits = ctx.settings.limits
+        self.stability = StabilityStore(max_per_tenant=limits.max_recorded_samples_per_tenant,
+                                        max_tokens_per_tenant=limits.max_recorded_tokens_per_tenant)
 
     # -- lookups (404 for what is missing or belongs to someone else) ----------------------------------------
     def session(self, tenant: str, session_id: Any) -> TinkerSession:
