@@ -22,6 +22,8 @@ from .store import TenantStore, check_name, format_path
 
 @dataclass
 class TinkerSession:
+    """The Tinker protocol's session: what one client opens with ``create_session`` and keeps alive by heartbeats;
+    it owns the training models and sampling sessions created under it."""
     session_id: str
     tenant: str
     created: float = field(default_factory=time.time)
@@ -46,7 +48,8 @@ class TinkerModel:
 
 @dataclass
 class SamplingSession:
-    """A Tinker sampling session (a sampler adapter on the server's model); not a ``twinkle.sampler.Sampler``."""
+    """The Tinker protocol's sampling session (``create_sampling_session``): a sampler adapter on the server's
+    model; not a ``twinkle.sampler.Sampler``."""
     sampler_id: str
     tenant: str
     model_path: Optional[str]
