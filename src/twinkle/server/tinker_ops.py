@@ -59,9 +59,6 @@ class SamplingSession:
     clients: int = 0                      # clones that joined (join_sampling_session)
 
 
-Sampler = SamplingSession  # the former name
-
-
 # Largest Adam step scale, learning rate over (1 - beta1) (the first step's bias correction), and largest
 # lr * weight_decay and eps: beyond these torch's float32 update overflows inside the step (a RuntimeError
 # halfway through the parameters) instead of merely producing non-finite weights.
@@ -236,12 +233,6 @@ class TinkerState:
         fut, _ = self.ctx.job(tenant, lambda: None)
         self.ctx.worker.put(tenant, SampleWork(self, s, req, fut), sliced=True)
         return fut
-
-    def op_sample(self, s: SamplingSession, req: Dict[str, Any]) -> bytes:
-        result = self.ctx.engine.sample_many([self.prepare_sample(s, req)])[0]
-        if isinstance(result, BaseException):
-            raise result
-        return self.finish_sample(s, req, result)
 
     def prepare_sample(self, s: SamplingSession, req: Dict[str, Any]) -> SampleCall:
         engine = self.ctx.engine
