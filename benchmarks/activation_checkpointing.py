@@ -27,6 +27,8 @@ import tempfile
 import time
 from typing import Any, Dict
 
+from _table import Column, Table
+
 
 def _status_kib(field: str) -> int:
     with open('/proc/self/status') as f:
@@ -134,10 +136,12 @@ def main() -> None:
         ckpt = run_setting(args, True)
     if not (plain['peak_reset'] and ckpt['peak_reset']):
         print('note: /proc/self/clear_refs was not writable; peaks include the warm-up step')
-    print(f'{"checkpointing":<15}{"step peak MiB":>15}{"step s":>10}{"tokens/s":>10}{"RSS before MiB":>16}')
+    table = Table(Column('checkpointing', 15, align='<'), Column('step peak MiB', 15, '{:.0f}'),
+                  Column('step s', 10, '{:.2f}'), Column('tokens/s', 10, '{:.0f}'),
+                  Column('RSS before MiB', 16, '{:.0f}'))
+    print(table.header())
     for name, r in (('off', plain), ('on', ckpt)):
-        print(f'{name:<15}{r["peak_mib"]:>15.0f}{r["step_s"]:>10.2f}{args.seq / r["step_s"]:>10.0f}'
-              f'{r["rss_mib"]:>16.0f}')
+        print(table.row(name, r['peak_mib'], r['step_s'], args.seq / r['step_s'], r['rss_mib']))
     print(f'ratio on/off: peak memory {ckpt["peak_mib"] / plain["peak_mib"]:.2f}, '
           f'step time {ckpt["step_s"] / plain["step_s"]:.2f}')
     drift = max(abs(a - b) / abs(b) for a, b in zip(ckpt['losses'], plain['losses']))

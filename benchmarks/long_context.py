@@ -27,6 +27,8 @@ import tempfile
 import time
 from typing import Any, Dict, List, Optional
 
+from _table import Column, Table
+
 LAYOUTS = (('1 process', 1, {}), ('ulysses_size=2', 2, {'dp_size': 2, 'ulysses_size': 2}),
            ('cp_size=2', 2, {'cp_size': 2}))
 
@@ -201,18 +203,20 @@ def main() -> None:
                 results = run_layout(args, nproc, sizes, checkpointing)
                 rows.append((name, checkpointing, results))
     base = longest(rows[0][2], args.budget_mib)
-    print(f'{"layout":<16}{"checkpointing":>14}{"longest seq":>13}{"peak MiB":>10}{"tokens/s":>10}'
-          f'{"seq vs base":>13}{"tok/s vs base":>15}')
+    table = Table(Column('layout', 16, align='<'), Column('checkpointing', 14), Column('longest seq', 13),
+                  Column('peak MiB', 10, '{:.0f}'), Column('tokens/s', 10, '{:.0f}'),
+                  Column('seq vs base', 13, '{:.2f}'), Column('tok/s vs base', 15, '{:.2f}'))
+    print(table.header())
     for name, checkpointing, results in rows:
         best = longest(results, args.budget_mib)
         if best is None:
-            print(f'{name:<16}{"on" if checkpointing else "off":>14}{"none fits":>13}')
+            print(table.row(name, 'on' if checkpointing else 'off', 'none fits'))
             continue
         capped = '+' if best is results[-1] and best['seq'] * 2 > args.max_seq else ''
         seq_ratio = best['seq'] / base['seq'] if base else float('nan')
         tps_ratio = best['tokens_per_s'] / base['tokens_per_s'] if base else float('nan')
-        print(f'{name:<16}{"on" if checkpointing else "off":>14}{str(best["seq"]) + capped:>13}'
-              f'{best["peak_mib"]:>10.0f}{best["tokens_per_s"]:>10.0f}{seq_ratio:>13.2f}{tps_ratio:>15.2f}')
+        print(table.row(name, 'on' if checkpointing else 'off', str(best['seq']) + capped, best['peak_mib'],
+                        best['tokens_per_s'], seq_ratio, tps_ratio))
     print('(+: still within the budget at --max-seq; tokens/s of the whole group at its own longest length)')
 
 
