@@ -27,22 +27,8 @@ import tempfile
 import time
 from typing import Any, Dict
 
-
-def _status_kib(field: str) -> int:
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith(field + ':'):
-                return int(line.split()[1])
-    raise RuntimeError(f'{field} not in /proc/self/status')
-
-
-def _reset_peak() -> bool:
-    try:
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')  # resets the peak resident set size (VmHWM) to the current one
-        return True
-    except OSError:
-        return False
+from _memory import MALLOC_ENV, StepPeak
+from _table import Column, Table
 
 
 def build_model_dir(args: argparse.Namespace, folder: str) -> int:
@@ -81,20 +67,19 @@ def child(args: argparse.Namespace) -> Dict[str, Any]:
         return loss
 
     step(64)  # a short warm-up allocates gradients and optimizer state and runs the lazy set-up
-    before = _status_kib('VmRSS')
-    reset = _reset_peak()
+    peak = StepPeak(cuda=False)
+    peak.start()
     times, losses = [], []
     for _ in range(args.steps):
         start = time.perf_counter()
         losses.append(step(args.seq))
         times.append(time.perf_counter() - start)
-    peak = _status_kib('VmHWM')
-    return {'step_s': min(times), 'peak_mib': (peak - before) / 1024, 'rss_mib': before / 1024,
-            'peak_reset': reset, 'losses': losses}
+    return {'step_s': min(times), 'peak_mib': peak.stop(), 'rss_mib': peak.before / 2 ** 20,
+            'peak_reset': peak.reset, 'losses': losses}
 
 
 def run_setting(args: argparse.Namespace, checkpointing: bool) -> Dict[str, Any]:
-    env = {**os.environ, 'MALLOC_MMAP_THRESHOLD_': str(256 * 1024), 'MALLOC_TRIM_THRESHOLD_': str(256 * 1024)}
+    env = {**os.environ, **MALLOC_ENV}
     cmd = [sys.executable, __file__, '--child', '--model-dir', args.model_dir, '--seq', str(args.seq),
            '--steps', str(args.steps), '--vocab', str(args.vocab)]
     cmd += ['--checkpointing'] if checkpointing else []
@@ -134,10 +119,12 @@ def main() -> None:
         ckpt = run_setting(args, True)
     if not (plain['peak_reset'] and ckpt['peak_reset']):
         print('note: /proc/self/clear_refs was not writable; peaks include the warm-up step')
-    print(f'{"checkpointing":<15}{"step peak MiB":>15}{"step s":>10}{"tokens/s":>10}{"RSS before MiB":>16}')
+    table = Table(Column('checkpointing', 15, align='<'), Column('step peak MiB', 15, '{:.0f}'),
+                  Column('step s', 10, '{:.2f}'), Column('tokens/s', 10, '{:.0f}'),
+                  Column('RSS before MiB', 16, '{:.0f}'))
+    print(table.header())
     for name, r in (('off', plain), ('on', ckpt)):
-        print(f'{name:<15}{r["peak_mib"]:>15.0f}{r["step_s"]:>10.2f}{args.seq / r["step_s"]:>10.0f}'
-              f'{r["rss_mib"]:>16.0f}')
+        print(table.row(name, r['peak_mib'], r['step_s'], args.seq / r['step_s'], r['rss_mib']))
     print(f'ratio on/off: peak memory {ckpt["peak_mib"] / plain["peak_mib"]:.2f}, '
           f'step time {ckpt["step_s"] / plain["step_s"]:.2f}')
     drift = max(abs(a - b) / abs(b) for a, b in zip(ckpt['losses'], plain['losses']))

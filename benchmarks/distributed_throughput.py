@@ -19,6 +19,8 @@ import tempfile
 import time
 from typing import Any, Dict, List
 
+from _table import Column, Table
+
 LAYOUTS = {'native_fsdp': ('native_fsdp', {'fsdp_size': 2}), 'ddp': ('accelerate', {'dp_size': 2})}
 
 
@@ -105,10 +107,12 @@ def main() -> None:
             multi = json.load(f)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU ({os.cpu_count()} cores)'
     print(f'\n{args.model}, global batch {args.batch_size} x {args.seq_len} tokens, {args.steps} steps, {device}')
-    print(f'{"layout":<22}{"processes":>10}{"tokens/s":>12}{"vs 1 process":>14}')
-    print(f'{"single":<22}{1:>10}{single:>12.0f}{1.0:>13.2f}x')
+    table = Table(Column('layout', 22, align='<'), Column('processes', 10), Column('tokens/s', 12, '{:.0f}'),
+                  Column('vs 1 process', 14, '{:.2f}x'))
+    print(table.header())
+    print(table.row('single', 1, single, 1.0))
     for name, value in multi.items():
-        print(f'{name:<22}{2:>10}{value:>12.0f}{value / single:>13.2f}x')
+        print(table.row(name, 2, value, value / single))
 
 
 if __name__ == '__main__':

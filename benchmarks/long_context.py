@@ -10,7 +10,7 @@ the whole group at that length; the ratios compare each layout with the one-proc
 checkpointing, measured in the same invocation.
 
 Memory on CPU is the kernel's high-water mark of the resident set (``VmHWM``), reset before each step,
-with glibc told to map and return large blocks (see benchmarks/activation_checkpointing.py); on CUDA it
+with glibc told to map and return large blocks (see benchmarks/_memory.py); on CUDA it
 is ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
 
     python benchmarks/long_context.py                         # small CPU defaults (about 6 minutes on 2 shared cores)
@@ -27,44 +27,11 @@ import tempfile
 import time
 from typing import Any, Dict, List, Optional
 
+from _memory import MALLOC_ENV, StepPeak
+from _table import Column, Table
+
 LAYOUTS = (('1 process', 1, {}), ('ulysses_size=2', 2, {'dp_size': 2, 'ulysses_size': 2}),
            ('cp_size=2', 2, {'cp_size': 2}))
-
-
-def _status_kib(field: str) -> int:
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith(field + ':'):
-                return int(line.split()[1])
-    raise RuntimeError(f'{field} not in /proc/self/status')
-
-
-class _Peak:
-    """Transient memory of one step on this rank, in MiB."""
-
-    def __init__(self, cuda: bool) -> None:
-        self.cuda = cuda
-
-    def start(self) -> None:
-        if self.cuda:
-            import torch
-            torch.cuda.synchronize()
-            self.before = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            self.before = _status_kib('VmRSS') * 1024
-            try:
-                with open('/proc/self/clear_refs', 'w') as f:
-                    f.write('5')  # resets VmHWM to the current resident set
-            except OSError:
-                pass  # the peak then includes earlier steps: lengths only grow, so it is still the latest
-
-    def stop(self) -> float:
-        if self.cuda:
-            import torch
-            torch.cuda.synchronize()
-            return (torch.cuda.max_memory_allocated() - self.before) / 2 ** 20
-        return (_status_kib('VmHWM') * 1024 - self.before) / 2 ** 20
 
 
 def build_model_dir(args: argparse.Namespace, folder: str) -> int:
@@ -98,7 +65,7 @@ def child(args: argparse.Namespace) -> None:
                               gradient_checkpointing=args.checkpointing)
     model.set_optimizer('AdamW', lr=1e-5)
     g = torch.Generator().manual_seed(1)
-    peak = _Peak(cuda)
+    peak = StepPeak(cuda)
 
     def step(length: int) -> None:
         # Every rank of a group reads the same sample (the layouts here have one data-parallel slice).
@@ -114,6 +81,7 @@ def child(args: argparse.Namespace) -> None:
         started = time.perf_counter()
         step(length)
         elapsed = time.perf_counter() - started
+        # Where the CPU peak cannot be reset it also covers the earlier steps; they were shorter, so it holds.
         used = _max_over_ranks(peak.stop())
         results.append({'seq': length, 'peak_mib': used, 'tokens_per_s': length / elapsed})
         if used > args.budget_mib:
@@ -140,8 +108,7 @@ def _max_over_ranks(value: float) -> float:
 
 def run_layout(args: argparse.Namespace, nproc: int, sizes: Dict[str, int],
                checkpointing: bool) -> List[Dict[str, Any]]:
-    env = {**os.environ, 'MALLOC_MMAP_THRESHOLD_': str(256 * 1024), 'MALLOC_TRIM_THRESHOLD_': str(256 * 1024),
-           'OMP_NUM_THREADS': str(args.threads)}
+    env = {**os.environ, **MALLOC_ENV, 'OMP_NUM_THREADS': str(args.threads)}
     script = [__file__, '--child', '--model-dir', args.model_dir, '--sizes', json.dumps(sizes),
               '--min-seq', str(args.min_seq), '--max-seq', str(args.max_seq), '--budget-mib', str(args.budget_mib),
               '--vocab', str(args.vocab)] + (['--checkpointing'] if checkpointing else [])
@@ -201,18 +168,20 @@ def main() -> None:
                 results = run_layout(args, nproc, sizes, checkpointing)
                 rows.append((name, checkpointing, results))
     base = longest(rows[0][2], args.budget_mib)
-    print(f'{"layout":<16}{"checkpointing":>14}{"longest seq":>13}{"peak MiB":>10}{"tokens/s":>10}'
-          f'{"seq vs base":>13}{"tok/s vs base":>15}')
+    table = Table(Column('layout', 16, align='<'), Column('checkpointing', 14), Column('longest seq', 13),
+                  Column('peak MiB', 10, '{:.0f}'), Column('tokens/s', 10, '{:.0f}'),
+                  Column('seq vs base', 13, '{:.2f}'), Column('tok/s vs base', 15, '{:.2f}'))
+    print(table.header())
     for name, checkpointing, results in rows:
         best = longest(results, args.budget_mib)
         if best is None:
-            print(f'{name:<16}{"on" if checkpointing else "off":>14}{"none fits":>13}')
+            print(table.row(name, 'on' if checkpointing else 'off', 'none fits'))
             continue
         capped = '+' if best is results[-1] and best['seq'] * 2 > args.max_seq else ''
         seq_ratio = best['seq'] / base['seq'] if base else float('nan')
         tps_ratio = best['tokens_per_s'] / base['tokens_per_s'] if base else float('nan')
-        print(f'{name:<16}{"on" if checkpointing else "off":>14}{str(best["seq"]) + capped:>13}'
-              f'{best["peak_mib"]:>10.0f}{best["tokens_per_s"]:>10.0f}{seq_ratio:>13.2f}{tps_ratio:>15.2f}')
+        print(table.row(name, 'on' if checkpointing else 'off', str(best['seq']) + capped, best['peak_mib'],
+                        best['tokens_per_s'], seq_ratio, tps_ratio))
     print('(+: still within the budget at --max-seq; tokens/s of the whole group at its own longest length)')
 
 

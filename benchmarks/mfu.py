@@ -25,6 +25,8 @@ import sys
 import time
 from typing import Any, Dict, Optional, Tuple
 
+from _table import Column, Table
+
 SHAPES = {
     # Qwen3-1.7B / Qwen3-8B published configs (vocabulary 151936, tied embeddings for 1.7B only).
     'full': dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
@@ -120,7 +122,8 @@ def run_plain(case: str, lora: bool, args: argparse.Namespace) -> float:
         optimizer.zero_grad(set_to_none=True)
 
     seconds = _timed(step, args.warmup, args.steps, cuda)
-    del model, optimizer
+    # step() reads these names; None (not ``del``, which would leave step() a NameError) frees the memory.
+    model = optimizer = None
     if cuda:
         torch.cuda.empty_cache()
     return seconds
@@ -146,7 +149,7 @@ def run_twinkle(case: str, lora: bool, args: argparse.Namespace) -> float:
 
     seconds = _timed(step, args.warmup, args.steps, cuda)
     model.shutdown()
-    del model
+    model = None
     if cuda:
         torch.cuda.empty_cache()
     return seconds
@@ -173,7 +176,9 @@ def main() -> None:
     cases = [('full', False), ('lora', True)] if args.case == 'both' else [(args.case, args.case == 'lora')]
     print(f'device: {device}; dense bf16 peak: {f"{peak:.0f} TFLOP/s" if peak else "unknown (--peak-tflops)"}; '
           f'{args.batch} x {args.seq} tokens per step; {args.steps} timed steps after {args.warmup}')
-    print(f'{"case":<28}{"loop":<10}{"tokens/s":>11}{"TFLOP/s":>10}{"MFU":>8}')
+    table = Table(Column('case', 28, align='<'), Column('loop', 10, align='<'), Column('tokens/s', 11, '{:.0f}'),
+                  Column('TFLOP/s', 10, '{:.2f}'), Column('MFU', 8))
+    print(table.header())
     for case, lora in cases:
         shape = 'tiny' if args.tiny else case
         config = _config(shape, args.seq)
@@ -184,8 +189,9 @@ def main() -> None:
         for loop, seconds in timings.items():
             tflops = flops / seconds / 1e12
             mfu = f'{100 * tflops / peak:.1f}%' if peak else '-'
-            print(f'{label:<28}{loop:<10}{tokens / seconds:>11.0f}{tflops:>10.2f}{mfu:>8}')
-        print(f'{label:<28}{"ratio":<10}{timings["plain"] / timings["twinkle"]:>11.3f}  (Twinkle tokens/s / plain)')
+            print(table.row(label, loop, tokens / seconds, tflops, mfu))
+        ratio = timings['plain'] / timings['twinkle']
+        print(table.row(label, 'ratio', f'{ratio:.3f}') + '  (Twinkle tokens/s / plain)')
 
 
 if __name__ == '__main__':

@@ -15,9 +15,9 @@ Why the defaults (as tried on 2 CPU cores):
 
 - Warm-up of 100 steps. RL can only reinforce answers the policy sometimes samples. After 20 steps
   the model has learned the format but answers at chance, and GRPO with an exact-match reward (tried
-  at lr 1e-2, no KL) drifted to the most common answer ("7") and then collapsed. After 100 steps it gets about a quarter of the
-  unseen sums right at temperature 1 and most of them within 16 tries (pass@16 near 0.75): the regime
-  where RL turns pass@k into pass@1.
+  at lr 1e-2, no KL) drifted to the most common answer ("7") and then collapsed. After 100 steps it
+  gets about a quarter of the unseen sums right at temperature 1 and most of them within 16 tries
+  (pass@16 near 0.75): the regime where RL turns pass@k into pass@1.
 - Exact-match reward, no partial credit. Credit for near misses also pays the wrong answers next to the
   right one, so it does not single out the sum; with group baselines a 0/1 reward is signal enough here.
 - Group size 16 and every task in every step (12 prompts, drawn without replacement). A group with
@@ -31,8 +31,9 @@ Why the defaults (as tried on 2 CPU cores):
   seed 2 0.11 -> 0.44.
 - No KL penalty (``--beta 0``). With a verifiable 0/1 reward the KL term only holds the policy near the
   warm-up model's guesses, which RL is meant to improve on: at 0.01 (k3) seed 2, whose held-out sums
-  start almost never right, plateaued at 0.40 from 0.12 (measured at lr 6e-3, where it reached 0.49 without); the exact-match
-  reward itself guards the answer-then-stop format. The KL is still reported each step, so drift shows.
+  start almost never right, plateaued at 0.40 from 0.12 (measured at lr 6e-3, where it reached 0.49
+  without); the exact-match reward itself guards the answer-then-stop format. The KL is still
+  reported each step, so drift shows.
 - Temperature 1.0: sampling from the policy itself keeps the logprobs the loss sees equal to the
   sampler's and keeps enough exploration for groups to disagree.
 - Two updates per rollout batch (halves of it), each one micro-batch and one optimizer step: the second

@@ -49,7 +49,7 @@ def resolve(model_or_dataset_id: str, repo_type: RepoType = 'model', revision: O
         raise HubError(f'expected a model or dataset id string, got {type(model_or_dataset_id).__name__}')
     scheme, name = split_id(os.fspath(model_or_dataset_id))
     if scheme == 'builtin':
-        return _resolve_builtin(name, repo_type)
+        return _resolve_builtin(name)
     if scheme == 'hf':
         return _resolve_hf(name, repo_type, revision)
     if scheme == 'ms':
@@ -86,7 +86,7 @@ def _resolve_ms(name: str, repo_type: RepoType, revision: Optional[str]) -> str:
         raise HubError(f'could not resolve ms://{name} ({repo_type}): {exc}') from exc
 
 
-def _resolve_builtin(name: str, repo_type: RepoType) -> str:
+def _resolve_builtin(name: str) -> str:
     if name in BUILTIN_DATASETS:
         return str(BUILTIN_DATASETS[name])
     if name in BUILTIN_MODELS:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from typing import Any, Callable, Dict, Iterable, Optional, TypeVar
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, TypeVar
 
 T = TypeVar('T', bound=Callable[..., Any])  # classes and functions
 
@@ -82,3 +82,15 @@ def resolve(kind: str, name_or_obj: Any) -> Any:
     raise RegistryError(f'Unknown {kind} {name_or_obj!r}.{hint} Registered {kind}s: '
                         f'{", ".join(sorted(table)) or "(none)"}. Pass a class or register one with '
                         f'@twinkle.registry.register({kind!r}).')
+
+
+def build(kind: str, name_or_obj: Any, kwargs: Mapping[str, Any], caller: str) -> Any:
+    """A registered name or a class, built with ``kwargs``; any other object as it is. ``kwargs`` with an
+    object are refused rather than lost; ``caller`` names the call for the message."""
+    obj = resolve(kind, name_or_obj)
+    if isinstance(obj, type):
+        return obj(**kwargs)
+    if kwargs:
+        raise ValueError(f'{caller}: keyword arguments {sorted(kwargs)} apply only when the {kind} is given by name '
+                         f'or class; pass them to its constructor instead')
+    return obj

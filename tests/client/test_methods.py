@@ -21,9 +21,9 @@ def test_model_table_covers_every_remote_function_and_the_abstract_api():
 
 
 def test_server_implements_exactly_the_table():
-    from twinkle.server.native_model import ModelSession
+    from twinkle.server.native_model import NativeModelHandle
     from twinkle.server.native_objects import BatchIterator, DataLoaderObject, DatasetObject
-    implemented = {name[3:] for name in dir(ModelSession) if name.startswith('do_')}
+    implemented = {name[3:] for name in dir(NativeModelHandle) if name.startswith('do_')}
     assert implemented == set(MODEL.methods)
     for spec, cls in ((DATASET, DatasetObject), (DATALOADER, DataLoaderObject), (CLASSES['BatchIterator'],
                                                                                BatchIterator)):

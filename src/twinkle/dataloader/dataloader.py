@@ -263,13 +263,8 @@ class DataLoader:
     def set_processor(self, processor: Any, **kwargs: Any) -> 'DataLoader':
         """Collate every batch with ``processor``: an ``InputProcessor`` (instance, class or registered
         name, built with ``kwargs``) or any function of a list of samples."""
-        from twinkle.registry import resolve
-        obj = resolve('processor', processor)
-        if isinstance(obj, type):
-            obj = obj(**kwargs)
-        elif kwargs:
-            raise ValueError(f'set_processor: keyword arguments {sorted(kwargs)} apply only when the processor is '
-                             f'given by name or class')
+        from twinkle.registry import build
+        obj = build('processor', processor, kwargs, 'set_processor')
         if not callable(obj):
             raise ValueError(f'set_processor takes a callable (list of samples -> batch), got {type(obj).__name__}')
         self.collate_fn = obj

@@ -204,7 +204,7 @@ class Dataset:
         ``batched`` overrides the choice (``batched=False``: a plain function of one row).
         ``load_from_cache_file`` is accepted for scripts that pass it; steps are never served stale.
         """
-        fn = instantiate('preprocessor', preprocessor, {**(init_args or {}), **kwargs})
+        fn = instantiate('preprocessor', preprocessor, {**(init_args or {}), **kwargs}, 'map')
         if batched is None:
             batched = getattr(fn, 'batched', not isinstance(fn, Preprocessor))
         name = step_name(fn)
@@ -239,7 +239,7 @@ class Dataset:
         and/or keyword arguments, or a plain function) is true; it is called once per row."""
         kwargs.pop('batched', None)
         kwargs.pop('load_from_cache_file', None)
-        fn = instantiate('filter', filter, {**(init_args or {}), **kwargs})
+        fn = instantiate('filter', filter, {**(init_args or {}), **kwargs}, 'filter')
         name = step_name(fn)
 
         def step(ds: datasets.Dataset, state: str) -> Any:

@@ -96,7 +96,7 @@ class IterableDataset:
                              'sources separately or give them one format')
         for ignored in ('load_from_cache_file', 'batch_size'):
             kwargs.pop(ignored, None)
-        fn = instantiate('preprocessor', preprocessor, {**(init_args or {}), **kwargs})
+        fn = instantiate('preprocessor', preprocessor, {**(init_args or {}), **kwargs}, 'map')
         if batched is None:
             batched = getattr(fn, 'batched', not isinstance(fn, Preprocessor))
         self._steps.append(('batch_map' if batched else 'map', fn, step_name(fn)))
@@ -108,7 +108,7 @@ class IterableDataset:
                **kwargs: Any) -> Self:
         self._require(('raw', 'trajectory', 'encoded'), 'filter')
         kwargs.pop('batched', None)
-        fn = instantiate('filter', filter, {**(init_args or {}), **kwargs})
+        fn = instantiate('filter', filter, {**(init_args or {}), **kwargs}, 'filter')
         self._steps.append(('filter', fn, step_name(fn)))
         return self
 

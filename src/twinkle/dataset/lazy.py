@@ -76,7 +76,7 @@ class LazyDataset(Dataset):
             batch_size: int = MAP_BATCH, load_from_cache_file: Optional[bool] = None, **kwargs: Any) -> Self:
         """Record a step (the same kinds as ``Dataset.map``); it runs on each row as it is read.
         ``num_proc``, ``batch_size`` and ``load_from_cache_file`` are accepted for the same signature."""
-        fn = instantiate('preprocessor', preprocessor, {**(init_args or {}), **kwargs})
+        fn = instantiate('preprocessor', preprocessor, {**(init_args or {}), **kwargs}, 'map')
         if batched is None:
             batched = getattr(fn, 'batched', not isinstance(fn, Preprocessor))
         step = (fn, batched, step_name(fn))
@@ -100,7 +100,7 @@ class LazyDataset(Dataset):
         every row (``dataset_meta`` and ``num_proc`` are accepted for the same signature as ``Dataset.filter``)."""
         for ignored in ('batched', 'load_from_cache_file'):
             kwargs.pop(ignored, None)
-        fn = instantiate('filter', filter, {**(init_args or {}), **kwargs})
+        fn = instantiate('filter', filter, {**(init_args or {}), **kwargs}, 'filter')
         name = step_name(fn)
         before = len(self._index)
         kept = []

@@ -4,17 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Optional
 
-from twinkle.registry import resolve
+from twinkle.registry import build
 
 
-def instantiate(kind: str, obj: Any, kwargs: Dict[str, Any]) -> Callable:
+def instantiate(kind: str, obj: Any, kwargs: Dict[str, Any], caller: str) -> Callable:
     """A registered name or a class (built with ``kwargs``), or a ready callable."""
-    obj = resolve(kind, obj)
-    if isinstance(obj, type):
-        obj = obj(**kwargs)
-    elif kwargs:
-        raise ValueError(f'keyword arguments {sorted(kwargs)} are only used when the {kind} is given by name or '
-                         f'class; pass them to its constructor instead')
+    obj = build(kind, obj, kwargs, caller)
     if not callable(obj):
         raise ValueError(f'a {kind} must be callable (row -> ...), got {type(obj).__name__}')
     return obj
@@ -26,12 +21,8 @@ def step_name(fn: Any) -> str:
 
 def build_template(template: Any, model_id: Optional[str] = None, **template_kwargs: Any) -> Any:
     """The ``Template`` a ``set_template`` call names: a registered name, a class, or an instance."""
-    obj = resolve('template', template)
-    if isinstance(obj, type):
-        obj = obj(model_id=model_id, **template_kwargs) if model_id is not None else obj(**template_kwargs)
-    elif model_id is not None or template_kwargs:
-        raise ValueError('set_template: model_id and template keyword arguments apply only when the template is '
-                         'given by name or class, not to an instance')
+    kwargs = {**template_kwargs, **({'model_id': model_id} if model_id is not None else {})}
+    obj = build('template', template, kwargs, 'set_template')
     if not callable(getattr(obj, 'encode', None)):
         raise ValueError(f'set_template: {type(obj).__name__} has no encode(trajectory) method')
     return obj

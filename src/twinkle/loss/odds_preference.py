@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from twinkle.loss.base import Loss, LossOutput
-from twinkle.loss.preference import _pair_metrics, _pairs, _smoothed_sigmoid_loss
+from twinkle.loss.preference import _check_beta_and_smoothing, _pair_metrics, _pairs, _smoothed_sigmoid_loss
 from twinkle.loss.utils import masked_sum, policy_logps
 from twinkle.registry import register
 
@@ -35,14 +35,11 @@ class CPOLoss(Loss):
 
     def __init__(self, beta: float = 0.1, alpha: float = 1.0, loss_type: str = 'sigmoid',
                  label_smoothing: float = 0.0) -> None:
-        if beta <= 0:
-            raise ValueError(f'CPOLoss beta must be > 0; got {beta}')
+        _check_beta_and_smoothing('CPOLoss', beta, label_smoothing)
         if alpha < 0:
             raise ValueError(f'CPOLoss alpha (weight of the chosen NLL) must be >= 0; got {alpha}')
         if loss_type not in ('sigmoid', 'hinge'):
             raise ValueError(f"CPOLoss loss_type must be 'sigmoid' or 'hinge'; got {loss_type!r}")
-        if not 0 <= label_smoothing < 0.5:
-            raise ValueError(f'CPOLoss label_smoothing must be in [0, 0.5); got {label_smoothing}')
         self.beta, self.alpha = float(beta), float(alpha)
         self.loss_type = loss_type
         self.label_smoothing = float(label_smoothing)

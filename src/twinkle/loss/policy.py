@@ -30,7 +30,7 @@ sequence, in order.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Literal, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -46,7 +46,6 @@ from twinkle.loss.utils import (
 )
 from twinkle.registry import register
 
-LossType = Literal['grpo', 'dapo', 'dr_grpo', 'bnpo', 'sum']
 LOSS_TYPES = ('grpo', 'dapo', 'dr_grpo', 'bnpo', 'sum')
 KL_ESTIMATORS = ('k1', 'k2', 'k3')
 

@@ -89,6 +89,13 @@ def _pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> Dict[str, flo
     }
 
 
+def _check_beta_and_smoothing(owner: str, beta: float, label_smoothing: float) -> None:
+    if beta <= 0:
+        raise ValueError(f'{owner} beta must be > 0; got {beta}')
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f'{owner} label_smoothing must be in [0, 0.5); got {label_smoothing}')
+
+
 def _smoothed_sigmoid_loss(z: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     # Label smoothing treats each preference as flipped with probability label_smoothing.
     return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
@@ -125,10 +132,7 @@ class DPOLoss(Loss):
                              f'positions (got ignore_index={ignore_index})')
         if kwargs:
             raise TypeError(f'DPOLoss got unexpected arguments {sorted(kwargs)}')
-        if beta <= 0:
-            raise ValueError(f'DPOLoss beta must be > 0; got {beta}')
-        if not 0 <= label_smoothing < 0.5:
-            raise ValueError(f'DPOLoss label_smoothing must be in [0, 0.5); got {label_smoothing}')
+        _check_beta_and_smoothing('DPOLoss', beta, label_smoothing)
         self.beta = float(beta)
         self.loss_type = loss_type
         self.label_smoothing = float(label_smoothing)
@@ -169,10 +173,7 @@ class SimPOLoss(Loss):
     """
 
     def __init__(self, beta: float = 2.0, gamma: float = 0.5, label_smoothing: float = 0.0) -> None:
-        if beta <= 0:
-            raise ValueError(f'SimPOLoss beta must be > 0; got {beta}')
-        if not 0 <= label_smoothing < 0.5:
-            raise ValueError(f'SimPOLoss label_smoothing must be in [0, 0.5); got {label_smoothing}')
+        _check_beta_and_smoothing('SimPOLoss', beta, label_smoothing)
         self.beta = float(beta)
         self.gamma = float(gamma)
         self.label_smoothing = float(label_smoothing)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from .session import TrainingSession
+    from .adapter_state import AdapterState
 
 MANIFEST = 'twinkle_manifest.json'
 TRAINER_STATE = 'trainer_state.json'
@@ -179,7 +179,7 @@ def checkpoint_path(name: str, output_dir: Optional[str], default_dir: Path) -> 
     return Path(output_dir or default_dir) / name
 
 
-def weights_folder(checkpoint_dir: Union[str, Path], session: 'TrainingSession') -> Path:
+def weights_folder(checkpoint_dir: Union[str, Path], session: 'AdapterState') -> Path:
     """The local folder of ``checkpoint_dir`` (hub addresses resolved), checked to hold an adapter's
     weights when the session trains one."""
     from ..hub import resolve

@@ -1,6 +1,6 @@
 """The training core every backend facade shares.
 
-``TrainingCore`` holds one ``TrainingSession`` per adapter (or one for full training) and implements
+``TrainingCore`` holds one ``AdapterState`` per adapter (or one for full training) and implements
 what does not depend on how the module is built or run: choosing the session an ``adapter_name``
 means, losses and metrics, the accumulation window and ``clip_grad_and_step``, and the checkpoint
 save / load / resume flow (``twinkle.model.checkpoint``). A backend supplies the module, the forward
@@ -25,10 +25,10 @@ from typing import Any, Dict, List, Optional
 from ..registry import resolve
 from ..runtime.remote import remote_function
 from . import checkpoint
+from .adapter_state import AdapterState
 from .base import TwinkleModel
 from .communication import Communication
 from .components import TemplateProcessorMixin
-from .session import TrainingSession
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class TrainingCore(TemplateProcessorMixin, TwinkleModel):
         from ..metric import MetricWriter
         from ..settings import get_settings
         self.output_dir = Path(own.get('output_dir') or 'output')
-        self.sessions: Dict[Optional[str], TrainingSession] = {}
+        self.sessions: Dict[Optional[str], AdapterState] = {}
         self._template: Any = None
         self._processor: Any = None
         self._patches: List[Any] = []
@@ -72,11 +72,11 @@ class TrainingCore(TemplateProcessorMixin, TwinkleModel):
     def adapter_names(self) -> List[str]:
         return [n for n in self.sessions if n is not None]
 
-    def _session(self, adapter_name: Optional[str]) -> TrainingSession:
+    def _session(self, adapter_name: Optional[str]) -> AdapterState:
         name = select_adapter(self.adapter_names, adapter_name)
         if name is None:
             if None not in self.sessions:  # full-parameter training starts on first use
-                self.sessions[None] = TrainingSession(name=None)
+                self.sessions[None] = AdapterState(name=None)
             return self.sessions[None]
         if name not in self.sessions:
             raise ValueError(f'adapter {name!r} does not exist; adapters: {self.adapter_names or "none"}. '
@@ -84,8 +84,8 @@ class TrainingCore(TemplateProcessorMixin, TwinkleModel):
         return self.sessions[name]
 
     def _new_adapter_session(self, adapter_name: str, gradient_accumulation_steps: int) -> None:
-        self.sessions[adapter_name] = TrainingSession(name=adapter_name,
-                                                      gradient_accumulation_steps=int(gradient_accumulation_steps))
+        self.sessions[adapter_name] = AdapterState(name=adapter_name,
+                                                   gradient_accumulation_steps=int(gradient_accumulation_steps))
 
     # ------------------------------------------------------------------ loss and metrics
     @remote_function(dispatch='all', collect='first')
@@ -152,12 +152,12 @@ class TrainingCore(TemplateProcessorMixin, TwinkleModel):
     def _check_norm_type(self, norm_type: float) -> None:
         """Refuse a norm the backend cannot clip by (before anything of the window is touched)."""
 
-    def _normalise_window(self, session: TrainingSession) -> bool:
+    def _normalise_window(self, session: AdapterState) -> bool:
         """Turn the accumulated gradients into those of the window's objective (see twinkle.loss.base);
         False if a 'mean' window had no units (the step is skipped)."""
         raise NotImplementedError
 
-    def _clip_and_step(self, session: TrainingSession, max_grad_norm: float, norm_type: float) -> Optional[float]:
+    def _clip_and_step(self, session: AdapterState, max_grad_norm: float, norm_type: float) -> Optional[float]:
         """Clip (when ``max_grad_norm`` > 0) and apply the optimizer; the gradient norm, if measured."""
         raise NotImplementedError
 
@@ -181,21 +181,21 @@ class TrainingCore(TemplateProcessorMixin, TwinkleModel):
         return {'stepped': True, 'step': session.optimizer_step, 'grad_norm': grad_norm}
 
     # ------------------------------------------------------------------ checkpoint hooks
-    def _gather_weights(self, session: TrainingSession) -> Optional[Dict[str, Any]]:
+    def _gather_weights(self, session: AdapterState) -> Optional[Dict[str, Any]]:
         """The weights to save (collective); None on ranks that do not write them."""
         raise NotImplementedError
 
-    def _write_weights(self, folder: Path, session: TrainingSession, weights: Dict[str, Any]) -> None:
+    def _write_weights(self, folder: Path, session: AdapterState, weights: Dict[str, Any]) -> None:
         """Write the weights (and the tokenizer) in the format plain tools read; the main rank only."""
         raise NotImplementedError
 
-    def _load_weights(self, folder: Path, session: TrainingSession) -> None:
+    def _load_weights(self, folder: Path, session: AdapterState) -> None:
         raise NotImplementedError
 
-    def _save_optimizer_state(self, folder: Path, session: TrainingSession) -> None:
+    def _save_optimizer_state(self, folder: Path, session: AdapterState) -> None:
         raise NotImplementedError
 
-    def _load_optimizer_state(self, folder: Path, session: TrainingSession) -> None:
+    def _load_optimizer_state(self, folder: Path, session: AdapterState) -> None:
         raise NotImplementedError
 
     def _trainer_state_extra(self) -> Dict[str, Any]:

@@ -1,8 +1,8 @@
-"""``ModelSession``: the server side of a client's ``TransformersModel`` proxy.
+"""``NativeModelHandle``: the server side of a client's ``TransformersModel`` proxy.
 
-A session is one client's view of the shared base model. Each adapter it adds is a training run with a
+A handle is one client's view of the shared base model. Each adapter it adds is a training run with a
 server-generated internal name; the client's adapter names are only labels. Templates and processors
-set through it belong to the session, not to the shared model. Every ``do_<method>`` runs on the model
+set through it belong to the handle, not to the shared model. Every ``do_<method>`` runs on the model
 worker; the set of methods is exactly ``twinkle.wire.methods.MODEL``, and each takes the parameters of the
 model method it stands for (checked at import: names, kinds and defaults). Methods that only pick the
 caller's adapter are generated from ``PASS_THROUGH``; the others check what a tenant may ask for.
@@ -115,7 +115,7 @@ def _generate_options(config: Dict[str, Any], limit: int) -> Dict[str, Any]:
     return config
 
 
-class ModelSession:
+class NativeModelHandle:
 
     def __init__(self, ctx: ServerContext, tenant: str, table: ObjectTable, model_id: Optional[str] = None,
                  **options: Any) -> None:
@@ -440,7 +440,7 @@ class ModelSession:
             return self.engine.model.generate(prompts, adapter_name=a.name, **config)
 
 
-# Methods a session only forwards to the shared model, and whether they need the adapter's optimizer.
+# Methods a handle only forwards to the shared model, and whether they need the adapter's optimizer.
 PASS_THROUGH: Dict[str, bool] = {'step': True, 'zero_grad': True, 'lr_step': False, 'calculate_metric': False}
 # Parameters the server takes beyond the model method's own (the LoRA seed, which a local run sets globally).
 SERVER_EXTRAS: Dict[str, tuple] = {'add_adapter_to_model': ('seed',)}
@@ -450,7 +450,7 @@ def _pass_through(name: str, needs_optimizer: bool) -> Callable[..., Any]:
     target = getattr(SharedModel, name)
     signature = inspect.signature(target)
 
-    def do(self: ModelSession, *args: Any, **kwargs: Any) -> Any:
+    def do(self: NativeModelHandle, *args: Any, **kwargs: Any) -> Any:
         try:
             bound = signature.bind(self, *args, **kwargs)
         except TypeError as exc:
@@ -468,18 +468,18 @@ def _pass_through(name: str, needs_optimizer: bool) -> Callable[..., Any]:
 
 
 for _name, _needs_optimizer in PASS_THROUGH.items():
-    setattr(ModelSession, f'do_{_name}', _pass_through(_name, _needs_optimizer))
+    setattr(NativeModelHandle, f'do_{_name}', _pass_through(_name, _needs_optimizer))
 
 
 def signature_drift() -> List[str]:
-    """How ModelSession's ``do_<method>`` differ from the shared model's methods of MODEL (empty: none)."""
+    """How NativeModelHandle's ``do_<method>`` differ from the shared model's methods of MODEL (empty: none)."""
     def params(fn: Any, skip: tuple = ()) -> List[tuple]:
         return [(p.name, p.kind, p.default) for p in list(inspect.signature(fn).parameters.values())[1:]
                 if p.name not in skip]
 
     drift = [f'{name}: passed through but not declared' for name in PASS_THROUGH if name not in MODEL.methods]
     for name in MODEL.methods:
-        mine = getattr(ModelSession, f'do_{name}', None)
+        mine = getattr(NativeModelHandle, f'do_{name}', None)
         if mine is None:
             drift.append(f'{name}: no do_{name}')
         elif params(mine, SERVER_EXTRAS.get(name, ())) != params(getattr(SharedModel, name)):
@@ -490,5 +490,5 @@ def signature_drift() -> List[str]:
 
 _drift = signature_drift()
 if _drift:  # the table, the model and the server must not drift
-    raise RuntimeError('ModelSession does not match twinkle.wire.methods.MODEL and the model methods: '
+    raise RuntimeError('NativeModelHandle does not match twinkle.wire.methods.MODEL and the model methods: '
                        + '; '.join(_drift))

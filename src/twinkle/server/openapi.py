@@ -129,7 +129,3 @@ def install(app: FastAPI) -> None:
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-
-
-def documented_codes(schema: Dict[str, Any], path: str, method: str) -> Iterable[int]:
-    return sorted(int(c) for c in schema['paths'][path][method.lower()]['responses'] if c.isdigit())

@@ -14,7 +14,7 @@ from . import responses as R
 from .context import ServerContext
 from .deps import compute_tenant, context, object_table, tenant, tenant_store
 from .errors import BadRequest, Conflict, NotFound
-from .native_model import SLICED_METHODS, ModelSession, Ref
+from .native_model import SLICED_METHODS, NativeModelHandle, Ref
 from .native_objects import DataLoaderObject, DatasetObject, ObjectTable, decode_args
 from .responses import answers
 from .store import TenantStore, format_path
@@ -66,7 +66,7 @@ async def create(body: CreateBody, t: str = Depends(compute_tenant), ctx: Server
         raise NotFound(f'class {body.class_name!r} cannot be created remotely; available: {list(CONSTRUCTIBLE)}')
     args, kwargs = _decoded(table, t, body)
     if body.class_name == 'TransformersModel':
-        obj: Any = ModelSession(ctx, t, table, *args, **kwargs)
+        obj: Any = NativeModelHandle(ctx, t, table, *args, **kwargs)
         info = obj.info()
     elif body.class_name == 'Dataset':
         served = (ctx.settings.model, ctx.settings.served_name)
@@ -123,7 +123,7 @@ async def list_objects(t: str = Depends(tenant), table: ObjectTable = Depends(ob
 async def release(object_id: str, t: str = Depends(tenant), ctx: ServerContext = Depends(context),
                   table: ObjectTable = Depends(object_table)) -> Dict[str, Any]:
     entry = table.get(t, object_id)
-    if isinstance(entry.obj, ModelSession):
+    if isinstance(entry.obj, NativeModelHandle):
         await ctx.run_model(t, entry.obj.release)
     table.remove(t, object_id)
     return {}

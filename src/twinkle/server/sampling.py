@@ -120,7 +120,7 @@ def sample_many(engine: DecodingEngine, calls: Sequence[SampleCall]) -> List[Uni
         sequences = core_generate(hf, requests, config, pad_id=int(model.template.pad_token_id or 0),
                                   device=model.device, decode=model.template.decode)
     for adapter, generator in unseeded:  # the adapter's own stream moves on, as if it had sampled alone
-        _store_stream(engine, adapter, generator)
+        _store_stream(adapter, generator)
     results: List[Union[TinkerSampleResult, BaseException]] = []
     for call, seqs in zip(calls, sequences):
         for seq in seqs:
@@ -158,7 +158,7 @@ def _cpu(state: torch.Tensor) -> torch.Generator:
     return gen
 
 
-def _store_stream(engine: DecodingEngine, adapter: Adapter, gen: torch.Generator) -> None:
+def _store_stream(adapter: Adapter, gen: torch.Generator) -> None:
     if gen.device.type == 'cpu':
         adapter.rng = gen.get_state()
     elif adapter.cuda_rng is not None:

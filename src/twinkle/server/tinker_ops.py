@@ -22,6 +22,8 @@ from .store import TenantStore, check_name, format_path
 
 @dataclass
 class TinkerSession:
+    """The Tinker protocol's session: what one client opens with ``create_session`` and keeps alive by heartbeats;
+    it owns the training models and sampling sessions created under it."""
     session_id: str
     tenant: str
     created: float = field(default_factory=time.time)
@@ -46,7 +48,8 @@ class TinkerModel:
 
 @dataclass
 class SamplingSession:
-    """A Tinker sampling session (a sampler adapter on the server's model); not a ``twinkle.sampler.Sampler``."""
+    """The Tinker protocol's sampling session (``create_sampling_session``): a sampler adapter on the server's
+    model; not a ``twinkle.sampler.Sampler``."""
     sampler_id: str
     tenant: str
     model_path: Optional[str]
@@ -66,7 +69,6 @@ class SamplingSession:
             del self.seen[next(iter(self.seen))]
 
 
-Sampler = SamplingSession  # the former name
 SEEN_PER_SAMPLER = 1024
 
 
@@ -284,12 +286,6 @@ class TinkerState:
         fut, _ = self.ctx.job(tenant, lambda: None)
         self.ctx.worker.put(tenant, SampleWork(self, s, req, fut), sliced=True)
         return fut
-
-    def op_sample(self, s: SamplingSession, req: Dict[str, Any]) -> bytes:
-        result = self.ctx.engine.sample_many([self.prepare_sample(s, req)])[0]
-        if isinstance(result, BaseException):
-            raise result
-        return self.finish_sample(s, req, result)
 
     def prepare_sample(self, s: SamplingSession, req: Dict[str, Any]) -> SampleCall:
         engine = self.ctx.engine

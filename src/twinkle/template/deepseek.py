@@ -141,13 +141,17 @@ class DeepSeekTemplate(Template):
         return emit.result()
 
     def _assistant(self, emit: Emitter, m: Dict[str, Any], i: int, thinks: bool, after: str) -> None:
+        # After tool results the reply continues the turn they interrupted; V3.1 writes no reasoning there.
+        if after == 'tool' and thinks and split_reasoning(m)[0]:
+            raise ValueError(f'messages[{i}]: the DeepSeek-V3.1 format has no place for reasoning after tool '
+                             f'results; drop its reasoning or encode with enable_thinking=False')
+        self._reply(emit, m, thinks, marker=after != 'tool')
+
+    def _reply(self, emit: Emitter, m: Dict[str, Any], thinks: bool, marker: bool) -> None:
+        """An assistant turn: with ``marker``, the assistant marker and, when thinking, the reasoning; then
+        the answer, its tool calls (in the format's ``tool_calls_text``) and EOS."""
         reasoning, answer = split_reasoning(m)
-        if after == 'tool':
-            # The reply continues the turn the tool results interrupted; V3.1 writes no reasoning there.
-            if thinks and reasoning:
-                raise ValueError(f'messages[{i}]: the DeepSeek-V3.1 format has no place for reasoning after tool '
-                                 f'results; drop its reasoning or encode with enable_thinking=False')
-        else:
+        if marker:
             emit(ASSISTANT + (THINK_OPEN if thinks else THINK_CLOSE))
             if thinks:
                 emit(reasoning + THINK_CLOSE, train=True)

@@ -23,13 +23,11 @@ from .deepseek import (
     ASSISTANT,
     BOS,
     CHAT_TOKENS,
-    EOS,
     THINK_CLOSE,
     THINK_OPEN,
     USER,
     DeepSeekTemplate,
     Emitter,
-    split_reasoning,
     to_json,
 )
 from .validate import arguments_object
@@ -70,19 +68,11 @@ class DeepseekV4Template(DeepSeekTemplate):
                 emit(('\n\n' if previous in ('user', 'tool') else USER) + text)
             else:
                 thinks = self.enable_thinking and (keep_all_reasoning or i > last_user)
-                self._v4_assistant(emit, m, thinks, marker=previous != 'assistant')
+                self._reply(emit, m, thinks, marker=previous != 'assistant')
             previous = role
         if add_generation_prompt and previous in ('user', 'tool'):
             emit(ASSISTANT + (THINK_OPEN if self.enable_thinking else THINK_CLOSE))
         return emit.result()
-
-    def _v4_assistant(self, emit: Emitter, m: Dict[str, Any], thinks: bool, marker: bool) -> None:
-        reasoning, answer = split_reasoning(m)
-        if marker:
-            emit(ASSISTANT + (THINK_OPEN if thinks else THINK_CLOSE))
-            if thinks:
-                emit(reasoning + THINK_CLOSE, train=True)
-        emit(answer + self.tool_calls_text(m.get('tool_calls') or []) + EOS, train=True)
 
     def tool_calls_text(self, calls: List[Dict[str, Any]]) -> str:
         if not calls:

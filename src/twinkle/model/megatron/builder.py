@@ -33,12 +33,6 @@ def build_gpt(spec: ModelSpec, config: Any) -> Any:
         position_embedding_type='rope', rotary_base=int(spec.rotary_base), **spec.rope_scaling)
 
 
-def rank_shard(hf_state: Dict[str, torch.Tensor], spec: ModelSpec, config: Any,
-               coords: Dict[str, int]) -> Dict[str, torch.Tensor]:
-    full = hf_to_mcore(hf_state, spec)
-    return shard_state(full, spec, layout_of(config), coords['pp'], coords['tp'], coords['ep'])
-
-
 def load_shard(module: torch.nn.Module, shard: Dict[str, torch.Tensor]) -> None:
     """Copy ``shard`` into ``module``; every parameter must be covered."""
     own = module.state_dict()

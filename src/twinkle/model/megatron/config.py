@@ -15,7 +15,6 @@ from .families import family_of, supported_model_types
 
 # The registered families' names at import (families.register_family adds more).
 SUPPORTED_MODEL_TYPES = supported_model_types()
-MOE_MODEL_TYPES = tuple(t for t in SUPPORTED_MODEL_TYPES if family_of(t).is_moe)
 # Filled from the device mesh; passing them as keyword arguments would contradict the mesh.
 MESH_OWNED_FIELDS = {
     'tensor_model_parallel_size': 'tp_size', 'pipeline_model_parallel_size': 'pp_size',

@@ -15,23 +15,22 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 class FusedLinear:
     """A megatron-core linear layer and the Hugging Face projections it holds.
 
-    ``fuse``: how the projections' weights combine: ``'qkv'`` (grouped per key/value head), ``'stack'`` (rows
-    stacked in order, e.g. gate then up) or ``'one'`` (a single projection). ``tp``: how tensor parallelism
-    splits it: ``'column'`` (rows), ``'fc1'`` (each stacked half by rows) or ``'row'`` (columns)."""
+    ``tp``: how tensor parallelism splits it: ``'column'`` (rows), ``'fc1'`` (each stacked half by rows) or
+    ``'row'`` (columns). ``bridge.py`` fuses the projections by layer name (q/k/v grouped per key/value
+    head, gate then up)."""
     block: str                  # megatron-core submodule of the layer: 'self_attention' | 'mlp'
     name: str                   # megatron-core layer name: 'linear_qkv', ...
     hf_block: str               # Hugging Face submodule: 'self_attn' | 'mlp'
     hf_parts: Tuple[str, ...]   # Hugging Face projections, in fused order
-    fuse: str
     tp: str
 
 
 # Per-layer names shared by the GPT-style decoders mapped here.
 DENSE_LINEARS = (
-    FusedLinear('self_attention', 'linear_qkv', 'self_attn', ('q_proj', 'k_proj', 'v_proj'), 'qkv', 'column'),
-    FusedLinear('self_attention', 'linear_proj', 'self_attn', ('o_proj',), 'one', 'row'),
-    FusedLinear('mlp', 'linear_fc1', 'mlp', ('gate_proj', 'up_proj'), 'stack', 'fc1'),
-    FusedLinear('mlp', 'linear_fc2', 'mlp', ('down_proj',), 'one', 'row'),
+    FusedLinear('self_attention', 'linear_qkv', 'self_attn', ('q_proj', 'k_proj', 'v_proj'), 'column'),
+    FusedLinear('self_attention', 'linear_proj', 'self_attn', ('o_proj',), 'row'),
+    FusedLinear('mlp', 'linear_fc1', 'mlp', ('gate_proj', 'up_proj'), 'fc1'),
+    FusedLinear('mlp', 'linear_fc2', 'mlp', ('down_proj',), 'row'),
 )
 # Per-layer tensors renamed one to one (Hugging Face suffix -> megatron-core suffix).
 DENSE_RENAMES = {

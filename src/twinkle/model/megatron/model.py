@@ -18,9 +18,9 @@ import torch
 from ...loss.base import LossOutput, bind_loss_template, combine_metrics, reported_loss, window_reduction, window_scale
 from ...runtime import context
 from ...runtime.remote import remote_class, remote_function
+from ..adapter_state import AdapterState
 from ..core import TrainingCore
 from ..inputs import prepare_batch
-from ..session import TrainingSession
 from . import io as mio, lora, optim, parallel, step
 from ._compat import require_megatron
 from .builder import build_gpt, load_hf_weights
@@ -102,7 +102,7 @@ class MegatronModel(TrainingCore):
         pad_id = getattr(self.hf_config, 'pad_token_id', None) or 0
         return step.pad_to_multiple(batch, multiple, pad_id)
 
-    def _run(self, inputs: Any, session: TrainingSession, forward_only: bool, kwargs: Dict[str, Any]) -> List[Any]:
+    def _run(self, inputs: Any, session: AdapterState, forward_only: bool, kwargs: Dict[str, Any]) -> List[Any]:
         if self.mesh.cp_size > 1:
             raise NotImplementedError('cp_size > 1: megatron-core runs context parallelism only inside Transformer '
                                       'Engine attention (TEDotProductAttention; its local DotProductAttention asserts '
@@ -125,7 +125,7 @@ class MegatronModel(TrainingCore):
             return step.run_schedule(module, step.split_microbatches(batch, microbatches), self.spec.vocab_size,
                                      loss_fn, forward_only, temperature)
 
-    def _summarise(self, collected: List[Any], session: TrainingSession, training: bool) -> Dict[str, Any]:
+    def _summarise(self, collected: List[Any], session: AdapterState, training: bool) -> Dict[str, Any]:
         result = None
         if self.is_last_stage:
             loss_sum = sum(float(lo.loss.detach()) for _, _, lo in collected)
@@ -198,7 +198,7 @@ class MegatronModel(TrainingCore):
         if norm_type != 2.0:
             raise ValueError('megatron-core clips by the L2 norm only (norm_type=2.0)')
 
-    def _normalise_window(self, session: TrainingSession) -> bool:
+    def _normalise_window(self, session: AdapterState) -> bool:
         from megatron.core.distributed import finalize_model_grads
         if window_scale(session.window_reduction, float(self.comm.reduce_sum(session.window_items.clone()))) is None:
             return False
@@ -210,7 +210,7 @@ class MegatronModel(TrainingCore):
         finalize_model_grads([self.ddp], num_tokens=tokens)
         return True
 
-    def _clip_and_step(self, session: TrainingSession, max_grad_norm: float, norm_type: float) -> Optional[float]:
+    def _clip_and_step(self, session: AdapterState, max_grad_norm: float, norm_type: float) -> Optional[float]:
         _mcore_optimizer(session).config.clip_grad = float(max_grad_norm or 0.0)
         self.step(adapter_name=session.name)
         return session.last_grad_norm
@@ -253,22 +253,22 @@ class MegatronModel(TrainingCore):
                                   'has none')
 
     # ------------------------------------------------------------------ checkpoint hooks
-    def _gather_weights(self, session: TrainingSession) -> Optional[Dict[str, Any]]:
+    def _gather_weights(self, session: AdapterState) -> Optional[Dict[str, Any]]:
         return mio.hf_state_dict(self.shard, adapter=session.name is not None)
 
-    def _write_weights(self, folder: Path, session: TrainingSession, weights: Dict[str, Any]) -> None:
+    def _write_weights(self, folder: Path, session: AdapterState, weights: Dict[str, Any]) -> None:
         mio.write_weights(folder, weights, lora_spec=self.lora_spec if session.name is not None else None,
                           hf_config=self.hf_config, model_id=self.model_id)
         with contextlib.suppress(Exception):  # a checkpoint without a tokenizer is still a checkpoint
             self.tokenizer.save_pretrained(str(folder))
 
-    def _load_weights(self, folder: Path, session: TrainingSession) -> None:
+    def _load_weights(self, folder: Path, session: AdapterState) -> None:
         mio.load_weights(folder, self.shard, self.lora_spec if session.name is not None else None, session.optimizer)
 
-    def _save_optimizer_state(self, folder: Path, session: TrainingSession) -> None:
+    def _save_optimizer_state(self, folder: Path, session: AdapterState) -> None:
         mio.save_optimizer_state(folder, session.optimizer, self.comm.rank)
 
-    def _load_optimizer_state(self, folder: Path, session: TrainingSession) -> None:
+    def _load_optimizer_state(self, folder: Path, session: AdapterState) -> None:
         mio.load_optimizer_state(folder, session.optimizer, self.comm.rank, self.device)
 
     def _trainer_state_extra(self) -> Dict[str, Any]:
@@ -306,7 +306,7 @@ def _default_mesh() -> Any:
     return DeviceMesh.from_sizes(world_size=context.world_size())
 
 
-def _mcore_optimizer(session: TrainingSession) -> Any:
+def _mcore_optimizer(session: AdapterState) -> Any:
     """The session's megatron-core optimizer (its step returns (ok, grad_norm, zeros), unlike torch's)."""
     if session.optimizer is None:
         raise ValueError(f'call set_optimizer(...) for adapter {session.name!r} first')

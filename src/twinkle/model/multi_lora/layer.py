@@ -177,13 +177,7 @@ class MultiLoraLinear(nn.Module):
         plan = routing.plan(batch, seq, ranks, x.device)
         if plan.num_groups == 0:
             return result
-        delta = self._grouped_delta(x.reshape(batch * seq, self.in_features), plan)
-        flat = result.reshape(batch * seq, self.out_features)
-        if plan.dense:
-            flat = flat + delta.to(flat.dtype)
-        else:
-            flat = flat.index_add(0, plan.src, delta.to(flat.dtype))
-        return flat.view_as(result)
+        return add_routed_delta(result, self._grouped_delta(x.reshape(batch * seq, self.in_features), plan), plan)
 
     def _grouped_delta(self, x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         """The LoRA update of the routed tokens, in ``plan.src`` order (the identity when ``plan.dense``)."""
@@ -268,3 +262,13 @@ def grouped_delta(x: torch.Tensor, plan: RoutingPlan, lora_a: Union[Mapping[str,
     delta = parts[0] if len(parts) == 1 else torch.cat(parts)
     delta = delta.reshape(groups * seg, delta.shape[-1])
     return delta.index_select(0, plan.dest) if plan.padded else delta
+
+
+def add_routed_delta(result: torch.Tensor, delta: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    """The base layer's ``result`` (``(batch, ..., out)``) plus ``grouped_delta``'s update of the routed tokens."""
+    flat = result.reshape(-1, result.shape[-1])
+    if plan.dense:
+        flat = flat + delta.to(flat.dtype)
+    else:
+        flat = flat.index_add(0, plan.src, delta.to(flat.dtype))
+    return flat.view_as(result)

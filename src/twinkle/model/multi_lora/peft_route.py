@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Collection, Dict, Iterator, List, Optional, Se
 import torch
 from torch import nn
 
-from .layer import grouped_delta
+from .layer import add_routed_delta, grouped_delta
 from .routing import Routing
 
 if TYPE_CHECKING:
@@ -62,13 +62,7 @@ def _routed_forward(layer: PeftLinear, routing: Routing, frozen: Collection[str]
         weights_a[n], weights_b[n] = (a.detach(), b.detach()) if n in frozen else (a, b)
     delta = grouped_delta(x.reshape(batch * seq, in_features), plan, weights_a, weights_b,
                           lambda n, r: layer.scaling[n])
-    out_features = result.shape[-1]
-    flat = result.reshape(batch * seq, out_features)
-    if plan.dense:
-        flat = flat + delta.to(flat.dtype)
-    else:
-        flat = flat.index_add(0, plan.src, delta.to(flat.dtype))
-    return flat.view_as(result)
+    return add_routed_delta(result, delta, plan)
 
 
 @contextmanager

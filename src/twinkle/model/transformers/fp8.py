@@ -40,7 +40,7 @@ def require_torchao() -> Any:
     return convert_to_float8_training
 
 
-def _eligible(module: nn.Module, name: str, output_layer: Optional[nn.Module]) -> bool:
+def _eligible(module: nn.Module, output_layer: Optional[nn.Module]) -> bool:
     if not isinstance(module, nn.Linear) or module is output_layer:
         return False
     return module.in_features % _ALIGN == 0 and module.out_features % _ALIGN == 0
@@ -51,7 +51,7 @@ def convert(hf_model: nn.Module) -> int:
     convert_to_float8_training = require_torchao()
     get_output = getattr(hf_model, 'get_output_embeddings', None)
     output_layer: Optional[nn.Module] = get_output() if get_output is not None else None
-    chosen = [name for name, m in hf_model.named_modules() if _eligible(m, name, output_layer)]
+    chosen = [name for name, m in hf_model.named_modules() if _eligible(m, output_layer)]
     if not chosen:
         raise ValueError("mixed_precision='fp8': the model has no linear layer with both dimensions multiples of "
                          f"{_ALIGN}; fp8 matmuls need aligned shapes. Use mixed_precision='bf16'")

@@ -16,9 +16,9 @@ from torch import nn
 
 from ...loss.base import bind_loss_template, reported_loss, window_reduction, window_scale
 from ...runtime.remote import remote_class, remote_function
+from ..adapter_state import AdapterState
 from ..core import TrainingCore
 from ..inputs import prepare_batch
-from ..session import TrainingSession
 from . import adapters, checkpointing, generation, io, quantization
 from .context_parallel import seam as context_parallel_seam
 from .forward import ForwardCore
@@ -82,13 +82,13 @@ class TransformersModel(TrainingCore):
             self._wrapped = self.strategy.wrap(self.module)
         return self._wrapped
 
-    def _use_adapter(self, session: TrainingSession) -> None:
+    def _use_adapter(self, session: AdapterState) -> None:
         if session.name is not None and session.name != self._active_adapter:
             adapters.activate(self.module, session.name)
             self._active_adapter = session.name
 
     # ------------------------------------------------------------------ forward / loss / backward
-    def _run_forward(self, inputs: Any, session: TrainingSession, **kwargs: Any) -> Dict[str, Any]:
+    def _run_forward(self, inputs: Any, session: AdapterState, **kwargs: Any) -> Dict[str, Any]:
         batch = prepare_batch(inputs, self)
         bind_loss_template(session.loss, self._template)
         self._use_adapter(session)
@@ -99,7 +99,7 @@ class TransformersModel(TrainingCore):
         outputs['inputs'] = batch
         return outputs
 
-    def _loss(self, session: TrainingSession, outputs: Dict[str, Any], **kwargs: Any) -> Any:
+    def _loss(self, session: AdapterState, outputs: Dict[str, Any], **kwargs: Any) -> Any:
         # The session's loss, plus the router load-balancing loss of MoE models that report one.
         return add_router_aux_loss(session.loss(outputs['inputs'], outputs, **kwargs), outputs, self.hf_model)
 
@@ -137,7 +137,7 @@ class TransformersModel(TrainingCore):
         self.precision.backward(loss_output.loss, session)
         session.add_to_window(loss_output)
 
-    def _backprop(self, session: TrainingSession, inputs: Any, **kwargs: Any) -> Any:
+    def _backprop(self, session: AdapterState, inputs: Any, **kwargs: Any) -> Any:
         """Forward, loss and backward of one micro-batch, counted in the training metrics but not yet in
         the window (``session.add_to_window``): a caller may run one call's rows as several of these."""
         loss_kwargs = kwargs.pop('loss_kwargs', {})
@@ -173,7 +173,7 @@ class TransformersModel(TrainingCore):
         return {'loss': loss_value, 'num_items': num_items, **loss_output.metrics}
 
     # ------------------------------------------------------------------ optimisation
-    def _trainable(self, session: TrainingSession) -> List[torch.Tensor]:
+    def _trainable(self, session: AdapterState) -> List[torch.Tensor]:
         optimizer = _optimizer(session, 'clipping or scaling gradients')
         return [p for group in optimizer.param_groups for p in group['params']]
 
@@ -186,7 +186,7 @@ class TransformersModel(TrainingCore):
         session.last_grad_norm = float(norm)
         return session.last_grad_norm
 
-    def _normalise_window(self, session: TrainingSession) -> bool:
+    def _normalise_window(self, session: AdapterState) -> bool:
         """Turn the accumulated gradients into those of the window's objective (see twinkle.loss.base):
         divided by the window's units over all ranks for 'mean' losses, the global sum for 'sum' ones.
         False if a 'mean' window had no units."""
@@ -220,7 +220,7 @@ class TransformersModel(TrainingCore):
         if session.scheduler is not None:
             session.scheduler.step()
 
-    def _clip_and_step(self, session: TrainingSession, max_grad_norm: float, norm_type: float) -> Optional[float]:
+    def _clip_and_step(self, session: AdapterState, max_grad_norm: float, norm_type: float) -> Optional[float]:
         grad_norm = self.clip_grad_norm(max_grad_norm, norm_type, adapter_name=session.name) \
             if max_grad_norm and max_grad_norm > 0 else None
         self.step(adapter_name=session.name)
@@ -282,22 +282,22 @@ class TransformersModel(TrainingCore):
         checkpointing.set_activation_checkpointing(self.hf_model, bool(enabled))
 
     # ------------------------------------------------------------------ checkpoint hooks
-    def _gather_weights(self, session: TrainingSession) -> Optional[Dict[str, Any]]:
+    def _gather_weights(self, session: AdapterState) -> Optional[Dict[str, Any]]:
         return io.weights_of(self.strategy, self.module, session.name)
 
-    def _write_weights(self, folder: Path, session: TrainingSession, weights: Dict[str, Any]) -> None:
+    def _write_weights(self, folder: Path, session: AdapterState, weights: Dict[str, Any]) -> None:
         io.write_weights(folder, weights, module=self.module, hf_model=self.strategy.unwrap(self.hf_model),
                          adapter_name=session.name)
         if self._template is not None or self.model_dir is not None:
             self.tokenizer.save_pretrained(str(folder))
 
-    def _load_weights(self, folder: Path, session: TrainingSession) -> None:
+    def _load_weights(self, folder: Path, session: AdapterState) -> None:
         io.load_weights(folder, self.strategy, self.module, session.name)
 
-    def _save_optimizer_state(self, folder: Path, session: TrainingSession) -> None:
+    def _save_optimizer_state(self, folder: Path, session: AdapterState) -> None:
         self.strategy.save_optimizer_state(folder, self._wrapped_module(), _optimizer(session, 'saving its state'))
 
-    def _load_optimizer_state(self, folder: Path, session: TrainingSession) -> None:
+    def _load_optimizer_state(self, folder: Path, session: AdapterState) -> None:
         self.strategy.load_optimizer_state(folder, self._wrapped_module(), _optimizer(session, 'loading its state'))
 
     def _trainer_state_extra(self) -> Dict[str, Any]:
@@ -336,7 +336,7 @@ class TransformersModel(TrainingCore):
                 f'precision={self.precision.mode!r}, adapters={self.adapter_names})')
 
 
-def _optimizer(session: TrainingSession, action: str) -> torch.optim.Optimizer:
+def _optimizer(session: AdapterState, action: str) -> torch.optim.Optimizer:
     """The session's optimizer, or a clear error when ``set_optimizer`` has not been called yet."""
     if session.optimizer is None:
         raise ValueError(f'call set_optimizer(...) for adapter {session.name!r} before {action}')

@@ -57,7 +57,6 @@ class TorchDistributedStrategy(TorchCommunication):
         self.grad_reduce_world = mesh.dp_fsdp_world_size * mesh.cp_size
         self._group: Optional[Any] = None
         self._data_group: Optional[Any] = None
-        self._released = False
         # Wrapped modules must not outlive the process group: drop their communication state first.
         from ....runtime.local import on_shutdown
         ref = weakref.ref(self)
@@ -102,7 +101,6 @@ class TorchDistributedStrategy(TorchCommunication):
     # ------------------------------------------------------------------ teardown
     def release(self) -> None:
         """Free the communication state of wrapped modules (subclasses override), then collect."""
-        self._released = True
         gc.collect()
 
     def shutdown(self) -> None:

@@ -155,8 +155,6 @@ class ExpertParallelStrategy(FSDP2Strategy):
                            'model and keeps its experts')
         self.meta_init = self.memory_efficient_init = False
         self._ep_mesh: Any = None
-        self._ep_group: Any = None
-        self._edp_group: Any = None
 
     @property
     def ep_mesh(self) -> Any:

@@ -1,4 +1,4 @@
-"""Per-adapter training state: one ``TrainingSession`` per LoRA adapter (or one for full training)."""
+"""Per-adapter training state: one ``AdapterState`` per LoRA adapter (or one for full training)."""
 from __future__ import annotations
 
 import time
@@ -13,7 +13,7 @@ from ..metric import LossMetric, Metric, TokenAccuracyMetric
 
 
 @dataclass
-class TrainingSession:
+class AdapterState:
     name: Optional[str]
     """The adapter's name; None for full-parameter training."""
     optimizer: Optional[torch.optim.Optimizer] = None
