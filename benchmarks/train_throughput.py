@@ -3,9 +3,10 @@
 Same model, same data, same batches. Each loop's model is built once and warmed up; then, in every round,
 the two loops take the round's steps in turns, one step each, the side that goes first alternating from
 step to step, so that machine noise (other processes, frequency changes) hits both alike. Each round ends
-with a metrics report on both sides (Twinkle's ``calculate_metric``; the hand loop's mean loss ``.item()``).
-A round gives one ratio (the hand loop's time over Twinkle's); the median ratio over the rounds is
-reported with the lowest and highest. Runs on the embedded model and on a ~100M-parameter Qwen3 built from
+with a metrics report on both sides (Twinkle's ``calculate_metric``; the hand loop's mean loss as a float),
+whose time is shared out over the round's steps. Every step gives one ratio, the hand loop's time over
+Twinkle's, of two runs next to each other in time; the median ratio over all steps is reported with its
+quartiles. Runs on the embedded model and on a ~100M-parameter Qwen3 built from
 its config. Also prints tokens/s of each (medians) and the share of this machine's measured matmul peak
 that 6 * N * tokens FLOPs/s represents.
 
@@ -126,17 +127,24 @@ def build_100m(folder: str) -> str:
     return folder
 
 
-def run_round(plain: Any, twin: Any, batches: List[Dict[str, torch.Tensor]], first: int) -> Dict[str, float]:
-    """One round: the steps in turns (the side going first alternates from step to step), then a report."""
-    times = {'plain': 0.0, 'twinkle': 0.0}
+def run_round(plain: Any, twin: Any, batches: List[Dict[str, torch.Tensor]], first: int) -> List[Dict[str, float]]:
+    """One round: the steps in turns (the side going first alternates from step to step), then a report
+    on each side, whose time is shared out over the round's steps. One {side: seconds} per step."""
+    pairs: List[Dict[str, float]] = []
     sides = [('plain', plain), ('twinkle', twin)]
     for i, b in enumerate(batches):
         order = sides if (i + first) % 2 == 0 else sides[::-1]
-        for name, loop in order:
-            times[name] += loop.step(b)
+        pairs.append({name: loop.step(b) for name, loop in order})
     for name, loop in (sides if first % 2 == 0 else sides[::-1]):
-        times[name] += loop.report()
-    return times
+        share = loop.report() / len(pairs)
+        for pair in pairs:
+            pair[name] += share
+    return pairs
+
+
+def quartiles(values: List[float]) -> List[float]:
+    q = statistics.quantiles(values, n=4, method='inclusive') if len(values) > 1 else values * 3
+    return [q[0], statistics.median(values), q[-1]]
 
 
 def measure(name: str, model_dir: str, mode: str, args: Any, peak: float) -> Dict[str, float]:
@@ -144,20 +152,20 @@ def measure(name: str, model_dir: str, mode: str, args: Any, peak: float) -> Dic
     config = AutoConfig.from_pretrained(model_dir)
     n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     batches = make_batches(args.steps, args.batch, args.seq, config.vocab_size)
-    tokens = args.steps * args.batch * args.seq
+    tokens = args.batch * args.seq
     lora = mode == 'lora'
     plain, twin = PlainLoop(model_dir, lora), TwinkleLoop(model_dir, lora)
     for w in range(args.warmup):  # allocator, lazy imports, optimizer state: steady state before timing
         run_round(plain, twin, batches[:1], w)
-    rounds = [run_round(plain, twin, batches, r) for r in range(args.rounds)]
-    ratios = sorted(r['plain'] / r['twinkle'] for r in rounds)
-    plain_tps = tokens / statistics.median(r['plain'] for r in rounds)
-    twin_tps = tokens / statistics.median(r['twinkle'] for r in rounds)
-    ratio = statistics.median(ratios)
+    pairs = [pair for r in range(args.rounds) for pair in run_round(plain, twin, batches, r)]
+    # Each step's two runs are next to each other in time: their ratio sees the same machine.
+    low, ratio, high = quartiles([p['plain'] / p['twinkle'] for p in pairs])
+    plain_tps = tokens / statistics.median(p['plain'] for p in pairs)
+    twin_tps = tokens / statistics.median(p['twinkle'] for p in pairs)
     share = 6 * n_params * twin_tps / peak
     print(f'{name:<10}{n_params / 1e6:>8.1f}M {mode:<6}{plain_tps:>14.0f}{twin_tps:>16.0f}{ratio:>8.3f}'
-          f'{f"{ratios[0]:.3f}-{ratios[-1]:.3f}":>14}{share:>19.1%}', flush=True)
-    return {'ratio': ratio, 'low': ratios[0], 'high': ratios[-1]}
+          f'{f"{low:.3f}-{high:.3f}":>14}{share:>19.1%}', flush=True)
+    return {'ratio': ratio, 'low': low, 'high': high}
 
 
 def main() -> None:
@@ -177,9 +185,10 @@ def main() -> None:
     peak = matmul_peak_flops()
     print(f'batch {args.batch} x {args.seq} tokens, {args.steps} steps per round taken in turns, {args.rounds} '
           f'rounds after {args.warmup} warm-up rounds; matmul peak {peak / 1e9:.1f} GFLOP/s; '
-          f'threads {torch.get_num_threads()}')
+          f'threads {torch.get_num_threads()}; ratio: median of the steps\' plain/twinkle time ratios, '
+          f'with its quartiles')
     print(f'{"model":<10}{"params":>9} {"mode":<6}{"plain tok/s":>14}{"twinkle tok/s":>16}{"ratio":>8}'
-          f'{"low-high":>14}{"twinkle % of peak":>20}')
+          f'{"quartiles":>14}{"twinkle % of peak":>20}')
     modes = ['lora', 'full'] if args.mode == 'both' else [args.mode]
     with tempfile.TemporaryDirectory() as tmp:
         models = []
