@@ -1,11 +1,21 @@
 """Training throughput: TransformersModel against a plain transformers + PEFT loop written by hand.
 
-Same model, same data, same batches; each loop's model is built once and warmed up, then the two loops
-alternate in rounds (steady-state steps; medians reported) so that machine noise hits both alike. Runs on the
-embedded model and on a ~100M-parameter Qwen3 built from its config. Prints tokens/s of each, their ratio,
-and the share of this machine's measured matmul peak that 6 * N * tokens FLOPs/s represents.
+Same model, same data, same batches. Each loop's model is built once and warmed up; then, in every round,
+the two loops take the round's steps in turns, one step each, the side that goes first alternating from
+step to step, so that machine noise (other processes, frequency changes) hits both alike. Each round ends
+with a metrics report on both sides (Twinkle's ``calculate_metric``; the hand loop's mean loss as a float),
+whose time is shared out over the round's steps. Every step gives one ratio, the hand loop's time over
+Twinkle's, of two runs next to each other in time; the median ratio over all steps is reported with its
+quartiles. Runs on the embedded model and on a ~100M-parameter Qwen3 built from
+its config. Also prints tokens/s of each (medians) and the share of this machine's measured matmul peak
+that 6 * N * tokens FLOPs/s represents.
 
-    python benchmarks/train_throughput.py [--model tiny|100m|both] [--mode lora|full|both] [--rounds 5]
+The hand loop is what a careful user writes: the model's own loss (labels passed to the forward),
+``backward``, ``clip_grad_norm_``, ``optimizer.step``, ``zero_grad(set_to_none=True)``. Twinkle's is
+``forward_backward`` + ``clip_grad_and_step`` (loss, token-accuracy metric, window normalisation,
+float64 gradient norm and clipping, optimizer step).
+
+    python benchmarks/train_throughput.py [--model tiny|100m|both] [--mode lora|full|both] [--rounds 9]
         [--warmup 2] [--steps 4] [--batch 8] [--seq 256]
 """
 from __future__ import annotations
@@ -13,20 +23,25 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Any, Dict, List
 
 import torch
 
 
-def matmul_peak_flops(n: int = 1024, repeat: int = 10) -> float:
+def matmul_peak_flops(n: int = 1024, repeat: int = 10, tries: int = 5) -> float:
+    """The best of ``tries`` timings (a peak: the machine's other load only ever lowers it)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
-    start = time.perf_counter()
-    for _ in range(repeat):
-        a @ b
-    return 2 * n ** 3 * repeat / (time.perf_counter() - start)
+    best = 0.0
+    for _ in range(tries):
+        start = time.perf_counter()
+        for _ in range(repeat):
+            a @ b
+        best = max(best, 2 * n ** 3 * repeat / (time.perf_counter() - start))
+    return best
 
 
-def make_batches(steps: int, batch: int, seq: int, vocab: int, seed: int = 0):
+def make_batches(steps: int, batch: int, seq: int, vocab: int, seed: int = 0) -> List[Dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(steps):
@@ -38,7 +53,7 @@ def make_batches(steps: int, batch: int, seq: int, vocab: int, seed: int = 0):
 
 
 class PlainLoop:
-    """The hand-written transformers + PEFT loop: built once, then ``run(batches)`` times steady-state steps."""
+    """The hand-written transformers + PEFT loop: built once, then ``step(batch)`` times one training step."""
 
     def __init__(self, model_dir: str, lora: bool, lr: float = 1e-4) -> None:
         from peft import LoraConfig, get_peft_model
@@ -50,16 +65,23 @@ class PlainLoop:
         model.train()
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=lr)
+        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
+        self.losses: List[torch.Tensor] = []
 
-    def run(self, batches) -> float:
+    def step(self, b: Dict[str, torch.Tensor]) -> float:
         start = time.perf_counter()
-        for b in batches:
-            loss = self.model(input_ids=b['input_ids'], attention_mask=b['attention_mask'], labels=b['labels']).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
+        loss = self.model(input_ids=b['input_ids'], attention_mask=b['attention_mask'], labels=b['labels']).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.losses.append(loss.detach())
+        return time.perf_counter() - start
+
+    def report(self) -> float:
+        start = time.perf_counter()
+        float(torch.stack(self.losses).mean())
+        self.losses.clear()
         return time.perf_counter() - start
 
 
@@ -76,11 +98,15 @@ class TwinkleLoop:
             self.model.add_adapter_to_model('default', LoraConfig(r=8, lora_alpha=32, target_modules='all-linear'))
         self.model.set_optimizer('AdamW', lr=lr, weight_decay=0.0)
 
-    def run(self, batches) -> float:
+    def step(self, b: Dict[str, torch.Tensor]) -> float:
         start = time.perf_counter()
-        for b in batches:
-            self.model.forward_backward(inputs=b)
-            self.model.clip_grad_and_step(max_grad_norm=1.0)
+        self.model.forward_backward(inputs=b)
+        self.model.clip_grad_and_step(max_grad_norm=1.0)
+        return time.perf_counter() - start
+
+    def report(self) -> float:
+        start = time.perf_counter()
+        self.model.calculate_metric()
         return time.perf_counter() - start
 
 
@@ -105,36 +131,52 @@ def build_100m(folder: str) -> str:
     return folder
 
 
-def measure(name: str, model_dir: str, mode: str, args, peak: float) -> None:
+def run_round(plain: Any, twin: Any, batches: List[Dict[str, torch.Tensor]], first: int) -> List[Dict[str, float]]:
+    """One round: the steps in turns (the side going first alternates from step to step), then a report
+    on each side, whose time is shared out over the round's steps. One {side: seconds} per step."""
+    pairs: List[Dict[str, float]] = []
+    sides = [('plain', plain), ('twinkle', twin)]
+    for i, b in enumerate(batches):
+        order = sides if (i + first) % 2 == 0 else sides[::-1]
+        pairs.append({name: loop.step(b) for name, loop in order})
+    for name, loop in (sides if first % 2 == 0 else sides[::-1]):
+        share = loop.report() / len(pairs)
+        for pair in pairs:
+            pair[name] += share
+    return pairs
+
+
+def quartiles(values: List[float]) -> List[float]:
+    q = statistics.quantiles(values, n=4, method='inclusive') if len(values) > 1 else values * 3
+    return [q[0], statistics.median(values), q[-1]]
+
+
+def measure(name: str, model_dir: str, mode: str, args: Any, peak: float) -> Dict[str, float]:
     from transformers import AutoConfig, AutoModelForCausalLM
     config = AutoConfig.from_pretrained(model_dir)
     n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     batches = make_batches(args.steps, args.batch, args.seq, config.vocab_size)
-    tokens = args.steps * args.batch * args.seq
+    tokens = args.batch * args.seq
     lora = mode == 'lora'
     plain, twin = PlainLoop(model_dir, lora), TwinkleLoop(model_dir, lora)
-    for _ in range(args.warmup):  # allocator, lazy imports, optimizer state: steady state before timing
-        plain.run(batches[:1])
-        twin.run(batches[:1])
-    plain_t, twin_t = [], []
-    for r in range(args.rounds):
-        # Alternate the order every round so neither side always runs on a warmer machine.
-        first, second = (plain, twin) if r % 2 == 0 else (twin, plain)
-        a, b = first.run(batches), second.run(batches)
-        (plain_t if first is plain else twin_t).append(a)
-        (twin_t if first is plain else plain_t).append(b)
-    plain_tps = tokens / statistics.median(plain_t)
-    twin_tps = tokens / statistics.median(twin_t)
+    for w in range(args.warmup):  # allocator, lazy imports, optimizer state: steady state before timing
+        run_round(plain, twin, batches[:1], w)
+    pairs = [pair for r in range(args.rounds) for pair in run_round(plain, twin, batches, r)]
+    # Each step's two runs are next to each other in time: their ratio sees the same machine.
+    low, ratio, high = quartiles([p['plain'] / p['twinkle'] for p in pairs])
+    plain_tps = tokens / statistics.median(p['plain'] for p in pairs)
+    twin_tps = tokens / statistics.median(p['twinkle'] for p in pairs)
     share = 6 * n_params * twin_tps / peak
-    print(f'{name:<10}{n_params / 1e6:>8.1f}M {mode:<6}{plain_tps:>14.0f}{twin_tps:>16.0f}'
-          f'{twin_tps / plain_tps:>8.3f}{share:>19.1%}', flush=True)
+    print(f'{name:<10}{n_params / 1e6:>8.1f}M {mode:<6}{plain_tps:>14.0f}{twin_tps:>16.0f}{ratio:>8.3f}'
+          f'{f"{low:.3f}-{high:.3f}":>14}{share:>19.1%}', flush=True)
+    return {'ratio': ratio, 'low': low, 'high': high}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--mode', choices=['lora', 'full', 'both'], default='both')
     parser.add_argument('--model', choices=['tiny', '100m', 'both'], default='both')
-    parser.add_argument('--rounds', type=int, default=5)
+    parser.add_argument('--rounds', type=int, default=9)
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--steps', type=int, default=4)
     parser.add_argument('--batch', type=int, default=8)
@@ -145,11 +187,12 @@ def main() -> None:
 
     from twinkle.hub import resolve
     peak = matmul_peak_flops()
-    print(f'batch {args.batch} x {args.seq} tokens, {args.steps} steps per timing, median of {args.rounds} '
-          f'alternated rounds after {args.warmup} warm-up steps; matmul peak {peak / 1e9:.1f} GFLOP/s; '
-          f'threads {torch.get_num_threads()}')
+    print(f'batch {args.batch} x {args.seq} tokens, {args.steps} steps per round taken in turns, {args.rounds} '
+          f'rounds after {args.warmup} warm-up rounds; matmul peak {peak / 1e9:.1f} GFLOP/s; '
+          f'threads {torch.get_num_threads()}; ratio: median of the steps\' plain/twinkle time ratios, '
+          f'with its quartiles')
     print(f'{"model":<10}{"params":>9} {"mode":<6}{"plain tok/s":>14}{"twinkle tok/s":>16}{"ratio":>8}'
-          f'{"twinkle % of peak":>20}')
+          f'{"quartiles":>14}{"twinkle % of peak":>20}')
     modes = ['lora', 'full'] if args.mode == 'both' else [args.mode]
     with tempfile.TemporaryDirectory() as tmp:
         models = []

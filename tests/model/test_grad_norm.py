@@ -31,3 +31,20 @@ def test_clip_scales_to_max_norm():
     after = torch.sqrt(sum((q.grad.double() ** 2).sum() for q in params))
     assert float(after) == pytest.approx(1.0, rel=1e-5)
     assert local_norm_fp64([], 2.0).item() == 0.0
+
+
+@pytest.mark.parametrize('max_norm', [1e9, 0.5])
+@pytest.mark.parametrize('p', [2.0, float('inf')])
+def test_scale_folded_into_the_clip_equals_scaling_first(max_norm, p):
+    """``scale=`` multiplies and clips in one pass: the result of multiplying first, then clipping."""
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(300, 70, generator=g), torch.randn(513, generator=g)]
+    folded = [torch.nn.Parameter(torch.zeros_like(t)) for t in grads]
+    twice = [torch.nn.Parameter(torch.zeros_like(t)) for t in grads]
+    for a, b, t in zip(folded, twice, grads):
+        a.grad, b.grad = t.clone(), t.clone() * 0.01
+    got = clip_grad_norm_fp64(folded, max_norm, p, scale=0.01)
+    want = clip_grad_norm_fp64(twice, max_norm, p)
+    assert float(got) == pytest.approx(float(want), rel=1e-7)
+    for a, b in zip(folded, twice):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)

@@ -277,3 +277,23 @@ def test_training_metrics_equal_independently_computed_values():
     assert metrics['lr'] == pytest.approx(base_lr * 3 / 4, rel=1e-12)
     assert metrics['lr'] == session.scheduler.get_last_lr()[0]
     assert metrics['step'] == 2 and metrics['micro_step'] == 2
+
+
+@pytest.mark.parametrize('max_grad_norm', [0.0, 1e-3, 1e9], ids=['no-clip', 'clipped', 'below-limit'])
+def test_fused_window_step_equals_normalise_then_clip(max_grad_norm):
+    """clip_grad_and_step folds the window's division into the clipping multiply; the update and the
+    reported norm are those of dividing first, then clipping."""
+    batch = make_samples(4, seed=2)
+    fused, steps = _model(False, ga=1), _model(False, ga=1)
+    for m in (fused, steps):
+        m.forward_backward(inputs=batch)
+    result = fused.clip_grad_and_step(max_grad_norm=max_grad_norm)
+    steps._normalise_window(steps._session(None))
+    norm = steps.clip_grad_norm(max_grad_norm) if max_grad_norm else None
+    steps.step()
+    if norm is None:
+        assert result['grad_norm'] is None
+    else:
+        assert result['grad_norm'] == pytest.approx(norm, rel=1e-7)
+    for (name, a), b in zip(fused.hf_model.named_parameters(), steps.hf_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9, msg=name)

@@ -5,9 +5,11 @@ import zlib
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
+import torch.nn.functional as F
 
 from ..loss.base import LossOutput
 from ..registry import register
+from .argmax import argmax_equals
 from .base import Metric, Reducer, identity_reducer
 
 
@@ -114,10 +116,17 @@ class TokenAccuracyMetric(Metric):
         if logits is None or labels is None:
             return
         with torch.no_grad():
-            pred = logits.argmax(dim=-1)[:, :-1]  # argmax of the contiguous logits, then the shift
-            target = labels[:, 1:].to(pred.device)
+            if logits.dim() == 3 and logits.shape[:2] == labels.shape:
+                # Position t predicts labels[:, t + 1]; the last position predicts nothing. Shifting the
+                # labels, not the logits, keeps the logits contiguous.
+                target = F.pad(labels[:, 1:].to(logits.device), (0, 1), value=-100)
+                hit = argmax_equals(logits, target)
+            else:
+                pred = logits.argmax(dim=-1)[:, :-1]
+                target = labels[:, 1:].to(pred.device)
+                hit = pred.eq(target)
             mask = target != -100
-            self._hit = self._hit + (pred.eq(target) & mask).sum().cpu().to(torch.float64)
+            self._hit = self._hit + (hit & mask).sum().cpu().to(torch.float64)
             self._count = self._count + mask.sum().cpu().to(torch.float64)
 
     def compute(self, reduce: Reducer = identity_reducer) -> Dict[str, float]:

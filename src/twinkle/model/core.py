@@ -8,7 +8,7 @@ and these hooks:
 
 * ``comm``: its communication half (``twinkle.model.communication.Communication``);
 * ``_normalise_window`` / ``_clip_and_step``: turn the window's gradients into its objective, then
-  clip and apply the optimizer;
+  clip and apply the optimizer (``_finish_window`` runs the two; a backend may fuse them);
 * ``_gather_weights`` / ``_write_weights`` / ``_load_weights``, ``_save_optimizer_state`` /
   ``_load_optimizer_state``, ``_trainer_state_extra`` and ``_check_resume_layout``: how state is
   gathered, written and read back;
@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..registry import resolve
 from ..runtime.remote import remote_function
@@ -161,6 +161,14 @@ class TrainingCore(TemplateProcessorMixin, TwinkleModel):
         """Clip (when ``max_grad_norm`` > 0) and apply the optimizer; the gradient norm, if measured."""
         raise NotImplementedError
 
+    def _finish_window(self, session: AdapterState, max_grad_norm: float,
+                       norm_type: float) -> Tuple[bool, Optional[float]]:
+        """``_normalise_window`` then ``_clip_and_step``: (False, None) when the window had no units and
+        nothing was applied, else (True, the gradient norm if measured). A backend may fuse the two."""
+        if not self._normalise_window(session):
+            return False, None
+        return True, self._clip_and_step(session, max_grad_norm, norm_type)
+
     @remote_function(dispatch='all', collect='first')
     def clip_grad_and_step(self, max_grad_norm: float = 1.0, norm_type: float = 2.0, *,
                            adapter_name: Optional[str] = None,
@@ -171,11 +179,11 @@ class TrainingCore(TemplateProcessorMixin, TwinkleModel):
         if session.window_micro_steps == 0 or not session.at_accumulation_boundary:
             return {'stepped': False, 'micro_steps_in_window': session.window_micro_steps}
         self._check_norm_type(norm_type)
-        if not self._normalise_window(session):
+        stepped, grad_norm = self._finish_window(session, max_grad_norm, norm_type)
+        if not stepped:
             logger.warning('accumulation window had no label tokens: optimizer step skipped')
             self.zero_grad(adapter_name=session.name)
             return {'stepped': False, 'micro_steps_in_window': 0}
-        grad_norm = self._clip_and_step(session, max_grad_norm, norm_type)
         self.lr_step(adapter_name=session.name)
         self.zero_grad(adapter_name=session.name)
         return {'stepped': True, 'step': session.optimizer_step, 'grad_norm': grad_norm}

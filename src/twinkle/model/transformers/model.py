@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Type, Union
+from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -106,7 +106,7 @@ class TransformersModel(TrainingCore):
     @remote_function(dispatch='slice', collect='flatten')
     def forward(self, *, inputs: Any, adapter_name: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:
         session = self._session(adapter_name)
-        self._wrapped_module().train()
+        _training(self._wrapped_module())
         return self._run_forward(inputs, session, **kwargs)
 
     @remote_function(dispatch='slice', collect='flatten')
@@ -144,7 +144,7 @@ class TransformersModel(TrainingCore):
         # Gradients are synchronised only on the window's last backward.
         last_in_window = session.window_micro_steps + 1 >= session.gradient_accumulation_steps
         module = self._wrapped_module()
-        module.train()
+        _training(module)
         sync = contextlib.nullcontext() if last_in_window else self.strategy.no_sync(module)
         with sync:
             outputs = self._run_forward(inputs, session, **kwargs)
@@ -180,27 +180,52 @@ class TransformersModel(TrainingCore):
     def clip_grad_norm(self, max_grad_norm: float = 1.0, norm_type: float = 2.0, *,
                        adapter_name: Optional[str] = None) -> float:
         session = self._session(adapter_name)
+        return self._clip(session, max_grad_norm, norm_type)
+
+    def _clip(self, session: AdapterState, max_grad_norm: float, norm_type: float, scale: float = 1.0) -> float:
+        """Clip (after multiplying the gradients by ``scale``, in the same pass); the norm, recorded."""
         self.precision.unscale(session)  # fp16: measure and clip the true gradients, not the scaled ones
         params = [p for p in self._trainable(session) if p.grad is not None]
-        norm = self.strategy.clip_grad_norm(params, max_grad_norm, norm_type)
+        norm = self.strategy.clip_grad_norm(params, max_grad_norm, norm_type, scale=scale)
         session.last_grad_norm = float(norm)
         return session.last_grad_norm
 
-    def _normalise_window(self, session: AdapterState) -> bool:
-        """Turn the accumulated gradients into those of the window's objective (see twinkle.loss.base):
-        divided by the window's units over all ranks for 'mean' losses, the global sum for 'sum' ones.
-        False if a 'mean' window had no units."""
+    def _window_factor(self, session: AdapterState) -> Optional[float]:
+        """What turns the accumulated gradients into those of the window's objective (see twinkle.loss.base):
+        1 / the window's units over all ranks for 'mean' losses, the global sum for 'sum' ones; None if a
+        'mean' window had no units. Unscales fp16 gradients first."""
         total = float(self.strategy.reduce_sum(session.window_items.clone()))
         scale = window_scale(session.window_reduction, total)
         if scale is None:
-            return False
+            return None
         self.precision.unscale(session)
-        grads = [p.grad for p in self._trainable(session) if p.grad is not None]
         # The wrapper averaged over the data-parallel ranks; multiplying back by their number gives the sum.
-        factor = self.strategy.grad_reduce_world * scale
+        return self.strategy.grad_reduce_world * scale
+
+    def _normalise_window(self, session: AdapterState) -> bool:
+        factor = self._window_factor(session)
+        if factor is None:
+            return False
+        grads = [p.grad for p in self._trainable(session) if p.grad is not None]
         if grads and factor != 1.0:
             scale_(grads, factor)
         return True
+
+    def _finish_window(self, session: AdapterState, max_grad_norm: float,
+                       norm_type: float) -> Tuple[bool, Optional[float]]:
+        factor = self._window_factor(session)
+        if factor is None:
+            return False, None
+        grad_norm = None
+        if max_grad_norm and max_grad_norm > 0:
+            # The window's factor rides on the clipping multiply: one pass over the gradients, not two.
+            grad_norm = self._clip(session, max_grad_norm, norm_type, scale=factor)
+        else:
+            grads = [p.grad for p in self._trainable(session) if p.grad is not None]
+            if grads and factor != 1.0:
+                scale_(grads, factor)
+        self.step(adapter_name=session.name)
+        return True, grad_norm
 
     def step(self, *, adapter_name: Optional[str] = None) -> None:
         """Apply the optimizer to the gradients as they are. Losses are sums, so a hand-written loop that
@@ -219,12 +244,6 @@ class TransformersModel(TrainingCore):
         session = self._session(adapter_name)
         if session.scheduler is not None:
             session.scheduler.step()
-
-    def _clip_and_step(self, session: AdapterState, max_grad_norm: float, norm_type: float) -> Optional[float]:
-        grad_norm = self.clip_grad_norm(max_grad_norm, norm_type, adapter_name=session.name) \
-            if max_grad_norm and max_grad_norm > 0 else None
-        self.step(adapter_name=session.name)
-        return grad_norm
 
     @remote_function(dispatch='all', collect='first')
     def set_optimizer(self, optimizer_cls: Any = 'AdamW', *, adapter_name: Optional[str] = None,
@@ -334,6 +353,13 @@ class TransformersModel(TrainingCore):
     def __repr__(self) -> str:
         return (f'TransformersModel(model_id={self.model_id!r}, strategy={self.strategy.name!r}, '
                 f'precision={self.precision.mode!r}, adapters={self.adapter_names})')
+
+
+def _training(module: nn.Module) -> None:
+    """Put ``module`` in training mode. ``Module.train()`` sets the flag of every submodule anew (a few
+    milliseconds per step for a few hundred modules), so it runs only when some flag is off."""
+    if not all(m.training for m in module.modules()):
+        module.train()
 
 
 def _optimizer(session: AdapterState, action: str) -> torch.optim.Optimizer:

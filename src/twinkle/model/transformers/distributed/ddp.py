@@ -67,9 +67,10 @@ class DDPStrategy(TorchDistributedStrategy):
     def no_sync(self, module: nn.Module) -> ContextManager:
         return module.no_sync() if isinstance(module, DistributedDataParallel) else contextlib.nullcontext()
 
-    def clip_grad_norm(self, params: List[torch.Tensor], max_norm: float, norm_type: float) -> torch.Tensor:
+    def clip_grad_norm(self, params: List[torch.Tensor], max_norm: float, norm_type: float,
+                       scale: float = 1.0) -> torch.Tensor:
         # Gradients are already averaged, hence identical on every rank: the local norm is the global one.
-        return clip_grad_norm_fp64(params, max_norm, norm_type)
+        return clip_grad_norm_fp64(params, max_norm, norm_type, scale)
 
     # ------------------------------------------------------------------ state
     def full_state_dict(self, module: nn.Module) -> Dict[str, torch.Tensor]:

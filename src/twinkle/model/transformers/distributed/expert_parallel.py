@@ -215,7 +215,8 @@ class ExpertParallelStrategy(FSDP2Strategy):
                                       shape=grad.shape, stride=grad.stride())
         return local
 
-    def clip_grad_norm(self, params: List[torch.Tensor], max_norm: float, norm_type: float) -> torch.Tensor:
+    def clip_grad_norm(self, params: List[torch.Tensor], max_norm: float, norm_type: float,
+                       scale: float = 1.0) -> torch.Tensor:
         from .grad_norm import clip_mixed_grad_norm
         return clip_mixed_grad_norm([p.grad for p in params if p.grad is not None], max_norm, norm_type,
-                                    self._comm_device)
+                                    self._comm_device, scale)

@@ -132,7 +132,8 @@ class FSDP2Strategy(TorchDistributedStrategy):
     def no_sync(self, module: nn.Module) -> Any:
         return _no_gradient_sync(module)
 
-    def clip_grad_norm(self, params: List[torch.Tensor], max_norm: float, norm_type: float) -> torch.Tensor:
+    def clip_grad_norm(self, params: List[torch.Tensor], max_norm: float, norm_type: float,
+                       scale: float = 1.0) -> torch.Tensor:
         """Norm of the whole gradient: local shards reduced over the mesh dimensions that shard them
         (replicas of HSDP are not counted twice), then every local shard scaled in place."""
         from torch.distributed.tensor import DTensor
@@ -152,7 +153,8 @@ class FSDP2Strategy(TorchDistributedStrategy):
                     total = work.to(total.device)
         if norm_type != float('inf'):
             total = total.pow(1.0 / norm_type)
-        scale_to_max_norm(local, total, max_norm)
+        total = total * abs(scale)
+        scale_to_max_norm(local, total, max_norm, scale)
         return total
 
     # ------------------------------------------------------------------ state

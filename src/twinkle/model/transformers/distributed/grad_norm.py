@@ -28,9 +28,10 @@ def _layout_key(grad: Any) -> Tuple[Tuple[str, ...], Tuple[int, ...]]:
 
 
 def clip_mixed_grad_norm(grads: List[torch.Tensor], max_norm: float, norm_type: float,
-                         comm_device: torch.device) -> torch.Tensor:
-    """Total ``norm_type`` norm of ``grads`` (DTensors on any meshes and plain tensors), computed in
-    float64; every local shard is scaled in place so that the total is at most ``max_norm``.
+                         comm_device: torch.device, scale: float = 1.0) -> torch.Tensor:
+    """Total ``norm_type`` norm of ``scale * grads`` (DTensors on any meshes and plain tensors), computed in
+    float64; every local shard is scaled in place so that it becomes ``scale * grad`` with a total of at
+    most ``max_norm``.
 
     Collective: every rank must pass gradients of the same layouts (the same parameters)."""
     from torch.distributed.tensor import DTensor
@@ -55,6 +56,6 @@ def clip_mixed_grad_norm(grads: List[torch.Tensor], max_norm: float, norm_type: 
         parts.append(part)
     stacked = torch.stack(parts)
     total = stacked.max() if norm_type == float('inf') else stacked.sum().pow(1.0 / norm_type)
-    total = total.float()
-    scale_to_max_norm([t for local in groups.values() for t in local], total, max_norm)
+    total = total.float() * abs(scale)
+    scale_to_max_norm([t for local in groups.values() for t in local], total, max_norm, scale)
     return total

@@ -168,12 +168,13 @@ class TensorParallelStrategy(FSDP2Strategy):
             dist.all_reduce(work, op=dist.ReduceOp.SUM, group=self.tp_group)
         return work.to(grad.device)
 
-    def clip_grad_norm(self, params: List[torch.Tensor], max_norm: float, norm_type: float) -> torch.Tensor:
+    def clip_grad_norm(self, params: List[torch.Tensor], max_norm: float, norm_type: float,
+                       scale: float = 1.0) -> torch.Tensor:
         """Norm of the whole gradient: shards summed over the dimensions that shard them, replicated
         parameters counted once."""
         from .grad_norm import clip_mixed_grad_norm
         return clip_mixed_grad_norm([p.grad for p in params if p.grad is not None], max_norm, norm_type,
-                                    self._comm_device)
+                                    self._comm_device, scale)
 
 
 def _hf_model(module: nn.Module) -> nn.Module:
