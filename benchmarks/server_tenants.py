@@ -233,6 +233,8 @@ def run_tinker(args: argparse.Namespace, n: int, size: int, window_ms: Optional[
     from tinker import types
     keys = [f'tml-bench-tinker-{i:04d}' for i in range(n)]
     config = f'batch_window_ms: {"null" if window_ms is None else window_ms}\n'
+    if args.compute_threads is not None:
+        config += f'compute_threads: {args.compute_threads}\n'
     with serve(args, keys, config) as (url, _):
         clients = []
         for i, key in enumerate(keys):
@@ -357,6 +359,8 @@ def main() -> None:
     parser.add_argument('--tinker-sizes', type=int, nargs='+', default=[32, 128, 512])
     parser.add_argument('--tinker-steps', type=int, default=10)
     parser.add_argument('--window-ms', type=float, default=5.0, help='batch_window_ms of the batched server')
+    parser.add_argument('--compute-threads', type=int, default=None,
+                        help="the servers' compute_threads (Tinker curve; default: the server's own choice)")
     parser.add_argument('--big-rows', type=int, default=8, help='datums of the large requests (Tinker fairness)')
     parser.add_argument('--big-tokens', type=int, default=1024, help='tokens per datum of the large requests')
     parser.add_argument('--big-fairness-only', action='store_true', help='run only the large-request fairness')

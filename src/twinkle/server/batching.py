@@ -151,6 +151,18 @@ def _run_alone(work: FwdBwdWork, fut: Any) -> None:
         fut.set_error(exc)
 
 
+class StepWork:
+    """One Tinker optim_step (``params`` checked by the route). The worker runs the waiting steps of several
+    tenants back to back (``Batcher.run_steps``), each with its own optimizer and its own result."""
+    steppable = True
+
+    def __init__(self, state: Any, model: Any, params: Dict[str, Any]) -> None:
+        self.state, self.model, self.params = state, model, params
+
+    def __call__(self) -> Dict[str, Any]:
+        return self.state.op_optim_step(self.model, self.params)
+
+
 class Batcher:
     """Gathers waiting batchable requests of other tenants around the one the worker took, then runs them.
 
@@ -167,6 +179,7 @@ class Batcher:
         self.max_tokens = max_tokens
         self._recent: Dict[str, float] = {}
         self.sizes: Deque[int] = collections.deque(maxlen=10000)   # requests per batch, newest last
+        self.step_sizes: Deque[int] = collections.deque(maxlen=10000)   # optimizer steps run together
         self._routable_names: Dict[str, bool] = {}
 
     def run(self, first: Any) -> None:
@@ -211,6 +224,14 @@ class Batcher:
             first()
             return
         run_batch(engine, [(job.work, job.future) for job in jobs])
+
+    def run_steps(self, first: Any) -> None:
+        """Run the optimizer step ``first`` and the steps other tenants have waiting at the head of their queues,
+        one after another: their tenants' next forward_backward requests then arrive together and batch."""
+        jobs = [first] + [job for _, job in self.queue.take_heads(lambda t, j: getattr(j, 'step', None) is not None)]
+        self.step_sizes.append(len(jobs))
+        for job in jobs:
+            job()
 
     def _routable(self, engine: Any, work: FwdBwdWork) -> bool:
         adapter = work.model.adapter

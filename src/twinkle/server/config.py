@@ -134,6 +134,11 @@ class ServerSettings(BaseSettings):
     """A Tinker forward(_backward) larger than this many padded tokens runs in micro-batches of about this size
     (gradients accumulated, losses summed: the same result), and between them lets other tenants' waiting jobs
     run, like a sliced sampling job; None: one piece."""
+    # -- throughput of the model worker -----------------------------------------------------------------------
+    compute_threads: Optional[int] = Field(None, ge=1)
+    """Intra-op threads torch computes with in the server process. None: ``OMP_NUM_THREADS`` when it is set,
+    otherwise one less than the usable CPU cores (at least one), so that the event loop answering requests keeps
+    a core: torch's threads otherwise busy-wait between operations on every core and stall it under load."""
     session_timeout_s: float = Field(300.0, gt=0)
     """A Tinker session without a heartbeat for this long is finished and its adapters unloaded (the SDK beats
     every 10 s); its runs and checkpoints stay."""
