@@ -358,7 +358,7 @@ def main() -> None:
     parser.add_argument('--tinker-tenants', type=int, nargs='+', default=[1, 2, 4, 8, 16])
     parser.add_argument('--tinker-sizes', type=int, nargs='+', default=[32, 128, 512])
     parser.add_argument('--tinker-steps', type=int, default=10)
-    parser.add_argument('--window-ms', type=float, default=5.0, help='batch_window_ms of the batched server')
+    parser.add_argument('--window-ms', type=float, default=30.0, help='batch_window_ms of the batched server')
     parser.add_argument('--compute-threads', type=int, default=None,
                         help="the servers' compute_threads (Tinker curve; default: the server's own choice)")
     parser.add_argument('--big-rows', type=int, default=8, help='datums of the large requests (Tinker fairness)')

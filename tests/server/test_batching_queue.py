@@ -104,14 +104,15 @@ def test_time_spent_on_other_tenants_jobs_does_not_count_against_the_batch_windo
 
     def slow_step() -> None:                       # b's optimizer step, longer than the whole window
         time.sleep(0.2)
-        q.put('b', fwd_job(engine, 'b'))           # b's next request comes once its step is done
+        q.finished['b'] = time.monotonic()         # its result reaches b's client ...
+        q.put('b', fwd_job(engine, 'b'))           # ... which sends its next request
     q.put('b', slow_step)
     batcher.run(fwd_job(engine, 'a'))
     assert batched == [['a', 'b']]
     assert list(batcher.sizes) == [2]
 
 
-def test_a_lone_tenant_runs_at_once_and_an_absent_one_is_waited_for_only_the_window(monkeypatch):
+def test_a_tenant_is_waited_for_only_the_window_after_its_latest_result(monkeypatch):
     from twinkle.server import batching
     batched = []
     monkeypatch.setattr(batching, 'run_batch', lambda engine, items: batched.append(len(items)))
@@ -125,10 +126,15 @@ def test_a_lone_tenant_runs_at_once_and_an_absent_one_is_waited_for_only_the_win
     t0 = time.monotonic()
     batcher.run(first)
     assert ran == ['a'] and time.monotonic() - t0 < 0.04   # nobody else is expected: no wait
-    batcher._recent['b'] = time.monotonic()
+    batcher._recent['b'] = time.monotonic()       # b is active, but its latest result is long past: no wait
+    q.finished['b'] = time.monotonic() - 1.0
     t0 = time.monotonic()
     batcher.run(first)
-    assert ran == ['a', 'a'] and 0.04 <= time.monotonic() - t0 < 1.0 and not batched
+    assert ran == ['a', 'a'] and time.monotonic() - t0 < 0.04
+    q.finished['b'] = time.monotonic()             # b just got its result: it is waited for, up to the window
+    t0 = time.monotonic()
+    batcher.run(first)
+    assert ran == ['a', 'a', 'a'] and 0.04 <= time.monotonic() - t0 < 1.0 and not batched
 
 
 def test_waiting_optimizer_steps_of_other_tenants_run_back_to_back():

@@ -167,10 +167,12 @@ class Batcher:
     """Gathers waiting batchable requests of other tenants around the one the worker took, then runs them.
 
     It waits for the tenants that sent batchable work in the last ``RECENT_S`` seconds (a lone tenant never
-    waits), up to ``window_s`` of idle time; meanwhile it runs other tenants' small jobs (optimizer steps, say),
-    so that the waiting costs them nothing either. Time spent on those jobs does not count against the window:
-    in lock-step training a tenant's next request comes only after its optimizer step, which is exactly the
-    work the worker does meanwhile. It does count against ``HOLD_S``, the most the first request waits."""
+    waits), each while it has a job queued and until ``window_s`` after its latest result reached it
+    (``FairQueue.finished``): a client in
+    lock-step training sends its next request once it has its previous results, and one that does not within
+    the window is not waited for. Meanwhile the worker runs other tenants' small jobs (optimizer steps, say), so
+    that the waiting costs them nothing either; whose step finishes is then waited for in turn. The first
+    request waits at most ``HOLD_S`` (or the window, if longer) in all."""
 
     def __init__(self, queue: Any, engine_of: Callable[[], Any], window_s: float, max_tokens: int) -> None:
         self.queue = queue
@@ -193,7 +195,6 @@ class Batcher:
         tokens = work.tokens
         now = time.monotonic()
         self._recent[work.tenant] = now
-        idle_left = self.window_s
         hold_until = now + max(HOLD_S, self.window_s)
 
         def fits(tenant: str, job: Any) -> bool:
@@ -208,15 +209,21 @@ class Batcher:
                 tokens += job.work.tokens
                 self._recent[tenant] = time.monotonic()
             now = time.monotonic()
-            expected = {t for t, seen in self._recent.items() if now - seen < RECENT_S}
-            if idle_left <= 0 or now >= hold_until or expected <= tenants:
+            # A recently active tenant is waited for while it has a job queued (its result is coming), and until
+            # window_s after its latest result reached it.
+            finished = self.queue.finished
+            expected = [t for t, seen in self._recent.items() if now - seen < RECENT_S and t not in tenants
+                        and (self.queue.depth(t) or finished.get(t, 0.0) + self.window_s > now)]
+            if not expected or now >= hold_until:
                 break
             other = self.queue.take_other(tenants)
             if other is not None:
                 other()
-            else:
-                self.queue.wait_put(min(idle_left, hold_until - now))
-                idle_left -= time.monotonic() - now
+                continue
+            until = max(finished.get(t, 0.0) + self.window_s for t in expected)
+            if until <= now:
+                break
+            self.queue.wait_put(min(until, hold_until) - now)
         for t in [t for t, seen in self._recent.items() if now - seen >= RECENT_S]:
             self._recent.pop(t, None)
         self.sizes.append(len(jobs))
@@ -224,6 +231,9 @@ class Batcher:
             first()
             return
         run_batch(engine, [(job.work, job.future) for job in jobs])
+        done = time.monotonic()
+        for tenant in tenants:
+            self.queue.finished[tenant] = done
 
     def run_steps(self, first: Any) -> None:
         """Run the optimizer step ``first`` and the steps other tenants have waiting at the head of their queues,

@@ -123,11 +123,12 @@ class ServerSettings(BaseSettings):
     queued."""
     sample_batch_max_rows: int = Field(64, ge=1)
     """At most this many completions (summed over the batched requests) decode together."""
-    batch_window_ms: Optional[float] = Field(5.0, ge=0, le=1000)
+    batch_window_ms: Optional[float] = Field(30.0, ge=0, le=1000)
     """Tinker forward / forward_backward requests of different tenants that are waiting together run as one
-    batched forward and backward (each tenant's rows through its own adapter). The worker waits up to this long
-    for the other recently active tenants' requests to arrive; 0: batch only what is already queued; None: no
-    batching (one request at a time)."""
+    batched forward and backward (each tenant's rows through its own adapter). The worker waits for each recently
+    active tenant's next request up to this long after that tenant's latest result reached it (while it waits,
+    other tenants' small jobs run); 0: batch only what is already queued; None: no batching (one request at a
+    time)."""
     batch_max_tokens: int = Field(8192, ge=1)
     """Padded tokens (rows x longest row) one batched forward may hold."""
     fwdbwd_slice_tokens: Optional[int] = Field(2048, ge=1)

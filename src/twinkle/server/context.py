@@ -90,6 +90,7 @@ class ServerContext:
                 fut.set_result(fn())
             except BaseException as exc:  # reported to the caller through the future
                 fut.set_error(exc)
+            self.queue.finished[tenant] = time.monotonic()
 
         # Work that may run batched with other tenants' (batching.FwdBwdWork) travels with its future.
         if getattr(fn, 'batchable', False) and self.worker.batcher is not None:

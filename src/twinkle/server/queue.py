@@ -39,6 +39,8 @@ class FairQueue:
         self._jobs: Dict[str, Deque[Job]] = {}
         self._turns: Deque[str] = collections.deque()
         self._closed = False
+        # tenant -> when its latest job finished (its client has the result from then on; see batching.Batcher)
+        self.finished: Dict[str, float] = {}
 
     def put(self, tenant: str, job: Job) -> None:
         with self._cv:
