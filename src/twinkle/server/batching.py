@@ -168,10 +168,9 @@ class Batcher:
 
     It waits for the tenants that sent batchable work in the last ``RECENT_S`` seconds (a lone tenant never
     waits), each while it has a job queued and until ``window_s`` after its latest result reached it
-    (``FairQueue.finished``): a client in
-    lock-step training sends its next request once it has its previous results, and one that does not within
-    the window is not waited for. Meanwhile the worker runs other tenants' small jobs (optimizer steps, say), so
-    that the waiting costs them nothing either; whose step finishes is then waited for in turn. The first
+    (``FairQueue.finished``): a client in lock-step training sends its next request once it has its previous
+    results, and one that does not within the window is not waited for. Meanwhile the worker runs other
+    tenants' small jobs (optimizer steps, say), so that the waiting costs them nothing either. The first
     request waits at most ``HOLD_S`` (or the window, if longer) in all."""
 
     def __init__(self, queue: Any, engine_of: Callable[[], Any], window_s: float, max_tokens: int) -> None:
