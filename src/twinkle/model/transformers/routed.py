@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
 
 import torch
 
 from ...loss.base import window_reduction
 from ..inputs import prepare_batch
-
-if TYPE_CHECKING:
-    from .model import TransformersModel
 
 # Keys of a part's batch that the shared forward reads, and the value that pads each to the widest part.
 _SHARED_KEYS = (('input_ids', None), ('labels', -100), ('attention_mask', 0))
@@ -45,13 +42,13 @@ class RoutedResult:
     logps: torch.Tensor
 
 
-def supported(model: 'TransformersModel') -> bool:
+def supported(model: Any) -> bool:
     """Whether ``model`` can run routed batches: PEFT adapters, no fp16 loss scaling (one scaler per adapter),
     no sequence splitting around the forward."""
     return model.precision.mode != 'fp16' and model._cp_forward is None and bool(model.adapter_names)
 
 
-def lora_layers(model: 'TransformersModel') -> List[Any]:
+def lora_layers(model: Any) -> List[Any]:
     """The PEFT LoRA layers of the model, kept until an adapter is added or removed (a re-added name comes with
     a new config object, so it counts as a change too)."""
     from ..multi_lora import peft_lora_layers
@@ -62,13 +59,13 @@ def lora_layers(model: 'TransformersModel') -> List[Any]:
     return cached[1]
 
 
-def routable(model: 'TransformersModel', adapter_name: str) -> bool:
+def routable(model: Any, adapter_name: str) -> bool:
     """Whether the adapter computes the same in a routed batch as alone (no dropout, no LoRA variant)."""
     from ..multi_lora import routable as peft_routable
     return peft_routable(model.module, adapter_name, lora_layers(model))
 
 
-def forward_backward_routed(model: 'TransformersModel', parts: Sequence[RoutedPart]
+def forward_backward_routed(model: Any, parts: Sequence[RoutedPart]
                             ) -> List[Union[RoutedResult, BaseException]]:
     """Run ``parts`` as one forward and one backward; per part its result, or the exception its own inputs or
     loss raised (that part then added nothing to its adapter's gradients). An exception of the shared forward
@@ -105,7 +102,7 @@ def forward_backward_routed(model: 'TransformersModel', parts: Sequence[RoutedPa
     return results
 
 
-def _part_loss(model: 'TransformersModel', part: RoutedPart, outputs: Dict[str, Any], rows: slice,
+def _part_loss(model: Any, part: RoutedPart, outputs: Dict[str, Any], rows: slice,
                width: int) -> Union[RoutedResult, BaseException]:
     try:
         inputs = prepare_batch(part.inputs, model)
