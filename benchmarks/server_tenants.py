@@ -26,11 +26,14 @@ tokens:
   sends one-datum ones; p50 / p99 latency of the small ones with the large ones in one piece and sliced into
   micro-batches (``fwdbwd_slice_tokens``).
 
-Measured (tiny-qwen3, 2 CPU cores shared with other work, OMP_NUM_THREADS=1, 4 steps per tenant; single
-runs, so +-30% noise: one tenant, where nothing is batched, reads 0.5x-1.3x): batched / serial tokens/s for
-1, 2, 4, 8, 16 tenants: 32 tokens 0.82, 0.88, 1.71, 1.54, 2.17x; 128 tokens 0.53, 0.68, 1.44, 1.23, 1.21x;
-512 tokens 0.88, 1.08, 0.90, 0.96, 1.11x (8 x 32 tokens: 591 -> 911 tok/s). Large-request fairness (8 x 1024
-tokens): the small request's p50 / p99 11.2 / 15.0 s in one piece, 0.53 / 0.69 s sliced.
+Measured (tiny-qwen3, 2 CPU cores shared with other work, OMP_NUM_THREADS=1, 10 steps per tenant; single
+runs, so +-20% noise: one tenant, where nothing is batched, read 0.77x once and 1.10x / 1.16x on 20-step reruns):
+batched / serial tokens/s for 1, 2, 4, 8, 16 tenants: 32 tokens 1.1, 1.60, 1.66, 2.19, 2.09x (8 x 32 tokens: 639
+-> 1397 tok/s; two more 20-step runs 2.13x and 2.01x; before the batch window counted per tenant and the
+optimizer steps were cheaper, 1.74-2.07x); 2, 8, 16 tenants: 128 tokens 1.04, 1.10, 1.24x; 512 tokens 1.19,
+0.95, 1.05x (there the per-token compute dominates and batching has little fixed cost left to share).
+Large-request fairness (8 x 1024 tokens): the small request's p50 / p99 11.2 / 15.0 s in one piece, 0.53 / 0.69
+s sliced.
 
 On a machine shared with other work, run with ``OMP_NUM_THREADS=1``: OpenMP threads spinning against other
 processes otherwise make every step take seconds and the figures meaningless.
@@ -233,6 +236,8 @@ def run_tinker(args: argparse.Namespace, n: int, size: int, window_ms: Optional[
     from tinker import types
     keys = [f'tml-bench-tinker-{i:04d}' for i in range(n)]
     config = f'batch_window_ms: {"null" if window_ms is None else window_ms}\n'
+    if args.compute_threads is not None:
+        config += f'compute_threads: {args.compute_threads}\n'
     with serve(args, keys, config) as (url, _):
         clients = []
         for i, key in enumerate(keys):
@@ -356,7 +361,9 @@ def main() -> None:
     parser.add_argument('--tinker-tenants', type=int, nargs='+', default=[1, 2, 4, 8, 16])
     parser.add_argument('--tinker-sizes', type=int, nargs='+', default=[32, 128, 512])
     parser.add_argument('--tinker-steps', type=int, default=10)
-    parser.add_argument('--window-ms', type=float, default=5.0, help='batch_window_ms of the batched server')
+    parser.add_argument('--window-ms', type=float, default=30.0, help='batch_window_ms of the batched server')
+    parser.add_argument('--compute-threads', type=int, default=None,
+                        help="the servers' compute_threads (Tinker curve; default: the server's own choice)")
     parser.add_argument('--big-rows', type=int, default=8, help='datums of the large requests (Tinker fairness)')
     parser.add_argument('--big-tokens', type=int, default=1024, help='tokens per datum of the large requests')
     parser.add_argument('--big-fairness-only', action='store_true', help='run only the large-request fairness')

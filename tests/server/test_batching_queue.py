@@ -63,3 +63,97 @@ def test_micro_batches_keep_row_order_and_stay_within_the_budget():
         assert padded_tokens(g) <= 64 or len(g) == 1   # a longer row is a group of its own
     assert len(groups) > 1
     assert micro_batches(data, None) == [data] and micro_batches(data, 10_000) == [data]
+
+
+class _Adapter:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class _Engine:
+    def __init__(self) -> None:
+        self.adapters = {}
+
+    def routable(self, name: str) -> bool:
+        return True
+
+
+class _Work:
+    batchable = True
+    tokens = 33
+
+    def __init__(self, engine: _Engine, tenant: str) -> None:
+        self.tenant = tenant
+        self.model = type('M', (), {'adapter': _Adapter('a-' + tenant)})()
+        engine.adapters[self.model.adapter.name] = self.model.adapter
+
+
+def fwd_job(engine: _Engine, tenant: str):
+    run = job('fwd-' + tenant)
+    run.work, run.future = _Work(engine, tenant), None
+    return run
+
+
+def test_time_spent_on_other_tenants_jobs_does_not_count_against_the_batch_window(monkeypatch):
+    from twinkle.server import batching
+    batched = []
+    monkeypatch.setattr(batching, 'run_batch', lambda engine, items: batched.append([w.tenant for w, _ in items]))
+    q, engine = FairQueue(), _Engine()
+    batcher = batching.Batcher(q, lambda: engine, window_s=0.05, max_tokens=8192)
+    batcher._recent['b'] = time.monotonic()       # b sent batchable work a moment ago: it is expected
+
+    def slow_step() -> None:                       # b's optimizer step, longer than the whole window
+        time.sleep(0.2)
+        q.finished['b'] = time.monotonic()         # its result reaches b's client ...
+        q.put('b', fwd_job(engine, 'b'))           # ... which sends its next request
+    q.put('b', slow_step)
+    batcher.run(fwd_job(engine, 'a'))
+    assert batched == [['a', 'b']]
+    assert list(batcher.sizes) == [2]
+
+
+def test_a_tenant_is_waited_for_only_the_window_after_its_latest_result(monkeypatch):
+    from twinkle.server import batching
+    batched = []
+    monkeypatch.setattr(batching, 'run_batch', lambda engine, items: batched.append(len(items)))
+    q, engine = FairQueue(), _Engine()
+    batcher = batching.Batcher(q, lambda: engine, window_s=0.05, max_tokens=8192)
+    ran = []
+
+    def first() -> None:                           # called when it runs alone
+        ran.append('a')
+    first.work = _Work(engine, 'a')
+    t0 = time.monotonic()
+    batcher.run(first)
+    assert ran == ['a'] and time.monotonic() - t0 < 0.04   # nobody else is expected: no wait
+    batcher._recent['b'] = time.monotonic()       # b is active, but its latest result is long past: no wait
+    q.finished['b'] = time.monotonic() - 1.0
+    t0 = time.monotonic()
+    batcher.run(first)
+    assert ran == ['a', 'a'] and time.monotonic() - t0 < 0.04
+    q.finished['b'] = time.monotonic()             # b just got its result: it is waited for, up to the window
+    t0 = time.monotonic()
+    batcher.run(first)
+    assert ran == ['a', 'a', 'a'] and 0.04 <= time.monotonic() - t0 < 1.0 and not batched
+
+
+def test_waiting_optimizer_steps_of_other_tenants_run_back_to_back():
+    from twinkle.server.batching import Batcher
+    q, engine = FairQueue(), _Engine()
+    batcher = Batcher(q, lambda: engine, window_s=0.01, max_tokens=8192)
+    order = []
+
+    def step(tenant: str):
+        def run() -> None:
+            order.append(tenant)
+        run.step = True    # what marks a job as an optimizer step
+        return run
+
+    q.put('b', step('b'))
+    q.put('c', fwd_job(engine, 'c'))       # c's head is a forward_backward: c's step waits behind it
+    q.put('c', step('c'))
+    q.put('d', step('d'))
+    batcher.run_steps(step('a'))
+    assert order == ['a', 'b', 'd']
+    assert list(batcher.step_sizes) == [3]
+    assert q.get().work.tenant == 'c' and q.depth() == 1

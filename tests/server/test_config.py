@@ -97,3 +97,16 @@ def test_cli_passes_mesh_to_the_settings(monkeypatch, capsys):
     assert served[0].mesh == {'fsdp': 2}
     assert cli.main(['serve', '--api-key', 'tml-cli-key-0123', '--mesh', 'dp=x']) == 2
     assert "mesh axis 'dp' is not supported" in capsys.readouterr().err
+
+
+def test_compute_threads_leave_the_event_loop_a_core_unless_set(monkeypatch):
+    import os
+
+    from twinkle.server.app import compute_threads
+    settings = ServerSettings(api_keys=['tml-threads-0123456789'])
+    monkeypatch.setenv('OMP_NUM_THREADS', '3')
+    assert compute_threads(settings) == 3
+    monkeypatch.delenv('OMP_NUM_THREADS')
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    assert compute_threads(settings) == max(1, cores - 1)
+    assert compute_threads(ServerSettings(api_keys=['tml-threads-0123456789'], compute_threads=5)) == 5

@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -26,6 +25,7 @@ from .errors import BadRequest
 
 logger = logging.getLogger('twinkle.server')
 RECENT_S = 2.0   # a tenant that sent batchable work this recently is waited for (up to the window)
+HOLD_S = 0.25    # the longest the first request of a batch waits while other tenants' small jobs run
 
 
 def padded_tokens(rows: List[Dict[str, np.ndarray]]) -> int:
@@ -104,103 +104,44 @@ def _output(rows: List[Dict[str, np.ndarray]], loss_fn: str, loss_sum: float, nu
     return tinker_data.output_proto(rows, _rows_tensor(logps), merged_w, loss_fn, metrics)
 
 
-@dataclass
-class _Segment:
-    work: FwdBwdWork
-    future: Any
-    rows: List[Dict[str, np.ndarray]]
-    loss_fn: Any
-    adapter: Any
-    batch: Dict[str, Any]
-
-
 def run_batch(engine: Any, items: List[Tuple[FwdBwdWork, Any]]) -> None:
     """Run the requests ``items`` ((work, future) pairs, one per tenant) as one batched forward and backward and
     complete their futures. A request that fails its own checks or loss fails alone."""
-    from ..loss.base import window_reduction
-    model = engine.model
-    pad = model.template.pad_token_id
-    segments: List[_Segment] = []
+    pad = engine.pad_token_id
+    ready: List[Tuple[FwdBwdWork, Any, Any, Dict[str, Any]]] = []
     for work, fut in items:
         try:
             rows, loss_fn, adapter = work.prepare()
-            segments.append(_Segment(work, fut, rows, loss_fn, adapter, tinker_data.build_batch(rows, pad)))
+            ready.append((work, fut, adapter, tinker_data.build_batch(rows, pad)))
         except Exception as exc:  # this request's own problem: it fails alone
             fut.set_error(exc)
-    if len(segments) <= 1:
-        for seg in segments:
-            _run_alone(seg.work, seg.future)
+    if len(ready) <= 1:
+        for work, fut, _, _ in ready:
+            _run_alone(work, fut)
         return
-    width = max(seg.batch['input_ids'].shape[1] for seg in segments)
-    combined: Dict[str, torch.Tensor] = {}
-    for key, fill in (('input_ids', pad), ('labels', -100), ('attention_mask', 0)):
-        combined[key] = torch.cat([torch.nn.functional.pad(seg.batch[key], (0, width - seg.batch[key].shape[1]),
-                                                           value=fill) for seg in segments])
-    names = [seg.adapter.name for seg in segments for _ in seg.rows]
-    frozen = {seg.adapter.name for seg in segments if seg.work.forward_only}
-    training = any(not seg.work.forward_only for seg in segments)
-    module = model._wrapped_module()
-    module.train()
     try:
-        with torch.set_grad_enabled(training), engine.rows_routed(names, frozen):
-            inputs = engine.prepare_inputs(combined)
-            with model.precision.autocast():
-                outputs = model.forward_core(module, model.hf_model, inputs)
-            losses = _segment_losses(engine, segments, outputs, window_reduction)
-            trained = [(seg, loss) for seg, loss in losses if not seg.work.forward_only]
-            if trained:
-                torch.autograd.backward(sum(loss.loss for _, loss in trained))
+        results = engine.forward_backward_routed([(adapter.name, batch, work.loss_fn, not work.forward_only)
+                                                  for work, _, adapter, batch in ready])
     except Exception:
         # The shared forward or backward failed (e.g. out of memory): nothing was accumulated unless backward
         # ran part-way, which raises only on internal errors. Run each request alone so that it fails alone.
         logger.warning('a batched forward_backward failed; running its requests one by one', exc_info=True)
-        for seg in segments:
-            if not seg.future.done:
-                _run_alone(seg.work, seg.future)
+        for work, fut, _, _ in ready:
+            if not fut.done:
+                _run_alone(work, fut)
         return
-    row = 0
-    starts = {}
-    for seg in segments:
-        starts[id(seg)] = row
-        row += len(seg.rows)
-    for seg, loss in losses:
-        if not seg.work.forward_only:
-            model._session(seg.adapter.name).add_to_window(loss)
-        seg.adapter.last_used = time.monotonic()
-        first, w = starts[id(seg)], seg.batch['input_ids'].shape[1]
-        logps = outputs['logps'][first:first + len(seg.rows), :w].detach()
-        weights = seg.batch.get('weights')
+    now = time.monotonic()
+    for (work, fut, adapter, batch), result in zip(ready, results):
+        adapter.last_used = now
+        if isinstance(result, BaseException):
+            fut.set_error(result)
+            continue
+        loss, logps = result
         try:
-            seg.future.set_result(_output(seg.rows, seg.work.loss_name, float(loss.loss.detach()),
-                                          float(loss.metrics.get('num_tokens', 0.0)), [logps], [weights]))
+            fut.set_result(_output(work.rows, work.loss_name, float(loss.loss.detach()),
+                                   float(loss.metrics.get('num_tokens', 0.0)), [logps], [batch.get('weights')]))
         except Exception as exc:
-            seg.future.set_error(exc)
-
-
-def _segment_losses(engine: Any, segments: List[_Segment], outputs: Dict[str, Any],
-                    window_reduction: Callable) -> List[Tuple[_Segment, Any]]:
-    """Each segment's loss on its own rows; a segment whose loss fails fails alone (its future is set)."""
-    model = engine.model
-    losses = []
-    row = 0
-    for seg in segments:
-        rows, w = len(seg.rows), seg.batch['input_ids'].shape[1]
-        part = slice(row, row + rows)
-        row += rows
-        try:
-            seg_inputs = engine.prepare_inputs(seg.batch)
-            seg_outputs = {k: (v[part, :w] if isinstance(v, torch.Tensor) and v.dim() >= 2 else v)
-                           for k, v in outputs.items() if k != 'inputs'}
-            seg_outputs['inputs'] = seg_inputs
-            loss = seg.loss_fn(seg_inputs, seg_outputs)
-            if not seg.work.forward_only:
-                window_reduction(model._session(seg.adapter.name).window_reduction, loss)
-                if not loss.loss.requires_grad:
-                    raise BadRequest('the loss of this request does not depend on the adapter')
-            losses.append((seg, loss))
-        except Exception as exc:
-            seg.future.set_error(exc)
-    return losses
+            fut.set_error(exc)
 
 
 def _run_alone(work: FwdBwdWork, fut: Any) -> None:
@@ -210,12 +151,27 @@ def _run_alone(work: FwdBwdWork, fut: Any) -> None:
         fut.set_error(exc)
 
 
+class StepWork:
+    """One Tinker optim_step (``params`` checked by the route). The worker runs the waiting steps of several
+    tenants back to back (``Batcher.run_steps``), each with its own optimizer and its own result."""
+    steppable = True
+
+    def __init__(self, state: Any, model: Any, params: Dict[str, Any]) -> None:
+        self.state, self.model, self.params = state, model, params
+
+    def __call__(self) -> Dict[str, Any]:
+        return self.state.op_optim_step(self.model, self.params)
+
+
 class Batcher:
     """Gathers waiting batchable requests of other tenants around the one the worker took, then runs them.
 
-    It waits up to ``window_s`` for the tenants that sent batchable work in the last ``RECENT_S`` seconds (a lone
-    tenant never waits); meanwhile it runs other tenants' small jobs (optimizer steps, say), so that the
-    waiting costs them nothing either."""
+    It waits for the tenants that sent batchable work in the last ``RECENT_S`` seconds (a lone tenant never
+    waits), each while it has a job queued and until ``window_s`` after its latest result reached it
+    (``FairQueue.finished``): a client in lock-step training sends its next request once it has its previous
+    results, and one that does not within the window is not waited for. Meanwhile the worker runs other
+    tenants' small jobs (optimizer steps, say), so that the waiting costs them nothing either. The first
+    request waits at most ``HOLD_S`` (or the window, if longer) in all."""
 
     def __init__(self, queue: Any, engine_of: Callable[[], Any], window_s: float, max_tokens: int) -> None:
         self.queue = queue
@@ -224,16 +180,13 @@ class Batcher:
         self.max_tokens = max_tokens
         self._recent: Dict[str, float] = {}
         self.sizes: Deque[int] = collections.deque(maxlen=10000)   # requests per batch, newest last
+        self.step_sizes: Deque[int] = collections.deque(maxlen=10000)   # optimizer steps run together
         self._routable_names: Dict[str, bool] = {}
-
-    def usable(self) -> bool:
-        model = self.engine_of().model
-        return model.precision.mode != 'fp16' and model._cp_forward is None
 
     def run(self, first: Any) -> None:
         engine = self.engine_of()
         work = first.work
-        if not self.usable() or not self._routable(engine, work):
+        if not self._routable(engine, work):
             first()
             return
         jobs = [first]
@@ -241,7 +194,7 @@ class Batcher:
         tokens = work.tokens
         now = time.monotonic()
         self._recent[work.tenant] = now
-        deadline = now + self.window_s
+        hold_until = now + max(HOLD_S, self.window_s)
 
         def fits(tenant: str, job: Any) -> bool:
             w = getattr(job, 'work', None)
@@ -255,14 +208,21 @@ class Batcher:
                 tokens += job.work.tokens
                 self._recent[tenant] = time.monotonic()
             now = time.monotonic()
-            expected = {t for t, seen in self._recent.items() if now - seen < RECENT_S}
-            if now >= deadline or expected <= tenants:
+            # A recently active tenant is waited for while it has a job queued (its result is coming), and until
+            # window_s after its latest result reached it.
+            finished = self.queue.finished
+            expected = [t for t, seen in self._recent.items() if now - seen < RECENT_S and t not in tenants
+                        and (self.queue.depth(t) or finished.get(t, 0.0) + self.window_s > now)]
+            if not expected or now >= hold_until:
                 break
             other = self.queue.take_other(tenants)
             if other is not None:
                 other()
-            else:
-                self.queue.wait_put(deadline - now)
+                continue
+            until = max(finished.get(t, 0.0) + self.window_s for t in expected)
+            if until <= now:
+                break
+            self.queue.wait_put(min(until, hold_until) - now)
         for t in [t for t, seen in self._recent.items() if now - seen >= RECENT_S]:
             self._recent.pop(t, None)
         self.sizes.append(len(jobs))
@@ -270,6 +230,17 @@ class Batcher:
             first()
             return
         run_batch(engine, [(job.work, job.future) for job in jobs])
+        done = time.monotonic()
+        for tenant in tenants:
+            self.queue.finished[tenant] = done
+
+    def run_steps(self, first: Any) -> None:
+        """Run the optimizer step ``first`` and the steps other tenants have waiting at the head of their queues,
+        one after another: their tenants' next forward_backward requests then arrive together and batch."""
+        jobs = [first] + [job for _, job in self.queue.take_heads(lambda t, j: getattr(j, 'step', None) is not None)]
+        self.step_sizes.append(len(jobs))
+        for job in jobs:
+            job()
 
     def _routable(self, engine: Any, work: FwdBwdWork) -> bool:
         adapter = work.model.adapter

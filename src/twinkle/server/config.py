@@ -131,17 +131,23 @@ class ServerSettings(BaseSettings):
     queued."""
     sample_batch_max_rows: int = Field(64, ge=1)
     """At most this many completions (summed over the batched requests) decode together."""
-    batch_window_ms: Optional[float] = Field(5.0, ge=0, le=1000)
+    batch_window_ms: Optional[float] = Field(30.0, ge=0, le=1000)
     """Tinker forward / forward_backward requests of different tenants that are waiting together run as one
-    batched forward and backward (each tenant's rows through its own adapter). The worker waits up to this long
-    for the other recently active tenants' requests to arrive; 0: batch only what is already queued; None: no
-    batching (one request at a time)."""
+    batched forward and backward (each tenant's rows through its own adapter). The worker waits for each recently
+    active tenant's next request up to this long after that tenant's latest result reached it (while it waits,
+    other tenants' small jobs run); 0: batch only what is already queued; None: no batching (one request at a
+    time)."""
     batch_max_tokens: int = Field(8192, ge=1)
     """Padded tokens (rows x longest row) one batched forward may hold."""
     fwdbwd_slice_tokens: Optional[int] = Field(2048, ge=1)
     """A Tinker forward(_backward) larger than this many padded tokens runs in micro-batches of about this size
     (gradients accumulated, losses summed: the same result), and between them lets other tenants' waiting jobs
     run, like a sliced sampling job; None: one piece."""
+    # -- throughput of the model worker -----------------------------------------------------------------------
+    compute_threads: Optional[int] = Field(None, ge=1)
+    """Intra-op threads torch computes with in the server process. None: ``OMP_NUM_THREADS`` when it is set,
+    otherwise one less than the usable CPU cores (at least one), so that the event loop answering requests keeps
+    a core: torch's threads otherwise busy-wait between operations on every core and stall it under load."""
     session_timeout_s: float = Field(300.0, gt=0)
     """A Tinker session without a heartbeat for this long is finished and its adapters unloaded (the SDK beats
     every 10 s); its runs and checkpoints stay."""

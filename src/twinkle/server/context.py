@@ -90,10 +90,13 @@ class ServerContext:
                 fut.set_result(fn())
             except BaseException as exc:  # reported to the caller through the future
                 fut.set_error(exc)
+            self.queue.finished[tenant] = time.monotonic()
 
         # Work that may run batched with other tenants' (batching.FwdBwdWork) travels with its future.
         if getattr(fn, 'batchable', False) and self.worker.batcher is not None:
             run.work, run.future = fn, fut  # type: ignore[attr-defined]
+        elif getattr(fn, 'steppable', False) and self.worker.batcher is not None:
+            run.step = fn  # type: ignore[attr-defined]
         run.sliced = bool(getattr(fn, 'sliced', False))  # type: ignore[attr-defined]
         return fut, run
 

@@ -11,7 +11,7 @@ import re
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Collection, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -276,21 +276,18 @@ class Engine:
         return sample_many(self, calls)
 
     # -- batched forward/backward across tenants (in-process model only; see batching.py) -------------------------
-    @contextlib.contextmanager
-    def rows_routed(self, names: List[str], frozen: Collection[str]) -> Iterator[None]:
-        """Each batch row through its own adapter (``names[i]`` for row i); ``frozen`` adapters get no gradient."""
-        from ..model.multi_lora import route_peft
-        with route_peft(self.model.module, names, frozen=frozen):
-            yield
-
-    def prepare_inputs(self, batch: Dict[str, Any]) -> Dict[str, Any]:
-        from ..model.inputs import prepare_batch
-        return prepare_batch(batch, self.model)
+    def forward_backward_routed(self, parts: Sequence[Tuple[str, Dict[str, Any], Any, bool]]) -> List[Any]:
+        """``parts`` ((adapter name, collated batch, loss function, train) each) as one forward and backward, each
+        part's rows through its own adapter: per part ``(loss output, logps)`` or the exception it raised alone."""
+        from ..model.transformers.routed import RoutedPart, RoutedResult
+        results = self.host.call(ops.forward_backward_routed,
+                                 [RoutedPart(name, batch, loss_fn, train) for name, batch, loss_fn, train in parts])
+        return [(r.loss, r.logps) if isinstance(r, RoutedResult) else r for r in results]
 
     def routable(self, adapter_name: str) -> bool:
-        """Whether the adapter can share a batched forward (no dropout or variant drawing per batch)."""
-        from ..model.multi_lora import routable
-        return routable(self.model.module, adapter_name)
+        """Whether the adapter can share a batched forward (no dropout or variant drawing per batch, a model
+        in this process without fp16 loss scaling or sequence splitting)."""
+        return self.host.local and self.host.call(ops.routable, adapter_name)
 
     @contextlib.contextmanager
     def using(self, adapter: Adapter) -> Iterator[None]:

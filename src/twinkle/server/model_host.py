@@ -123,7 +123,8 @@ def remove_adapter(model: Any, name: str) -> None:
 
 
 def set_default_optimizer(model: Any, name: str) -> None:
-    model.set_optimizer('AdamW', adapter_name=name, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+    model.set_optimizer('AdamW', adapter_name=name, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0,
+                        foreach=True)
 
 
 def save_adapter(model: Any, name: str, folder: str, with_optimizer: bool) -> None:
@@ -145,3 +146,12 @@ def adapter_shapes(model: Any, name: str) -> Dict[str, Tuple[int, ...]]:
 def adapter_finite(model: Any, name: str) -> bool:
     return all(bool(torch.isfinite(v).all()) for v in model.get_state_dict(adapter_name=name).values()
                if v.is_floating_point())
+
+
+def forward_backward_routed(model: Any, parts: List[Any]) -> List[Any]:
+    """Several adapters' requests as one batched forward and backward (``forward_backward_routed``)."""
+    return model.forward_backward_routed(parts)
+
+
+def routable(model: Any, name: str) -> bool:
+    return bool(model.routable(name))

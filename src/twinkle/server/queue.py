@@ -17,7 +17,8 @@ that state when a job pauses and puts it back when the job resumes.
 
 Jobs that carry a batchable ``work`` (Tinker forward / forward_backward) go to the worker's batcher, which
 takes the waiting first jobs of other tenants that can join them (``take_heads``) and runs them as one batch
-(see batching.py).
+(see batching.py); jobs that carry a ``step`` (Tinker optim_step) run back to back with the steps other tenants
+have waiting.
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ class FairQueue:
         self._jobs: Dict[str, Deque[Job]] = {}
         self._turns: Deque[str] = collections.deque()
         self._closed = False
+        # tenant -> when its latest job finished (its client has the result from then on; see batching.Batcher)
+        self.finished: Dict[str, float] = {}
 
     def put(self, tenant: str, job: Job) -> None:
         with self._cv:
@@ -219,6 +222,8 @@ class Worker:
             try:
                 if self.batcher is not None and getattr(job, 'work', None) is not None:
                     self.batcher.run(job)
+                elif self.batcher is not None and getattr(job, 'step', None) is not None:
+                    self.batcher.run_steps(job)
                 else:
                     job()
             except BaseException:  # jobs report their own errors; this only guards the thread

@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict
 from fastapi import APIRouter, Depends, Request
 
 from . import responses as R, tinker_bodies as B, tinker_data
+from .batching import StepWork
 from .context import ServerContext
 from .deps import (
     ModelRequest,
@@ -46,6 +47,7 @@ from .tinker_checks import (
 from .tinker_ops import SamplingSession, TinkerSession, TinkerState, check_adam_params
 
 router = APIRouter(prefix='/api/v1')
+INLINE_PARSE_BYTES = 64 * 1024
 
 
 # -- bootstrap -------------------------------------------------------------------------------------------------
@@ -162,8 +164,13 @@ async def get_info(req: ModelRequest = Depends(model_request(B.ModelId, compute=
 async def forward_backward(request: Request, t: str = Depends(compute_tenant), ctx: ServerContext = Depends(context),
                            state: TinkerState = Depends(tinker_state)) -> Dict[str, Any]:
     raw = await request.body()
-    msg = await asyncio.to_thread(tinker_data.parse_forward_backward, raw, request.headers.get('content-type', ''),
-                                  request.headers.get('content-encoding', ''), ctx.settings.limits.max_body_bytes)
+    parse_args = (raw, request.headers.get('content-type', ''), request.headers.get('content-encoding', ''),
+                  ctx.settings.limits.max_body_bytes)
+    # A small uncompressed body parses in well under a millisecond: a thread hop would cost more than it saves.
+    if len(raw) <= INLINE_PARSE_BYTES and not parse_args[2]:
+        msg = tinker_data.parse_forward_backward(*parse_args)
+    else:
+        msg = await asyncio.to_thread(tinker_data.parse_forward_backward, *parse_args)
     model = state.model(t, msg.model_id)
     key = ('forward_backward', hashlib.sha256(msg.SerializeToString(deterministic=True)).hexdigest())
 
@@ -194,7 +201,7 @@ async def optim_step(req: ModelRequest = Depends(model_request(B.OptimStep)),
             raise BadRequest(f'optimizer parameters of type {params.type!r} are not supported; use AdamParams')
         values = params.model_dump(exclude={'type'})
         check_adam_params(values)
-        return lambda: state.op_optim_step(model, values)
+        return StepWork(state, model, values)
 
     fut = gated(ctx, state, t, model, body.seq_id, body_key('optim_step', body), prepare)
     return accepted(fut, model.model_id)

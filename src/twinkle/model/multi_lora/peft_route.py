@@ -67,16 +67,17 @@ def _routed_forward(layer: PeftLinear, routing: Routing, frozen: Collection[str]
 
 @contextmanager
 def route_peft(model: nn.Module, adapters: Union[Routing, Sequence[Optional[str]]],
-               frozen: Collection[str] = ()) -> Iterator[Routing]:
+               frozen: Collection[str] = (), layers: Optional[Sequence[PeftLinear]] = None) -> Iterator[Routing]:
     """Within the block, forwards of the PEFT model ``model`` apply ``adapters[b]`` to row ``b`` (``None``: the
     base model alone), whatever adapter PEFT has active; adapters in ``frozen`` get no gradient.
 
     Every routed adapter must be :func:`routable`. The trainable adapters' weights require grad inside the block
     (PEFT leaves only its active adapter trainable); the flags are put back afterwards, so run backward inside the
-    block (autograd skips a leaf that no longer requires grad).
+    block (autograd skips a leaf that no longer requires grad). ``layers``: ``peft_lora_layers(model)`` when the
+    caller keeps it (walking a large model's modules for every batch costs more than the routing itself).
     """
     routing = adapters if isinstance(adapters, Routing) else Routing(list(adapters))
-    layers = peft_lora_layers(model)
+    layers = list(layers) if layers is not None else peft_lora_layers(model)
     if not layers:
         raise ValueError('route_peft needs a PEFT model with LoRA linear layers')
     for name in routing.names:

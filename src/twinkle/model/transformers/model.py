@@ -19,7 +19,7 @@ from ...runtime.remote import remote_class, remote_function
 from ..adapter_state import AdapterState
 from ..core import TrainingCore
 from ..inputs import prepare_batch
-from . import adapters, checkpointing, generation, io, quantization
+from . import adapters, checkpointing, generation, io, quantization, routed
 from .context_parallel import seam as context_parallel_seam
 from .forward import ForwardCore
 from .precision import Precision
@@ -171,6 +171,18 @@ class TransformersModel(TrainingCore):
             torch.as_tensor(loss_output.num_items, dtype=torch.float64).detach().cpu()])).tolist()
         loss_value = reported_loss(getattr(loss_output, 'reduction', 'mean'), loss_sum, num_items)
         return {'loss': loss_value, 'num_items': num_items, **loss_output.metrics}
+
+    # ------------------------------------------------------------------ several adapters in one batch
+    def forward_backward_routed(self, parts: List[routed.RoutedPart]) -> List[Any]:
+        """One forward and backward in which each part's rows train its own adapter (batched multi-LoRA; each
+        part gets exactly what its own forward + backward gives): per part a ``routed.RoutedResult`` or the
+        exception its own inputs or loss raised. See ``routed.py``."""
+        return routed.forward_backward_routed(self, parts)
+
+    def routable(self, adapter_name: str) -> bool:
+        """Whether ``adapter_name`` can take part in ``forward_backward_routed`` (no dropout, no LoRA variant),
+        on a model that supports it at all (no fp16 loss scaling, no sequence splitting)."""
+        return routed.supported(self) and routed.routable(self, adapter_name)
 
     # ------------------------------------------------------------------ optimisation
     def _trainable(self, session: AdapterState) -> List[torch.Tensor]:

@@ -1,0 +1,120 @@
+"""One forward and one backward for several adapters at once: each part's rows through its own adapter.
+
+The base model's matmuls run once for all rows; each adapter's low-rank update runs on its own rows only
+(``multi_lora.route_peft``). Each part's loss is computed on its own rows with its own loss function, and since
+an adapter's weights only touch its own rows, its gradients are those of its own loss alone: the same as the
+part's own ``forward`` + ``backward``. Adapters that draw random numbers per batch (LoRA dropout) or use a LoRA
+variant give batch-dependent results and cannot take part (:func:`routable`).
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
+
+import torch
+
+from ...loss.base import window_reduction
+from ..inputs import prepare_batch
+
+# Keys of a part's batch that the shared forward reads, and the value that pads each to the widest part.
+_SHARED_KEYS = (('input_ids', None), ('labels', -100), ('attention_mask', 0))
+# model -> (its adapters' configs, its PEFT LoRA layers)
+_LAYERS: 'weakref.WeakKeyDictionary[Any, Tuple[Dict[str, Any], List[Any]]]' = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class RoutedPart:
+    """One request of a routed batch: its rows (a collated batch: ``input_ids``, ``labels``,
+    ``attention_mask`` and whatever its loss reads), its adapter, its loss function ``loss_fn(inputs, outputs)``,
+    and whether it trains (``train=False``: a forward only; its adapter gets no gradient)."""
+    adapter_name: str
+    inputs: Dict[str, Any]
+    loss_fn: Callable[[Dict[str, Any], Dict[str, Any]], Any]
+    train: bool = True
+
+
+@dataclass
+class RoutedResult:
+    """A part's loss output (its ``loss`` still attached to the graph until backward ran) and its rows'
+    per-token log-probabilities (detached, as wide as the part's own inputs)."""
+    loss: Any
+    logps: torch.Tensor
+
+
+def supported(model: Any) -> bool:
+    """Whether ``model`` can run routed batches: PEFT adapters, no fp16 loss scaling (one scaler per adapter),
+    no sequence splitting around the forward."""
+    return model.precision.mode != 'fp16' and model._cp_forward is None and bool(model.adapter_names)
+
+
+def lora_layers(model: Any) -> List[Any]:
+    """The PEFT LoRA layers of the model, kept until an adapter is added or removed (a re-added name comes with
+    a new config object, so it counts as a change too)."""
+    from ..multi_lora import peft_lora_layers
+    configs = dict(getattr(model.module, 'peft_config', None) or {})
+    cached = _LAYERS.get(model)
+    if cached is None or cached[0].keys() != configs.keys() or any(cached[0][n] is not c for n, c in configs.items()):
+        cached = _LAYERS[model] = (configs, peft_lora_layers(model.module))
+    return cached[1]
+
+
+def routable(model: Any, adapter_name: str) -> bool:
+    """Whether the adapter computes the same in a routed batch as alone (no dropout, no LoRA variant)."""
+    from ..multi_lora import routable as peft_routable
+    return peft_routable(model.module, adapter_name, lora_layers(model))
+
+
+def forward_backward_routed(model: Any, parts: Sequence[RoutedPart]
+                            ) -> List[Union[RoutedResult, BaseException]]:
+    """Run ``parts`` as one forward and one backward; per part its result, or the exception its own inputs or
+    loss raised (that part then added nothing to its adapter's gradients). An exception of the shared forward
+    or backward propagates: then no gradient was accumulated unless backward failed part-way."""
+    from ..multi_lora import route_peft
+    if not parts:
+        return []
+    pad = model.template.pad_token_id
+    width = max(int(p.inputs['input_ids'].shape[1]) for p in parts)
+    combined = {key: torch.cat([torch.nn.functional.pad(p.inputs[key], (0, width - p.inputs[key].shape[1]),
+                                                        value=pad if fill is None else fill) for p in parts])
+                for key, fill in _SHARED_KEYS}
+    names = [p.adapter_name for p in parts for _ in range(p.inputs['input_ids'].shape[0])]
+    frozen = {p.adapter_name for p in parts if not p.train}
+    module = model._wrapped_module()
+    module.train()
+    results: List[Union[RoutedResult, BaseException]] = []
+    with torch.set_grad_enabled(any(p.train for p in parts)), \
+            route_peft(model.module, names, frozen=frozen, layers=lora_layers(model)):
+        inputs = prepare_batch(combined, model)
+        with model.precision.autocast():
+            outputs = model.forward_core(module, model.hf_model, inputs)
+        row = 0
+        for part in parts:
+            rows, w = int(part.inputs['input_ids'].shape[0]), int(part.inputs['input_ids'].shape[1])
+            results.append(_part_loss(model, part, outputs, slice(row, row + rows), w))
+            row += rows
+        trained = [r.loss.loss for r, p in zip(results, parts) if p.train and isinstance(r, RoutedResult)]
+        if trained:
+            torch.autograd.backward(sum(trained))
+    for result, part in zip(results, parts):
+        if part.train and isinstance(result, RoutedResult):
+            model._session(part.adapter_name).add_to_window(result.loss)
+    return results
+
+
+def _part_loss(model: Any, part: RoutedPart, outputs: Dict[str, Any], rows: slice,
+               width: int) -> Union[RoutedResult, BaseException]:
+    try:
+        inputs = prepare_batch(part.inputs, model)
+        own = {k: (v[rows, :width] if isinstance(v, torch.Tensor) and v.dim() >= 2 else v)
+               for k, v in outputs.items() if k != 'inputs'}
+        own['inputs'] = inputs
+        loss = part.loss_fn(inputs, own)
+        if part.train:
+            window_reduction(model._session(part.adapter_name).window_reduction, loss)
+            if not loss.loss.requires_grad:
+                raise ValueError('the loss does not depend on the adapter (nothing to train)')
+        return RoutedResult(loss, own['logps'].detach())
+    except Exception as exc:  # this part's own problem: it fails alone
+        return exc
+
