@@ -29,6 +29,10 @@ def child_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
 
 def torchrun(args: Sequence[Union[str, Path]], env: Optional[Dict[str, str]] = None, timeout: int = 540,
              nproc: int = 2) -> subprocess.CompletedProcess:
+    from twinkle.hub import resolve
+    # Build the embedded model here, before the ranks look for it: a rank other than 0 that wins the cache's
+    # lock writes the folder without its weights (save_pretrained saves on the main process only).
+    resolve('builtin://tiny-qwen3')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc),
            '--master_addr', '127.0.0.1', '--master_port', str(free_port()), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env(env))

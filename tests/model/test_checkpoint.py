@@ -137,7 +137,7 @@ def test_adapter_added_from_saved_folder(tmp_path):
 
 
 RESUME_SCRIPT = r'''
-import json, sys, torch
+import gc, json, sys, torch
 from peft import LoraConfig
 from twinkle.dataset import Dataset, DatasetMeta
 from twinkle.preprocessor import SelfCognitionProcessor
@@ -172,6 +172,7 @@ for i, batch in enumerate(dl, start=start):
     if i == 9:
         break
 print('LOSSES' + json.dumps(losses))
+gc.freeze()  # exit without the collector's passes over torch and transformers (about a second)
 '''
 
 

@@ -108,8 +108,9 @@ def test_limits_and_restart(tmp_path):
         native_path = model.save('native-ckpt')
 
         # Limits: a third adapter (429), a request over the token limit (413), a burst over the rate (429).
-        with pytest.raises(RemoteError) as err:
-            TransformersModel(model_id=MODEL, client=client).add_adapter_to_model('x', LoraConfig(r=4))
+        # The same tenant, without the client's polite 429 retries (eight waits of Retry-After each).
+        with TwinkleClient(srv.url, KEY_A, max_429_retries=0) as once, pytest.raises(RemoteError) as err:
+            TransformersModel(model_id=MODEL, client=once).add_adapter_to_model('x', LoraConfig(r=4))
         assert err.value.status == 429 and 'max_adapters_per_tenant' in err.value.detail
         with pytest.raises(RemoteError) as err:
             model.set_optimizer('AdamW', lr=1e-3)

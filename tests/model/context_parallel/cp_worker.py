@@ -5,6 +5,7 @@ runs its zig-zag half of every sequence. ``fsdp_cp``: 4 processes, ``fsdp_size=2
 halves of the batch, each split over a cp pair, weights sharded over all four. Writes
 ``OUT_DIR/<scenario>.rank<r>.json``.
 """
+import gc
 import json
 import sys
 from pathlib import Path
@@ -45,3 +46,4 @@ if LAYOUT == 'cp':
 else:
     run('fsdp2_cp2', strategy='native_fsdp')
 twinkle.runtime.shutdown()
+gc.freeze()  # exit without the collector's passes over torch and transformers (about a second a rank)
