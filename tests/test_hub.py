@@ -49,6 +49,21 @@ def test_builtin_weights_are_identical_everywhere(tmp_path):
     assert (other / 'model.safetensors').read_bytes() == (folder / 'model.safetensors').read_bytes()
 
 
+def test_builtin_weights_are_written_by_a_rank_other_than_zero(tmp_path):
+    """The process that wins the cache lock writes the weights even when it is not rank 0 of a process group
+    (transformers' save_pretrained alone writes only on rank 0): here transformers sees rank 1 of a group."""
+    folder = Path(resolve('builtin://tiny-qwen3'))
+    code = ('import transformers.distributed.mixin as mu\n'
+            'mu._is_torch_distributed_initialized = lambda: True\n'
+            'mu._get_torch_distributed_rank = lambda: 1\n'
+            'from twinkle.hub import resolve; print(resolve("builtin://tiny-qwen3"))')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
+                         env={**__import__('os').environ, 'TWINKLE_CACHE_DIR': str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    other = Path(out.stdout.strip().splitlines()[-1])
+    assert (other / 'model.safetensors').read_bytes() == (folder / 'model.safetensors').read_bytes()
+
+
 def test_builtin_datasets_and_unknown_ids():
     assert resolve('builtin://self-cognition') == str(BUILTIN_DATASETS['self-cognition'])
     with pytest.raises(HubError, match='builtin://tiny-qwen3'):

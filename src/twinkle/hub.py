@@ -145,6 +145,10 @@ def _write_seeded_weights(folder: Path) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(BUILTIN_MODEL_SEED)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Whichever process holds the cache lock writes the folder, whatever its rank: transformers' own rule
+    # (only rank 0 of an initialised process group writes) would leave it without weights when another rank
+    # wins the lock.
+    model.should_save_on_this_rank = lambda is_main_process: True
     model.save_pretrained(folder, safe_serialization=True)
     meta = {'seed': BUILTIN_MODEL_SEED, 'torch': torch.__version__}
     (folder / 'twinkle_builtin.json').write_text(json.dumps(meta, indent=2))
