@@ -5,6 +5,7 @@ already importable, so it starts in seconds); tests talk to it over real HTTP wi
 """
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
@@ -40,3 +41,19 @@ def wait_future(client: httpx.Client, request_id: str, timeout: float = 120.0) -
             continue
         return resp
     raise TimeoutError(request_id)
+
+
+def held(server) -> threading.Event:
+    """Hold the model worker until the returned event is set (requests queue up meanwhile)."""
+    gate, running = threading.Event(), threading.Event()
+    server.ctx.submit('test-holder', lambda: (running.set(), gate.wait(120)))
+    assert running.wait(60)
+    return gate
+
+
+def wait_queued(server, count: int) -> None:
+    """Wait until ``count`` jobs wait in the server's fair queue."""
+    deadline = time.monotonic() + 60
+    while server.ctx.queue.depth() < count:
+        assert time.monotonic() < deadline, 'requests did not reach the queue'
+        time.sleep(0.01)

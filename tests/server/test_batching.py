@@ -7,8 +7,6 @@ weights must agree to 1e-6; a fifth request whose adapter was unloaded in betwee
 """
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 import torch
@@ -20,7 +18,7 @@ from tinker.proto.response_conv import deserialize_forward_backward_output  # no
 
 from twinkle.server.testing import ThreadServer  # noqa: E402
 
-from .conftest import MODEL, wait_future  # noqa: E402
+from .conftest import MODEL, held, wait_future, wait_queued  # noqa: E402
 
 KEYS = [f'tml-batch-tenant-{i}-0123456789' for i in range(5)]
 PROTO = {'Content-Type': 'application/x-protobuf'}
@@ -100,20 +98,6 @@ class Tenant:
         return {k: v.detach().clone() for k, v in ctx.engine.model.get_state_dict(adapter_name=adapter.name).items()}
 
 
-def held(server):
-    """Hold the model worker until the returned event is set (requests queue up meanwhile)."""
-    gate, running = threading.Event(), threading.Event()
-    server.ctx.submit('test-holder', lambda: (running.set(), gate.wait(120)))
-    assert running.wait(60)
-    return gate
-
-
-def wait_queued(server, count: int) -> None:
-    import time
-    deadline = time.monotonic() + 60
-    while server.ctx.queue.depth() < count:
-        assert time.monotonic() < deadline, 'requests did not reach the queue'
-        time.sleep(0.01)
 
 
 def close(a: float, b: float, scale: float = 1.0) -> bool:

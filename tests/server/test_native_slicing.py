@@ -14,24 +14,11 @@ from twinkle.client import TransformersModel as RemoteModel, TwinkleClient
 from twinkle.loss import BNPOLoss, CrossEntropyLoss, DPOLoss, GRPOLoss, MSELoss
 from twinkle.server import native_slices
 
-from .conftest import KEY_A, KEY_B, MODEL
+from .conftest import KEY_A, KEY_B, MODEL, held, wait_queued
 
 LORA = dict(r=8, lora_alpha=32, lora_dropout=0.0, target_modules='all-linear')
 
 
-def held(server) -> threading.Event:
-    """Hold the model worker until the returned event is set (requests queue up meanwhile)."""
-    gate, running = threading.Event(), threading.Event()
-    server.ctx.submit('test-holder', lambda: (running.set(), gate.wait(120)))
-    assert running.wait(60)
-    return gate
-
-
-def wait_queued(server, count: int) -> None:
-    deadline = time.monotonic() + 60
-    while server.ctx.queue.depth() < count:
-        assert time.monotonic() < deadline, 'requests did not reach the queue'
-        time.sleep(0.01)
 
 
 def samples(n: int, offset: int = 0):
