@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 
 from twinkle.client import LoraConfig, RemoteError, TransformersModel, TwinkleClient
@@ -55,6 +56,10 @@ def test_objects_per_tenant_are_capped_until_one_is_released(server):
         with pytest.raises(RemoteError) as err:
             TransformersModel(model_id=MODEL, client=client)
         assert err.value.status == 429 and 'max_objects_per_tenant' in err.value.detail
+        # Only a release lifts the cap, so the server tells clients not to wait and retry.
+        raw = httpx.post(f'{server.url}/api/v1/twinkle/objects', headers={'X-API-Key': KEY},
+                         json={'class_name': 'TransformersModel', 'args': [], 'kwargs': {'model_id': MODEL}})
+        assert raw.status_code == 429 and raw.headers.get('x-should-retry') == 'false'
         first.release()
         third = TransformersModel(model_id=MODEL, client=client)  # room again
         second.release()

@@ -44,7 +44,9 @@ class TwinkleClient:
     def request(self, method: str, path: str, json: Any = None, params: Optional[Dict[str, Any]] = None) -> Any:
         for attempt in range(self.max_429_retries + 1):
             resp = self._http.request(method, path, json=json, params=params)
-            if resp.status_code == 429 and attempt < self.max_429_retries:
+            # A 429 for a cap the tenant must make room under says so (x-should-retry: false): no waiting.
+            if resp.status_code == 429 and attempt < self.max_429_retries \
+                    and resp.headers.get('x-should-retry') != 'false':
                 time.sleep(min(float(resp.headers.get('Retry-After', '1') or 1), 30.0))
                 continue
             break

@@ -17,7 +17,7 @@ import torch
 
 from . import model_host as ops
 from .config import ServerSettings
-from .errors import BadRequest, TooMany
+from .errors import BadRequest, LimitReached
 from .model_host import Adapter
 from .queue import pause_point
 
@@ -146,8 +146,9 @@ class Engine:
     def check_capacity(self, tenant: str) -> None:
         limit = self.settings.limits.max_adapters_per_tenant
         if self.count(tenant, 'train') >= limit:
-            raise TooMany(f'this API key already has {limit} training runs loaded (limits.max_adapters_per_tenant); '
-                          f'release one (remove_adapter / drop the client) before creating another')
+            raise LimitReached(f'this API key already has {limit} training runs loaded '
+                               f'(limits.max_adapters_per_tenant); release one (remove_adapter / drop the client) '
+                               f'before creating another')
 
     def lora_config(self, lora: Dict[str, Any]) -> Any:
         """A peft LoraConfig from a tenant's options, each checked: nothing may change the shared base weights

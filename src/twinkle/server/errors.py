@@ -60,6 +60,14 @@ class TooMany(ApiError):
     status = 429
 
 
+class LimitReached(TooMany):
+    """A per-key cap that only the tenant's own release makes room under: waiting cannot help, so clients are
+    told not to retry."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={'x-should-retry': 'false'})
+
+
 # Exception types whose message describes a caller mistake (wrong argument, unknown name, bad data).
 _USER_ERRORS = (ValueError, TypeError)
 

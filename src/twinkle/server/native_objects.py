@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional
 from ..wire import codec
 from ..wire.methods import TAG_COMPONENT, TAG_REF
 from .config import Limits
-from .errors import BadRequest, Forbidden, NotFound, TooMany
+from .errors import BadRequest, Forbidden, LimitReached, NotFound
 
 HUB_SCHEMES = ('builtin://', 'hf://', 'ms://')
 # Component kinds a client may build by name on the server (all resolve through twinkle.registry).
@@ -45,8 +45,8 @@ class ObjectTable:
             for e in old[:max(0, len(old) - TRANSIENT_PER_TENANT + 1)]:
                 self.entries.pop(e.object_id, None)
         elif sum(1 for e in mine if not e.transient) >= self.limits.max_objects_per_tenant:
-            raise TooMany(f'this API key holds {self.limits.max_objects_per_tenant} server objects '
-                          f'(limits.max_objects_per_tenant); release some (obj.release()) first')
+            raise LimitReached(f'this API key holds {self.limits.max_objects_per_tenant} server objects '
+                               f'(limits.max_objects_per_tenant); release some (obj.release()) first')
         entry = Entry('o' + uuid.uuid4().hex[:20], tenant, class_name, obj, transient)
         self.entries[entry.object_id] = entry
         return entry
