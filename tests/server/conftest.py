@@ -11,6 +11,9 @@ import time
 import httpx
 import pytest
 
+import twinkle
+from twinkle.client import set_default_client
+from twinkle.runtime import remote
 from twinkle.server.testing import ThreadServer
 
 KEY_A = 'tml-tenant-a-0123456789'
@@ -57,3 +60,12 @@ def wait_queued(server, count: int) -> None:
     while server.ctx.queue.depth() < count:
         assert time.monotonic() < deadline, 'requests did not reach the queue'
         time.sleep(0.01)
+
+
+@pytest.fixture
+def connected(server):
+    client = twinkle.init_twinkle_client(server.url, KEY_A)
+    yield client
+    remote.set_construct_hook(None)
+    set_default_client(None)
+    client.close()

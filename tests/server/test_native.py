@@ -5,7 +5,6 @@ import pytest
 import torch
 from peft import LoraConfig
 
-import twinkle
 from twinkle.client import (
     DataLoader,
     Dataset,
@@ -15,11 +14,9 @@ from twinkle.client import (
     TransformersModel as RemoteModel,
     TwinkleClient,
     component,
-    set_default_client,
 )
-from twinkle.runtime import remote
 
-from .conftest import KEY_A, KEY_B, MODEL
+from .conftest import KEY_B, MODEL
 
 LORA = dict(r=8, lora_alpha=32, lora_dropout=0.0, target_modules='all-linear')
 
@@ -33,13 +30,6 @@ def samples(n: int = 4, offset: int = 0):
     return out
 
 
-@pytest.fixture
-def connected(server):
-    client = twinkle.init_twinkle_client(server.url, KEY_A)
-    yield client
-    remote.set_construct_hook(None)
-    set_default_client(None)
-    client.close()
 
 
 def local_losses(batches, steps_lora=LORA):

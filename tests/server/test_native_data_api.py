@@ -3,20 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-import twinkle
-from twinkle.client import DataLoader, Dataset, DatasetMeta, RemoteError, component, set_default_client
-from twinkle.runtime import remote
+from twinkle.client import DataLoader, Dataset, DatasetMeta, RemoteError, component
 
-from .conftest import KEY_A, MODEL
-
-
-@pytest.fixture
-def connected(server):
-    client = twinkle.init_twinkle_client(server.url, KEY_A)
-    yield client
-    remote.set_construct_hook(None)
-    set_default_client(None)
-    client.close()
+from .conftest import MODEL
 
 
 def test_sources_mixing_skipping_and_collation(connected):
