@@ -1,19 +1,23 @@
 """Training throughput: TransformersModel against a plain transformers + PEFT loop written by hand.
 
 Same model, same data, same batches. Each loop's model is built once and warmed up; then, in every round,
-the two loops take the round's steps in turns, one step each, the side that goes first alternating from
-step to step, so that machine noise (other processes, frequency changes) hits both alike. Each round ends
-with a metrics report on both sides (Twinkle's ``calculate_metric``; the hand loop's mean loss as a float),
-whose time is shared out over the round's steps. Every step gives one ratio, the hand loop's time over
-Twinkle's, of two runs next to each other in time; the median ratio over all steps is reported with its
-quartiles. Runs on the embedded model and on a ~100M-parameter Qwen3 built from
-its config. Also prints tokens/s of each (medians) and the share of this machine's measured matmul peak
-that 6 * N * tokens FLOPs/s represents.
+the loops take the round's steps in turns, one step each, the side that goes first rotating from step to
+step, so that machine noise (other processes, frequency changes) hits all alike. Each round ends with a
+metrics report on each side (Twinkle's ``calculate_metric``; the hand loop's mean loss as a float), whose
+time is shared out over the round's steps. Every step gives one ratio, the hand loop's time over Twinkle's,
+of runs next to each other in time; the median ratio over all steps is reported with its quartiles, and
+also the median ratio of process CPU times, which time taken by other processes of a shared machine does
+not enter (with ``OMP_NUM_THREADS=1`` it is the step's own compute; more threads add their spinning). Runs on
+the embedded model and on a ~100M-parameter Qwen3 built from its config. Also prints tokens/s of each
+(medians) and the share of this machine's measured matmul peak that 6 * N * tokens FLOPs/s represents.
 
 The hand loop is what a careful user writes: the model's own loss (labels passed to the forward),
-``backward``, ``clip_grad_norm_``, ``optimizer.step``, ``zero_grad(set_to_none=True)``. Twinkle's is
-``forward_backward`` + ``clip_grad_and_step`` (loss, token-accuracy metric, window normalisation,
-float64 gradient norm and clipping, optimizer step).
+``backward``, ``clip_grad_norm_``, ``optimizer.step``, ``zero_grad(set_to_none=True)``, with torch's default
+AdamW. Twinkle's is ``forward_backward`` + ``clip_grad_and_step`` (loss, token-accuracy metric, window
+normalisation, float64 gradient norm and clipping, optimizer step). On CPU torch's default AdamW loops over
+the tensors in Python, while Twinkle's optimizers use the foreach kernels (the same numbers, bit for bit);
+the "foreach ratio" column compares with a second hand loop given ``AdamW(foreach=True)``, i.e. the
+framework's own cost with the optimizer kernels equal.
 
     python benchmarks/train_throughput.py [--model tiny|100m|both] [--mode lora|full|both] [--rounds 9]
         [--warmup 2] [--steps 4] [--batch 8] [--seq 256]
@@ -23,7 +27,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -41,6 +45,18 @@ def matmul_peak_flops(n: int = 1024, repeat: int = 10, tries: int = 5) -> float:
     return best
 
 
+Spent = Tuple[float, float]  # (wall-clock, process CPU) seconds
+
+
+def _now() -> Spent:
+    return time.perf_counter(), time.process_time()
+
+
+def _since(start: Spent) -> Spent:
+    wall, cpu = _now()
+    return wall - start[0], cpu - start[1]
+
+
 def make_batches(steps: int, batch: int, seq: int, vocab: int, seed: int = 0) -> List[Dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -55,7 +71,7 @@ def make_batches(steps: int, batch: int, seq: int, vocab: int, seed: int = 0) ->
 class PlainLoop:
     """The hand-written transformers + PEFT loop: built once, then ``step(batch)`` times one training step."""
 
-    def __init__(self, model_dir: str, lora: bool, lr: float = 1e-4) -> None:
+    def __init__(self, model_dir: str, lora: bool, lr: float = 1e-4, foreach: Optional[bool] = None) -> None:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
         torch.manual_seed(0)
@@ -65,24 +81,24 @@ class PlainLoop:
         model.train()
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
+        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0, foreach=foreach)
         self.losses: List[torch.Tensor] = []
 
-    def step(self, b: Dict[str, torch.Tensor]) -> float:
-        start = time.perf_counter()
+    def step(self, b: Dict[str, torch.Tensor]) -> Spent:
+        start = _now()
         loss = self.model(input_ids=b['input_ids'], attention_mask=b['attention_mask'], labels=b['labels']).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.losses.append(loss.detach())
-        return time.perf_counter() - start
+        return _since(start)
 
-    def report(self) -> float:
-        start = time.perf_counter()
+    def report(self) -> Spent:
+        start = _now()
         float(torch.stack(self.losses).mean())
         self.losses.clear()
-        return time.perf_counter() - start
+        return _since(start)
 
 
 class TwinkleLoop:
@@ -98,16 +114,16 @@ class TwinkleLoop:
             self.model.add_adapter_to_model('default', LoraConfig(r=8, lora_alpha=32, target_modules='all-linear'))
         self.model.set_optimizer('AdamW', lr=lr, weight_decay=0.0)
 
-    def step(self, b: Dict[str, torch.Tensor]) -> float:
-        start = time.perf_counter()
+    def step(self, b: Dict[str, torch.Tensor]) -> Spent:
+        start = _now()
         self.model.forward_backward(inputs=b)
         self.model.clip_grad_and_step(max_grad_norm=1.0)
-        return time.perf_counter() - start
+        return _since(start)
 
-    def report(self) -> float:
-        start = time.perf_counter()
+    def report(self) -> Spent:
+        start = _now()
         self.model.calculate_metric()
-        return time.perf_counter() - start
+        return _since(start)
 
 
 def build_100m(folder: str) -> str:
@@ -131,18 +147,22 @@ def build_100m(folder: str) -> str:
     return folder
 
 
-def run_round(plain: Any, twin: Any, batches: List[Dict[str, torch.Tensor]], first: int) -> List[Dict[str, float]]:
-    """One round: the steps in turns (the side going first alternates from step to step), then a report
-    on each side, whose time is shared out over the round's steps. One {side: seconds} per step."""
-    pairs: List[Dict[str, float]] = []
-    sides = [('plain', plain), ('twinkle', twin)]
+def _rotated(sides: List[Any], by: int) -> List[Any]:
+    by %= len(sides)
+    return sides[by:] + sides[:by]
+
+
+def run_round(loops: Dict[str, Any], batches: List[Dict[str, torch.Tensor]], first: int) -> List[Dict[str, Spent]]:
+    """One round: the steps in turns (which side goes first rotates from step to step), then a report
+    on each side, whose time is shared out over the round's steps. One {side: (wall, cpu) seconds} per step."""
+    pairs: List[Dict[str, Spent]] = []
+    sides = list(loops.items())
     for i, b in enumerate(batches):
-        order = sides if (i + first) % 2 == 0 else sides[::-1]
-        pairs.append({name: loop.step(b) for name, loop in order})
-    for name, loop in (sides if first % 2 == 0 else sides[::-1]):
-        share = loop.report() / len(pairs)
+        pairs.append({name: loop.step(b) for name, loop in _rotated(sides, i + first)})
+    for name, loop in _rotated(sides, first):
+        wall, cpu = loop.report()
         for pair in pairs:
-            pair[name] += share
+            pair[name] = (pair[name][0] + wall / len(pairs), pair[name][1] + cpu / len(pairs))
     return pairs
 
 
@@ -158,18 +178,27 @@ def measure(name: str, model_dir: str, mode: str, args: Any, peak: float) -> Dic
     batches = make_batches(args.steps, args.batch, args.seq, config.vocab_size)
     tokens = args.batch * args.seq
     lora = mode == 'lora'
-    plain, twin = PlainLoop(model_dir, lora), TwinkleLoop(model_dir, lora)
+    loops = {'plain': PlainLoop(model_dir, lora), 'twinkle': TwinkleLoop(model_dir, lora),
+             'plain_foreach': PlainLoop(model_dir, lora, foreach=True)}
     for w in range(args.warmup):  # allocator, lazy imports, optimizer state: steady state before timing
-        run_round(plain, twin, batches[:1], w)
-    pairs = [pair for r in range(args.rounds) for pair in run_round(plain, twin, batches, r)]
-    # Each step's two runs are next to each other in time: their ratio sees the same machine.
-    low, ratio, high = quartiles([p['plain'] / p['twinkle'] for p in pairs])
-    plain_tps = tokens / statistics.median(p['plain'] for p in pairs)
-    twin_tps = tokens / statistics.median(p['twinkle'] for p in pairs)
+        run_round(loops, batches[:1], w)
+    pairs = [pair for r in range(args.rounds) for pair in run_round(loops, batches, r)]
+    # Each step's runs are next to each other in time: their ratio sees the same machine.
+    def ratios(baseline: str, clock: int) -> List[float]:
+        return [p[baseline][clock] / p['twinkle'][clock] for p in pairs]
+
+    low, ratio, high = quartiles(ratios('plain', 0))
+    cpu_ratio = statistics.median(ratios('plain', 1))
+    same_kernels = statistics.median(ratios('plain_foreach', 0))
+    same_kernels_cpu = statistics.median(ratios('plain_foreach', 1))
+    plain_tps = tokens / statistics.median(p['plain'][0] for p in pairs)
+    twin_tps = tokens / statistics.median(p['twinkle'][0] for p in pairs)
     share = 6 * n_params * twin_tps / peak
     print(f'{name:<10}{n_params / 1e6:>8.1f}M {mode:<6}{plain_tps:>14.0f}{twin_tps:>16.0f}{ratio:>8.3f}'
-          f'{f"{low:.3f}-{high:.3f}":>14}{share:>19.1%}', flush=True)
-    return {'ratio': ratio, 'low': low, 'high': high}
+          f'{f"{low:.3f}-{high:.3f}":>14}{cpu_ratio:>8.3f}{same_kernels:>10.3f}{same_kernels_cpu:>8.3f}'
+          f'{share:>19.1%}', flush=True)
+    return {'ratio': ratio, 'low': low, 'high': high, 'cpu_ratio': cpu_ratio, 'same_kernels': same_kernels,
+            'same_kernels_cpu': same_kernels_cpu}
 
 
 def main() -> None:
@@ -190,9 +219,10 @@ def main() -> None:
     print(f'batch {args.batch} x {args.seq} tokens, {args.steps} steps per round taken in turns, {args.rounds} '
           f'rounds after {args.warmup} warm-up rounds; matmul peak {peak / 1e9:.1f} GFLOP/s; '
           f'threads {torch.get_num_threads()}; ratio: median of the steps\' plain/twinkle time ratios, '
-          f'with its quartiles')
+          f'with its quartiles; cpu: the same from process CPU time (what other processes take does not count); '
+          f'foreach, cpu: both against the hand loop given AdamW(foreach=True)')
     print(f'{"model":<10}{"params":>9} {"mode":<6}{"plain tok/s":>14}{"twinkle tok/s":>16}{"ratio":>8}'
-          f'{"quartiles":>14}{"twinkle % of peak":>20}')
+          f'{"quartiles":>14}{"cpu":>8}{"foreach":>10}{"cpu":>8}{"twinkle % of peak":>20}')
     modes = ['lora', 'full'] if args.mode == 'both' else [args.mode]
     with tempfile.TemporaryDirectory() as tmp:
         models = []

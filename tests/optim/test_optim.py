@@ -36,6 +36,36 @@ def test_optimizer_class_and_unknown_name():
         build_optimizer('AdamWW', Tiny().named_parameters(), lr=0.1)
 
 
+
+@pytest.mark.parametrize('name', ['AdamW', 'Adam', 'SGD', 'RMSprop'])
+def test_cpu_optimizers_step_with_foreach_kernels_and_the_same_numbers(name):
+    torch.manual_seed(0)
+    ours, reference = Tiny(), Tiny()
+    reference.load_state_dict(ours.state_dict())
+    kwargs = {'lr': 0.01, 'momentum': 0.9} if name in ('SGD', 'RMSprop') else {'lr': 0.01}
+    opt = build_optimizer(name, ours.named_parameters(), **kwargs)
+    assert all(g['foreach'] is True for g in opt.param_groups)
+    per_tensor = build_optimizer(name, reference.named_parameters(), foreach=False, **kwargs)
+    assert all(g['foreach'] is False for g in per_tensor.param_groups)  # the caller's choice is kept
+    for step in range(4):
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(step))
+        for model, o in ((ours, opt), (reference, per_tensor)):
+            model.norm(model.proj(x)).pow(2).sum().backward()
+            o.step()
+            o.zero_grad()
+    for a, b in zip(ours.parameters(), reference.parameters()):
+        assert torch.equal(a, b)
+
+
+
+def test_a_loaded_state_keeps_the_loading_optimizers_kernel_choice():
+    saved = build_optimizer('AdamW', Tiny().named_parameters(), lr=0.01, foreach=False)
+    loading = build_optimizer('AdamW', Tiny().named_parameters(), lr=0.02)
+    loading.load_state_dict(saved.state_dict())
+    assert [g['foreach'] for g in loading.param_groups] == [True, True]
+    assert [g['lr'] for g in loading.param_groups] == [0.01, 0.01]  # the numbers do come from the state
+
+
 def _lrs(name, steps=10, **kw):
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = build_scheduler(name, opt, **kw)

@@ -62,9 +62,13 @@ def build_optimizer(optimizer_cls: Union[str, Type[torch.optim.Optimizer]],
     default_wd = inspect.signature(cls.__init__).parameters.get('weight_decay')
     weight_decay = kwargs.pop('weight_decay', default_wd.default if default_wd is not None else None)
     _no_foreach_over_mixed_tensors(cls, [p for _, p in named_params], kwargs)
+    _foreach_on_cpu(cls, [p for _, p in named_params], kwargs)
     if weight_decay is None or weight_decay is inspect.Parameter.empty:
-        return cls([p for _, p in named_params], **kwargs)
-    return cls(param_groups_without_decay(named_params, float(weight_decay)), **kwargs)
+        optimizer = cls([p for _, p in named_params], **kwargs)
+    else:
+        optimizer = cls(param_groups_without_decay(named_params, float(weight_decay)), **kwargs)
+    _keep_kernel_choice(optimizer)
+    return optimizer
 
 
 def _no_foreach_over_mixed_tensors(cls: Type[torch.optim.Optimizer], params: List[nn.Parameter],
@@ -83,3 +87,32 @@ def _no_foreach_over_mixed_tensors(cls: Type[torch.optim.Optimizer], params: Lis
     import inspect
     if 'foreach' in inspect.signature(cls.__init__).parameters:
         kwargs['foreach'] = False
+
+
+def _foreach_on_cpu(cls: Type[torch.optim.Optimizer], params: List[nn.Parameter], kwargs: dict) -> None:
+    """torch steps with its foreach kernels by default on accelerators only; on CPU it loops over the tensors in
+    Python, which costs a LoRA step (hundreds of small tensors) a few percent. The foreach step computes the
+    same numbers (bit for bit), so it is the default here too unless the caller chose."""
+    import inspect
+
+    from torch.distributed.tensor import DTensor
+    if 'foreach' in kwargs or kwargs.get('fused') or 'foreach' not in inspect.signature(cls.__init__).parameters:
+        return
+    if params and all(p.device.type == 'cpu' and not isinstance(p, DTensor) for p in params):
+        kwargs['foreach'] = True
+
+
+_KERNEL_OPTIONS = ('foreach', 'fused')
+
+
+def _keep_kernel_choice(optimizer: torch.optim.Optimizer) -> None:
+    """A loaded state dict brings the saving optimizer's ``foreach`` / ``fused`` choice with its param groups;
+    that choice belongs to the layout it was made for (tensor parallelism cannot step foreach, CPU steps
+    foreach here), not to the numbers, so the loading optimizer keeps its own."""
+    chosen = [{k: group[k] for k in _KERNEL_OPTIONS if k in group} for group in optimizer.param_groups]
+
+    def keep(opt: torch.optim.Optimizer) -> None:
+        for group, options in zip(opt.param_groups, chosen):
+            group.update(options)
+
+    optimizer.register_load_state_dict_post_hook(keep)

@@ -9,7 +9,7 @@ parameter positions to names when the target is sharded.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Set, cast
 
 import torch
 from torch import nn
@@ -62,13 +62,54 @@ def _load_sharded(path: Path, module: nn.Module, optimizer: torch.optim.Optimize
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
     # The current (freshly initialised) state is the template DCP fills in, resharding by name.
-    state = get_optimizer_state_dict(module, optimizer)
+    # torch types the values as its own union; this state holds the param groups' lists of names.
+    state = cast(Dict[str, Any], get_optimizer_state_dict(module, optimizer))
+    renamed = _adapter_renaming(_saved_names(path), [n for g in state['param_groups'] for n in g['params']])
+    if renamed:
+        state = _rename(state, renamed)
     try:
         dcp.load({'optimizer': state}, checkpoint_id=str(path), no_dist=not _distributed())
     except Exception as exc:
         raise CheckpointError(f'optimizer state in {path} does not fit this model ({exc}); was it saved with '
                               f'other trainable parameters (adapter, target_modules)?') from exc
-    set_optimizer_state_dict(module, optimizer, state)
+    if renamed:
+        state = _rename(state, {saved: own for own, saved in renamed.items()})
+    set_optimizer_state_dict(module, optimizer, cast(Any, state))
+
+
+def _saved_names(path: Path) -> Set[str]:
+    """The parameter names a DCP optimizer folder holds state for."""
+    import torch.distributed.checkpoint as dcp
+    prefix = 'optimizer.state.'
+    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {k[len(prefix):].rsplit('.', 1)[0] for k in keys if k.startswith(prefix)}
+
+
+def _adapter_renaming(saved: Set[str], own: List[str]) -> Dict[str, str]:
+    """``{own name: saved name}`` when the checkpoint holds the same parameters under another adapter name
+    (one name segment, the adapter's, differs the same way in every name), e.g. a run created from another
+    run's checkpoint; empty when the names already match or differ otherwise."""
+    missing = [n for n in own if n not in saved]
+    if not missing or len(saved) != len(own):
+        return {}
+    parts = missing[0].split('.')
+    for candidate in saved:
+        theirs = candidate.split('.')
+        differ = [i for i, (a, b) in enumerate(zip(parts, theirs)) if a != b] if len(theirs) == len(parts) else []
+        if len(differ) != 1:
+            continue
+        new, old = parts[differ[0]], theirs[differ[0]]
+        if new.isdigit() or old.isdigit():  # another layer's parameter, not another adapter name
+            continue
+        mapping = {n: '.'.join(old if seg == new else seg for seg in n.split('.')) for n in own}
+        if set(mapping.values()) == saved:
+            return mapping
+    return {}
+
+
+def _rename(state: Dict[str, Any], names: Dict[str, str]) -> Dict[str, Any]:
+    return {'state': {names.get(k, k): v for k, v in state['state'].items()},
+            'param_groups': [{**g, 'params': [names.get(n, n) for n in g['params']]} for g in state['param_groups']]}
 
 
 def _param_names(module: nn.Module, optimizer: torch.optim.Optimizer) -> List[str]:
