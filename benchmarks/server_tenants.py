@@ -32,6 +32,7 @@ batched / serial tokens/s for 1, 2, 4, 8, 16 tenants: 32 tokens 1.1, 1.60, 1.66,
 -> 1397 tok/s; two more 20-step runs 2.13x and 2.01x; before the batch window counted per tenant and the
 optimizer steps were cheaper, 1.74-2.07x); 2, 8, 16 tenants: 128 tokens 1.04, 1.10, 1.24x; 512 tokens 1.19,
 0.95, 1.05x (there the per-token compute dominates and batching has little fixed cost left to share).
+Five later 20-step runs of 8 x 32 tokens read 1.69-1.96x, the serial server faster (746-892 tok/s) than above.
 Large-request fairness (8 x 1024 tokens): the small request's p50 / p99 11.2 / 15.0 s in one piece, 0.53 / 0.69
 s sliced.
 

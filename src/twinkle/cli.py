@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
                        help='tokens one request may use, prompt plus completions (limits.max_tokens_per_request)')
     serve.add_argument('--mixed-precision', choices=('auto', 'no', 'bf16', 'fp16'))
     serve.add_argument('--log-level', choices=('debug', 'info', 'warning', 'error'))
-    serve.add_argument('--mesh', help='place the base model on N ranks through Ray, e.g. fsdp=2 (name=size[,...])')
+    serve.add_argument('--mesh', help='place the base model on ranks through Ray: fsdp=2 (FSDP2), tp=2 '
+                                      '(tensor parallelism) or fsdp=2,tp=2 (four ranks)')
     serve.add_argument('--ray-address', help='Ray cluster to join for --mesh (default: start a local one)')
     return parser
 

@@ -71,13 +71,25 @@ def test_mesh_from_flag_environment_and_file(tmp_path, monkeypatch):
     monkeypatch.setenv('TWINKLE_SERVER_MESH', 'fsdp=3')
     assert load_settings(str(path)).mesh == {'fsdp': 3}  # the environment over the file
     assert load_settings(str(path), mesh='fsdp=2').mesh == {'fsdp': 2}  # the flag over both
+    # Tensor parallelism, alone or with FSDP2 (ranks: fsdp x tp).
+    assert load_settings(mesh='tp=2').mesh == {'tp': 2}
+    assert load_settings(mesh='fsdp=2, tp=2').mesh == {'fsdp': 2, 'tp': 2}
+    path.write_text('mesh:\n  fsdp: 2\n  tp: 4\n')
+    monkeypatch.delenv('TWINKLE_SERVER_MESH')
+    assert load_settings(str(path)).mesh == {'fsdp': 2, 'tp': 4}
+    monkeypatch.setenv('TWINKLE_SERVER_MESH', 'tp=2')
+    assert load_settings(str(path)).mesh == {'tp': 2}
 
 
 @pytest.mark.parametrize('mesh, message', [
     ('fsdp', r'name=size\[,name=size\], e\.g\. fsdp=2'),
     ('fsdp=two', r"mesh size of 'fsdp' must be a positive integer, got 'two'"),
     ('fsdp=0', r"mesh size of 'fsdp' must be a positive integer"),
-    ('tp=2', r"mesh axis 'tp' is not supported by the served model; use one of \['fsdp'\]"),
+    ('ep=2', r"mesh axis 'ep' is not supported by the served model; use one of \['fsdp', 'tp'\]"),
+    ('fsdp=2,pp=2', r"mesh axis 'pp' is not supported by the served model"),
+    ('tp=0', r"mesh size of 'tp' must be a positive integer"),
+    ({'fsdp': 2, 'tp': 'x'}, r"mesh size of 'tp' must be a positive integer, got 'x'"),
+    ('tp=2,tp=4', r"names the axis 'tp' twice"),
     ({'fsdp': 1.5}, r"mesh size of 'fsdp' must be a positive integer, got 1\.5"),
     ({'fsdp': True}, r"mesh size of 'fsdp' must be a positive integer"),
     (['fsdp', 2], r'mesh must be a mapping of axis to size'),
@@ -95,6 +107,8 @@ def test_cli_passes_mesh_to_the_settings(monkeypatch, capsys):
     monkeypatch.setattr('twinkle.server.app.serve', served.append)
     assert cli.main(['serve', '--api-key', 'tml-cli-key-0123', '--mesh', 'fsdp=2']) in (0, None)
     assert served[0].mesh == {'fsdp': 2}
+    assert cli.main(['serve', '--api-key', 'tml-cli-key-0123', '--mesh', 'fsdp=2,tp=2']) in (0, None)
+    assert served[1].mesh == {'fsdp': 2, 'tp': 2}
     assert cli.main(['serve', '--api-key', 'tml-cli-key-0123', '--mesh', 'dp=x']) == 2
     assert "mesh axis 'dp' is not supported" in capsys.readouterr().err
 

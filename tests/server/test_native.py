@@ -165,3 +165,29 @@ def test_remote_data_components(connected):
     with pytest.raises(RemoteError, match='hub datasets only'):
         Dataset(dataset_meta=DatasetMeta('/etc/passwd'))
     model.release()
+
+
+def test_handles_free_what_they_keep_on_the_model(server, connected):
+    from twinkle.server import native_ops
+    from twinkle.server.native_objects import TRANSIENT_PER_TENANT
+
+    def held() -> int:
+        return server.ctx.engine.host.call(native_ops.held)
+
+    model = RemoteModel(model_id=MODEL)
+    model.add_adapter_to_model('default', LoraConfig(**LORA))
+    before = held()
+    loss = model.calculate_loss(model.forward(inputs=samples(1)))
+    assert held() == before + 2                        # the outputs and the loss, with their graph
+    model.backward(loss)                               # backward spends both
+    assert held() == before
+    dropped = model.forward(inputs=samples(1))
+    connected.release(dropped._object_id)
+    model.forward_only(inputs=samples(1))              # the next call frees what the dropped handle kept
+    assert held() == before
+    for _ in range(TRANSIENT_PER_TENANT + 4):          # more handles than the object table keeps
+        model.forward(inputs=samples(1))
+    model.forward_only(inputs=samples(1))
+    assert before < held() <= before + TRANSIENT_PER_TENANT
+    model.release()                                    # its adapter goes, and all it kept
+    assert held() == before

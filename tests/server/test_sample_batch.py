@@ -101,3 +101,21 @@ def test_gather_takes_one_pending_sample_of_each_other_tenant_within_the_row_bud
     leader2.state = state
     assert gather(leader2) == [jobs['a2']]           # d's next job is not a sample, e's has started
     assert queue.depth('e') == 1 and queue.depth('d') == 2
+
+
+def test_a_layout_without_per_row_adapters_decodes_each_request_alone(monkeypatch):
+    # Under tensor parallelism the split LoRA weights take no per-row routing: the leader gathers nothing.
+    import twinkle.server.sample_batch as sample_batch
+    queue = FairQueue()
+    worker = Worker(queue, slice_s=None)
+    ran = []
+    monkeypatch.setattr(sample_batch, 'run_batch', lambda state, works: ran.append([w.session.tenant for w in works]))
+    for per_row in (False, True):
+        ctx = types.SimpleNamespace(queue=queue, engine=types.SimpleNamespace(per_row_adapters=per_row),
+                                    settings=ServerSettings(sample_batch_window_s=0.0, sample_batch_max_rows=8))
+        leader = _work('a', 1)
+        leader.state = types.SimpleNamespace(ctx=ctx)
+        worker.put('b', _work('b', 1), sliced=True)
+        leader()
+    assert ran == [['a'], ['a', 'b']]   # the first b request waited; the second leader took one per tenant
+    assert queue.depth('b') == 1

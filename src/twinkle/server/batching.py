@@ -1,14 +1,18 @@
-"""Tinker forward / forward_backward requests: alone (in micro-batches when large) or batched across tenants.
+"""Tinker forward / forward_backward requests and native forward_backward calls: alone (in micro-batches when
+large) or batched across tenants (native calls: native_batching.py).
 
 Batched, the waiting requests of several tenants run as one forward through the shared base model, each
-tenant's rows through its own adapter (``multi_lora.route_peft``), and one backward. Each tenant's loss is
-computed on its own rows with its own loss function; since its adapter's weights only touch its own rows,
-its gradients are those of its own loss alone. Its gradient window, optimizer step and random stream are not
-touched by the others (adapters with dropout, whose draws would depend on the batch, are never batched).
+tenant's rows through its own adapter (``multi_lora.route_peft``), and one backward, where the model lives: in
+this process, or on every rank of its device group (``mesh``), which answer detached per-request summaries.
+Each tenant's loss is computed on its own rows with its own loss function; since its adapter's weights only
+touch its own rows, its gradients are those of its own loss alone. Its gradient window, optimizer step and
+random stream are not touched by the others (adapters with dropout, whose draws would depend on the batch, are
+never batched).
 
 Large requests run alone in micro-batches of about ``fwdbwd_slice_tokens`` padded tokens; Tinker's losses are
 sums over tokens, so the summed micro-batch losses and accumulated gradients are those of the whole request.
-Such a request runs as a sliced job (see queue.py): between micro-batches it lets other tenants' jobs run.
+Such a request runs as a sliced job (see queue.py): between micro-batches it lets other tenants' jobs run. On a
+model's ranks elsewhere it runs alone in one piece.
 """
 from __future__ import annotations
 
@@ -52,7 +56,8 @@ def _rows_tensor(parts: List[torch.Tensor]) -> torch.Tensor:
 
 class FwdBwdWork:
     """One Tinker forward_backward (or forward) request. Called, it runs alone; ``Batcher`` may instead run it
-    with other tenants' requests. ``sliced``: it is large and runs in micro-batches as a sliced job."""
+    with other tenants' requests. A large one is never batched; in this process it runs in micro-batches as a
+    sliced job (``sliced``), on a model's ranks elsewhere in one piece (they cannot pause mid-forward)."""
 
     def __init__(self, state: Any, model: Any, rows: List[Dict[str, np.ndarray]], loss_fn: Any, loss_name: str,
                  forward_only: bool) -> None:
@@ -62,11 +67,21 @@ class FwdBwdWork:
         self.tenant = model.tenant
         budget = state.ctx.settings.fwdbwd_slice_tokens
         self.tokens = padded_tokens(rows)
-        self.sliced = budget is not None and self.tokens > budget
+        large = budget is not None and self.tokens > budget
+        self.local = not state.ctx.engine.distributed
+        self.batchable = not large
+        self.sliced = large and self.local
 
-    @property
-    def batchable(self) -> bool:
-        return not self.sliced
+    def routed_part(self, engine: Any) -> Tuple[Any, Tuple[Any, ...]]:
+        """(adapter, the part of ``engine.forward_backward_routed`` this request is)."""
+        rows, loss_fn, adapter = self.prepare()
+        return adapter, (adapter.name, tinker_data.build_batch(rows, engine.pad_token_id), loss_fn,
+                         not self.forward_only)
+
+    def routed_output(self, result: Any, part: Tuple[Any, ...]) -> bytes:
+        """The response, out of this request's result of the routed batch."""
+        return _output(self.rows, self.loss_name, result.loss, result.metrics.get('num_tokens'), [result.logps],
+                       [part[1].get('weights')])
 
     def prepare(self) -> Tuple[List[Dict[str, np.ndarray]], Any, Any]:
         """(rows, loss function, adapter), the adapter checked to be still loaded."""
@@ -76,10 +91,14 @@ class FwdBwdWork:
         return self.rows, self.loss_fn, adapter
 
     def __call__(self) -> bytes:
+        if not self.local:
+            return self.state.op_forward_backward(self.model, self.rows, self.loss_fn, self.loss_name,
+                                                  self.forward_only)
         engine = self.state.ctx.engine
         rows, loss_fn, adapter = self.prepare()
         pad = engine.pad_token_id
-        loss_sum, num_tokens, logps, weights = 0.0, 0.0, [], []
+        loss_sum, logps, weights = 0.0, [], []
+        num_tokens: Optional[float] = None
         with engine.using(adapter):
             for group in micro_batches(rows, self.state.ctx.settings.fwdbwd_slice_tokens):
                 batch = tinker_data.build_batch(group, pad)
@@ -89,30 +108,32 @@ class FwdBwdWork:
                     if not self.forward_only:
                         engine.model.backward(loss, adapter_name=adapter.name)
                 loss_sum += float(loss.loss.detach())
-                num_tokens += float(loss.metrics.get('num_tokens', 0.0))
+                if 'num_tokens' in loss.metrics:
+                    num_tokens = (num_tokens or 0.0) + float(loss.metrics['num_tokens'])
                 logps.append(outputs['logps'].detach())
                 w = outputs['inputs'].get('weights')
                 weights.append(w.detach() if w is not None else None)
         return _output(rows, self.loss_name, loss_sum, num_tokens, logps, weights)
 
 
-def _output(rows: List[Dict[str, np.ndarray]], loss_fn: str, loss_sum: float, num_tokens: float,
+def _output(rows: List[Dict[str, np.ndarray]], loss_fn: str, loss_sum: float, num_tokens: Optional[float],
             logps: List[torch.Tensor], weights: List[Optional[torch.Tensor]]) -> bytes:
-    metrics = {'loss:sum': loss_sum, 'num_tokens:sum': num_tokens}
+    # num_tokens only where the loss reports it (cross_entropy does not), as every path answers it
+    metrics = {'loss:sum': loss_sum} if num_tokens is None else {'loss:sum': loss_sum, 'num_tokens:sum': num_tokens}
     present = [w for w in weights if w is not None]
     merged_w = _rows_tensor(present) if len(present) == len(weights) else None
     return tinker_data.output_proto(rows, _rows_tensor(logps), merged_w, loss_fn, metrics)
 
 
-def run_batch(engine: Any, items: List[Tuple[FwdBwdWork, Any]]) -> None:
-    """Run the requests ``items`` ((work, future) pairs, one per tenant) as one batched forward and backward and
-    complete their futures. A request that fails its own checks or loss fails alone."""
-    pad = engine.pad_token_id
-    ready: List[Tuple[FwdBwdWork, Any, Any, Dict[str, Any]]] = []
+def run_batch(engine: Any, items: List[Tuple[Any, Any]]) -> None:
+    """Run the requests ``items`` ((work, future) pairs, one per tenant; Tinker ``FwdBwdWork`` or
+    ``native_batching.NativeFwdBwdWork``) as one batched forward and backward and complete their futures. A
+    request that fails its own checks or loss fails alone."""
+    ready: List[Tuple[Any, Any, Any, Tuple[Any, ...]]] = []
     for work, fut in items:
         try:
-            rows, loss_fn, adapter = work.prepare()
-            ready.append((work, fut, adapter, tinker_data.build_batch(rows, pad)))
+            adapter, part = work.routed_part(engine)
+            ready.append((work, fut, adapter, part))
         except Exception as exc:  # this request's own problem: it fails alone
             fut.set_error(exc)
     if len(ready) <= 1:
@@ -120,31 +141,30 @@ def run_batch(engine: Any, items: List[Tuple[FwdBwdWork, Any]]) -> None:
             _run_alone(work, fut)
         return
     try:
-        results = engine.forward_backward_routed([(adapter.name, batch, work.loss_fn, not work.forward_only)
-                                                  for work, _, adapter, batch in ready])
+        # Where the model lives (this process or every rank of its group); per part a detached summary.
+        results = engine.forward_backward_routed([part for _, _, _, part in ready])
     except Exception:
-        # The shared forward or backward failed (e.g. out of memory): nothing was accumulated unless backward
-        # ran part-way, which raises only on internal errors. Run each request alone so that it fails alone.
+        # The shared forward or backward failed (e.g. out of memory), here or on a rank: nothing was accumulated
+        # unless backward ran part-way, which raises only on internal errors (what comes back from the ranks is
+        # plain data that cannot fail on the way). Run each request alone so that it fails alone.
         logger.warning('a batched forward_backward failed; running its requests one by one', exc_info=True)
         for work, fut, _, _ in ready:
             if not fut.done:
                 _run_alone(work, fut)
         return
     now = time.monotonic()
-    for (work, fut, adapter, batch), result in zip(ready, results):
+    for (work, fut, adapter, part), result in zip(ready, results):
         adapter.last_used = now
         if isinstance(result, BaseException):
             fut.set_error(result)
             continue
-        loss, logps = result
         try:
-            fut.set_result(_output(work.rows, work.loss_name, float(loss.loss.detach()),
-                                   float(loss.metrics.get('num_tokens', 0.0)), [logps], [batch.get('weights')]))
+            fut.set_result(work.routed_output(result, part))
         except Exception as exc:
             fut.set_error(exc)
 
 
-def _run_alone(work: FwdBwdWork, fut: Any) -> None:
+def _run_alone(work: Any, fut: Any) -> None:
     try:
         fut.set_result(work())
     except BaseException as exc:  # reported to the caller through the future
@@ -186,7 +206,7 @@ class Batcher:
     def run(self, first: Any) -> None:
         engine = self.engine_of()
         work = first.work
-        if not self._routable(engine, work):
+        if not work.batchable or not self._routable(engine, work):
             first()
             return
         jobs = [first]
@@ -242,7 +262,7 @@ class Batcher:
         for job in jobs:
             job()
 
-    def _routable(self, engine: Any, work: FwdBwdWork) -> bool:
+    def _routable(self, engine: Any, work: Any) -> bool:
         adapter = work.model.adapter
         if adapter is None or engine.adapters.get(adapter.name) is not adapter:
             return False

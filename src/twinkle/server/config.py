@@ -154,9 +154,11 @@ class ServerSettings(BaseSettings):
     limits: Limits = Field(default_factory=Limits)
     log_level: str = 'info'
     mesh: Annotated[Optional[Dict[str, int]], NoDecode] = None
-    """Place the base model on a device group of ranks through the Ray runtime instead of this process, e.g.
-    ``fsdp=2`` (``--mesh fsdp=2``, or ``mesh: {fsdp: 2}`` in YAML): FSDP2 over two ranks, so a model larger than
-    one device is served. The HTTP front end stays one process. None: the model lives in the server process."""
+    """Place the base model on a device group of ranks through the Ray runtime instead of this process, so a model
+    larger than one device is served: ``fsdp=2`` (``--mesh fsdp=2``, or ``mesh: {fsdp: 2}`` in YAML) shards it with
+    FSDP2 over two ranks, ``tp=2`` splits its attention heads and MLP features over two ranks (tensor
+    parallelism; tp must divide the model's head counts), ``fsdp=2,tp=2`` does both on four ranks (fsdp x tp).
+    The HTTP front end stays one process. None: the model lives in the server process."""
     ray_address: Optional[str] = None
     """Ray cluster to join for ``mesh`` (None: start a local Ray instance)."""
 
@@ -235,11 +237,11 @@ class ConfigError(ValueError):
     pass
 
 
-MESH_AXES = ('fsdp',)  # axes the distributed engine can place the served model on
+MESH_AXES = ('fsdp', 'tp')  # axes the distributed engine can place the served model on (ranks: their product)
 
 
 def parse_mesh(value: Any) -> Optional[Dict[str, int]]:
-    """``'fsdp=2'`` (``name=size[,name=size]``) or a mapping -> ``{'fsdp': 2}``; None / '' -> None."""
+    """``'fsdp=2,tp=2'`` (``name=size[,name=size]``) or a mapping -> ``{'fsdp': 2, 'tp': 2}``; None / '' -> None."""
     if value is None or value == '' or value == {}:
         return None
     if isinstance(value, str):
@@ -247,7 +249,9 @@ def parse_mesh(value: Any) -> Optional[Dict[str, int]]:
         for part in value.split(','):
             name, eq, size = part.strip().partition('=')
             if not eq or not name.strip() or not size.strip():
-                raise ValueError(f'mesh {value!r} must look like name=size[,name=size], e.g. fsdp=2')
+                raise ValueError(f'mesh {value!r} must look like name=size[,name=size], e.g. fsdp=2 or fsdp=2,tp=2')
+            if name.strip() in sizes:
+                raise ValueError(f'mesh {value!r} names the axis {name.strip()!r} twice; give each axis once')
             sizes[name.strip()] = size.strip()
         value = sizes
     if not isinstance(value, dict):
@@ -256,7 +260,7 @@ def parse_mesh(value: Any) -> Optional[Dict[str, int]]:
     for name, size in value.items():
         if name not in MESH_AXES:
             raise ValueError(f'mesh axis {name!r} is not supported by the served model; use one of {list(MESH_AXES)}, '
-                             f'e.g. fsdp=2')
+                             f'e.g. fsdp=2 or tp=2')
         try:
             count = int(size)
         except (TypeError, ValueError):

@@ -67,10 +67,10 @@ class ServerContext:
         scrub.add(str(get_settings().cache_dir))
         if not self.engine.distributed:  # on ranks elsewhere a sampling job cannot pause mid-decode
             self.worker.save_state = self.engine.save_state
-            if self.settings.batch_window_ms is not None:  # batching runs the shared module in this process
-                from .batching import Batcher
-                self.worker.batcher = Batcher(self.queue, lambda: self.engine, self.settings.batch_window_ms / 1000.0,
-                                              self.settings.batch_max_tokens)
+        if self.settings.batch_window_ms is not None:  # here or on the model's ranks (batching.run_batch)
+            from .batching import Batcher
+            self.worker.batcher = Batcher(self.queue, lambda: self.engine, self.settings.batch_window_ms / 1000.0,
+                                          self.settings.batch_max_tokens)
         self.worker.start()
         self.ready = True
 

@@ -1,12 +1,17 @@
-"""The served base model on a device group of ranks (``mesh: {fsdp: N}``), through the Ray runtime.
+"""The served base model on a device group of ranks (``mesh: {fsdp: N, tp: M}``), through the Ray runtime.
 
-Every rank holds a :class:`RankHost` (a ``TransformersModel`` sharded with FSDP2 over the group). The server
+Every rank holds a :class:`RankHost` (a ``TransformersModel`` sharded over the group: FSDP2 over ``fsdp``,
+tensor parallelism over ``tp``, the plan's layers split first and then sharded with FSDP2 when both). The server
 process keeps the HTTP front end, the queue and the adapters' bookkeeping; each model operation is one
 function sent to every rank at once (they run the same collectives), and rank 0's result comes back. The
 adapter's RNG state travels with the call, so every rank, and a one-process server, draws the same numbers.
+Tinker forward / forward_backward requests of several tenants batch here as in one process (batching.py): every
+rank runs the same routed forward and backward, and answers per request a detached summary
+(``model_host.forward_backward_routed``), since a loss attached to the ranks' autograd graph cannot travel.
 
-Not available here: time-sliced sampling (a sampling job runs to its end; other tenants wait) and the
-native model API (its objects hold tensors with autograd graphs in the server process).
+Not available here: time-sliced jobs (a sampling job, or a forward_backward too large to batch, runs to its end
+in one piece; other tenants wait). The native model API's forward outputs and losses (tensors with autograd
+graphs) stay on the ranks (native_ops.py).
 """
 from __future__ import annotations
 
@@ -18,12 +23,13 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 
 from ..runtime.remote import remote_class
-from .config import ServerSettings
+from .config import ConfigError, ServerSettings
 from .errors import BadRequest
 from .model_host import adapter_stream, with_rng
 
 logger = logging.getLogger(__name__)
 GROUP = 'served-model'
+_USER_ERROR_NAMES = ('RegistryError', 'ValidationError')  # besides ValueError / TypeError, as errors.describe
 
 
 @remote_class
@@ -32,13 +38,37 @@ class RankHost:
 
     def __init__(self, model_id: str, mixed_precision: str, log_dir: str, device_mesh: Any = None) -> None:
         from ..model import TransformersModel
+        # 'native_fsdp' is FSDP2 over fsdp ranks; with tp_size > 1 the model picks tensor parallelism (then FSDP2).
         self.model = TransformersModel(model_id=model_id, mixed_precision=mixed_precision, device_mesh=device_mesh,
                                        strategy='native_fsdp', log_dir=log_dir, report_to_tensorboard=False,
                                        output_dir=str(Path(log_dir) / 'unused-output'))
+        check_tensor_parallel(self.model.strategy, self.model.hf_model.config)
+        # Every call reaches every rank with the same arguments: the ranks share the weights, not the batch.
+        self.model.strategy.replicate_batches()
 
     def call_with_rng(self, fn: Callable[..., Any], args: tuple, rng: Optional[torch.Tensor],
                       cuda_rng: Optional[List[torch.Tensor]]) -> Tuple[Any, Any, Any]:
         return with_rng(fn, self.model, args, rng, cuda_rng)
+
+
+def build_mesh(sizes: Dict[str, int]) -> Any:
+    """The device mesh of the ``mesh`` option: ``fsdp`` x ``tp`` ranks, the tensor-parallel ranks of one FSDP
+    shard adjacent (the layout TransformersModel shards FSDP2 over tensor parallelism with)."""
+    from ..mesh import DeviceMesh
+    return DeviceMesh.from_sizes(fsdp_size=int(sizes.get('fsdp', 1)), tp_size=int(sizes.get('tp', 1)))
+
+
+def check_tensor_parallel(strategy: Any, config: Any) -> None:
+    """Refuse, at start, a ``tp`` size the model cannot be split by (heads or features not divisible, no plan),
+    which the model itself would find only at the first request."""
+    check = getattr(strategy, 'check_model', None)  # tensor-parallel strategies have it
+    if check is None:
+        return
+    try:
+        check(config)
+    except (ValueError, NotImplementedError) as exc:
+        raise ConfigError(f'mesh tp={strategy.mesh.tp_size} does not fit the served model: {exc}. Choose another '
+                          f'tp in the server option mesh (--mesh), or fsdp=N without tp') from None
 
 
 class RayHost:
@@ -47,16 +77,17 @@ class RayHost:
     model = None  # the model lives on the ranks
 
     def __init__(self, settings: ServerSettings, log_dir: Path) -> None:
-        from ..mesh import DeviceGroup, DeviceMesh
+        from ..mesh import DeviceGroup
         from ..runtime import context, initialize, shutdown
+        from ..runtime.ray import WorkerError
         mesh_sizes = dict(settings.mesh or {})
-        ranks = int(mesh_sizes.get('fsdp', 1))
+        mesh = build_mesh(mesh_sizes)
+        ranks = mesh.world_size
         if context.is_initialized():
             raise RuntimeError(f'the server places its model with Ray itself, but twinkle is already initialised '
                                f'(mode={context.get_mode()!r}) in this process; start the server in a fresh '
                                f'process or call twinkle.runtime.shutdown() first')
         device_type = 'cuda' if torch.cuda.is_available() else 'cpu'
-        mesh = DeviceMesh.from_sizes(fsdp_size=ranks)
         initialize(mode='ray', groups=[DeviceGroup(name=GROUP, ranks=ranks, device_type=device_type)],
                    global_device_mesh=mesh, address=settings.ray_address)
         try:
@@ -64,10 +95,15 @@ class RayHost:
             placed: Any = RankHost
             self.handle = placed(settings.model, settings.precision(), str(log_dir), device_mesh=mesh,
                                  remote_group=GROUP)
+        except WorkerError as exc:
+            shutdown()
+            if isinstance(exc.cause, ConfigError):  # the mesh does not fit the model: say so, not a traceback
+                raise exc.cause from None
+            raise
         except BaseException:
             shutdown()
             raise
-        logger.info('served model on %d %s rank(s) with FSDP2 (mesh %s)', ranks, device_type, mesh_sizes)
+        logger.info('served model on %d %s rank(s), mesh %s', ranks, device_type, mesh_sizes)
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self.call_with_rng(fn, args, None, None)[0]
@@ -78,11 +114,14 @@ class RayHost:
         try:
             return self.handle.call_with_rng(fn, args, rng, cuda_rng)
         except WorkerError as exc:  # the only remote failure a rank handle raises
-            # A refusal raised on the ranks (a bad checkpoint, a bad request) is the caller's error, as it is
-            # in one process; anything else stays a server error with the ranks' traceback.
+            # A refusal raised on the ranks (a bad checkpoint, a bad request, an unknown name or a bad argument
+            # of a native call) is the caller's error, as it is in one process (errors.describe); anything
+            # else stays a server error with the ranks' traceback.
             from .errors import ApiError
-            if isinstance(exc.cause, ApiError):
-                raise exc.cause from None
+            cause = exc.cause
+            if cause is not None and (isinstance(cause, (ApiError, ValueError, TypeError))
+                                      or type(cause).__name__ in _USER_ERROR_NAMES):
+                raise cause from None
             raise
 
     def shutdown(self) -> None:
@@ -122,6 +161,10 @@ class _RankView:
 
     @contextlib.contextmanager
     def inference(self) -> Iterator[torch.nn.Module]:
+        if getattr(self.model.strategy, 'name', None) == 'tensor_parallel':
+            # Adapters added since the last forward (sampling snapshots) get their LoRA layers split like the
+            # base layers they sit on before decoding (the wrap keeps what is already split).
+            self.model._wrapped_module()
         with self.decode_mode(self.model) as hf:
             _fsdp_generate(hf)
             yield hf

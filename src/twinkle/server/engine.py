@@ -11,10 +11,11 @@ import re
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 
+from ..model.components import TemplateProcessorMixin
 from . import model_host as ops
 from .config import ServerSettings
 from .errors import BadRequest, LimitReached
@@ -53,7 +54,9 @@ def make_host(settings: ServerSettings, log_dir: Path) -> Any:
     return ops.LocalHost(settings, log_dir)
 
 
-class Engine:
+class Engine(TemplateProcessorMixin):
+    """The served model's default template and processor live in this process (``TemplateProcessorMixin``): they
+    tokenize and collate requests wherever the model itself is."""
 
     def __init__(self, settings: ServerSettings, log_dir: Path) -> None:
         self.settings = settings
@@ -82,6 +85,10 @@ class Engine:
         self.architecture: Optional[str] = info['architecture']
         self.adapters: Dict[str, Adapter] = {}
         self.linear_names: List[str] = info['linear_names']
+        # Whether one forward can run each row through another adapter (batching across tenants; not under tp).
+        self.per_row_adapters: bool = info['per_row_adapters']
+        # Whether the model adds a router loss over the whole batch (MoE): its calls are not batched or sliced.
+        self.router_loss: bool = info['router_loss']
         # PEFT cannot add an adapter once every adapter has been deleted (its active adapter would dangle), so
         # one inert adapter (B = 0: the base model's outputs) stays for the server's lifetime.
         self.host.call(ops.add_adapter, 'anchor', self.lora_config({'r': 1, 'target_modules': self.linear_names[:1]}),
@@ -134,9 +141,10 @@ class Engine:
 
     def prompt_tokens(self, inputs: Any) -> List[List[int]]:
         """One list of token ids per prompt, from token ids, conversations or trajectories (TypeError if not)."""
+        from types import SimpleNamespace
+
         from ..model.transformers.generation import as_prompts
-        self.require_local('the native sampling API')
-        return as_prompts(self.model, inputs)
+        return as_prompts(cast(Any, SimpleNamespace(template=self.template)), inputs)
 
     # -- adapters ------------------------------------------------------------------------------------------
     def count(self, tenant: str, role: str) -> int:
@@ -276,19 +284,21 @@ class Engine:
             return sample_on_ranks(self, calls, inference)
         return sample_many(self, calls)
 
-    # -- batched forward/backward across tenants (in-process model only; see batching.py) -------------------------
-    def forward_backward_routed(self, parts: Sequence[Tuple[str, Dict[str, Any], Any, bool]]) -> List[Any]:
-        """``parts`` ((adapter name, collated batch, loss function, train) each) as one forward and backward, each
-        part's rows through its own adapter: per part ``(loss output, logps)`` or the exception it raised alone."""
-        from ..model.transformers.routed import RoutedPart, RoutedResult
-        results = self.host.call(ops.forward_backward_routed,
-                                 [RoutedPart(name, batch, loss_fn, train) for name, batch, loss_fn, train in parts])
-        return [(r.loss, r.logps) if isinstance(r, RoutedResult) else r for r in results]
+    # -- batched forward/backward across tenants (see batching.py) ---------------------------------------------
+    def forward_backward_routed(self, parts: Sequence[Tuple[Any, ...]]
+                                ) -> List[Union[ops.RoutedSummary, BaseException]]:
+        """``parts`` ((adapter name, collated batch, loss function, train[, loss kwargs]) each) as one forward and
+        backward, each part's rows through its own adapter, where the model lives (on a device group every rank
+        runs the same parts): per part its ``model_host.RoutedSummary`` or the exception it raised alone. A part
+        with loss function None trains with its adapter's own loss; its summary's ``result`` is what
+        ``forward_backward`` returns (``routed.RoutedPart``)."""
+        from ..model.transformers.routed import RoutedPart
+        return self.host.call(ops.forward_backward_routed, [RoutedPart(*part) for part in parts])
 
     def routable(self, adapter_name: str) -> bool:
         """Whether the adapter can share a batched forward (no dropout or variant drawing per batch, a model
-        in this process without fp16 loss scaling or sequence splitting)."""
-        return self.host.local and self.host.call(ops.routable, adapter_name)
+        without fp16 loss scaling or sequence splitting); the model's ranks answer for a device group."""
+        return bool(self.host.call(ops.routable, adapter_name))
 
     @contextlib.contextmanager
     def using(self, adapter: Adapter) -> Iterator[None]:

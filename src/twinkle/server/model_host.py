@@ -10,10 +10,11 @@ same state, so LoRA init, dropout and sampling draw the same numbers on every ra
 from __future__ import annotations
 
 import contextlib
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
@@ -91,6 +92,14 @@ class LocalHost:
         pass
 
 
+def router_loss(hf_model: Any) -> bool:
+    """Whether the model adds a router load-balancing loss (MoE with ``output_router_logits``): a figure of the
+    whole batch, so its calls can be neither split into micro-batches nor share a batch with others."""
+    config = hf_model.config
+    text = config.get_text_config() if hasattr(config, 'get_text_config') else config
+    return bool(getattr(config, 'output_router_logits', False) or getattr(text, 'output_router_logits', False))
+
+
 # -- operations (run where the model is) ---------------------------------------------------------------------
 def describe(model: Any) -> Dict[str, Any]:
     """What the engine and the routes read about the base model, once."""
@@ -105,6 +114,8 @@ def describe(model: Any) -> Dict[str, Any]:
         'linear_names': sorted({n.rsplit('.', 1)[-1] for n, m in hf.named_modules()
                                 if isinstance(m, torch.nn.Linear)}),
         'pad_token_id': model.template.pad_token_id,
+        'per_row_adapters': bool(model.strategy.per_row_adapters),
+        'router_loss': router_loss(hf),
     }
 
 
@@ -123,8 +134,11 @@ def remove_adapter(model: Any, name: str) -> None:
 
 
 def set_default_optimizer(model: Any, name: str) -> None:
+    # Tensor parallelism mixes split (DTensor) and whole parameters, which foreach kernels refuse: left unset
+    # there, the optimizer steps per tensor.
+    foreach = {} if getattr(model.strategy, 'name', None) == 'tensor_parallel' else {'foreach': True}
     model.set_optimizer('AdamW', adapter_name=name, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0,
-                        foreach=True)
+                        **foreach)
 
 
 def save_adapter(model: Any, name: str, folder: str, with_optimizer: bool) -> None:
@@ -148,9 +162,56 @@ def adapter_finite(model: Any, name: str) -> bool:
                if v.is_floating_point())
 
 
-def forward_backward_routed(model: Any, parts: List[Any]) -> List[Any]:
-    """Several adapters' requests as one batched forward and backward (``forward_backward_routed``)."""
-    return model.forward_backward_routed(parts)
+@dataclass
+class RoutedSummary:
+    """What one part of a routed batch gave, without its autograd graph (so that it can travel back from a
+    model's ranks): its loss (the sum, as the loss computed it), the count and reduction the loss reports,
+    its metrics, and its rows' per-token log-probabilities on the CPU; for a part trained with its adapter's
+    own loss, ``result``: what ``forward_backward`` returns (``{'loss', 'num_items', **metrics}``)."""
+    loss: float
+    num_items: float
+    reduction: str
+    metrics: Dict[str, float]
+    logps: Optional[torch.Tensor]
+    result: Optional[Dict[str, Any]] = None
+
+
+def forward_backward_routed(model: Any, parts: List[Any]) -> List[Union[RoutedSummary, BaseException]]:
+    """Several adapters' requests as one batched forward and backward (``forward_backward_routed``); per part
+    its :class:`RoutedSummary` or the exception it raised alone. An exception of the shared forward or backward
+    propagates. Everything answered is plain data: once backward has run, nothing may fail on the way back (the
+    caller would then run the parts again, alone, and their gradients would count twice)."""
+    return [_summary(result) for result in model.forward_backward_routed(parts)]
+
+
+def _summary(result: Any) -> Union[RoutedSummary, BaseException]:
+    """A part's ``routed.RoutedResult`` as plain data, or the exception it raised, made portable."""
+    if isinstance(result, BaseException):
+        return _portable(result)
+    loss = result.loss
+    try:
+        return RoutedSummary(loss=float(loss.loss.detach()), num_items=float(loss.num_items),
+                             reduction=str(getattr(loss, 'reduction', 'mean')),
+                             metrics={k: float(v) for k, v in loss.metrics.items() if _scalar(v)},
+                             logps=None if result.logps is None else result.logps.detach().cpu(),
+                             result=None if result.summary is None else dict(result.summary))
+    except Exception as exc:  # a loss whose figures are not numbers: this part's own problem
+        return _portable(exc)
+
+
+def _scalar(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) or (
+        isinstance(value, torch.Tensor) and value.numel() == 1)
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """``exc`` if it survives pickling, otherwise a RuntimeError with its text (an exception whose constructor
+    takes other arguments than it keeps cannot be rebuilt where the batch was sent from)."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f'{type(exc).__name__}: {exc}')
 
 
 def routable(model: Any, name: str) -> bool:

@@ -6,23 +6,29 @@ set through it belong to the handle, not to the shared model. Every ``do_<method
 worker; the set of methods is exactly ``twinkle.wire.methods.MODEL``, and each takes the parameters of the
 model method it stands for (checked at import: names, kinds and defaults). Methods that only pick the
 caller's adapter are generated from ``PASS_THROUGH``; the others check what a tenant may ask for.
+
+Whatever a handle does on the shared model goes through the engine's host as an operation of
+``native_ops`` with the adapter's random stream (``Engine.run``): the same code whether the model is in this
+process or on a device group of ranks. Forward outputs and losses stay with the model; a ``Handle`` here
+keeps their id.
 """
 from __future__ import annotations
 
 import inspect
-import math
 import uuid
-from typing import Any, Callable, Dict, List, Mapping, Optional
+import weakref
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set
 
 import torch
 
 from ..model import TransformersModel as SharedModel
 from ..wire import codec
 from ..wire.methods import MODEL
-from . import native_slices
+from . import native_ops
 from .context import ServerContext
 from .engine import Adapter
 from .errors import BadRequest, Forbidden, TooLarge
+from .native_checks import finite_options, generate_options, optimizer_options
 from .native_objects import ObjectTable
 from .store import check_name, format_path, parse_path
 
@@ -40,16 +46,25 @@ class Ref:
     def __init__(self, class_name: str, value: Any, summary: Dict[str, Any]) -> None:
         self.class_name, self.value, self.summary = class_name, value, summary
 
+    def take(self) -> Any:
+        """The value, forgotten here: the call's future keeps this Ref for a while, and only the object table
+        may keep the value (a handle dropped from the table frees what it holds on the model)."""
+        value, self.value = self.value, None
+        return value
+
 
 class Handle:
-    """A forward's outputs ('ModelOutput') or a loss ('LossOutput') of one adapter, kept on the server.
+    """A forward's outputs ('ModelOutput') or a loss ('LossOutput') of one adapter, kept where the model is
+    under ``ref_id`` (native_ops); dropping the handle frees them there (at the owner's next call).
 
     backward frees the autograd graph: afterwards neither the loss nor the outputs it came from can be
     used again, so a second backward is refused instead of failing inside torch."""
 
-    def __init__(self, kind: str, adapter: Adapter, value: Any, source: Optional['Handle'] = None) -> None:
-        self.kind, self.adapter, self.value, self.source = kind, adapter, value, source
+    def __init__(self, kind: str, adapter: Adapter, ref_id: str, dropped: List[str],
+                 source: Optional['Handle'] = None) -> None:
+        self.kind, self.adapter, self.ref_id, self.source = kind, adapter, ref_id, source
         self.spent = False
+        self.free = weakref.finalize(self, dropped.append, ref_id)
 
 
 def _handle(value: Any, kind: str, method: str, producer: str) -> Handle:
@@ -61,60 +76,6 @@ def _handle(value: Any, kind: str, method: str, producer: str) -> Handle:
     return value
 
 
-def _finite_options(method: str, options: Mapping[str, Any]) -> None:
-    """Numbers a tenant passes as hyperparameters must be finite: inf / NaN would make the weights NaN."""
-    def walk(value: Any, where: str) -> None:
-        if isinstance(value, float) and not math.isfinite(value):
-            raise BadRequest(f'{method}: {where}={value!r} must be a finite number')
-        if isinstance(value, (list, tuple)):
-            for i, v in enumerate(value):
-                walk(v, f'{where}[{i}]')
-        elif isinstance(value, Mapping):
-            for k, v in value.items():
-                walk(v, f'{where}[{k!r}]')
-
-    for key, value in options.items():
-        walk(value, key)
-
-
-def _optimizer_options(options: Dict[str, Any]) -> Dict[str, Any]:
-    _finite_options('set_optimizer', options)
-    betas = options.get('betas')
-    if betas is not None:
-        if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(
-                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
-            raise BadRequest(f'set_optimizer: betas must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {betas!r}')
-    for key, low, strict in (('lr', 0, False), ('eps', 0, True), ('weight_decay', 0, False)):
-        value = options.get(key)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or (strict and value == low):
-            raise BadRequest(f'set_optimizer: {key} must be a number {">" if strict else ">="} {low}, got {value!r}')
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
-
-
-def _generate_options(config: Dict[str, Any], limit: int) -> Dict[str, Any]:
-    _finite_options('generate', config)
-    max_new = config.get('max_new_tokens')
-    if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
-        raise BadRequest(f'generate: max_new_tokens must be a positive integer, got {max_new!r}')
-    if max_new > limit:
-        raise TooLarge(f'max_new_tokens={max_new} is above the limit {limit} (limits.max_new_tokens)')
-    for key, low, high in (('temperature', 0.0, None), ('top_p', 0.0, 1.0), ('repetition_penalty', 0.0, None)):
-        value = config.get(key)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or \
-                (high is not None and value > high) or (key != 'temperature' and value == low):
-            raise BadRequest(f'generate: {key}={value!r} is out of range')
-    top_k = config.get('top_k')
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
-        raise BadRequest(f'generate: top_k must be a non-negative integer, got {top_k!r}')
-    if not isinstance(config.get('do_sample', False), bool):
-        raise BadRequest(f"generate: do_sample must be true or false, got {config['do_sample']!r}")
-    return config
-
-
 class NativeModelHandle:
 
     def __init__(self, ctx: ServerContext, tenant: str, table: ObjectTable, model_id: Optional[str] = None,
@@ -123,12 +84,13 @@ class NativeModelHandle:
         if model_id is not None and model_id not in served:
             raise BadRequest(f'model_id {model_id!r} is not served here; this server trains adapters on '
                              f'{sorted(served)}')
-        ctx.engine.require_local('the native model API')  # its calls hand tensors with autograd graphs around
         self.ctx, self.tenant, self.table = ctx, tenant, table
         self.engine = ctx.engine
         self.adapters: Dict[str, Adapter] = {}
+        self.optimized: Set[str] = set()     # internal names of the adapters that have an optimizer
         self.template: Any = None
         self.processor: Any = None
+        self.dropped: List[str] = []         # ids of dropped handles' values, freed at the next call
 
     def info(self) -> Dict[str, Any]:
         return {'model_id': self.ctx.settings.served_name, 'adapters': sorted(self.adapters)}
@@ -157,20 +119,28 @@ class NativeModelHandle:
             raise BadRequest(f'adapter {name!r} does not exist; adapters: {sorted(self.adapters)}')
         return self.adapters[name]
 
+    def _run(self, adapter: Adapter, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(model, *args)`` of native_ops where the model is, with the adapter's random stream."""
+        dropped = []
+        while self.dropped:  # finalizers append from whichever thread drops a handle
+            dropped.append(self.dropped.pop())
+        if dropped:
+            self.engine.host.call(native_ops.drop, dropped)
+        return self.engine.run(adapter, fn, *args)
+
     def _with_optimizer(self, adapter: Adapter, method: str) -> Adapter:
-        if self.engine.model.sessions[adapter.name].optimizer is None:
+        if adapter.name not in self.optimized:
             raise BadRequest(f'{method} needs an optimizer: call set_optimizer(...) for adapter '
                              f'{self._label(adapter)!r} first')
         return adapter
 
     def _batch(self, inputs: Any) -> Dict[str, Any]:
-        model = self.engine.model
         if isinstance(inputs, Mapping) and 'messages' in inputs:
             inputs = [inputs]
         if isinstance(inputs, Mapping):
             batch = {k: torch.as_tensor(v) if isinstance(v, list) else v for k, v in inputs.items()}
         elif isinstance(inputs, list) and inputs:
-            template = self.template or model.template
+            template = self.template or self.engine.template
             feats = []
             for i, sample in enumerate(inputs):
                 if not isinstance(sample, Mapping):
@@ -180,7 +150,7 @@ class NativeModelHandle:
                     if sample is None:
                         raise BadRequest(f'inputs[{i}] was dropped by the template (too long)')
                 feats.append(sample)
-            batch = (self.processor or model.processor)(feats)
+            batch = (self.processor or self.engine.processor)(feats)
         else:
             raise BadRequest('inputs must be a non-empty list of samples / trajectories, or a dict of tensors')
         ids = batch.get('input_ids')
@@ -208,113 +178,113 @@ class NativeModelHandle:
     def _slice_tokens(self) -> Optional[int]:
         return self.ctx.settings.fwdbwd_slice_tokens
 
+    def _remove(self, adapter: Adapter) -> None:
+        try:
+            self.engine.host.call(native_ops.drop_adapter, adapter.name)
+        finally:
+            self.optimized.discard(adapter.name)
+            self.engine.remove(adapter)
+
     def release(self) -> None:
         for adapter in self.adapters.values():
-            self.engine.remove(adapter)
+            self._remove(adapter)
         self.adapters.clear()
 
     # -- forward / loss / backward -------------------------------------------------------------------------
+    def _ref(self, kind: str, adapter: Adapter, fn: Callable[..., Any], *args: Any,
+             source: Optional[Handle] = None) -> Ref:
+        ref_id = uuid.uuid4().hex
+        summary = self._run(adapter, fn, adapter.name, ref_id, *args)
+        return Ref(kind, Handle(kind, adapter, ref_id, self.dropped, source), summary)
+
     def do_forward(self, *, inputs: Any, adapter_name: Optional[str] = None, **kwargs: Any) -> Ref:
         a = self._adapter(adapter_name)
         kwargs = self._kwargs(kwargs, ('temperature',), 'forward')
-        with self.engine.using(a):
-            out = self.engine.model.forward(inputs=self._batch(inputs), adapter_name=a.name, **kwargs)
-        return Ref('ModelOutput', Handle('ModelOutput', a, out), {'num_tokens': int(out['inputs']['num_tokens'])})
+        return self._ref('ModelOutput', a, native_ops.forward, self._batch(inputs), kwargs)
 
     def do_forward_only(self, *, inputs: Any, adapter_name: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:
         a = self._adapter(adapter_name)
         kwargs = self._kwargs(kwargs, ('temperature',), 'forward_only')
-        batch = self._batch(inputs)
-        with self.engine.using(a):
-            parts = native_slices.split(self.engine.model, a.name, batch, kwargs, self._slice_tokens)
-            if parts is not None:
-                return native_slices.forward_only(self.engine.model, a.name, parts, kwargs,
-                                                  batch['input_ids'].shape[1])
-            out = self.engine.model.forward_only(inputs=batch, adapter_name=a.name, **kwargs)
-        loss = out['loss']
-        items = float(loss.num_items)
-        total = float(loss.loss.detach())
-        return {'loss': total / items if items else float('nan'), 'loss_sum': total, 'num_items': items,
-                'metrics': dict(loss.metrics), 'logps': out['logps'].detach().cpu()}
+        return self._run(a, native_ops.forward_only, a.name, self._batch(inputs), kwargs, self._slice_tokens)
 
     def do_calculate_loss(self, outputs: Any, *, adapter_name: Optional[str] = None, **kwargs: Any) -> Ref:
         source = _handle(outputs, 'ModelOutput', 'calculate_loss', 'forward')
-        a, out = source.adapter, source.value
+        a = source.adapter
         if adapter_name is not None and self._adapter(adapter_name) is not a:
             raise BadRequest(f'these outputs come from another adapter than {adapter_name!r}')
-        with self.engine.using(a):
-            loss = self.engine.model.calculate_loss(out, adapter_name=a.name, **kwargs)
-        items = float(loss.num_items)
-        summary = {'loss': float(loss.loss.detach()) / items if items else float('nan'), 'num_items': items}
-        return Ref('LossOutput', Handle('LossOutput', a, loss, source), summary)
+        return self._ref('LossOutput', a, native_ops.calculate_loss, source.ref_id, kwargs, source=source)
 
     def do_backward(self, loss_output: Any, *, adapter_name: Optional[str] = None, **kwargs: Any) -> None:
         handle = _handle(loss_output, 'LossOutput', 'backward', 'calculate_loss')
-        a, loss = handle.adapter, handle.value
+        source = handle.source
         handle.spent = True  # even if backward fails halfway, the graph may be gone
-        if handle.source is not None:
-            handle.source.spent = True
-        with self.engine.using(a):
-            self.engine.model.backward(loss, adapter_name=a.name)
+        handle.free.detach()  # backward frees what the handles kept
+        if source is not None:
+            source.spent = True
+            source.free.detach()
+        self._run(handle.adapter, native_ops.backward, handle.adapter.name, handle.ref_id,
+                  source.ref_id if source is not None else None)
 
     def _label(self, adapter: Adapter) -> Optional[str]:
         return next((k for k, v in self.adapters.items() if v is adapter), None)
 
     def do_forward_backward(self, *, inputs: Any, adapter_name: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:
+        return self.fwdbwd_alone(*self.fwdbwd_request(inputs=inputs, adapter_name=adapter_name, **kwargs))
+
+    def fwdbwd_request(self, *, inputs: Any, adapter_name: Optional[str] = None, **kwargs: Any) -> tuple:
+        """A forward_backward call checked: (adapter, collated batch, options)."""
         a = self._with_optimizer(self._adapter(adapter_name), 'forward_backward')
         kwargs = self._kwargs(kwargs, _FORWARD_KWARGS, 'forward_backward')
-        batch = self._batch(inputs)
-        with self.engine.using(a):
-            parts = native_slices.split(self.engine.model, a.name, batch, kwargs, self._slice_tokens)
-            if parts is not None:
-                return native_slices.forward_backward(self.engine.model, a.name, parts, kwargs)
-            return self.engine.model.forward_backward(inputs=batch, adapter_name=a.name, **kwargs)
+        return a, self._batch(inputs), kwargs
+
+    def fwdbwd_alone(self, a: Adapter, batch: Dict[str, Any], kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        return self._run(a, native_ops.forward_backward, a.name, batch, kwargs, self._slice_tokens)
 
     # -- optimisation --------------------------------------------------------------------------------------
+    def _invoke(self, adapter: Adapter, method: str, *args: Any, **kwargs: Any) -> Any:
+        """``model.<method>(*args, adapter_name=<the adapter>, **kwargs)`` where the model is."""
+        return self._run(adapter, native_ops.invoke, method, args, {**kwargs, 'adapter_name': adapter.name})
+
     def do_clip_grad_norm(self, max_grad_norm: float = 1.0, norm_type: float = 2.0, *,
                           adapter_name: Optional[str] = None) -> float:
         a = self._with_optimizer(self._adapter(adapter_name), 'clip_grad_norm')
-        _finite_options('clip_grad_norm', {'max_grad_norm': max_grad_norm, 'norm_type': norm_type})
-        return self.engine.model.clip_grad_norm(max_grad_norm, norm_type, adapter_name=a.name)
+        finite_options('clip_grad_norm', {'max_grad_norm': max_grad_norm, 'norm_type': norm_type})
+        return self._invoke(a, 'clip_grad_norm', max_grad_norm, norm_type)
 
     def do_clip_grad_and_step(self, max_grad_norm: float = 1.0, norm_type: float = 2.0, *,
                               adapter_name: Optional[str] = None,
                               gradient_accumulation_steps: Optional[int] = None) -> Dict[str, Any]:
         a = self._with_optimizer(self._adapter(adapter_name), 'clip_grad_and_step')
-        _finite_options('clip_grad_and_step', {'max_grad_norm': max_grad_norm, 'norm_type': norm_type})
-        with self.engine.using(a):
-            return self.engine.model.clip_grad_and_step(max_grad_norm, norm_type, adapter_name=a.name,
-                                                        gradient_accumulation_steps=gradient_accumulation_steps)
+        finite_options('clip_grad_and_step', {'max_grad_norm': max_grad_norm, 'norm_type': norm_type})
+        return self._invoke(a, 'clip_grad_and_step', max_grad_norm, norm_type,
+                            gradient_accumulation_steps=gradient_accumulation_steps)
 
     def do_set_loss(self, loss: Any, *, adapter_name: Optional[str] = None, **kwargs: Any) -> None:
         if not isinstance(loss, str) and type(loss).__module__.split('.')[0] != 'twinkle':
             raise BadRequest("set_loss takes a registered loss name (e.g. 'CrossEntropyLoss') or a component")
-        self.engine.model.set_loss(loss, adapter_name=self._adapter(adapter_name).name, **kwargs)
+        self._invoke(self._adapter(adapter_name), 'set_loss', loss, **kwargs)
 
     def do_set_optimizer(self, optimizer_cls: Any = 'AdamW', *, adapter_name: Optional[str] = None,
                          **kwargs: Any) -> None:
         if not isinstance(optimizer_cls, str):
             raise BadRequest("set_optimizer takes an optimizer name (e.g. 'AdamW')")
-        kwargs = _optimizer_options(kwargs)
-        try:
-            self.engine.model.set_optimizer(optimizer_cls, adapter_name=self._adapter(adapter_name).name, **kwargs)
-        except LookupError as exc:  # a malformed option the optimizer indexes into
-            raise BadRequest(f'set_optimizer({optimizer_cls!r}): invalid options ({type(exc).__name__}: {exc})') \
-                from None
+        kwargs = optimizer_options(kwargs)
+        a = self._adapter(adapter_name)
+        self._run(a, native_ops.set_optimizer, a.name, optimizer_cls, kwargs)
+        self.optimized.add(a.name)
 
     def do_set_lr_scheduler(self, scheduler_cls: Any = 'CosineWarmupScheduler', *,
                             adapter_name: Optional[str] = None, **kwargs: Any) -> None:
         if not isinstance(scheduler_cls, str):
             raise BadRequest("set_lr_scheduler takes a scheduler name (e.g. 'CosineWarmupScheduler')")
-        _finite_options('set_lr_scheduler', kwargs)
-        self.engine.model.set_lr_scheduler(scheduler_cls, adapter_name=self._adapter(adapter_name).name, **kwargs)
+        finite_options('set_lr_scheduler', kwargs)
+        self._invoke(self._adapter(adapter_name), 'set_lr_scheduler', scheduler_cls, **kwargs)
 
     def do_add_metric(self, metric: Any, *, adapter_name: Optional[str] = None, is_training: bool = True,
                       **kwargs: Any) -> None:
         if not isinstance(metric, str) and type(metric).__module__.split('.')[0] != 'twinkle':
             raise BadRequest("add_metric takes a registered metric name or a component")
-        self.engine.model.add_metric(metric, adapter_name=self._adapter(adapter_name).name, is_training=is_training,
-                                     **kwargs)
+        self._invoke(self._adapter(adapter_name), 'add_metric', metric, is_training=is_training, **kwargs)
 
     # -- adapters and components ---------------------------------------------------------------------------
     def do_add_adapter_to_model(self, adapter_name: str, config_or_dir: Any, *, gradient_accumulation_steps: int = 1,
@@ -345,7 +315,7 @@ class NativeModelHandle:
 
     def do_remove_adapter(self, adapter_name: str) -> None:
         a = self._adapter(adapter_name)
-        self.engine.remove(a)
+        self._remove(a)
         del self.adapters[adapter_name]
 
     def do_set_template(self, template: Any, **kwargs: Any) -> None:
@@ -361,7 +331,7 @@ class NativeModelHandle:
         from ..registry import resolve
         if not isinstance(processor, str):
             raise BadRequest("set_processor takes a registered processor name (e.g. 'InputProcessor')")
-        kwargs.setdefault('pad_token_id', self.engine.model.template.pad_token_id)
+        kwargs.setdefault('pad_token_id', self.engine.pad_token_id)
         self.processor = resolve('processor', processor)(**kwargs)
 
     def do_apply_patch(self, patch: Any, **kwargs: Any) -> None:
@@ -380,9 +350,8 @@ class NativeModelHandle:
         store.check_room(self.ctx.settings.limits.max_checkpoints_per_tenant, a.run_id, 'weights', name)
         ckpt_id, folder = store.new_checkpoint_dir()
         folder.parent.mkdir(parents=True, exist_ok=True)
-        with self.engine.using(a):
-            self.engine.model.save(folder.name, output_dir=str(folder.parent), save_optimizer=save_optimizer,
-                                   consumed_train_samples=consumed_train_samples, adapter_name=a.name)
+        self._invoke(a, 'save', folder.name, output_dir=str(folder.parent), save_optimizer=save_optimizer,
+                     consumed_train_samples=consumed_train_samples)
         store.add_checkpoint(ckpt_id, a.run_id, 'weights', name, folder,
                              {'lora': a.lora, 'base_model': self.ctx.settings.served_name,
                               'resumable': bool(save_optimizer)})
@@ -398,16 +367,15 @@ class NativeModelHandle:
         parse_path(checkpoint_dir)
         folder = self._checkpoint(checkpoint_dir)
         self.engine.check_fits(a, folder)
-        with self.engine.using(a):
-            return self.engine.model.resume_from_checkpoint(str(folder), resume_only_model, adapter_name=a.name)
+        return self._invoke(a, 'resume_from_checkpoint', str(folder), resume_only_model)
 
     def do_get_state_dict(self, *, adapter_name: Optional[str] = None) -> Dict[str, Any]:
-        return {k: v.detach().cpu() for k, v in
-                self.engine.model.get_state_dict(adapter_name=self._adapter(adapter_name).name).items()}
+        a = self._adapter(adapter_name)
+        return self._run(a, native_ops.state_dict, a.name)
 
     def do_get_train_configs(self, *, adapter_name: Optional[str] = None) -> Dict[str, Any]:
         a = self._adapter(adapter_name)
-        configs = self.engine.model.get_train_configs(adapter_name=a.name)
+        configs = self._invoke(a, 'get_train_configs')
         configs.update(model_id=self.ctx.settings.served_name, adapter_name=self._label(a), run_id=a.run_id)
         if isinstance(configs.get('adapter_config'), dict):
             configs['adapter_config'].pop('base_model_name_or_path', None)
@@ -423,7 +391,7 @@ class NativeModelHandle:
         config = self._kwargs(config, _GENERATE_KWARGS, 'generate')
         limit = self.ctx.settings.limits.max_new_tokens
         config.setdefault('max_new_tokens', min(64, limit))
-        config = _generate_options(config, limit)
+        config = generate_options(config, limit)
         try:
             prompts = self.engine.prompt_tokens(inputs)  # token ids, whatever form they came in
         except (TypeError, ValueError) as exc:
@@ -436,8 +404,7 @@ class NativeModelHandle:
                            f'{config["max_new_tokens"]} new tokens need {needed} token slots; the server accepts '
                            f'at most {budget} per request (limits.max_tokens_per_request)')
         self.engine.check_finite(a)
-        with self.engine.using(a):
-            return self.engine.model.generate(prompts, adapter_name=a.name, **config)
+        return self._run(a, native_ops.generate, a.name, prompts, config)
 
 
 # Methods a handle only forwards to the shared model, and whether they need the adapter's optimizer.
@@ -458,8 +425,8 @@ def _pass_through(name: str, needs_optimizer: bool) -> Callable[..., Any]:
         a = self._adapter(bound.arguments.get('adapter_name'))
         if needs_optimizer:
             self._with_optimizer(a, name)
-        kwargs['adapter_name'] = a.name
-        return getattr(self.engine.model, name)(*args, **kwargs)
+        kwargs.pop('adapter_name', None)
+        return self._invoke(a, name, *args, **kwargs)
 
     do.__name__ = do.__qualname__ = f'do_{name}'
     do.__doc__ = target.__doc__

@@ -24,6 +24,7 @@ from ..loss import ChunkedCrossEntropyLoss, CrossEntropyLoss, GKDLoss, LigerFuse
 from ..loss.base import LossOutput, combine_metrics, reported_loss
 from ..types import IGNORE_INDEX
 from .batching import micro_batches
+from .model_host import router_loss
 
 # Losses whose sum and units add up over rows.
 _ROW_ADDITIVE = (CrossEntropyLoss, ChunkedCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss, GKDLoss, PolicyLoss)
@@ -34,12 +35,6 @@ def _row_additive(loss: Any) -> bool:
     if isinstance(loss, PolicyLoss):
         return loss.loss_type != 'bnpo'
     return isinstance(loss, _ROW_ADDITIVE)
-
-
-def _router_loss(hf_model: Any) -> bool:
-    config = hf_model.config
-    text = config.get_text_config() if hasattr(config, 'get_text_config') else config
-    return bool(getattr(config, 'output_router_logits', False) or getattr(text, 'output_router_logits', False))
 
 
 def _widths(batch: Mapping[str, Any]) -> Optional[List[int]]:
@@ -64,10 +59,9 @@ def _widths(batch: Mapping[str, Any]) -> Optional[List[int]]:
     return [max(1, int(w)) for w in (cols * real.to('cpu')).amax(dim=1)]
 
 
-def split(model: Any, adapter_name: str, batch: Dict[str, Any], kwargs: Mapping[str, Any],
-          budget: Optional[int]) -> Optional[List[Dict[str, Any]]]:
-    """The batch as consecutive micro-batches of about ``budget`` padded tokens, or None: one piece (it fits
-    the budget, or it cannot be split; see the module docstring)."""
+def _groups(batch: Mapping[str, Any], budget: Optional[int]) -> Optional[List[List[int]]]:
+    """The rows' widths in micro-batches of about ``budget`` padded tokens; None if the batch fits in one or is
+    not split by rows."""
     if budget is None:
         return None
     widths = _widths(batch)
@@ -76,10 +70,26 @@ def split(model: Any, adapter_name: str, batch: Dict[str, Any], kwargs: Mapping[
     groups = micro_batches([{'tokens': np.empty(w, dtype=np.int8)} for w in widths], budget)
     if len(groups) < 2:
         return None
+    return [[int(row['tokens'].size) for row in group] for group in groups]
+
+
+def too_large(batch: Mapping[str, Any], budget: Optional[int]) -> bool:
+    """Whether the batch is more than one micro-batch of ``budget`` padded tokens (whatever its loss)."""
+    return _groups(batch, budget) is not None
+
+
+def split(model: Any, adapter_name: str, batch: Dict[str, Any], kwargs: Mapping[str, Any],
+          budget: Optional[int]) -> Optional[List[Dict[str, Any]]]:
+    """The batch as consecutive micro-batches of about ``budget`` padded tokens, or None: one piece (it fits
+    the budget, or it cannot be split; see the module docstring)."""
+    groups = _groups(batch, budget)
+    if groups is None:
+        return None
+    widths = [w for group in groups for w in group]
     loss_kwargs = kwargs.get('loss_kwargs') or {}
     if not isinstance(loss_kwargs, Mapping) or not all(isinstance(v, _PLAIN) for v in loss_kwargs.values()):
         return None
-    if not _row_additive(model._session(adapter_name).loss) or _router_loss(model.hf_model):
+    if not _row_additive(model._session(adapter_name).loss) or router_loss(model.hf_model):
         return None
     full = batch['input_ids'].shape
     parts, start = [], 0

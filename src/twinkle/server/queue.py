@@ -15,7 +15,8 @@ second worker for sampling: PEFT's active adapter, the module's train/eval mode 
 one shared model, so two threads cannot compute on it at once; instead the engine's ``save_state`` captures
 that state when a job pauses and puts it back when the job resumes.
 
-Jobs that carry a batchable ``work`` (Tinker forward / forward_backward) go to the worker's batcher, which
+Jobs that carry a batchable ``work`` (Tinker forward / forward_backward, native forward_backward: a sliced job
+whose call has not started yet) go to the worker's batcher, which
 takes the waiting first jobs of other tenants that can join them (``take_heads``) and runs them as one batch
 (see batching.py); jobs that carry a ``step`` (Tinker optim_step) run back to back with the steps other tenants
 have waiting.
@@ -154,6 +155,16 @@ class SlicedJob:
         self._handed = threading.Event()    # set: it finished or paused; the worker goes on
         self._slice_start = 0.0
         self.slices = 0
+
+    @property
+    def work(self) -> Any:
+        """The batchable work of the job (native forward_backward) until it starts: the batcher may run it with
+        other tenants' instead; once its thread runs, it can only be resumed."""
+        return getattr(self.fn, 'work', None) if self.thread is None else None
+
+    @property
+    def future(self) -> Any:
+        return getattr(self.fn, 'future', None)
 
     def __call__(self) -> None:
         self._handed.clear()

@@ -10,11 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..wire import codec
 from ..wire.methods import API_PREFIX, CLASSES, CONSTRUCTIBLE, TAG_REF
-from . import responses as R
+from . import native_batching, responses as R
 from .context import ServerContext
 from .deps import compute_tenant, context, object_table, tenant, tenant_store
 from .errors import BadRequest, Conflict, NotFound
-from .native_model import SLICED_METHODS, NativeModelHandle, Ref
+from .native_model import NativeModelHandle, Ref
 from .native_objects import DataLoaderObject, DatasetObject, ObjectTable, decode_args
 from .responses import answers
 from .store import TenantStore, format_path
@@ -92,15 +92,16 @@ async def call(object_id: str, method: str, body: CallBody, t: str = Depends(com
         raise NotFound(f'{entry.class_name} has no remote method {method!r}; available: {sorted(spec.methods)}')
     args, kwargs = _decoded(table, t, body)
     if spec.executor == 'model':
-        # Long jobs a single call can ask for run sliced (queue.py): other tenants' jobs run in between.
-        result = await ctx.run_model(t, lambda: entry.obj.call(method, args, kwargs), sliced=method in SLICED_METHODS)
+        # Long jobs a single call can ask for run sliced (queue.py): other tenants' jobs run in between; a
+        # forward_backward may run batched with other tenants' (native_batching.py).
+        result = await native_batching.run_call(ctx, t, entry.obj, method, args, kwargs)
     else:
         result = await asyncio.to_thread(_call_data, entry.obj, method, args, kwargs)
         if result is _STOP:
             return {'result': None, 'stop': True}
     if declared.returns == 'ref':
         if isinstance(result, Ref):
-            ref = table.add(t, result.class_name, result.value, transient=True)
+            ref = table.add(t, result.class_name, result.take(), transient=True)
             summary = result.summary
         else:
             ref = table.add(t, type(result).__name__, result, transient=True)

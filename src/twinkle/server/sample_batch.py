@@ -30,7 +30,8 @@ class SampleWork:
         return int(self.req['num_samples'])
 
     def __call__(self) -> None:
-        run_batch(self.state, [self] + gather(self))
+        # Other tenants' requests join only where each row can take its own adapter (not under tp).
+        run_batch(self.state, [self] + (gather(self) if self.state.ctx.engine.per_row_adapters else []))
 
 
 def _is_pending_sample(job: Any) -> bool:

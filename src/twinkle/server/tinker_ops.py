@@ -209,10 +209,7 @@ class TinkerState:
 
     def fwdbwd_work(self, model: TinkerModel, rows: List[Dict[str, Any]], loss_fn: Any, loss_name: str,
                     forward_only: bool) -> Callable[[], bytes]:
-        """The work of a forward(_backward) request: run alone when called, or batched with other tenants'
-        (in-process engine only; on a distributed engine every request runs alone on the ranks)."""
-        if self.ctx.engine.distributed:
-            return lambda: self.op_forward_backward(model, rows, loss_fn, loss_name, forward_only)
+        """The work of a forward(_backward) request: run alone when called, or batched with other tenants'."""
         from .batching import FwdBwdWork
         return FwdBwdWork(self, model, rows, loss_fn, loss_name, forward_only)
 

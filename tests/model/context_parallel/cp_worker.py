@@ -12,6 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'distributed'))
 import _scenarios as S  # noqa: E402
+from _late_adapter import late_adapter  # noqa: E402
 
 import twinkle  # noqa: E402
 from twinkle import DeviceMesh  # noqa: E402
@@ -23,12 +24,15 @@ CP = DeviceMesh.from_sizes(cp_size=2) if LAYOUT == 'cp' else DeviceMesh.from_siz
 twinkle.initialize(mode='local', global_device_mesh=CP, seed=S.SEED)
 
 
-def run(name, resume=False, **kwargs):
-    """With ``resume``: a checkpoint after step SAVE_AT, and a fresh model resumed from it in this layout."""
+def run(name, resume=False, late=False, **kwargs):
+    """With ``resume``: a checkpoint after step SAVE_AT, and a fresh model resumed from it in this layout. With
+    ``late``: an adapter added after that training (the model is sharded by then) trains too."""
     model = S.build(CP, output_dir=str(OUT / name), **kwargs)
     result = S.train(model, S.loader(CP), S.STEPS, save_at=S.SAVE_AT if resume else None)
     result['strategy_cls'] = type(model.strategy).__name__
     result['cp_forward'] = model._cp_forward is not None
+    if late:
+        result['late'] = late_adapter(model, CP)
     model.shutdown()
     if resume:
         fresh = S.build(CP, output_dir=str(OUT / f'{name}_resumed'), **kwargs)
@@ -40,7 +44,7 @@ def run(name, resume=False, **kwargs):
 
 if LAYOUT == 'cp':
     run('cp_fsdp', strategy='native_fsdp', resume=True)
-    run('cp_fsdp_lora', strategy='native_fsdp', lora=True)
+    run('cp_fsdp_lora', strategy='native_fsdp', lora=True, late=True)
     run('cp_ddp', strategy='accelerate')
     run('cp_fsdp_ckpt', strategy='native_fsdp', gradient_checkpointing=True)
 else:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 import _scenarios as S
+from _late_adapter import late_adapter
 
 
 def run(out: Path, rank: int, lora: bool) -> Dict[str, Any]:
@@ -23,6 +24,8 @@ def run(out: Path, rank: int, lora: bool) -> Dict[str, Any]:
     result['q_proj'] = ([type(p).__name__ for p in weight.placements], list(weight.to_local().shape)) \
         if isinstance(weight, DTensor) else None
     result['strategy_cls'] = type(model.strategy).__name__
+    if lora:
+        result['late'] = late_adapter(model, mesh)
     model.shutdown()
     fresh = S.build(mesh, lora=lora, output_dir=str(out / f'tp_fsdp_{name}_resumed'))
     resumed = S.resume(fresh, result['checkpoint'], mesh=mesh)

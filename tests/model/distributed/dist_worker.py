@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _scenarios as S  # noqa: E402
+from _late_adapter import late_adapter, late_weights  # noqa: E402
 
 import twinkle  # noqa: E402
 from twinkle import DeviceMesh  # noqa: E402
@@ -97,8 +98,13 @@ def fsdp():
 
 
 def fsdp_lora():
+    from safetensors.torch import save_file
     model = S.build(FSDP, lora=True, output_dir=str(OUT / 'fsdp_lora'))
-    return _finish(model, S.train(model, S.loader(FSDP), S.STEPS, save_at=S.SAVE_AT))
+    result = S.train(model, S.loader(FSDP), S.STEPS, save_at=S.SAVE_AT)
+    # FSDP2 sharded the model in that run: an adapter added now holds plain, whole LoRA weights on each rank.
+    result['late'] = late_adapter(model, FSDP)
+    save_file(late_weights(model), str(OUT / f'fsdp_lora_late.rank{RANK}.safetensors'))
+    return _finish(model, result)
 
 
 def fsdp_accum():

@@ -76,6 +76,7 @@ def runs(single, big_model, tmp_path_factory) -> Dict[str, List[Dict[str, Any]]]
     assert 'terminate called' not in proc.stderr, proc.stderr[-3000:]
     results = {name: [json.loads((out / f'{name}.rank{r}.json').read_text()) for r in (0, 1)] for name in SCENARIOS}
     results['_stderr'] = proc.stderr
+    results['_out'] = out
     return results
 
 
@@ -122,6 +123,25 @@ def test_memory_efficient_init_keeps_other_ranks_near_one_shard(runs):
     # Rank 0 holds the whole model while it hands out the shards; rank 1 never more than about one shard.
     assert rank0['peak_rss_delta'] > full, rank0
     assert rank1['peak_rss_delta'] < 0.75 * full, rank1
+
+
+def test_fsdp_adapter_added_after_sharding_trains_as_in_one_process(runs):
+    """FSDP2 shards an adapter's weights only if it existed at the first forward; one added later is plain on
+    every rank and its gradients must still be averaged over the ranks, or each rank trains its own copy."""
+    import torch
+    from _late_adapter import alone
+    from safetensors.torch import load_file
+    reference = alone()
+    late = [r['late'] for r in runs['fsdp_lora']]
+    assert late[0]['q_B'] is None  # not sharded: FSDP2 had wrapped the model before the adapter came
+    assert late[0]['digest'] == late[1]['digest'], 'the ranks hold different copies of the late adapter'
+    assert_close(_same_on_both_ranks(late), reference['losses'], rel=1e-5)  # not averaged: 9e-5, 2e-3 off
+    weights = load_file(str(runs['_out'] / 'fsdp_lora_late.rank0.safetensors'))
+    assert weights.keys() == reference['weights'].keys()
+    for key, value in reference['weights'].items():
+        # Adam's steps (lr 2e-2) turn rounding-level gradient differences into up to ~8e-5 where a gradient
+        # is near zero; not averaged, the weights are up to 0.12 off (whole steps the other way).
+        torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=2e-4, msg=key)
 
 
 @pytest.mark.parametrize('scenario, reference', [('fsdp', 'full'), ('fsdp_lora', 'lora'), ('ddp', 'full')])

@@ -64,3 +64,13 @@ def test_tp_x_fsdp_saved_weights_equal_one_process(runs, single, name, weights_f
         # Full shapes; Adam divides by sqrt(v): rounding-level gradient differences grow to ~2e-5 absolute
         # (the same bound as tensor parallelism alone, test_tensor_parallel.py).
         torch.testing.assert_close(saved[key], value, rtol=1e-4, atol=5e-5, msg=key)
+
+
+def test_tp_x_fsdp_adapter_added_after_sharding_trains_as_in_one_process(runs):
+    import _late_adapter
+    alone = _late_adapter.alone()
+    late = [r['late'] for r in runs['lora']]
+    assert late[0]['q_B'] == ['Shard']  # split over tp like the base layer (FSDP2 had sharded the model)
+    assert all(r['losses'] == late[0]['losses'] for r in late)
+    # Steps 2 and 3 differ unless each rank's gradients were averaged with the other data-parallel rank's.
+    assert_close(late[0]['losses'], alone['losses'], rel=1e-5)  # not averaged: 9e-5 and 2e-3 off at steps 2, 3

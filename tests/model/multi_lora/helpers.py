@@ -70,3 +70,19 @@ def ours_grads(model, name: str) -> Dict[str, Tuple]:
 
 def rows_of(names: Sequence, name: str) -> List[int]:
     return [i for i, n in enumerate(names) if n == name]
+
+
+def routed_model(names: Sequence[str], ranks: Sequence[int]):
+    """A TransformersModel with one AdamW-trained LoRA adapter per name (q/v projections), its B matrices
+    drawn at random: with B = 0 every adapter would compute the base model."""
+    from twinkle.model import TransformersModel
+    torch.manual_seed(0)
+    m = TransformersModel(model_id=MODEL_ID, mixed_precision='no')
+    for rank, name in zip(ranks, names):
+        m.add_adapter_to_model(name, LoraConfig(r=rank, lora_alpha=16, target_modules=['q_proj', 'v_proj']))
+        m.set_optimizer('AdamW', adapter_name=name, lr=1e-3)
+        with torch.no_grad():
+            for n, p in m.module.named_parameters():
+                if f'lora_B.{name}' in n:
+                    p.normal_(std=0.05)
+    return m

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig
 
 from twinkle.loss.base import LossOutput
-from twinkle.model import TransformersModel
 from twinkle.model.transformers.routed import RoutedPart, RoutedResult
+
+from . import helpers
 
 NAMES = ('first', 'second')
 
@@ -23,15 +23,7 @@ def bad_loss(inputs, outputs):
 
 @pytest.fixture(scope='module')
 def model():
-    torch.manual_seed(0)
-    m = TransformersModel(model_id='builtin://tiny-qwen3', mixed_precision='no')
-    for rank, name in zip((4, 8), NAMES):
-        m.add_adapter_to_model(name, LoraConfig(r=rank, lora_alpha=16, target_modules=['q_proj', 'v_proj']))
-        m.set_optimizer('AdamW', adapter_name=name, lr=1e-3)
-        with torch.no_grad():   # B = 0 would make every adapter the base model
-            for n, p in m.module.named_parameters():
-                if f'lora_B.{name}' in n:
-                    p.normal_(std=0.05)
+    m = helpers.routed_model(NAMES, (4, 8))
     return m
 
 

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'distributed'))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _rl  # noqa: E402
 import _scenarios as S  # noqa: E402
+from _late_adapter import late_adapter  # noqa: E402
 
 import twinkle  # noqa: E402
 from twinkle import DeviceMesh  # noqa: E402
@@ -27,8 +28,9 @@ MESH = DeviceMesh.from_sizes(dp_size=2, ulysses_size=2) if LAYOUT == 'sp' \
 twinkle.initialize(mode='local', global_device_mesh=MESH, seed=S.SEED)
 
 
-def run(name, grpo=False, packed=False, mesh=MESH, resume=False, **kwargs):
-    """With ``resume``: a checkpoint after step SAVE_AT, and a fresh model resumed from it in this layout."""
+def run(name, grpo=False, packed=False, mesh=MESH, resume=False, late=False, **kwargs):
+    """With ``resume``: a checkpoint after step SAVE_AT, and a fresh model resumed from it in this layout. With
+    ``late``: an adapter added after that training (the model is sharded by then) trains too."""
     model = S.build(mesh, output_dir=str(OUT / name), **kwargs)
     if grpo:
         _rl.use_grpo(model)
@@ -39,6 +41,8 @@ def run(name, grpo=False, packed=False, mesh=MESH, resume=False, **kwargs):
     result['strategy_cls'] = type(model.strategy).__name__
     result['sp_forward'] = type(model._cp_forward).__name__
     result['block_mask'] = model._cp_forward._segments is not None  # of the last batch
+    if late:
+        result['late'] = late_adapter(model, mesh)
     model.shutdown()
     if resume:
         fresh = S.build(mesh, output_dir=str(OUT / f'{name}_resumed'), **kwargs)
@@ -50,7 +54,7 @@ def run(name, grpo=False, packed=False, mesh=MESH, resume=False, **kwargs):
 
 if LAYOUT == 'sp':
     run('sp_fsdp', strategy='native_fsdp', resume=True)
-    run('sp_fsdp_lora', strategy='native_fsdp', lora=True)
+    run('sp_fsdp_lora', strategy='native_fsdp', lora=True, late=True)
     run('sp_ddp_grpo', strategy='accelerate', grpo=True)
     run('sp_fsdp_lora_grpo', strategy='native_fsdp', lora=True, grpo=True)
     run('sp_fsdp_packed', strategy='native_fsdp', packed=True)

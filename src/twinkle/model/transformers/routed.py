@@ -5,16 +5,21 @@ The base model's matmuls run once for all rows; each adapter's low-rank update r
 an adapter's weights only touch its own rows, its gradients are those of its own loss alone: the same as the
 part's own ``forward`` + ``backward``. Adapters that draw random numbers per batch (LoRA dropout) or use a LoRA
 variant give batch-dependent results and cannot take part (:func:`routable`).
+
+A part without a loss function trains as ``forward_backward(inputs=..., adapter_name=...)`` would: with its
+adapter's own loss (``set_loss``, with ``loss_kwargs``, plus the MoE router loss), counted in its training
+metrics and token count, and its result is ``forward_backward``'s dict. The router loss is a function of the
+whole batch, so such a part of a model that reports one only gives its own result when it runs alone.
 """
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ...loss.base import window_reduction
+from ...loss.base import bind_loss_template, reported_loss, window_reduction
 from ..inputs import prepare_batch
 
 # Keys of a part's batch that the shared forward reads, and the value that pads each to the widest part.
@@ -27,25 +32,34 @@ _LAYERS: 'weakref.WeakKeyDictionary[Any, Tuple[Dict[str, Any], List[Any]]]' = we
 class RoutedPart:
     """One request of a routed batch: its rows (a collated batch: ``input_ids``, ``labels``,
     ``attention_mask`` and whatever its loss reads), its adapter, its loss function ``loss_fn(inputs, outputs)``,
-    and whether it trains (``train=False``: a forward only; its adapter gets no gradient)."""
+    and whether it trains (``train=False``: a forward only; its adapter gets no gradient).
+
+    ``loss_fn=None``: the adapter's own loss with ``loss_kwargs``, as ``forward_backward`` (see the module
+    docstring); such a part trains."""
     adapter_name: str
     inputs: Dict[str, Any]
-    loss_fn: Callable[[Dict[str, Any], Dict[str, Any]], Any]
+    loss_fn: Optional[Callable[[Dict[str, Any], Dict[str, Any]], Any]] = None
     train: bool = True
+    loss_kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class RoutedResult:
     """A part's loss output (its ``loss`` still attached to the graph until backward ran) and its rows'
-    per-token log-probabilities (detached, as wide as the part's own inputs)."""
+    per-token log-probabilities (detached, as wide as the part's own inputs); for a part with its adapter's own
+    loss, ``summary`` is what ``forward_backward`` returns (``{'loss', 'num_items', **metrics}``)."""
     loss: Any
-    logps: torch.Tensor
+    logps: Optional[torch.Tensor]
+    summary: Optional[Dict[str, Any]] = None
+    outputs: Optional[Dict[str, Any]] = field(default=None, repr=False)   # until the metrics are updated
 
 
 def supported(model: Any) -> bool:
     """Whether ``model`` can run routed batches: PEFT adapters, no fp16 loss scaling (one scaler per adapter),
-    no sequence splitting around the forward."""
-    return model.precision.mode != 'fp16' and model._cp_forward is None and bool(model.adapter_names)
+    no sequence splitting around the forward, a layout whose LoRA weights are plain tensors (not tensor
+    parallelism)."""
+    return (model.precision.mode != 'fp16' and model._cp_forward is None and bool(model.adapter_names)
+            and model.strategy.per_row_adapters)
 
 
 def lora_layers(model: Any) -> List[Any]:
@@ -91,30 +105,67 @@ def forward_backward_routed(model: Any, parts: Sequence[RoutedPart]
         row = 0
         for part in parts:
             rows, w = int(part.inputs['input_ids'].shape[0]), int(part.inputs['input_ids'].shape[1])
-            results.append(_part_loss(model, part, outputs, slice(row, row + rows), w))
+            results.append(_part_loss(model, part, outputs, slice(row, row + rows), w, len(parts) == 1))
             row += rows
         trained = [r.loss.loss for r, p in zip(results, parts) if p.train and isinstance(r, RoutedResult)]
         if trained:
             torch.autograd.backward(sum(trained))
-    for result, part in zip(results, parts):
-        if part.train and isinstance(result, RoutedResult):
-            model._session(part.adapter_name).add_to_window(result.loss)
+    for i, (result, part) in enumerate(zip(results, parts)):
+        if not (part.train and isinstance(result, RoutedResult)):
+            continue
+        if part.loss_fn is None:
+            try:
+                result.summary = _own_bookkeeping(model, part, result)
+            except Exception as exc:  # a metric of this adapter failed: as forward_backward, outside the window
+                results[i] = exc
+                continue
+        model._session(part.adapter_name).add_to_window(result.loss)
     return results
 
 
-def _part_loss(model: Any, part: RoutedPart, outputs: Dict[str, Any], rows: slice,
-               width: int) -> Union[RoutedResult, BaseException]:
+def _own_bookkeeping(model: Any, part: RoutedPart, result: RoutedResult) -> Dict[str, Any]:
+    """What ``forward_backward`` does between its backward and adding the loss to the window, for a part with
+    its adapter's own loss: the training metrics and the token count; and its result dict."""
+    session = model._session(part.adapter_name)
+    loss_output, outputs = result.loss, result.outputs
+    assert outputs is not None
+    for metric in session.metrics:
+        metric.update(outputs['inputs'], outputs, loss_output)
+    session.tokens_since_report += int(outputs['inputs']['num_tokens'])
+    result.outputs = None
+    loss_sum, num_items = model.strategy.reduce_sum(torch.stack([
+        loss_output.loss.detach().to('cpu', torch.float64),
+        torch.as_tensor(loss_output.num_items, dtype=torch.float64).detach().cpu()])).tolist()
+    loss_value = reported_loss(getattr(loss_output, 'reduction', 'mean'), loss_sum, num_items)
+    return {'loss': loss_value, 'num_items': num_items, **loss_output.metrics}
+
+
+def _part_loss(model: Any, part: RoutedPart, outputs: Dict[str, Any], rows: slice, width: int,
+               alone: bool) -> Union[RoutedResult, BaseException]:
     try:
         inputs = prepare_batch(part.inputs, model)
         own = {k: (v[rows, :width] if isinstance(v, torch.Tensor) and v.dim() >= 2 else v)
                for k, v in outputs.items() if k != 'inputs'}
         own['inputs'] = inputs
-        loss = part.loss_fn(inputs, own)
+        if part.loss_fn is not None:
+            loss = part.loss_fn(inputs, own)
+        else:
+            if not part.train:
+                raise ValueError('a part with its adapter\'s own loss trains (train=True)')
+            if not alone and isinstance(own.get('aux_loss'), torch.Tensor):
+                raise ValueError('the router loss covers the whole batch: this part gives its own result only alone')
+            session = model._session(part.adapter_name)
+            bind_loss_template(session.loss, model._template)
+            loss = model._loss(session, own, **part.loss_kwargs)
         if part.train:
             window_reduction(model._session(part.adapter_name).window_reduction, loss)
             if not loss.loss.requires_grad:
                 raise ValueError('the loss does not depend on the adapter (nothing to train)')
-        return RoutedResult(loss, own['logps'].detach())
+        logps = own.get('logps')   # none when a fused loss takes the hidden states (ForwardCore.logits_mode)
+        result = RoutedResult(loss, logps.detach() if isinstance(logps, torch.Tensor) else None)
+        if part.loss_fn is None:
+            result.outputs = own   # for the metrics, updated after the backward as forward_backward does
+        return result
     except Exception as exc:  # this part's own problem: it fails alone
         return exc
 

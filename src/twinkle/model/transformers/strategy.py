@@ -66,6 +66,8 @@ class Strategy(Layout, Communication, Protocol):
     needs both: gradient clipping over the ranks' shards."""
     grad_reduce_world: int
     """How many ranks' gradients the wrapper averages (DDP/FSDP: the data-parallel size; else 1)."""
+    per_row_adapters: bool
+    """Whether one forward can run each row of a batch through another LoRA adapter (``routed.py``)."""
 
     def clip_grad_norm(self, params: List[torch.Tensor], max_norm: float, norm_type: float,
                        scale: float = 1.0) -> torch.Tensor:
@@ -84,6 +86,7 @@ class SingleProcessStrategy(LocalCommunication):
     handles_mixed_precision = False
     meta_init = False
     head_outside_forward = True
+    per_row_adapters = True
     OPTIMIZER_FILE = 'optimizer.pt'
 
     def __init__(self, device: Optional[torch.device] = None):

@@ -45,6 +45,7 @@ class TorchDistributedStrategy(TorchCommunication):
     name = 'distributed'
     handles_mixed_precision = False
     head_outside_forward = True
+    per_row_adapters = True
     parallel_dims: Tuple[str, ...] = ()  # mesh sizes beyond dp / fsdp this strategy lays out
 
     def __init__(self, mesh: DeviceMesh, device: torch.device, mixed_precision: str = 'no') -> None:
@@ -97,6 +98,21 @@ class TorchDistributedStrategy(TorchCommunication):
                     if own in ranks:
                         self._data_group = made
         return self._data_group
+
+    # ------------------------------------------------------------------ every rank given the whole batch
+    replicated_batches = False
+
+    def replicate_batches(self) -> None:
+        """For a caller that gives every rank the same, whole batch (a served model: each call runs on every rank
+        with the same arguments, the ranks only share the weights): figures are counted once, not once per rank,
+        and the wrapper's average of the ranks' identical gradients is already the batch's gradient."""
+        self.replicated_batches = True
+        self.grad_reduce_world = 1
+
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.replicated_batches:
+            return tensor.detach().clone()
+        return super().reduce_sum(tensor)
 
     # ------------------------------------------------------------------ teardown
     def release(self) -> None:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ....mesh import DeviceMesh
-from .fsdp2 import FSDP2Strategy, decoder_layers
+from .fsdp2 import FSDP2Strategy, decoder_layers, mark_reduced
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -174,9 +174,11 @@ class ExpertParallelStrategy(FSDP2Strategy):
 
     def wrap(self, module: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import FSDPModule, fully_shard
-        if isinstance(module, FSDPModule):
-            return module
         found = expert_modules(module)
+        if isinstance(module, FSDPModule):  # an adapter added since: its LoRA weights stay off the experts
+            check_no_adapter_on_experts(module, list(found))
+            self.average_late_params(module)
+            return module
         if not found:
             raise NotImplementedError(f'ep_size={self.mesh.ep_size}: {type(module).__name__} has no fused expert '
                                       f'layers (gate_up_proj / down_proj of shape (experts, ...)); expert '
@@ -195,6 +197,7 @@ class ExpertParallelStrategy(FSDP2Strategy):
                 ignored.add(param)
                 if param.requires_grad:
                     param.register_hook(self._expert_grad)
+                    mark_reduced(param)
         kwargs = {**self._shard_kwargs(), 'ignored_params': ignored}
         for layer in decoder_layers(module):
             fully_shard(layer, **kwargs)

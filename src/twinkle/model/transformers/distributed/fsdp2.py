@@ -8,13 +8,17 @@ are sharded over all data-parallel ranks.
 ``fsdp_config`` keys: ``reshard_after_forward`` (bool or int, default True), ``cpu_offload`` (bool:
 parameters, gradients and optimizer state live on the CPU; FSDP2's ``CPUOffloadPolicy``),
 ``pin_memory`` (with offload, default True on CUDA).
+
+Parameters added after the model was sharded (the LoRA weights of an adapter added after the first forward /
+``set_optimizer``) are not FSDP's: a gradient hook averages them over the same ranks FSDP2 averages its own
+over (see ``FSDP2Strategy.average_late_params``).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Set, cast
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple, cast
 
 import torch
 import torch.distributed as dist
@@ -96,7 +100,8 @@ class FSDP2Strategy(TorchDistributedStrategy):
 
     def wrap(self, module: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import FSDPModule, fully_shard
-        if isinstance(module, FSDPModule):
+        if isinstance(module, FSDPModule):  # wrapped again: an adapter was added since
+            self.average_late_params(module)
             return module
         full = module.state_dict() if self.memory_efficient_init and self.is_main_process else None
         kwargs = self._shard_kwargs()
@@ -107,6 +112,54 @@ class FSDP2Strategy(TorchDistributedStrategy):
         if self.memory_efficient_init:
             self._receive_from_rank0(module, full)
         return module
+
+    # ------------------------------------------------------------------ parameters added after sharding
+    def late_grad_group(self) -> Tuple[Any, int]:
+        """The process group FSDP2 averages gradients over, and its size: every rank of the mesh (data-parallel
+        ranks, Ulysses ranks among them, and the context-parallel ranks it shards over too; see torch_mesh)."""
+        return self.group, self.mesh.world_size
+
+    def average_late_params(self, module: nn.Module) -> None:
+        """Hook the parameters FSDP2 does not manage (added after it sharded ``module``, e.g. an adapter's LoRA
+        weights, which every rank holds whole) so that their gradients are averaged over the ranks FSDP2 averages
+        its own over: the window's factor (``grad_reduce_world``) then turns both into the sum. With replicated
+        batches every rank computes the same gradient: nothing to average."""
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+        group, size = self.late_grad_group()  # built here, collectively on every rank, not inside a backward
+        if self.replicated_batches or size == 1:
+            return
+        if group is None:
+            raise RuntimeError(f'{self.mesh!r}: this rank has no data-parallel group')
+        for sub in module.modules():  # a forward leaves the root unsharded: FSDP's parameters are DTensors again
+            if isinstance(sub, FSDPModule):
+                sub.reshard()
+        fsdp_dims = set(self._shard_kwargs()['mesh'].mesh_dim_names or ())
+        for param in module.parameters():
+            if not param.is_floating_point() or getattr(param, '_twinkle_reduced', False):
+                continue
+            if isinstance(param, DTensor) and fsdp_dims & set(param.device_mesh.mesh_dim_names or ()):
+                continue  # sharded by FSDP2, which reduces its gradient
+            # An adapter not active now is frozen (PEFT unfreezes it when activated, with no new wrap): the hook
+            # is registered all the same, and stays when requires_grad changes.
+            frozen = not param.requires_grad
+            param.requires_grad_(True)
+            param.register_hook(self._average_late_grad)
+            param.requires_grad_(not frozen)
+            mark_reduced(param)
+
+    def _average_late_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor
+        group, size = self.late_grad_group()
+        local = grad.to_local() if isinstance(grad, DTensor) else grad
+        work = local.detach().to(self._comm_device, copy=True)
+        dist.all_reduce(work, op=dist.ReduceOp.SUM, group=group)
+        work /= size
+        averaged = work.to(local.device)
+        if isinstance(grad, DTensor):
+            return DTensor.from_local(averaged, grad.device_mesh, grad.placements, run_check=False,
+                                      shape=grad.shape, stride=grad.stride())
+        return averaged
 
     def _receive_from_rank0(self, module: nn.Module, full: Optional[Dict[str, torch.Tensor]]) -> None:
         """Give the meta-built ranks storage for their shards, then fill every rank's shard from rank 0."""
@@ -213,6 +266,11 @@ class FSDP2Strategy(TorchDistributedStrategy):
 
     def load_optimizer_state(self, folder: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         optim_state.load(folder, module, optimizer)
+
+
+def mark_reduced(param: torch.Tensor) -> None:
+    """Note that a hook of the strategy reduces ``param``'s gradient (it needs no other)."""
+    param._twinkle_reduced = True  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager

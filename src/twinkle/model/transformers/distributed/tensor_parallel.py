@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ....mesh import DeviceMesh
-from .fsdp2 import FSDP2Strategy
+from .fsdp2 import FSDP2Strategy, mark_reduced
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,8 @@ class TensorParallelStrategy(FSDP2Strategy):
     name = 'tensor_parallel'
     parallel_dims = ('tp_size',)
     head_outside_forward = True  # no FSDP wrapper: parameters stay whole (or plain DTensors) outside the forward
+    # The row routing's grouped products take plain tensors; split LoRA weights are DTensors.
+    per_row_adapters = False
 
     def __init__(self, mesh: DeviceMesh, device: torch.device, mixed_precision: str = 'no',
                  fsdp_config: Optional[Dict[str, Any]] = None, memory_efficient_init: bool = False) -> None:
@@ -81,7 +83,6 @@ class TensorParallelStrategy(FSDP2Strategy):
         self.handles_mixed_precision = False  # no FSDP wrapper: autocast does the low-precision compute
         self._tp_group: Any = None
         self._tp_data_group: Any = None
-        self._hooked: Set[int] = set()  # parameters whose gradients are summed over tp
 
     @property
     def tp_group(self) -> Any:
@@ -110,6 +111,11 @@ class TensorParallelStrategy(FSDP2Strategy):
                     self._tp_data_group = made
         return self._tp_data_group
 
+    def check_model(self, config: Any) -> None:
+        """Raise (ValueError / NotImplementedError) if a model of ``config`` cannot be split over this mesh's
+        tp ranks: for callers that want to refuse before the first forward, where the split happens."""
+        tp_plan(config, self.mesh.tp_size)
+
     # ------------------------------------------------------------------ data-parallel reductions
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if not self.data_parallel:
@@ -126,10 +132,10 @@ class TensorParallelStrategy(FSDP2Strategy):
     # ------------------------------------------------------------------ wrapping
     def wrap(self, module: nn.Module) -> nn.Module:
         """Shard the plan's layers in place. Idempotent: layers already sharded are kept, so adapters
-        added after a first wrap get their LoRA layers sharded on the next one."""
+        added after a first wrap get their LoRA layers sharded on the next one (after FSDP2 sharded the
+        model too, their gradients are averaged by a hook: see ``average_late_params``)."""
         from torch.distributed.fsdp import FSDPModule
-        if isinstance(module, FSDPModule):
-            return module
+        already = isinstance(module, FSDPModule)
         plan = tp_plan(_hf_model(module).config, self.mesh.tp_size)
         base = cast(nn.Module, _hf_model(module).base_model)  # the decoder the plan's names are relative to
         mesh = self.torch_mesh['tp']
@@ -139,14 +145,20 @@ class TensorParallelStrategy(FSDP2Strategy):
                 if style == 'replicated_with_grad_allreduce':
                     summed.extend(sub.parameters())
                     for param in sub.parameters():
-                        if param.requires_grad and id(param) not in self._hooked:
+                        if param.requires_grad and not getattr(param, '_twinkle_reduced', False):
                             param.register_hook(self._sum_over_tp)
-                            self._hooked.add(id(param))
+                            mark_reduced(param)
                 else:
                     _parallelize(sub, style, mesh, name)
-        if self.data_parallel:
+        if already:
+            self.average_late_params(module)
+        elif self.data_parallel:
             self._shard_data_parallel(module, set(summed))
         return module
+
+    def late_grad_group(self) -> Tuple[Any, int]:
+        """FSDP2 shards over the data-parallel ranks of this rank's tp coordinate (``data_mesh``)."""
+        return self.data_group, self.mesh.dp_fsdp_world_size
 
     def _shard_data_parallel(self, module: nn.Module, ignored: Set[nn.Parameter]) -> None:
         from torch.distributed.fsdp import fully_shard
