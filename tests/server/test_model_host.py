@@ -2,6 +2,7 @@
 data that pickles (so that it travels back from a model's ranks), and the same gradients."""
 from __future__ import annotations
 
+import copy
 import pickle
 
 import numpy as np
@@ -107,3 +108,39 @@ def test_summaries_carry_the_in_process_figures_as_plain_data(model):
     assert type(summaries[4]) is RuntimeError and str(summaries[4]) == 'Picky: cannot score these rows'
     for name in NAMES:
         model.zero_grad(adapter_name=name)
+
+
+def test_served_adapters_step_with_the_fused_adam_kernel_and_the_same_update_as_the_per_tensor_one(model):
+    """In one process the served adapters' AdamW is torch's fused kernel; its update matches the per-tensor
+    step to fp32 rounding (the kernels order the arithmetic differently, so not bit for bit)."""
+    assert ops.adam_kernel(model) == {'fused': True}
+    optimizer = model.sessions[NAMES[0]].optimizer
+    assert all(group['fused'] for group in optimizer.param_groups)
+    params = [p for group in optimizer.param_groups for p in group['params']]
+    start = [p.detach().clone() for p in params]
+    saved_state = copy.deepcopy(optimizer.state_dict())
+    torch.manual_seed(3)
+    grads = [torch.randn_like(p) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    reference = [p.detach().clone().requires_grad_(True) for p in start]
+    for p, g in zip(reference, grads):
+        p.grad = g.clone()
+    per_tensor = torch.optim.AdamW(reference, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0,
+                                   foreach=False)
+    state = {id(p): s for p, s in optimizer.state.items()}
+    for ref, p in zip(reference, params):   # continue from the same moments and step counts
+        if id(p) in state:
+            per_tensor.state[ref] = {k: v.clone() for k, v in state[id(p)].items()}
+    model.step(adapter_name=NAMES[0])
+    model.zero_grad(adapter_name=NAMES[0])
+    per_tensor.step()
+    moved = 0.0
+    for p, ref, before in zip(params, reference, start):
+        torch.testing.assert_close(p.detach(), ref.detach(), rtol=0, atol=1e-9)
+        moved = max(moved, float((p.detach() - before).abs().max()))
+    assert moved > 1e-5   # the step did move the weights (lr 1e-4, Adam's first steps move ~lr per element)
+    with torch.no_grad():   # leave the module-scoped model as it was for the other tests
+        for p, before in zip(params, start):
+            p.copy_(before)
+    optimizer.load_state_dict(saved_state)

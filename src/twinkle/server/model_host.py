@@ -134,11 +134,21 @@ def remove_adapter(model: Any, name: str) -> None:
 
 
 def set_default_optimizer(model: Any, name: str) -> None:
-    # Tensor parallelism mixes split (DTensor) and whole parameters, which foreach kernels refuse: left unset
-    # there, the optimizer steps per tensor.
-    foreach = {} if getattr(model.strategy, 'name', None) == 'tensor_parallel' else {'foreach': True}
     model.set_optimizer('AdamW', adapter_name=name, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0,
-                        **foreach)
+                        **adam_kernel(model))
+
+
+def adam_kernel(model: Any) -> Dict[str, bool]:
+    """How the served adapters' Adam steps: fused (one pass over each tensor, several times faster than the
+    foreach step on CPU, whose kernels there are a Python loop of separate operations) where the parameters are
+    plain tensors; foreach under FSDP2, whose parameters are DTensors; per tensor under tensor parallelism, which
+    mixes split (DTensor) and whole parameters that foreach and fused kernels both refuse."""
+    layout = getattr(model.strategy, 'name', None)
+    if layout == 'tensor_parallel':
+        return {}
+    if layout in ('native_fsdp', 'expert_parallel'):
+        return {'foreach': True}
+    return {'fused': True}
 
 
 def save_adapter(model: Any, name: str, folder: str, with_optimizer: bool) -> None:

@@ -21,7 +21,7 @@ from ..core import TrainingCore
 from ..inputs import prepare_batch
 from . import adapters, checkpointing, generation, io, quantization, routed
 from .context_parallel import seam as context_parallel_seam
-from .forward import ForwardCore
+from .forward import ForwardCore, training_mode
 from .precision import Precision
 from .router_loss import add_router_aux_loss
 from .sequence_parallel import ulysses as ulysses_seam
@@ -106,7 +106,7 @@ class TransformersModel(TrainingCore):
     @remote_function(dispatch='slice', collect='flatten')
     def forward(self, *, inputs: Any, adapter_name: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:
         session = self._session(adapter_name)
-        _training(self._wrapped_module())
+        training_mode(self._wrapped_module())
         return self._run_forward(inputs, session, **kwargs)
 
     @remote_function(dispatch='slice', collect='flatten')
@@ -144,7 +144,7 @@ class TransformersModel(TrainingCore):
         # Gradients are synchronised only on the window's last backward.
         last_in_window = session.window_micro_steps + 1 >= session.gradient_accumulation_steps
         module = self._wrapped_module()
-        _training(module)
+        training_mode(module)
         sync = contextlib.nullcontext() if last_in_window else self.strategy.no_sync(module)
         with sync:
             outputs = self._run_forward(inputs, session, **kwargs)
@@ -365,13 +365,6 @@ class TransformersModel(TrainingCore):
     def __repr__(self) -> str:
         return (f'TransformersModel(model_id={self.model_id!r}, strategy={self.strategy.name!r}, '
                 f'precision={self.precision.mode!r}, adapters={self.adapter_names})')
-
-
-def _training(module: nn.Module) -> None:
-    """Put ``module`` in training mode. ``Module.train()`` sets the flag of every submodule anew (a few
-    milliseconds per step for a few hundred modules), so it runs only when some flag is off."""
-    if not all(m.training for m in module.modules()):
-        module.train()
 
 
 def _optimizer(session: AdapterState, action: str) -> torch.optim.Optimizer:

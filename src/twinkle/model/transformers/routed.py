@@ -21,6 +21,7 @@ import torch
 
 from ...loss.base import bind_loss_template, reported_loss, window_reduction
 from ..inputs import prepare_batch
+from .forward import training_mode
 
 # Keys of a part's batch that the shared forward reads, and the value that pads each to the widest part.
 _SHARED_KEYS = (('input_ids', None), ('labels', -100), ('attention_mask', 0))
@@ -95,7 +96,7 @@ def forward_backward_routed(model: Any, parts: Sequence[RoutedPart]
     names = [p.adapter_name for p in parts for _ in range(p.inputs['input_ids'].shape[0])]
     frozen = {p.adapter_name for p in parts if not p.train}
     module = model._wrapped_module()
-    module.train()
+    training_mode(module)
     results: List[Union[RoutedResult, BaseException]] = []
     with torch.set_grad_enabled(any(p.train for p in parts)), \
             route_peft(model.module, names, frozen=frozen, layers=lora_layers(model)):
