@@ -239,6 +239,8 @@ def run_tinker(args: argparse.Namespace, n: int, size: int, window_ms: Optional[
     config = f'batch_window_ms: {"null" if window_ms is None else window_ms}\n'
     if args.compute_threads is not None:
         config += f'compute_threads: {args.compute_threads}\n'
+    if args.batch_max_tokens is not None:
+        config += f'batch_max_tokens: {args.batch_max_tokens}\n'
     with serve(args, keys, config) as (url, _):
         clients = []
         for i, key in enumerate(keys):
@@ -363,6 +365,8 @@ def main() -> None:
     parser.add_argument('--tinker-sizes', type=int, nargs='+', default=[32, 128, 512])
     parser.add_argument('--tinker-steps', type=int, default=10)
     parser.add_argument('--window-ms', type=float, default=30.0, help='batch_window_ms of the batched server')
+    parser.add_argument('--batch-max-tokens', type=int, default=None,
+                        help="the batched server's batch_max_tokens (Tinker curve; default: the server's own)")
     parser.add_argument('--compute-threads', type=int, default=None,
                         help="the servers' compute_threads (Tinker curve; default: the server's own choice)")
     parser.add_argument('--big-rows', type=int, default=8, help='datums of the large requests (Tinker fairness)')

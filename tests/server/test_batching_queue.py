@@ -157,3 +157,27 @@ def test_waiting_optimizer_steps_of_other_tenants_run_back_to_back():
     assert order == ['a', 'b', 'd']
     assert list(batcher.step_sizes) == [3]
     assert q.get().work.tenant == 'c' and q.depth() == 1
+
+
+def test_a_full_batch_does_not_wait_for_tenants_whose_requests_cannot_join_it(monkeypatch):
+    from twinkle.server import batching
+    batched = []
+    monkeypatch.setattr(batching, 'run_batch', lambda engine, items: batched.append([w.tenant for w, _ in items]))
+    q, engine = FairQueue(), _Engine()
+    # room for two 33-token requests; c is expected (its result just reached it) but could not join
+    batcher = batching.Batcher(q, lambda: engine, window_s=5.0, max_tokens=70)
+    batcher._recent['c'] = time.monotonic()
+    q.finished['c'] = time.monotonic()
+    q.put('b', fwd_job(engine, 'b'))
+    t0 = time.monotonic()
+    batcher.run(fwd_job(engine, 'a'))
+    assert batched == [['a', 'b']] and time.monotonic() - t0 < 1.0
+    # with room for a third, c is waited for (up to the window, here until it sends its request)
+    batcher = batching.Batcher(q, lambda: engine, window_s=5.0, max_tokens=120)
+    batcher._recent['c'] = time.monotonic()
+    q.finished['c'] = time.monotonic()
+    q.put('b', fwd_job(engine, 'b'))
+    threading.Timer(0.1, lambda: q.put('c', fwd_job(engine, 'c'))).start()
+    t0 = time.monotonic()
+    batcher.run(fwd_job(engine, 'a'))
+    assert batched[-1] == ['a', 'b', 'c'] and 0.08 <= time.monotonic() - t0 < 4.0

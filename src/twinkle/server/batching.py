@@ -211,7 +211,7 @@ class Batcher:
             return
         jobs = [first]
         tenants = {work.tenant}
-        tokens = work.tokens
+        tokens = smallest = work.tokens
         now = time.monotonic()
         self._recent[work.tenant] = now
         hold_until = now + max(HOLD_S, self.window_s)
@@ -226,6 +226,7 @@ class Batcher:
                 jobs.append(job)
                 tenants.add(tenant)
                 tokens += job.work.tokens
+                smallest = min(smallest, job.work.tokens)
                 self._recent[tenant] = time.monotonic()
             now = time.monotonic()
             # A recently active tenant is waited for while it has a job queued (its result is coming), and until
@@ -233,7 +234,9 @@ class Batcher:
             finished = self.queue.finished
             expected = [t for t, seen in self._recent.items() if now - seen < RECENT_S and t not in tenants
                         and (self.queue.depth(t) or finished.get(t, 0.0) + self.window_s > now)]
-            if not expected or now >= hold_until:
+            # Full: the queued requests that fit were taken above, and one as small as the smallest in the batch
+            # would not fit either; a request still to come heads the next batch.
+            if not expected or now >= hold_until or self.max_tokens - tokens < smallest:
                 break
             other = self.queue.take_other(tenants)
             if other is not None:
