@@ -84,8 +84,8 @@ class _Work:
 
     def __init__(self, engine: _Engine, tenant: str) -> None:
         self.tenant = tenant
-        self.model = type('M', (), {'adapter': _Adapter('a-' + tenant)})()
-        engine.adapters[self.model.adapter.name] = self.model.adapter
+        self.adapter = _Adapter('a-' + tenant)
+        engine.adapters[self.adapter.name] = self.adapter
 
 
 def fwd_job(engine: _Engine, tenant: str):

@@ -72,6 +72,11 @@ class FwdBwdWork:
         self.batchable = not large
         self.sliced = large and self.local
 
+    @property
+    def adapter(self) -> Any:
+        """The engine's adapter the request trains (None once released); the batcher reads it."""
+        return self.model.adapter
+
     def routed_part(self, engine: Any) -> Tuple[Any, Tuple[Any, ...]]:
         """(adapter, the part of ``engine.forward_backward_routed`` this request is)."""
         rows, loss_fn, adapter = self.prepare()
@@ -266,7 +271,7 @@ class Batcher:
             job()
 
     def _routable(self, engine: Any, work: Any) -> bool:
-        adapter = work.model.adapter
+        adapter = work.adapter
         if adapter is None or engine.adapters.get(adapter.name) is not adapter:
             return False
         # An adapter's LoRA variant and dropout are fixed when it is created; names are never reused.

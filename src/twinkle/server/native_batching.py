@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
@@ -85,10 +84,10 @@ class NativeFwdBwdWork:
         return plan.tokens if plan is not None else sys.maxsize
 
     @property
-    def model(self) -> Any:
-        """Where the batcher finds the adapter (``model.adapter``, as on a Tinker training model)."""
+    def adapter(self) -> Any:
+        """The engine's adapter the call trains (None when it runs alone); the batcher reads it."""
         plan = self._checked()
-        return SimpleNamespace(adapter=plan.adapter if plan is not None else None)
+        return plan.adapter if plan is not None else None
 
     def routed_part(self, engine: Any) -> Tuple[Any, Tuple[Any, ...]]:
         """(adapter, the part of ``engine.forward_backward_routed`` this call is: its own loss)."""
