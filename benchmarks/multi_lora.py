@@ -13,6 +13,10 @@ embedded model and a wider random Qwen3.
 
     python benchmarks/multi_lora.py [--rounds 7] [--warmup 2] [--device cpu|cuda] [--models embedded,wide]
                                 [--threads N]
+
+Measured (2 CPU cores, 1 thread, medians): embedded model (a) 163.5 ms, (b) 123.4 ms (1.33x), (c) 98.4 ms
+(1.66x); wide model (5 rounds) (a) 947.8 ms, (b) 747.6 ms (1.27x), (c) 681.9 ms (1.39x). The wide model's
+step is mostly base matmuls, which all three run the same number of times but (a) on 1-row batches.
 """
 from __future__ import annotations
 
