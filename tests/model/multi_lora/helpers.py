@@ -72,12 +72,12 @@ def rows_of(names: Sequence, name: str) -> List[int]:
     return [i for i, n in enumerate(names) if n == name]
 
 
-def routed_model(names: Sequence[str], ranks: Sequence[int]):
+def routed_model(names: Sequence[str], ranks: Sequence[int], mixed_precision: str = 'no'):
     """A TransformersModel with one AdamW-trained LoRA adapter per name (q/v projections), its B matrices
     drawn at random: with B = 0 every adapter would compute the base model."""
     from twinkle.model import TransformersModel
     torch.manual_seed(0)
-    m = TransformersModel(model_id=MODEL_ID, mixed_precision='no')
+    m = TransformersModel(model_id=MODEL_ID, mixed_precision=mixed_precision)
     for rank, name in zip(ranks, names):
         m.add_adapter_to_model(name, LoraConfig(r=rank, lora_alpha=16, target_modules=['q_proj', 'v_proj']))
         m.set_optimizer('AdamW', adapter_name=name, lr=1e-3)

@@ -62,3 +62,27 @@ def test_routed_parts_match_their_own_forward_backward_and_a_failing_part_fails_
             torch.testing.assert_close(routed[key], own[key], rtol=0, atol=tol)
         assert model._session(name).window_micro_steps == 1   # the failed part added nothing to the window
     assert model.routable(NAMES[0])
+
+
+def test_routed_parts_under_bf16_autocast_match_their_own_forward_backward_to_bf16_rounding():
+    """With mixed_precision='bf16' (autocast) the shared forward's LoRA products run in bf16, and so does their
+    backward; each part still gets what its own forward + backward gives, to bf16 rounding."""
+    model = helpers.routed_model(NAMES, (4, 8), mixed_precision='bf16')
+    inputs = {NAMES[0]: batch(4, 2, 9), NAMES[1]: batch(5, 1, 14)}
+    alone = {}
+    for name in NAMES:
+        out = model.forward(inputs=inputs[name], adapter_name=name)
+        loss = logp_loss(out['inputs'], out)
+        model.backward(loss, adapter_name=name)
+        alone[name] = (float(loss.loss), grads(model, name))
+        model.zero_grad(adapter_name=name)
+    results = model.forward_backward_routed([RoutedPart(n, inputs[n], logp_loss) for n in NAMES])
+    for name, result in zip(NAMES, results):
+        assert isinstance(result, RoutedResult), result
+        loss, own = alone[name]
+        assert abs(float(result.loss.loss) - loss) <= 2e-2 * abs(loss)
+        routed = grads(model, name)
+        assert routed.keys() == own.keys() and own
+        for key in own:
+            assert routed[key].dtype == own[key].dtype == torch.float32
+            torch.testing.assert_close(routed[key], own[key], rtol=0, atol=5e-2 * float(own[key].abs().max()))

@@ -100,3 +100,39 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match='unknown adapter'):
         with route(model, ['w']):
             pass
+
+
+@pytest.mark.parametrize('autocast', [False, True], ids=['fp32', 'bf16-autocast'])
+def test_grouped_products_give_autograds_values_and_gradients_also_under_autocast(autocast):
+    """The grouped products' own backward gives what autograd's backward of the same batched products gives (to
+    the rounding of the products' precision: one gradient product runs in the other orientation), in fp32 and
+    under bf16 autocast, where the products run in bf16 and each gradient keeps its input's dtype."""
+    from twinkle.model.multi_lora.layer import _GroupedLora
+    torch.manual_seed(0)
+    groups, seg, rank = 3, 5, 4
+    x = torch.randn(groups, seg, IN, requires_grad=True)
+    weights_a = [torch.randn(rank, IN, requires_grad=True) for _ in range(groups)]
+    weights_b = [torch.randn(OUT, rank, requires_grad=True) for _ in range(groups)]
+    scale = torch.tensor([0.5, 2.0, 1.0]).view(-1, 1, 1)
+    grad_out = torch.randn(groups, seg, OUT)
+    leaves = [x] + weights_a + weights_b
+
+    def autograds() -> torch.Tensor:
+        h = torch.bmm(x, torch.stack(weights_a).transpose(1, 2))
+        return torch.bmm(h, torch.stack(weights_b).transpose(1, 2)) * scale
+
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+        ours = _GroupedLora.apply(x, scale, *weights_a, *weights_b)
+        theirs = autograds()
+    assert torch.equal(ours, theirs)
+    precision = 1e-2 if autocast else 1e-5
+    mine_all = torch.autograd.grad(ours, leaves, grad_out)
+    for mine, want, leaf in zip(mine_all, torch.autograd.grad(theirs, leaves, grad_out), leaves):
+        assert mine.dtype == leaf.dtype
+        torch.testing.assert_close(mine, want, rtol=0, atol=precision * float(want.abs().max()))
+    # A weight that needs no gradient (a forward-only adapter) gets none; the others get the same as before.
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+        again = _GroupedLora.apply(x, scale, weights_a[0].detach(), *weights_a[1:], *weights_b)
+    rest = [x] + weights_a[1:] + weights_b
+    for mine, before in zip(torch.autograd.grad(again, rest, grad_out), mine_all[:1] + mine_all[2:]):
+        assert torch.equal(mine, before)

@@ -286,16 +286,20 @@ class _GroupedLora(torch.autograd.Function):
         groups = a.shape[0]
         need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2:2 + groups], \
             ctx.needs_input_grad[2 + groups:]
-        grad = grad * scale
-        grad_h = torch.bmm(grad, b)                                            # g, seg, r
-        grad_x = torch.bmm(grad_h, a) if need_x else None
+        # Under autocast the forward's products ran in its lower precision (h is in it); the backward's products
+        # run in it too, as autograd's own would, and each gradient comes back in its input's dtype.
+        compute = h.dtype
+        grad = (grad * scale).to(compute)
+        grad_h = torch.bmm(grad, b.to(compute))                                # g, seg, r
+        grad_x = torch.bmm(grad_h, a.to(compute)).to(x.dtype) if need_x else None
         grads_a: Sequence[Optional[torch.Tensor]] = [None] * groups
         grads_b: Sequence[Optional[torch.Tensor]] = [None] * groups
         if any(need_a):
-            grads_a = [g if need else None for g, need in zip(torch.bmm(grad_h.transpose(1, 2), x).unbind(0), need_a)]
+            product = torch.bmm(grad_h.transpose(1, 2), x.to(compute)).to(a.dtype)
+            grads_a = [g if need else None for g, need in zip(product.unbind(0), need_a)]
         if any(need_b):
-            grads_b = [g if need else None
-                       for g, need in zip(torch.bmm(h.transpose(1, 2), grad).transpose(1, 2).unbind(0), need_b)]
+            product = torch.bmm(h.transpose(1, 2), grad).transpose(1, 2).to(b.dtype)
+            grads_b = [g if need else None for g, need in zip(product.unbind(0), need_b)]
         return (grad_x, None, *grads_a, *grads_b)
 
 
