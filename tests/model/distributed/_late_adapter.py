@@ -53,3 +53,12 @@ def alone() -> Dict[str, Any]:
     finally:
         model.shutdown()
     return result
+
+
+def check_ranks_train_as_alone(results: Any) -> None:
+    """Every rank's run of ``late_adapter`` (its ``'late'`` entry) holds the same losses and weights, and the
+    losses are those of one process on the global batch (to 1e-5 relative)."""
+    ranks = [r['late'] for r in results]
+    assert all(r['losses'] == ranks[0]['losses'] and r['digest'] == ranks[0]['digest'] for r in ranks)
+    for step, (got, want) in enumerate(zip(ranks[0]['losses'], alone()['losses']), 1):
+        assert abs(got - want) <= 1e-5 * abs(want), f'step {step}: {got} vs {want}'
