@@ -19,12 +19,13 @@ from .inject import (
     save_adapter,
 )
 from .layer import AdapterSpec, MultiLoraLinear, grouped_delta
-from .peft_route import peft_lora_layers, routable, route_peft
+from .peft_route import peft_lora_layers, peft_other_lora_layers, routable, route_peft
 from .routing import Routing, RoutingPlan
 
 __all__ = [
     'AdapterSpec', 'MultiLoraLinear', 'Routing', 'RoutingPlan', 'adapter_config', 'adapter_names',
     'adapter_parameters', 'adapter_state_dict', 'add_adapter', 'from_peft', 'inject', 'load_adapter',
-    'multi_lora_layers', 'remove_adapter', 'route', 'save_adapter', 'grouped_delta', 'peft_lora_layers', 'routable',
+    'multi_lora_layers', 'remove_adapter', 'route', 'save_adapter', 'grouped_delta', 'peft_lora_layers',
+    'peft_other_lora_layers', 'routable',
     'route_peft',
 ]

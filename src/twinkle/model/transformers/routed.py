@@ -25,8 +25,8 @@ from .forward import training_mode
 
 # Keys of a part's batch that the shared forward reads, and the value that pads each to the widest part.
 _SHARED_KEYS = (('input_ids', None), ('labels', -100), ('attention_mask', 0))
-# model -> (its adapters' configs, its PEFT LoRA layers)
-_LAYERS: 'weakref.WeakKeyDictionary[Any, Tuple[Dict[str, Any], List[Any]]]' = weakref.WeakKeyDictionary()
+# model -> (its adapters' configs, its PEFT LoRA linear layers, its other PEFT LoRA layers)
+_LAYERS: 'weakref.WeakKeyDictionary[Any, Tuple[Dict[str, Any], List[Any], List[Any]]]' = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -63,21 +63,24 @@ def supported(model: Any) -> bool:
             and model.strategy.per_row_adapters)
 
 
-def lora_layers(model: Any) -> List[Any]:
-    """The PEFT LoRA layers of the model, kept until an adapter is added or removed (a re-added name comes with
-    a new config object, so it counts as a change too)."""
-    from ..multi_lora import peft_lora_layers
+def lora_layers(model: Any) -> Tuple[List[Any], List[Any]]:
+    """The PEFT LoRA linear layers of the model and its other LoRA layers (``peft_other_lora_layers``), kept until
+    an adapter is added or removed (a re-added name comes with a new config object, so it counts as a change
+    too)."""
+    from ..multi_lora import peft_lora_layers, peft_other_lora_layers
     configs = dict(getattr(model.module, 'peft_config', None) or {})
     cached = _LAYERS.get(model)
     if cached is None or cached[0].keys() != configs.keys() or any(cached[0][n] is not c for n, c in configs.items()):
-        cached = _LAYERS[model] = (configs, peft_lora_layers(model.module))
-    return cached[1]
+        cached = _LAYERS[model] = (configs, peft_lora_layers(model.module), peft_other_lora_layers(model.module))
+    return cached[1], cached[2]
 
 
 def routable(model: Any, adapter_name: str) -> bool:
-    """Whether the adapter computes the same in a routed batch as alone (no dropout, no LoRA variant)."""
+    """Whether the adapter computes the same in a routed batch as alone (no dropout, no LoRA variant, LoRA on
+    linear layers only)."""
     from ..multi_lora import routable as peft_routable
-    return peft_routable(model.module, adapter_name, lora_layers(model))
+    layers, others = lora_layers(model)
+    return peft_routable(model.module, adapter_name, layers, others)
 
 
 def forward_backward_routed(model: Any, parts: Sequence[RoutedPart]
@@ -97,9 +100,10 @@ def forward_backward_routed(model: Any, parts: Sequence[RoutedPart]
     frozen = {p.adapter_name for p in parts if not p.train}
     module = model._wrapped_module()
     training_mode(module)
+    layers, others = lora_layers(model)
     results: List[Union[RoutedResult, BaseException]] = []
     with torch.set_grad_enabled(any(p.train for p in parts)), \
-            route_peft(model.module, names, frozen=frozen, layers=lora_layers(model)):
+            route_peft(model.module, names, frozen=frozen, layers=layers, others=others):
         inputs = prepare_batch(combined, model)
         with model.precision.autocast():
             outputs = model.forward_core(module, model.hf_model, inputs)
