@@ -241,15 +241,18 @@ def run_fairness(args: argparse.Namespace, slice_s: Optional[float]) -> Dict[str
 
 
 # ---------------------------------------------------------------------------------------------- tinker batching
-def run_tinker(args: argparse.Namespace, n: int, size: int, window_ms: Optional[float]) -> Dict[str, float]:
+def run_tinker(args: argparse.Namespace, n: int, size: int, window_ms: Optional[float],
+               compute_threads: Optional[int] = None) -> Dict[str, float]:
     """Aggregate tokens/s of ``n`` Tinker SDK tenants each training ``args.tinker_steps`` one-datum steps."""
     import numpy as np
     import tinker
     from tinker import types
     keys = [f'tml-bench-tinker-{i:04d}' for i in range(n)]
     config = f'batch_window_ms: {"null" if window_ms is None else window_ms}\n'
-    if args.compute_threads is not None:
-        config += f'compute_threads: {args.compute_threads}\n'
+    compute_threads = compute_threads or args.compute_threads
+    if compute_threads is not None:
+        config += f'compute_threads: {compute_threads}\n'
+    config += f'batch_compute_threads: {args.batch_compute_threads}\n'
     if args.batch_max_tokens is not None:
         config += f'batch_max_tokens: {args.batch_max_tokens}\n'
     with serve(args, keys, config) as (url, _):
@@ -344,24 +347,35 @@ def big_fairness(args: argparse.Namespace) -> None:
 
 
 def tinker_curve(args: argparse.Namespace) -> None:
+    cores = _usable_cores()
+    wide = cores if cores != args.compute_threads else None
     print(f'\nTinker SDK tenants, each {args.tinker_steps} steps of one datum forward_backward + optim_step, '
-          f'all at once; batched (batch_window_ms={args.window_ms}) vs serial (batch_window_ms=null), '
-          f'{args.tinker_repeats} alternated pair(s) of runs per row: medians, and the ratios\' range\n')
-    print('| tenants | tokens/request | serial tok/s | batched tok/s | ratio | ratio range | serial step p50 ms | '
-          'batched step p50 ms |')
-    print('|---|---|---|---|---|---|---|---|')
+          f'all at once; batched (batch_window_ms={args.window_ms}, batch_compute_threads='
+          f'{args.batch_compute_threads}) vs serial (batch_window_ms=null), the serial server run with '
+          f'compute_threads={args.compute_threads or "its default"}' + (f' and with {wide}' if wide else '')
+          + f'; {args.tinker_repeats} alternated round(s) of runs per row: medians, the ratios\' range. The ratio is '
+          'against the faster serial run of its round.\n')
+    print('| tenants | tokens/request | serial tok/s | serial tok/s, all cores | batched tok/s | ratio | ratio range | '
+          'serial step p50 ms | batched step p50 ms |')
+    print('|---|---|---|---|---|---|---|---|---|')
     for size in args.tinker_sizes:
         for n in args.tinker_tenants:
-            pairs = []
-            for _ in range(args.tinker_repeats):   # alternated, so that a drift of the machine hits both alike
-                pairs.append((run_tinker(args, n, size, None), run_tinker(args, n, size, args.window_ms)))
-            ratios = [b['tok_s'] / s['tok_s'] for s, b in pairs]
-
-            serial, batched = ({key: statistics.median(pair[which][key] for pair in pairs) for key in pairs[0][which]}
-                               for which in (0, 1))
-            print(f"| {n} | {size} | {serial['tok_s']:.0f} | {batched['tok_s']:.0f} | "
+            rounds = []
+            for _ in range(args.tinker_repeats):   # alternated, so that a drift of the machine hits all alike
+                serial = run_tinker(args, n, size, None)
+                serial_wide = run_tinker(args, n, size, None, wide) if wide else serial
+                rounds.append((serial, serial_wide, run_tinker(args, n, size, args.window_ms)))
+            ratios = [b['tok_s'] / max(s['tok_s'], w['tok_s']) for s, w, b in rounds]
+            med = [{key: statistics.median(r[which][key] for r in rounds) for key in rounds[0][which]}
+                   for which in range(3)]
+            best = max(med[:2], key=lambda m: m['tok_s'])
+            print(f"| {n} | {size} | {med[0]['tok_s']:.0f} | {med[1]['tok_s']:.0f} | {med[2]['tok_s']:.0f} | "
                   f"{statistics.median(ratios):.2f}x | {min(ratios):.2f}-{max(ratios):.2f}x | "
-                  f"{1000 * serial['step_p50']:.0f} | {1000 * batched['step_p50']:.0f} |", flush=True)
+                  f"{1000 * best['step_p50']:.0f} | {1000 * med[2]['step_p50']:.0f} |", flush=True)
+
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
 
 
 def main() -> None:
@@ -387,7 +401,10 @@ def main() -> None:
     parser.add_argument('--batch-max-tokens', type=int, default=None,
                         help="the batched server's batch_max_tokens (Tinker curve; default: the server's own)")
     parser.add_argument('--compute-threads', type=int, default=None,
-                        help="the servers' compute_threads (Tinker curve; default: the server's own choice)")
+                        help="the servers' compute_threads (Tinker curve; default: the server's own choice); "
+                             "the serial server also runs with all usable cores")
+    parser.add_argument('--batch-compute-threads', type=int, default=_usable_cores(),
+                        help="the batched server's batch_compute_threads (Tinker curve; default: the usable cores)")
     parser.add_argument('--big-rows', type=int, default=8, help='datums of the large requests (Tinker fairness)')
     parser.add_argument('--big-tokens', type=int, default=1024, help='tokens per datum of the large requests')
     parser.add_argument('--big-fairness-only', action='store_true', help='run only the large-request fairness')

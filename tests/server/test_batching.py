@@ -27,12 +27,14 @@ TENANTS = [(2, 9, 1, 'cross_entropy', 1e-3), (4, 16, 2, 'importance_sampling', 3
            (8, 24, 1, 'ppo', 1e-4), (4, 6, 3, 'cross_entropy', 2e-3),
            (4, 7, 1, 'cross_entropy', 1e-2)]   # the fifth only sends the request that fails
 STEPS = 3
+# Batches compute with another thread count than a tenant's own work (threads.py): the results must not move.
+BATCH_THREADS = 1 if torch.get_num_threads() > 1 else 2
 
 
 @pytest.fixture(scope='module')
 def server(tmp_path_factory):
     srv = ThreadServer(str(tmp_path_factory.mktemp('batching-data')), KEYS, model=MODEL, long_poll_s=5.0,
-                       batch_window_ms=20.0)
+                       batch_window_ms=20.0, batch_compute_threads=BATCH_THREADS)
     yield srv
     srv.stop()
 
@@ -104,7 +106,12 @@ def close(a: float, b: float, scale: float = 1.0) -> bool:
     return abs(a - b) <= 1e-6 * max(1.0, abs(a), abs(b), scale)
 
 
-def test_four_tenants_batched_get_exactly_what_they_get_alone_and_a_bad_request_fails_alone(server):
+def test_four_tenants_batched_get_exactly_what_they_get_alone_and_a_bad_request_fails_alone(server, monkeypatch):
+    from twinkle.server import model_host
+    batch_threads = []
+    routed = model_host.forward_backward_routed
+    monkeypatch.setattr(model_host, 'forward_backward_routed',
+                        lambda *a: batch_threads.append(torch.get_num_threads()) or routed(*a))
     alone = [Tenant(server, i) for i in range(4)]
     for tenant in alone:
         for step in range(STEPS):
@@ -131,6 +138,8 @@ def test_four_tenants_batched_get_exactly_what_they_get_alone_and_a_bad_request_
             wait_future(tenant.client, tenant.post_optim())
     sizes = list(server.ctx.worker.batcher.sizes)[batches_before:]
     assert sizes.count(4) + sizes.count(5) >= STEPS, sizes   # every step ran as one batch
+    assert batch_threads and set(batch_threads) == {BATCH_THREADS}, batch_threads
+    assert torch.get_num_threads() != BATCH_THREADS   # and the tenants' own steps ran with the others
     for solo, batched in zip(alone, together):
         assert len(solo.results) == len(batched.results) == STEPS
         for (loss_a, lps_a), (loss_b, lps_b) in zip(solo.results, batched.results):

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from typing import Any, AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
@@ -15,6 +14,7 @@ from .config import ServerSettings, load_settings
 from .context import ServerContext
 from .errors import ApiError, BadRequest, describe, scrub
 from .responses import Status, answers
+from .threads import compute_threads
 from .tinker_ops import TinkerState
 
 logger = logging.getLogger('twinkle.server')
@@ -137,14 +137,3 @@ def serve(settings: Optional[ServerSettings] = None, config_file: Optional[str] 
     torch.set_num_threads(compute_threads(settings))
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
-
-
-def compute_threads(settings: ServerSettings) -> int:
-    """The intra-op threads of the served model (``compute_threads``; see its description)."""
-    if settings.compute_threads is not None:
-        return settings.compute_threads
-    env = os.environ.get('OMP_NUM_THREADS', '').strip()
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
-    return max(1, cores - 1)

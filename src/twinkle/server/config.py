@@ -148,6 +148,10 @@ class ServerSettings(BaseSettings):
     """Intra-op threads torch computes with in the server process. None: ``OMP_NUM_THREADS`` when it is set,
     otherwise one less than the usable CPU cores (at least one), so that the event loop answering requests keeps
     a core: torch's threads otherwise busy-wait between operations on every core and stall it under load."""
+    batch_compute_threads: Optional[int] = Field(None, ge=1)
+    """Intra-op threads of a forward/backward or decode loop batched across tenants (in the server process).
+    None: ``OMP_NUM_THREADS`` when it is set, otherwise every usable core: a batch is large enough to gain from
+    them, and its tenants wait for it meanwhile, so the event loop has little to answer."""
     session_timeout_s: float = Field(300.0, gt=0)
     """A Tinker session without a heartbeat for this long is finished and its adapters unloaded (the SDK beats
     every 10 s); its runs and checkpoints stay."""

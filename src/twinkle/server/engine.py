@@ -21,6 +21,7 @@ from .config import ServerSettings
 from .errors import BadRequest, LimitReached
 from .model_host import Adapter
 from .queue import pause_point
+from .threads import batch_compute_threads, using_threads
 
 # Tinker's three switches -> the projection names of Llama/Qwen-style decoders.
 TINKER_TARGETS = {
@@ -68,6 +69,9 @@ class Engine(TemplateProcessorMixin):
         except BaseException:
             self.host.shutdown()  # ranks elsewhere would outlive a server that failed to start
             raise
+        # Batches across tenants compute with more threads than a tenant's own work (threads.py); on a device
+        # group each rank keeps its own.
+        self.batch_threads = batch_compute_threads(settings) if self.host.local else None
         if self.host.local:
             # Every forward pass (each decoding step of a sample) starts with the input embeddings: there a sliced
             # job may hand the model to other tenants (queue.pause_point is a no-op for every other job).
@@ -282,7 +286,8 @@ class Engine(TemplateProcessorMixin):
         if self.distributed:  # the decode loop runs on every rank, each from the same streams
             from .distributed_host import sample_on_ranks
             return sample_on_ranks(self, calls, inference)
-        return sample_many(self, calls)
+        with using_threads(self.batch_threads if len(calls) > 1 else None):
+            return sample_many(self, calls)
 
     # -- batched forward/backward across tenants (see batching.py) ---------------------------------------------
     def forward_backward_routed(self, parts: Sequence[Tuple[Any, ...]]
@@ -293,7 +298,8 @@ class Engine(TemplateProcessorMixin):
         with loss function None trains with its adapter's own loss; its summary's ``result`` is what
         ``forward_backward`` returns (``routed.RoutedPart``)."""
         from ..model.transformers.routed import RoutedPart
-        return self.host.call(ops.forward_backward_routed, [RoutedPart(*part) for part in parts])
+        with using_threads(self.batch_threads if len(parts) > 1 else None):
+            return self.host.call(ops.forward_backward_routed, [RoutedPart(*part) for part in parts])
 
     def routable(self, adapter_name: str) -> bool:
         """Whether the adapter can share a batched forward (no dropout or variant drawing per batch, a model
