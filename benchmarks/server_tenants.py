@@ -241,12 +241,44 @@ def run_fairness(args: argparse.Namespace, slice_s: Optional[float]) -> Dict[str
 
 
 # ---------------------------------------------------------------------------------------------- tinker batching
-def run_tinker(args: argparse.Namespace, n: int, size: int, window_ms: Optional[float],
-               compute_threads: Optional[int] = None) -> Dict[str, float]:
-    """Aggregate tokens/s of ``n`` Tinker SDK tenants each training ``args.tinker_steps`` one-datum steps."""
+def _tinker_tenant(url: str, key: str, model: str, seed: int, steps: int, size: int, barrier: Any,
+                   results: Any) -> None:
+    """One Tinker SDK tenant: a warm-up step, then, once every tenant is warm (``barrier``), ``steps`` timed
+    steps; puts (its start, its end, its step latencies) on ``results``."""
     import numpy as np
     import tinker
     from tinker import types
+    service = tinker.ServiceClient(base_url=url, api_key=key)
+    tc = service.create_lora_training_client(base_model=model, rank=8, seed=seed).result()
+    rng = np.random.default_rng(seed)
+    data = [types.Datum(model_input=types.ModelInput.from_ints(t[:-1].tolist()),
+                        loss_fn_inputs={'target_tokens': t[1:].astype(np.int64)})
+            for t in rng.integers(3, 4000, (steps + 1, size + 1))]
+    latencies: List[float] = []
+    start = 0.0
+    for step, datum in enumerate(data):
+        t0 = time.monotonic()
+        fwd = tc.forward_backward([datum], 'cross_entropy')
+        opt = tc.optim_step(types.AdamParams(learning_rate=1e-4))
+        fwd.result()
+        opt.result()
+        if step:
+            latencies.append(time.monotonic() - t0)
+        else:   # the first step warms the connection up
+            barrier.wait()
+            start = time.monotonic()
+    results.put((start, time.monotonic(), latencies))
+    service.close('success')
+
+
+def run_tinker(args: argparse.Namespace, n: int, size: int, window_ms: Optional[float],
+               compute_threads: Optional[int] = None) -> Dict[str, float]:
+    """Aggregate tokens/s of ``n`` Tinker SDK tenants each training ``args.tinker_steps`` one-datum steps, from
+    the first timed step to the last tenant's end. The tenants are processes of their own, as separate users
+    are (``--tinker-clients threads``: threads of this process, whose SDK work then shares one interpreter
+    lock)."""
+    import multiprocessing
+    import queue
     keys = [f'tml-bench-tinker-{i:04d}' for i in range(n)]
     config = f'batch_window_ms: {"null" if window_ms is None else window_ms}\n'
     compute_threads = compute_threads or args.compute_threads
@@ -256,43 +288,29 @@ def run_tinker(args: argparse.Namespace, n: int, size: int, window_ms: Optional[
     if args.batch_max_tokens is not None:
         config += f'batch_max_tokens: {args.batch_max_tokens}\n'
     with serve(args, keys, config) as (url, _):
-        clients = []
-        for i, key in enumerate(keys):
-            service = tinker.ServiceClient(base_url=url, api_key=key)
-            training = service.create_lora_training_client(base_model=args.model, rank=8, seed=i).result()
-            clients.append((service, training))
-        rng = np.random.default_rng(0)
-        data = [[types.Datum(model_input=types.ModelInput.from_ints(t[:-1].tolist()),
-                             loss_fn_inputs={'target_tokens': t[1:].astype(np.int64)})
-                 for t in rng.integers(3, 4000, (args.tinker_steps + 1, size + 1))] for _ in range(n)]
-        latencies: List[float] = []
-
-        def tenant(i: int) -> None:
-            tc = clients[i][1]
-            for step, datum in enumerate(data[i]):
-                t0 = time.perf_counter()
-                fwd = tc.forward_backward([datum], 'cross_entropy')
-                opt = tc.optim_step(types.AdamParams(learning_rate=1e-4))
-                fwd.result()
-                opt.result()
-                if step:   # the first step warms the connection up
-                    latencies.append(time.perf_counter() - t0)
-                if step == 0:
-                    barrier.wait()
-                    if i == 0:
-                        started.append(time.perf_counter())
-
-        barrier, started = threading.Barrier(n), []
-        threads = [threading.Thread(target=tenant, args=(i,)) for i in range(n)]
-        for t in threads:
+        if args.tinker_clients == 'processes':
+            mp = multiprocessing.get_context('spawn')
+            barrier, results, make = mp.Barrier(n), mp.Queue(), mp.Process
+        else:
+            barrier, results, make = threading.Barrier(n), queue.Queue(), threading.Thread
+        tenants = [make(target=_tinker_tenant, args=(url, key, args.model, i, args.tinker_steps, size, barrier,
+                                                     results)) for i, key in enumerate(keys)]
+        for t in tenants:
             t.start()
-        for t in threads:
+        done: List[Tuple[float, float, List[float]]] = []
+        while len(done) < n:
+            try:
+                done.append(results.get(timeout=1.0))
+            except queue.Empty:   # a tenant puts its result before it ends: one that ended without failed
+                if sum(not t.is_alive() for t in tenants) > len(done):
+                    raise RuntimeError('a Tinker tenant of the benchmark failed (its error is printed above)') from None
+        for t in tenants:
             t.join()
-        wall = time.perf_counter() - started[0]
-        for service, _ in clients:
-            service.close('success')
+    wall = max(end for _, end, _ in done) - min(start for start, _, _ in done)
+    latencies = [x for _, _, lat in done for x in lat]
     tokens = n * args.tinker_steps * size
-    return {'tok_s': tokens / wall, 'step_p50': _percentile(latencies, 50)}
+    return {'tok_s': tokens / wall, 'step_p50': _percentile(latencies, 50), 'step_max': max(latencies),
+            'spread': max(s for s, _, _ in done) - min(s for s, _, _ in done)}
 
 
 def run_big_fairness(args: argparse.Namespace, slice_tokens: Optional[int]) -> Dict[str, float]:
@@ -397,6 +415,8 @@ def main() -> None:
     parser.add_argument('--tinker-steps', type=int, default=10)
     parser.add_argument('--tinker-repeats', type=int, default=1,
                         help='alternated serial / batched pairs of runs per row of the Tinker curve (medians)')
+    parser.add_argument('--tinker-clients', choices=('processes', 'threads'), default='processes',
+                        help='Tinker tenants as processes of their own (default) or as threads of this one')
     parser.add_argument('--window-ms', type=float, default=30.0, help='batch_window_ms of the batched server')
     parser.add_argument('--batch-max-tokens', type=int, default=None,
                         help="the batched server's batch_max_tokens (Tinker curve; default: the server's own)")

@@ -28,8 +28,10 @@ def tinker_curve(*options: str) -> List[Tuple[str, ...]]:
     return ROW.findall(done.stdout)
 
 
-def test_tinker_curve_prints_one_consistent_row_per_tenant_count_and_size():
-    rows = tinker_curve('--tinker-tenants', '2', '--tinker-sizes', '16', '--tinker-steps', '2')
+@pytest.mark.parametrize('clients', ['processes', 'threads'])
+def test_tinker_curve_prints_one_consistent_row_per_tenant_count_and_size(clients):
+    rows = tinker_curve('--tinker-tenants', '2', '--tinker-sizes', '16', '--tinker-steps', '2',
+                        '--tinker-clients', clients)
     assert [(r[0], r[1]) for r in rows] == [('2', '16')]
     serial, serial_wide, batched = map(int, rows[0][2:5])
     ratio, low, high = map(float, rows[0][5:8])

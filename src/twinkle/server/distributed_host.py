@@ -165,24 +165,13 @@ class _RankView:
             # Adapters added since the last forward (sampling snapshots) get their LoRA layers split like the
             # base layers they sit on before decoding (the wrap keeps what is already split).
             self.model._wrapped_module()
-        with self.decode_mode(self.model) as hf:
-            _fsdp_generate(hf)
+        with self.decode_mode(self.model) as hf:   # generation.inference_mode: FSDP2 gathers around generate
             yield hf
 
     @contextlib.contextmanager
     def using(self, adapter: Any) -> Iterator[None]:
         with adapter_stream(adapter):
             yield
-
-
-def _fsdp_generate(module: torch.nn.Module) -> None:
-    """Decoding calls ``module.generate``, not its forward: FSDP2 must gather the root's own parameters
-    (embeddings, final norm) around it as it does around a forward."""
-    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
-    if isinstance(module, FSDPModule) and not getattr(module, '_twinkle_generate_hooked', False):
-        register_fsdp_forward_method(module, 'generate')
-        # torch types Module.__setattr__ for tensors and submodules only; a plain flag is set as on any object.
-        module._twinkle_generate_hooked = True  # type: ignore[assignment]
 
 
 def describe_ranks(model: Any) -> Dict[str, Any]:

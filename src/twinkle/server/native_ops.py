@@ -126,6 +126,4 @@ def state_dict(model: Any, name: str) -> Dict[str, torch.Tensor]:
 
 
 def generate(model: Any, name: str, prompts: List[List[int]], config: Dict[str, Any]) -> List[Dict[str, Any]]:
-    from .distributed_host import _fsdp_generate
-    _fsdp_generate(model.strategy.unwrap(model.module))  # FSDP2 gathers around generate as around forward
     return model.generate(prompts, adapter_name=name, **config)

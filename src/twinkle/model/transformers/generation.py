@@ -121,7 +121,9 @@ def decode_spec(config: Any, prompt_width: int) -> DecodeSpec:
 
 @contextlib.contextmanager
 def inference_mode(model: Host, hf: torch.nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) and the model's autocast for the duration; the train/eval mode is put back."""
+    """Eval mode (no dropout) and the model's autocast for the duration; the train/eval mode is put back. Under
+    FSDP2 the root's own parameters are gathered around ``generate`` too (``gather_around_generate``)."""
+    gather_around_generate(hf)
     was_training = hf.training
     hf.eval()
     try:
@@ -129,6 +131,16 @@ def inference_mode(model: Host, hf: torch.nn.Module) -> Iterator[None]:
             yield
     finally:
         hf.train(was_training)
+
+
+def gather_around_generate(module: torch.nn.Module) -> None:
+    """Decoding may call ``module.generate``, not its forward: FSDP2 must gather the root's own parameters
+    (embeddings, final norm) around it as it does around a forward. A no-op for a module FSDP2 does not wrap."""
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+    if isinstance(module, FSDPModule) and not getattr(module, '_twinkle_generate_hooked', False):
+        register_fsdp_forward_method(module, 'generate')
+        # torch types Module.__setattr__ for tensors and submodules only; a plain flag is set as on any object.
+        module._twinkle_generate_hooked = True  # type: ignore[assignment]
 
 
 def _beam_search(model: Host, hf: torch.nn.Module, prompts: List[List[int]], config: Any,
