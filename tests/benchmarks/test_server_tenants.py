@@ -15,9 +15,9 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / 'benchmarks' / 'server_tenants.py'
 # | tenants | tokens | serial tok/s | serial tok/s all cores | batched tok/s | ratio | ratio range | serial p50 ms |
-# batched p50 ms |
+# batched p50 ms | step ratio | batched step max ms |
 ROW = re.compile(r'^\| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| ([\d.]+)x \| ([\d.]+)-([\d.]+)x \| (\d+) \| '
-                 r'(\d+) \|$', re.M)
+                 r'(\d+) \| ([\d.]+)x \| (\d+) \|$', re.M)
 
 
 def tinker_curve(*options: str) -> List[Tuple[str, ...]]:
@@ -39,6 +39,10 @@ def test_tinker_curve_prints_one_consistent_row_per_tenant_count_and_size(client
     # one round: the ratio is that round's, against the faster serial server
     assert ratio == pytest.approx(batched / max(serial, serial_wide), abs=0.02)
     assert low == high == ratio
+    serial_p50, batched_p50, step_ratio, batched_max = int(rows[0][8]), int(rows[0][9]), float(rows[0][10]), \
+        int(rows[0][11])
+    assert step_ratio == pytest.approx(serial_p50 / batched_p50, rel=0.05, abs=0.02)
+    assert batched_max >= batched_p50
 
 
 @pytest.mark.gpu
