@@ -36,7 +36,9 @@ tok/s and 258 ms a step, batched 1942 tok/s and 125 ms); the same with the tenan
 tenants 0.95 / 1.09 / 1.62 / 1.81x and 0.92 / 1.16 / 1.60 / 2.26x; 128 tokens (10 steps), 2 / 8 / 16 tenants
 1.55 / 1.75 / 1.48x and 1.32 / 1.62 / 1.54x; 512 tokens 1.02 / 1.21 / 0.84x and 0.93 / 1.01 / 0.99x (there the
 per-token compute dominates, and the serial server on both cores is as fast as a batch: 2 tenants x 512 tokens
-3626 tok/s on both cores against 2485 on one).
+3626 tok/s on both cores against 2485 on one; at 256 tokens 3105-3418 against 2318-2330, at 128 no gain: since
+then a tenant's own forward/backward of at least ``parallel_tokens`` = 256 padded tokens computes on both cores
+too, in both servers).
 Where a batched round of 8 x 32 tokens goes (~110 ms; a server trace): ~70 ms the forward and backward on both
 cores (in process: 8 routed rows ~65 ms against ~56 ms for 8 rows of one adapter, and ~185 ms for 8 one-row
 steps on one core), 17-21 ms the eight optimizer steps (~2.5 ms of Adam; the rest mostly waits for the

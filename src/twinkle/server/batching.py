@@ -26,6 +26,7 @@ import torch
 
 from . import tinker_data
 from .errors import BadRequest
+from .threads import using_threads
 
 logger = logging.getLogger('twinkle.server')
 RECENT_S = 2.0   # a tenant that sent batchable work this recently is waited for (up to the window)
@@ -104,7 +105,7 @@ class FwdBwdWork:
         pad = engine.pad_token_id
         loss_sum, logps, weights = 0.0, [], []
         num_tokens: Optional[float] = None
-        with engine.using(adapter):
+        with engine.using(adapter), using_threads(engine.own_threads(self.tokens)):
             for group in micro_batches(rows, self.state.ctx.settings.fwdbwd_slice_tokens):
                 batch = tinker_data.build_batch(group, pad)
                 with torch.set_grad_enabled(not self.forward_only):

@@ -21,7 +21,7 @@ from .config import ServerSettings
 from .errors import BadRequest, LimitReached
 from .model_host import Adapter
 from .queue import pause_point
-from .threads import batch_compute_threads, using_threads
+from .threads import batch_compute_threads, threads_for, using_threads
 
 # Tinker's three switches -> the projection names of Llama/Qwen-style decoders.
 TINKER_TARGETS = {
@@ -300,6 +300,11 @@ class Engine(TemplateProcessorMixin):
         from ..model.transformers.routed import RoutedPart
         with using_threads(self.batch_threads if len(parts) > 1 else None):
             return self.host.call(ops.forward_backward_routed, [RoutedPart(*part) for part in parts])
+
+    def own_threads(self, tokens: int) -> Optional[int]:
+        """The thread count of a tenant's own forward/backward of ``tokens`` padded tokens here (None: as it is;
+        ``threads.threads_for``)."""
+        return threads_for(tokens, self.batch_threads, self.settings.parallel_tokens)
 
     def routable(self, adapter_name: str) -> bool:
         """Whether the adapter can share a batched forward (no dropout or variant drawing per batch, a model

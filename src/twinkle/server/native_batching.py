@@ -29,6 +29,7 @@ import torch
 
 from . import native_slices
 from .errors import BadRequest
+from .threads import using_threads
 
 
 @dataclass
@@ -108,7 +109,8 @@ class NativeFwdBwdWork:
         if plan is not None:
             if self.handle.engine.adapters.get(plan.adapter.name) is not plan.adapter:
                 raise BadRequest('this adapter is no longer loaded on the server (released or evicted)')
-            return self.handle.fwdbwd_alone(plan.adapter, plan.batch, plan.options)
+            with using_threads(self.handle.engine.own_threads(plan.tokens)):
+                return self.handle.fwdbwd_alone(plan.adapter, plan.batch, plan.options)
         return self.handle.call('forward_backward', self.args, self.kwargs)
 
 

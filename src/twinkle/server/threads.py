@@ -1,5 +1,6 @@
 """How many intra-op threads the served model computes with: ``compute_threads`` for a tenant's own work, and
-``batch_compute_threads`` while one forward/backward (or decode loop) serves several tenants at once.
+``batch_compute_threads`` while one forward/backward (or decode loop) serves several tenants at once, or a
+tenant's own forward/backward is large (``parallel_tokens``).
 
 A small request parallelises poorly and torch's threads busy-wait between operations, stalling the event loop
 that answers every other tenant; so a tenant's own work leaves that loop a core. A batch of many tenants is
@@ -38,6 +39,12 @@ def batch_compute_threads(settings: ServerSettings) -> int:
     if settings.batch_compute_threads is not None:
         return settings.batch_compute_threads
     return _env_threads() or usable_cores()
+
+
+def threads_for(tokens: int, batch_threads: Optional[int], parallel_tokens: Optional[int]) -> Optional[int]:
+    """The thread count of a tenant's own forward/backward of ``tokens`` padded tokens: ``batch_threads`` from
+    ``parallel_tokens`` tokens on, else None (``compute_threads``, unchanged)."""
+    return batch_threads if parallel_tokens is not None and tokens >= parallel_tokens else None
 
 
 @contextlib.contextmanager
