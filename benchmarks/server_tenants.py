@@ -38,7 +38,7 @@ tenants 0.95 / 1.09 / 1.62 / 1.81x and 0.92 / 1.16 / 1.60 / 2.26x; 128 tokens (1
 per-token compute dominates, and the serial server on both cores is as fast as a batch: 2 tenants x 512 tokens
 3626 tok/s on both cores against 2485 on one; at 256 tokens 3105-3418 against 2318-2330, at 128 no gain: since
 then a tenant's own forward/backward of at least ``parallel_tokens`` = 256 padded tokens computes on both cores
-too, in both servers).
+too, in both servers: 2 x 512 tokens, the serial server with compute_threads 1 went from 2485 to 3421 tok/s).
 Where a batched round of 8 x 32 tokens goes (~110 ms; a server trace): ~70 ms the forward and backward on both
 cores (in process: 8 routed rows ~65 ms against ~56 ms for 8 rows of one adapter, and ~185 ms for 8 one-row
 steps on one core), 17-21 ms the eight optimizer steps (~2.5 ms of Adam; the rest mostly waits for the
