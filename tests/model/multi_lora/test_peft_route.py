@@ -15,15 +15,10 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=0, atol=tol)
 
 
-def test_routed_rows_match_each_adapter_alone_in_logits_and_grads():
-    peft = peft_model()
-    names = ['ten16', 'ten4', 'ten8', 'ten4', None]
-    ids, weight = batch(len(names))
-    expected = {n: peft_reference(peft, n, ids[rows_of(names, n)], weight[rows_of(names, n)])
-                for n in ('ten4', 'ten8', 'ten16')}
-    peft.set_adapter('idle')   # the active adapter plays no part in a routed forward
-    peft.zero_grad(set_to_none=True)
-    with route_peft(peft, names, frozen=()):
+def check_routed_against(peft, names, ids, weight, expected) -> None:
+    """One routed forward and backward of ``ids`` (row ``b`` through ``names[b]``); each adapter's rows' logits
+    and its LoRA gradients must equal ``expected[name]`` (``peft_reference``: the adapter alone in PEFT)."""
+    with route_peft(peft, names):
         logits = peft(input_ids=ids).logits
         (logits * weight).sum().backward()
     for name, (ref_logits, ref_grads) in expected.items():
@@ -32,6 +27,17 @@ def test_routed_rows_match_each_adapter_alone_in_logits_and_grads():
             if path in ref_grads:
                 assert_close(module.lora_A[name].weight.grad, ref_grads[path][0])
                 assert_close(module.lora_B[name].weight.grad, ref_grads[path][1])
+
+
+def test_routed_rows_match_each_adapter_alone_in_logits_and_grads():
+    peft = peft_model()
+    names = ['ten16', 'ten4', 'ten8', 'ten4', None]
+    ids, weight = batch(len(names))
+    expected = {n: peft_reference(peft, n, ids[rows_of(names, n)], weight[rows_of(names, n)])
+                for n in ('ten4', 'ten8', 'ten16')}
+    peft.set_adapter('idle')   # the active adapter plays no part in a routed forward
+    peft.zero_grad(set_to_none=True)
+    check_routed_against(peft, names, ids, weight, expected)
     # The idle adapter had no rows; the frozen flags are back as PEFT left them (only 'idle' trainable).
     layer = next(m for m in peft.modules() if hasattr(m, 'lora_A') and 'idle' in m.lora_A)
     assert layer.lora_A['idle'].weight.grad is None
@@ -89,15 +95,7 @@ def test_lora_on_moe_experts_is_not_routed_and_applies_to_no_routed_row():
                 for n in ('ten4', 'ten8')}
     peft.set_adapter('everywhere')   # active in PEFT, with LoRA on the experts: it must not reach routed rows
     peft.zero_grad(set_to_none=True)
-    with route_peft(peft, names):
-        logits = peft(input_ids=ids).logits
-        (logits * weight).sum().backward()
-    for name, (ref_logits, ref_grads) in expected.items():
-        assert_close(logits[rows_of(names, name)], ref_logits)
-        for path, module in peft.base_model.model.named_modules():
-            if path in ref_grads:
-                assert_close(module.lora_A[name].weight.grad, ref_grads[path][0])
-                assert_close(module.lora_B[name].weight.grad, ref_grads[path][1])
+    check_routed_against(peft, names, ids, weight, expected)
     assert all(p.grad is None for n, p in peft.named_parameters() if '.everywhere.' in n)
     # outside the block PEFT's own forward is back: the active adapter's expert LoRA applies again
     assert not any('forward' in vars(m) for m in peft_other_lora_layers(peft))
