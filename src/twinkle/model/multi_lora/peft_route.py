@@ -36,7 +36,7 @@ def peft_other_lora_layers(model: nn.Module) -> List[nn.Module]:
     return [m for m in model.modules() if isinstance(m, LoraLayer) and not isinstance(m, PeftLinear)]
 
 
-def routable(model: nn.Module, name: str, layers: Sequence[PeftLinear] = (),
+def routable(model: nn.Module, name: str, layers: Optional[Sequence[PeftLinear]] = None,
              others: Optional[Sequence[nn.Module]] = None) -> bool:
     """True if adapter ``name`` computes the same routed as alone: plain LoRA (no DoRA or other variant) on linear
     layers only (``peft_other_lora_layers``), and no dropout, whose draws would come from the shared random stream
@@ -45,7 +45,7 @@ def routable(model: nn.Module, name: str, layers: Sequence[PeftLinear] = (),
            for layer in (others if others is not None else peft_other_lora_layers(model))):
         return False
     found = False
-    for layer in layers or peft_lora_layers(model):
+    for layer in layers if layers is not None else peft_lora_layers(model):
         if name not in layer.lora_A:
             continue
         found = True
